@@ -1,0 +1,21 @@
+# Every target sets up its environment first (idempotent: a no-op once built).
+PY := .venv/bin/python
+
+.PHONY: venv demo test test-fast bench figures clean
+venv:
+	@bash scripts/ensure_venv.sh
+
+demo: venv
+	.venv/bin/attnmed demo
+
+test: venv
+	$(PY) -m pytest -m "slow or not slow"
+
+test-fast: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) benchmarks/attention_scaling.py
+
+clean:
+	rm -rf .venv build *.egg-info

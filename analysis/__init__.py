@@ -1,0 +1,1 @@
+"""attnmed analysis: redundancy metrics, collection, schedules, evaluation, plots and the reproduction pipeline."""

@@ -1,0 +1,161 @@
+"""Self-attention for DiT/SiT blocks: full softmax attention and attention with mediators (arXiv 2408.05710).
+
+Both modules run a fused `F.scaled_dot_product_attention` unless someone asks for the maps. Asking means
+setting `module.map_observer` to a callable: the module then takes the explicit softmax(QKᵀ)V path, which
+computes the same output (to float rounding), and hands the post-softmax maps to the observer as an
+`AttentionMaps`. This is how the recorder (instrument.py) attaches without touching parameter names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import check_mediator_count
+
+
+@dataclass
+class AttentionMaps:
+    """Post-softmax attention of one layer for one forward pass.
+
+    Full attention fills `full` (B, heads, N, N). Mediator attention fills `query_to_mediator` (B, heads, N, n)
+    and `mediator_to_key` (B, heads, n, N); their product is the N×N map (rank ≤ n) that replaces full
+    attention, computed on demand because it costs N² memory.
+    """
+
+    kind: str
+    full: Optional[torch.Tensor] = None
+    query_to_mediator: Optional[torch.Tensor] = None
+    mediator_to_key: Optional[torch.Tensor] = None
+
+    @property
+    def effective(self) -> torch.Tensor:
+        """The N×N map through which values reach queries: full attention, or the product of both maps."""
+        if self.kind == "full":
+            return self.full
+        return self.query_to_mediator @ self.mediator_to_key
+
+
+MapObserver = Callable[[AttentionMaps], None]
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, L, C) -> (B, heads, L, C / heads)."""
+    b, length, c = x.shape
+    return x.reshape(b, length, num_heads, c // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d) -> (B, L, heads·d)."""
+    b, h, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, h * d)
+
+
+def softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, observe: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q·kᵀ/√d + bias)·v: fused when the map is not wanted, explicit (and returned) when it is."""
+    if not observe:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    weights = scores.softmax(dim=-1)
+    return weights @ v, weights
+
+
+class FullAttention(nn.Module):
+    """Multi-head self-attention as timm's `Attention` (packed `qkv` with bias, then `proj`)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.map_observer: MapObserver | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, N, C) -> (B, N, C)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out, weights = softmax_attention(q, k, v, None, observe=self.map_observer is not None)
+        if weights is not None:
+            self.map_observer(AttentionMaps(kind="full", full=weights))
+        return self.proj(merge_heads(out))
+
+
+class MediatorAttention(nn.Module):
+    """Attention through n mediator tokens (REFERENCE §6), computing what the public module computes.
+
+    Per head, with T the queries average-pooled to a √n×√n grid and s = head_dim^-1/2:
+        V_m = softmax(s·T·Kᵀ + B_tk)·V            mediators gather from all keys   (n×N map)
+        O   = softmax(s·Q·Tᵀ + B_qt)·V_m          queries read from the mediators  (N×n map)
+        out = proj(O + dwc3×3(V))
+    The position biases B_tk (n×N) and B_qt (N×n) are a 7×7 table per (head, mediator) resized bilinearly to
+    the grid, plus a per-row and a per-column table. Cost per head: 4·n·N·d instead of 2·N²·d.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid_size: int, mediators: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        check_mediator_count(mediators, grid_size * grid_size)
+        self.num_heads = num_heads
+        self.grid_size = grid_size
+        self.mediators = mediators
+        self.pool_size = math.isqrt(mediators)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        g = grid_size
+        # Names and shapes as in the public checkpoints: a = mediator ("agent"), n = token, h/w = row/column.
+        self.an_bias = nn.Parameter(torch.zeros(num_heads, mediators, 7, 7))
+        self.na_bias = nn.Parameter(torch.zeros(num_heads, mediators, 7, 7))
+        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, mediators, g, 1))
+        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, mediators, 1, g))
+        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, g, 1, mediators))
+        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, g, mediators))
+        for table in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias):
+            nn.init.trunc_normal_(table, std=0.02)
+        self.map_observer: MapObserver | None = None
+
+    def position_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_tk (1, heads, n, N), B_qt (1, heads, N, n)); they depend on the parameters only."""
+        g, heads, n = self.grid_size, self.num_heads, self.mediators
+        gather = F.interpolate(self.an_bias, size=(g, g), mode="bilinear") + self.ah_bias[0] + self.aw_bias[0]
+        read = F.interpolate(self.na_bias, size=(g, g), mode="bilinear").flatten(2).transpose(1, 2)
+        read = read + (self.ha_bias + self.wa_bias).reshape(heads, g * g, n)
+        return gather.reshape(1, heads, n, g * g), read.unsqueeze(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, N, C) -> (B, N, C), N = grid_size²
+        b, n_tokens, c = x.shape
+        g = self.grid_size
+        if n_tokens != g * g:
+            raise ValueError(
+                f"this mediator attention was built for a {g}×{g} grid ({g * g} tokens) but got {n_tokens} tokens; "
+                "rebuild the model at the input size you run it at"
+            )
+        q, k, v = self.qkv(x).reshape(b, n_tokens, 3, c).unbind(2)  # each (B, N, C)
+        # Mediators: all channels of q seen as an image, average-pooled to √n×√n, then split into heads.
+        grid_q = q.transpose(1, 2).reshape(b, c, g, g)
+        mediators = F.adaptive_avg_pool2d(grid_q, self.pool_size).flatten(2).transpose(1, 2)  # (B, n, C)
+        heads = self.num_heads
+        q_h, k_h, v_h, m_h = (split_heads(t, heads) for t in (q, k, v, mediators))
+        gather_bias, read_bias = self.position_biases()
+        observe = self.map_observer is not None
+        mediator_values, gather_weights = softmax_attention(m_h, k_h, v_h, gather_bias, observe)  # (B,h,n,d)
+        out, read_weights = softmax_attention(q_h, m_h, mediator_values, read_bias, observe)  # (B,h,N,d)
+        if observe:
+            self.map_observer(
+                AttentionMaps(kind="mediator", query_to_mediator=read_weights, mediator_to_key=gather_weights)
+            )
+        local = self.dwc(v.transpose(1, 2).reshape(b, c, g, g)).flatten(2).transpose(1, 2)  # (B, N, C)
+        return self.proj(merge_heads(out) + local)

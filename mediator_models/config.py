@@ -1,0 +1,191 @@
+"""Model configurations: one frozen dataclass, and the registry of names (`DiT-XL/2`, `SiT-S/2`, `DiT-T/2`, ...).
+
+DiT and SiT share their networks (REFERENCE §1); the family only decides whether the forward pass returns the
+learned-variance channels (DiT) or drops them (SiT). A config also carries its attention kind, so one name
+plus `attention="mediator", mediators=n` gives the mediator variant of any model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+FAMILIES = ("DiT", "SiT")
+ATTENTION_KINDS = ("full", "mediator")
+
+# size -> (depth, hidden_size, num_heads). S/B/L/XL are the papers' sizes; T is a small CPU config (about
+# 0.2 s per training step at batch 32 on 64 tokens, see DESIGN.md) that learns the embedded digits in minutes.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "T": (4, 128, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCH_SIZES = (1, 2, 4, 8)
+PAPER_PATCH_SIZES = (2, 4, 8)
+
+_NAME = re.compile(r"^(DiT|SiT)-(T|S|B|L|XL)/(\d+)$")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes a network's shape and behaviour; saved inside checkpoints as a plain dict."""
+
+    family: str = "DiT"
+    size: str = "XL"
+    depth: int = 28
+    hidden_size: int = 1152
+    num_heads: int = 16
+    patch_size: int = 2
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    mlp_ratio: float = 4.0
+    attention: str = "full"
+    mediators: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived quantities -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return f"{self.family}-{self.size}/{self.patch_size}"
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the square token grid."""
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def out_channels(self) -> int:
+        """Channels the final layer predicts (twice the input when the variance is learned)."""
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def label(self) -> str:
+        """Human-readable description, e.g. `SiT-S/2 (mediator n=16) @32`."""
+        kind = "full" if self.attention == "full" else f"mediator n={self.mediators}"
+        return f"{self.name} ({kind}) @{self.input_size}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- validation ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Fail at construction, with the fix in the message, for configurations the network cannot run."""
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; choose one of {FAMILIES}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention kind {self.attention!r}; choose one of {ATTENTION_KINDS}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "choose a head count that divides the width"
+            )
+        if self.input_size % self.patch_size:
+            valid = [p for p in PATCH_SIZES if self.input_size % p == 0]
+            raise ValueError(
+                f"patch size {self.patch_size} does not divide input_size {self.input_size}; "
+                f"use a patch size in {valid} or an input_size that is a multiple of {self.patch_size}"
+            )
+        if self.attention == "mediator":
+            if self.mediators is None:
+                raise ValueError("attention='mediator' needs a mediator count, e.g. mediators=16")
+            check_mediator_count(self.mediators, self.num_tokens)
+        elif self.mediators is not None:
+            raise ValueError(
+                f"mediators={self.mediators} was given with attention='full'; "
+                "pass attention='mediator' to use mediators, or drop the count"
+            )
+
+
+def check_mediator_count(mediators: int, num_tokens: int) -> None:
+    """Mediators are q pooled to a √n × √n grid, so n must be a perfect square no larger than the tokens."""
+    if not isinstance(mediators, int) or mediators < 1:
+        raise ValueError(f"the mediator count must be a positive integer, got {mediators!r}")
+    root = math.isqrt(mediators)
+    if root * root != mediators:
+        lower, upper = root**2, (root + 1) ** 2
+        nearest = [lower, upper] if lower > 0 else [upper]
+        raise ValueError(
+            f"mediator count {mediators} is not a perfect square: mediators are queries average-pooled to a "
+            f"√n × √n grid. Nearest valid counts: {' or '.join(map(str, nearest))}"
+        )
+    if mediators > num_tokens:
+        raise ValueError(
+            f"{mediators} mediators exceed the {num_tokens} tokens of the grid; "
+            f"use at most {num_tokens} (a mediator per token already costs more than full attention)"
+        )
+
+
+def parse_name(name: str) -> tuple[str, str, int]:
+    """`"SiT-XL/2"` -> `("SiT", "XL", 2)`, with a message listing the registry on a typo."""
+    match = _NAME.match(name)
+    if match is None or int(match.group(3)) not in PATCH_SIZES:
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(registry_names())}")
+    return match.group(1), match.group(2), int(match.group(3))
+
+
+def registry_names(include_small: bool = True) -> list[str]:
+    """Every name `build_model` accepts: the papers' grid, then the small CPU configs."""
+    names = [f"{fam}-{size}/{p}" for fam in FAMILIES for size in ("S", "B", "L", "XL") for p in PAPER_PATCH_SIZES]
+    if include_small:
+        names += [f"{fam}-T/{p}" for fam in FAMILIES for p in PATCH_SIZES]
+    return names
+
+
+def make_config(
+    name: str,
+    *,
+    input_size: int = 32,
+    in_channels: int = 4,
+    num_classes: int = 1000,
+    learn_sigma: bool = True,
+    class_dropout_prob: float = 0.1,
+    attention: str = "full",
+    mediators: int | None = None,
+) -> ModelConfig:
+    """The config behind a registry name, with the caller's data shape and attention choice."""
+    family, size, patch_size = parse_name(name)
+    depth, hidden_size, num_heads = SIZES[size]
+    return ModelConfig(
+        family=family,
+        size=size,
+        depth=depth,
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        patch_size=patch_size,
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        learn_sigma=learn_sigma,
+        class_dropout_prob=class_dropout_prob,
+        attention=attention,
+        mediators=mediators,
+    )

@@ -1,0 +1,151 @@
+"""Attention modules: the fused path equals the explicit one, and mediator attention equals REFERENCE §6."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import tiny_inputs, tiny_model
+from mediator_models.attention import AttentionMaps, FullAttention, MediatorAttention
+
+
+def bilinear_resize_reference(table: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of the last two dims with half-pixel centres (align_corners=False), written out."""
+    src = table.shape[-1]
+    scale = src / size
+    coords = [max((i + 0.5) * scale - 0.5, 0.0) for i in range(size)]
+    lo = [min(int(math.floor(c)), src - 1) for c in coords]
+    hi = [min(low + 1, src - 1) for low in lo]
+    frac = torch.tensor([c - low for c, low in zip(coords, lo)], dtype=table.dtype)
+    rows = table[..., lo, :] * (1 - frac)[:, None] + table[..., hi, :] * frac[:, None]
+    return rows[..., lo] * (1 - frac) + rows[..., hi] * frac
+
+
+def depthwise3x3_reference(image: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise 3×3 convolution with zero padding as a sum of nine shifted copies. image (B, C, H, W)."""
+    padded = torch.nn.functional.pad(image, (1, 1, 1, 1))
+    h, w = image.shape[-2:]
+    out = bias[None, :, None, None].expand_as(image).clone()
+    for dy in range(3):
+        for dx in range(3):
+            out = out + weight[None, :, 0, dy, dx, None, None] * padded[:, :, dy : dy + h, dx : dx + w]
+    return out
+
+
+def mediator_attention_reference(module: MediatorAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """REFERENCE §6 step by step, one head at a time. Returns the output and the N×N product map."""
+    b, n_tok, c = x.shape
+    g, heads, n = module.grid_size, module.num_heads, module.mediators
+    d, side = c // heads, math.isqrt(n)
+    qkv = x @ module.qkv.weight.T + module.qkv.bias
+    q, k, v = qkv[..., :c], qkv[..., c : 2 * c], qkv[..., 2 * c :]
+    cell = g // side  # adaptive pooling on an evenly divisible grid = mean over cell×cell blocks
+    mediators = q.reshape(b, side, cell, side, cell, c).mean(dim=(2, 4)).reshape(b, n, c)
+    an = bilinear_resize_reference(module.an_bias, g)  # (heads, n, g, g)
+    na = bilinear_resize_reference(module.na_bias, g)
+    out = torch.zeros(b, n_tok, c)
+    product = torch.zeros(b, heads, n_tok, n_tok)
+    for h in range(heads):
+        cols = slice(h * d, (h + 1) * d)
+        q_h, k_h, v_h, t_h = q[..., cols], k[..., cols], v[..., cols], mediators[..., cols]
+        bias_tk = an[h] + module.ah_bias[0, h] + module.aw_bias[0, h]  # (n, g, g)
+        bias_qt = na[h].permute(1, 2, 0) + module.ha_bias[0, h] + module.wa_bias[0, h]  # (g, g, n)
+        gather = torch.softmax(t_h @ k_h.transpose(1, 2) / math.sqrt(d) + bias_tk.reshape(n, n_tok), dim=-1)
+        read = torch.softmax(q_h @ t_h.transpose(1, 2) / math.sqrt(d) + bias_qt.reshape(n_tok, n), dim=-1)
+        out[..., cols] = read @ (gather @ v_h)
+        product[:, h] = read @ gather
+    v_image = v.transpose(1, 2).reshape(b, c, g, g)
+    local = depthwise3x3_reference(v_image, module.dwc.weight, module.dwc.bias).reshape(b, c, n_tok).transpose(1, 2)
+    return (out + local) @ module.proj.weight.T + module.proj.bias, product
+
+
+def full_attention_reference(module: FullAttention, x: torch.Tensor) -> torch.Tensor:
+    b, n_tok, c = x.shape
+    heads = module.num_heads
+    d = c // heads
+    qkv = x @ module.qkv.weight.T + module.qkv.bias
+    out = torch.zeros_like(x)
+    for h in range(heads):
+        q, k, v = (qkv[..., i * c + h * d : i * c + (h + 1) * d] for i in range(3))
+        out[..., h * d : (h + 1) * d] = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1) @ v
+    return out @ module.proj.weight.T + module.proj.bias
+
+
+def observe(module):
+    seen: list[AttentionMaps] = []
+    module.map_observer = seen.append
+    return seen
+
+
+def randomise_biases(module: MediatorAttention) -> None:
+    with torch.no_grad():
+        for name in ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"):
+            getattr(module, name).normal_(0, 1.0)  # large enough that a wrong layout changes the output
+
+
+def test_full_attention_fused_and_explicit_paths_equal_the_reference():
+    module = FullAttention(32, 4)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        fused = module(x)
+        seen = observe(module)
+        explicit = module(x)
+        reference = full_attention_reference(module, x)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-5)
+    (maps,) = seen
+    assert maps.kind == "full" and maps.full.shape == (2, 4, 16, 16)
+    torch.testing.assert_close(maps.full.sum(-1), torch.ones(2, 4, 16))
+
+
+@pytest.mark.parametrize("grid,mediators", [(4, 4), (4, 16), (8, 4), (8, 16), (6, 9)])
+def test_mediator_attention_equals_the_reference_formulas(grid, mediators):
+    module = MediatorAttention(48, 3, grid, mediators)
+    randomise_biases(module)
+    x = torch.randn(2, grid * grid, 48)
+    with torch.no_grad():
+        reference, product = mediator_attention_reference(module, x)
+        fused = module(x)
+        seen = observe(module)
+        explicit = module(x)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen[0].effective, product, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mediators", [1, 4, 16])
+def test_mediator_product_map_is_stochastic_with_rank_at_most_n(mediators):
+    module = MediatorAttention(64, 4, 8, mediators)
+    randomise_biases(module)
+    seen = observe(module)
+    with torch.no_grad():
+        module(torch.randn(2, 64, 64))
+    maps = seen[0]
+    assert maps.query_to_mediator.shape == (2, 4, 64, mediators)
+    assert maps.mediator_to_key.shape == (2, 4, mediators, 64)
+    effective = maps.query_to_mediator.double() @ maps.mediator_to_key.double()
+    torch.testing.assert_close(effective.sum(-1), torch.ones(2, 4, 64, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert (effective >= 0).all()
+    ranks = torch.linalg.matrix_rank(effective, rtol=1e-6)
+    assert ranks.max() <= mediators
+    assert ranks.min() == mediators  # generic maps reach the bound
+
+
+@pytest.mark.parametrize("attention,mediators", [("full", None), ("mediator", 4)])
+def test_observing_maps_leaves_the_model_output_unchanged(attention, mediators):
+    model = tiny_model(attention=attention, mediators=mediators)
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        fused = model(x, t, y)
+        seen = [observe(m) for m in model.attention_modules()]
+        explicit = model(x, t, y)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+    assert [len(s) for s in seen] == [1, 1, 1, 1]  # one map per layer per forward
+
+
+def test_mediator_attention_refuses_a_grid_it_was_not_built_for():
+    module = MediatorAttention(32, 4, 4, 4)
+    with pytest.raises(ValueError, match="built for a 4×4 grid"):
+        module(torch.randn(1, 25, 32))

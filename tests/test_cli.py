@@ -1,0 +1,25 @@
+"""The `attnmed` command line: tables print, bad input gives one clear line and exit code 2."""
+
+from __future__ import annotations
+
+from analysis.cli import main
+
+
+def test_models_lists_the_registry_with_params_and_gflops(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    xl = next(line for line in out.splitlines() if line.startswith("DiT-XL/2"))
+    assert xl.split()[-2:] == ["675.1", "118.62"]
+    assert "SiT-S/8" in out and "DiT-T/2" not in out
+
+
+def test_flops_prints_the_count_and_its_breakdown(capsys):
+    assert main(["flops", "SiT-S/2", "--attention", "mediator", "--mediators", "16", "--breakdown"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.attention" in out and out.strip().endswith("SiT-S/2 (mediator n=16) @32: 5.54 GFLOPs")
+
+
+def test_bad_mediator_count_is_one_clear_error_line(capsys):
+    assert main(["flops", "SiT-S/2", "--attention", "mediator", "--mediators", "15"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnmed flops: error: mediator count 15 is not a perfect square") and "9 or 16" in err
