@@ -95,6 +95,11 @@ def measured_macs(model: nn.Module, *, batch_size: int = 1, backward: bool = Fal
     x = torch.randn(batch_size, config.in_channels, config.input_size, config.input_size, device=device)
     t = torch.full((batch_size,), 500.0, device=device)
     y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    if not backward:
+        # Warm-up: mediator layers cache their resized position biases between steps without autograd, so
+        # the steady state of sampling (what the papers count) excludes resizing them.
+        with torch.no_grad():
+            model(x, t, y)
     counter = FlopCounterMode(display=False)
     with counter:
         if backward:

@@ -149,3 +149,18 @@ def test_mediator_attention_refuses_a_grid_it_was_not_built_for():
     module = MediatorAttention(32, 4, 4, 4)
     with pytest.raises(ValueError, match="built for a 4×4 grid"):
         module(torch.randn(1, 25, 32))
+
+
+def test_cached_position_biases_follow_parameter_updates_and_training_gets_gradients():
+    module = MediatorAttention(32, 4, 4, 4)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        module(x)  # fills the cache
+        module.an_bias.add_(1.0)
+        module.load_state_dict({**module.state_dict(), "wa_bias": torch.randn_like(module.wa_bias)})
+        cached = module(x)
+        reference, _ = mediator_attention_reference(module, x)
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+    module(x).square().sum().backward()
+    for name in ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"):
+        assert getattr(module, name).grad.abs().sum() > 0, name
