@@ -1,0 +1,122 @@
+"""The one contract every sampler follows: how it calls the network, and what a step callback sees.
+
+Both processes (DiT's DDPM/DDIM in diffusion.py, SiT's ODE/SDE in transport.py) evaluate the network only
+through a `NetworkCaller`. Before each evaluation it calls the step callback with a `StepInfo` that places
+the step on one axis shared by both conventions, the **noise level** σ/(α+σ) of x_t = α·x_data + σ·ε:
+1 is pure noise, 0 is data (for SiT's linear interpolant it is exactly 1 − t; in general it is
+sigmoid(−logSNR/2)). The callback may return another network for that step: this is how mediator
+switching plugs in, and how the recorder learns the current step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepInfo:
+    """What a step callback is told before a network evaluation."""
+
+    index: int  # evaluation number within this sampling run, from 0 (the NFE so far)
+    model_time: torch.Tensor  # (B,) time as the network receives it (DiT: 0..999 integers; SiT: t in [0, 1])
+    noise_level: float  # σ/(α+σ) on the common axis: 1 = pure noise, 0 = data
+    x: torch.Tensor  # the state the network is about to see, (B, C, H, W)
+
+
+StepCallback = Callable[[StepInfo], Optional[ModelFn]]
+
+
+def noise_level(alpha: float, sigma: float) -> float:
+    """The common axis σ/(α+σ) for x_t = α·x + σ·ε (a monotone function of the log-SNR 2·log(α/σ))."""
+    return float(sigma / (alpha + sigma))
+
+
+def log_snr_from_noise_level(level: float) -> float:
+    """Inverse map, for plots that prefer log-SNR: λ = 2·log((1 − level)/level)."""
+    level = min(max(level, 1e-12), 1 - 1e-12)
+    return 2.0 * math.log((1.0 - level) / level)
+
+
+def guided(model: torch.nn.Module, cfg_scale: float, null_class: int, guided_channels: int | None = None) -> ModelFn:
+    """A model function that applies classifier-free guidance: batch (B) in, guided prediction (B) out.
+
+    Evaluates conditional and null-label inputs as one doubled batch through `model.forward_with_cfg`
+    (so the network sees 2B samples per call: conditional first, unconditional second).
+    """
+    if cfg_scale == 1.0:
+        return model
+
+    def call(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        doubled_y = torch.cat([y, torch.full_like(y, null_class)])
+        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), doubled_y, cfg_scale, guided_channels)
+        return out[: len(x)]
+
+    return call
+
+
+@dataclass
+class NetworkCaller:
+    """Evaluates the network for a sampler: asks the callback first, counts evaluations and their cost.
+
+    `model` is the default network; the callback may return another for any step. With `cfg_scale` > 1
+    every network used is wrapped in classifier-free guidance (each evaluation then costs two forward
+    passes, which `forward_passes` records).
+    """
+
+    model: ModelFn
+    callback: StepCallback | None = None
+    cfg_scale: float = 1.0
+    null_class: int | None = None
+    guided_channels: int | None = None
+    nfe: int = 0
+    forward_passes: int = 0
+    used: list = field(default_factory=list)  # the network used at each evaluation, in order
+
+    def __call__(self, x: torch.Tensor, model_time: torch.Tensor, y: torch.Tensor, level: float) -> torch.Tensor:
+        chosen = None
+        if self.callback is not None:
+            chosen = self.callback(StepInfo(self.nfe, model_time, float(level), x))
+        network = self.model if chosen is None else chosen
+        self.used.append(network)
+        self.nfe += 1
+        if self.cfg_scale != 1.0:
+            if self.null_class is None:
+                raise ValueError("classifier-free guidance needs the null class index (num_classes)")
+            self.forward_passes += 2
+            return guided(network, self.cfg_scale, self.null_class, self.guided_channels)(x, model_time, y)
+        self.forward_passes += 1
+        return network(x, model_time, y)
+
+
+class PerSampleNoise:
+    """Gaussian noise drawn from one generator per sample, so a sample's trajectory does not depend on the
+    batch it is drawn in (restartable sampling, and batch-vs-single comparisons)."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = []
+        for seed in seeds:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(seed))
+            self.generators.append(generator)
+
+    def __call__(self, shape: Sequence[int]) -> torch.Tensor:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"noise for a batch of {shape[0]} requested from {len(self.generators)} per-sample seeds")
+        per_sample = tuple(shape[1:])
+        return torch.stack([torch.randn(per_sample, generator=g, device=self.device) for g in self.generators])
+
+
+def iterate_steps(items: Iterable, progress: Callable | None = None):
+    """The sampler's step loop, wrapped in a progress bar (e.g. tqdm) when one is given."""
+    return progress(list(items)) if progress is not None else items
+
+
+def standard_noise(shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randn(*shape, device=device)
