@@ -23,8 +23,7 @@ def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentPar
 
 def _add_model_shape(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, default=32, help="spatial side of the model input (32 = 256 px latents)")
-    parser.add_argument("--attention", choices=("full", "mediator"), default="full")
-    parser.add_argument("--mediators", type=int, default=None, help="mediator count n (a perfect square)")
+    _add_attention(parser)
 
 
 def _configure_models(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +85,122 @@ def run_demo(args: argparse.Namespace) -> int:
             analytic = config_gmacs(model.config)
             measured = measured_macs(model) / 1e9
             print(f"{model.config.label:<34} {str(tuple(out.shape)):<18} {analytic:>15.4f} {measured:>9.4f}")
+    return 0
+
+
+def _configure_train(parser: argparse.ArgumentParser) -> None:
+    from mediator_models.train import TrainConfig
+
+    defaults = TrainConfig()
+    parser.add_argument("--model", default=defaults.model, help="registry name, e.g. SiT-T/2, SiT-S/2, DiT-XL/2")
+    _add_attention(parser)
+    parser.add_argument("--data", default=defaults.data, help="'digits', an ImageFolder tree, or a latent cache folder")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--vae", default=None, help="local AutoencoderKL folder: train on latents encoded on the fly")
+    parser.add_argument("--interpolant", choices=("linear", "gvp"), default=defaults.interpolant)
+    parser.add_argument("--prediction", choices=("velocity", "noise", "score"), default=defaults.prediction)
+    parser.add_argument("--batch-size", dest="global_batch_size", type=int, default=defaults.global_batch_size,
+                        help="global batch, split across ranks under torchrun")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--class-dropout", dest="class_dropout_prob", type=float, default=defaults.class_dropout_prob)
+    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="random horizontal flips (default: on where the data allows, off for digits)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every)
+    parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
+    parser.add_argument("--out", default=defaults.out, help="run folder (checkpoints/, log.jsonl, config.json)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_attention(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attention", choices=("full", "mediator"), default="full")
+    parser.add_argument("--mediators", type=int, default=None, help="mediator count n (a perfect square)")
+
+
+@command("train", "train a model (single process, or under torchrun with DDP)", _configure_train)
+def run_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mediator_models.train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    run_dir = train(config, resume=args.resume)
+    print(f"done: {run_dir}")
+    return 0
+
+
+def _configure_sample(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="attnmed training checkpoint or an official DiT/SiT file")
+    parser.add_argument("--model", default=None, help="for official files only: the registry name, e.g. DiT-XL/2")
+    parser.add_argument("--input-size", type=int, default=32, help="for official files only (32 = 256 px)")
+    _add_attention(parser)
+    parser.add_argument("--sampler", default=None, help="ddpm | ddim (DiT); sde | ode (SiT); default: the paper's")
+    parser.add_argument("--method", default=None, help="SDE: euler | heun; ODE: dopri5 | euler | heun")
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--guided-channels", type=int, default=None, help="3 reproduces the public code's guidance")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", type=int, nargs="*", default=None, help="cycle through these labels (default: random)")
+    parser.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
+    parser.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents")
+    parser.add_argument("--out", required=True, help="folder for the PNGs, samples.npz and samples.json")
+
+
+@command("sample", "sample a checkpoint to PNGs + ADM-layout npz + JSON sidecar (restartable, torchrun-ready)", _configure_sample)
+def run_sample(args: argparse.Namespace) -> int:
+    from mediator_models.sample import load_for_sampling, sample_to_folder
+    from mediator_models.sampling import default_sampler
+    from mediator_models.train import init_distributed
+
+    env = init_distributed()
+    loaded = load_for_sampling(args.ckpt, model_name=args.model, input_size=args.input_size,
+                               use_ema=not args.raw_weights, attention=args.attention, mediators=args.mediators,
+                               device=env.device)  # fmt: skip
+    changes = {"steps": args.steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels,
+               "method": args.method}  # fmt: skip
+    if args.sampler:
+        changes["kind"] = args.sampler
+    sampler = default_sampler(loaded.process.family, **changes)
+    vae = None
+    if args.vae:
+        from mediator_models.data import load_vae
+
+        vae = load_vae(args.vae, env.device)
+    sidecar = sample_to_folder(loaded, args.out, num_samples=args.num_samples, sampler=sampler,
+                               batch_size=args.batch_size, seed=args.seed, classes=args.classes, vae=vae)  # fmt: skip
+    if sidecar:
+        print(f"wrote {args.num_samples} samples to {args.out} ({sidecar['gflops_per_image']:.3g} GFLOPs per image)")
+    return 0
+
+
+def _configure_cache_latents(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="ImageFolder tree (ROOT/CLASS/IMAGE)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--vae", required=True, help="local AutoencoderKL folder (e.g. sd-vae-ft-ema)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", required=True)
+
+
+@command("cache-latents", "encode an ImageFolder once (and its mirror images) so training skips the VAE", _configure_cache_latents)
+def run_cache_latents(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from mediator_models.data import ImageFolderSource, cache_latents, load_vae
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    source = ImageFolderSource(args.data, args.image_size)
+    path = cache_latents(source, load_vae(args.vae, device), args.out, args.batch_size, progress=tqdm)
+    print(f"latents of {len(source)} images in {path}")
     return 0
 
 

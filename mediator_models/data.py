@@ -1,0 +1,241 @@
+"""Datasets for training and evaluation: the embedded digits, ImageFolder trees, and VAE latents.
+
+Every source is an indexable set of (image or latent in model units, label) pairs, so the training loop can
+draw any batch by index: that is what makes resumed runs exact. Images are scaled to [−1, 1]; latents are
+SD-VAE latents times 0.18215 (REFERENCE §1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import atomic_save
+
+LATENT_SCALE = 0.18215
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class TensorSource:
+    """An in-memory dataset: `images` (N, C, H, W) in model units and `labels` (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    description: str
+    flippable: bool = False  # whether a horizontal flip is a valid augmentation for this data
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: Sequence[int], flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index]
+        if flip is not None and self.flippable:
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images, self.labels[index]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+
+# ---- the embedded default: scikit-learn's handwritten digits -----------------------------------------------
+
+
+def digits(split: str = "train", image_size: int = 16, holdout_fraction: float = 0.2, seed: int = 0) -> TensorSource:
+    """scikit-learn's 1797 real 8×8 digits (shipped with it, no download), upsampled bilinearly to
+    `image_size`, scaled from [0, 16] to [−1, 1]. A fixed seeded split keeps `holdout_fraction` of each
+    class aside as the held-out set (the FID reference). `split`: "train", "heldout" or "all"."""
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"unknown split {split!r}; choose 'train', 'heldout' or 'all'")
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    if image_size != 8:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = (images * 2 - 1).clamp(-1, 1)
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    if split != "all":
+        rng = np.random.default_rng(seed)
+        heldout = np.zeros(len(labels), dtype=bool)
+        for c in range(10):  # stratified: the same fraction of every class
+            members = np.flatnonzero(bunch.target == c)
+            heldout[rng.permutation(members)[: int(round(holdout_fraction * len(members)))]] = True
+        keep = torch.from_numpy(heldout if split == "heldout" else ~heldout)
+        images, labels = images[keep], labels[keep]
+    return TensorSource(images, labels, 10, f"digits[{split}] {image_size}x{image_size}", flippable=False)
+
+
+# ---- ImageFolder trees with ADM's preprocessing ------------------------------------------------------------
+
+
+def center_crop_arr(pil_image, image_size: int):
+    """ADM's centre crop: halve with a box filter while the image is at least twice the target, resize the
+    short side to `image_size` with bicubic, then crop the centre."""
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.Resampling.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.Resampling.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top : top + image_size, left : left + image_size])
+
+
+def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """Files and labels of a class-per-subfolder tree (ImageNet's train layout), with clear errors."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist or is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"data folder {root} has no class subfolders; expected ROOT/CLASS_NAME/IMAGE files")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+                labels.append(label)
+    if not files:
+        raise ValueError(f"data folder {root} has class folders but no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files, labels, classes
+
+
+class ImageFolderSource:
+    """Images loaded on demand, ADM centre-cropped to `image_size`, scaled to [−1, 1]; flips are applied by
+    the caller's flip mask so that augmentation is reproducible from the step number."""
+
+    flippable = True
+
+    def __init__(self, root: str | Path, image_size: int):
+        self.files, self.labels_list, self.classes = list_image_folder(root)
+        self.image_size = image_size
+        self.num_classes = len(self.classes)
+        self.description = f"ImageFolder {root} ({len(self.files)} images, {self.num_classes} classes) at {image_size}px"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def load(self, index: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(self.files[index]) as image:
+                image = center_crop_arr(image.convert("RGB"), self.image_size)
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"cannot read image {self.files[index]}: {error}") from error
+        arr = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
+        return arr / 127.5 - 1.0
+
+    def batch(self, indices: Sequence[int], flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([self.load(int(i)) for i in indices])
+        if flip is not None:
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images, torch.tensor([self.labels_list[int(i)] for i in indices], dtype=torch.long)
+
+
+# ---- VAE latents -------------------------------------------------------------------------------------------
+
+
+def load_vae(name_or_path: str, device: torch.device | str = "cpu"):
+    """A diffusers AutoencoderKL from a local folder or a hub id (hub ids need the network or a warm cache)."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError as error:  # pragma: no cover - diffusers is in requirements.txt
+        raise ImportError("latent training needs diffusers: pip install diffusers") from error
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"could not load the VAE {name_or_path!r} ({error}). Pass a local folder holding config.json and the "
+            "weights (e.g. a downloaded stabilityai/sd-vae-ft-ema); this machine downloads nothing."
+        ) from error
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images in [−1, 1] -> latents in model units (a posterior sample × 0.18215, as DiT trains on)."""
+    return vae.encode(images).latent_dist.sample(generator=generator) * LATENT_SCALE
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents in model units -> images in [−1, 1]."""
+    return vae.decode(latents / LATENT_SCALE).sample.clamp(-1, 1)
+
+
+def cache_latents(source: ImageFolderSource, vae, out_dir: str | Path, batch_size: int = 32, seed: int = 0,
+                  progress=None) -> Path:
+    """One pass of the VAE over a folder, storing the latents of each image and of its mirror image, so that
+    training with flips never runs the VAE. Written in chunks and resumable; finished by `meta.json`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "meta.json").exists():
+        return out_dir
+    device = next(vae.parameters()).device
+    chunks = sorted(out_dir.glob("chunk-*.pt"))
+    done = sum(torch.load(c)["labels"].numel() for c in chunks)
+    starts = range(done, len(source), batch_size)
+    for start in progress(starts) if progress else starts:
+        indices = list(range(start, min(start + batch_size, len(source))))
+        images, labels = source.batch(indices)
+        generator = torch.Generator(device=device).manual_seed(seed + start)
+        plain = encode(vae, images.to(device), generator)
+        mirrored = encode(vae, images.flip(-1).to(device), generator)
+        chunk = {"latents": torch.stack([plain, mirrored], dim=1).cpu(), "labels": labels}
+        atomic_save(chunk, out_dir / f"chunk-{start:09d}.pt")
+    meta = {"num_images": len(source), "num_classes": source.num_classes, "classes": source.classes,
+            "image_size": source.image_size, "scale": LATENT_SCALE, "description": source.description}  # fmt: skip
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def load_latent_cache(path: str | Path) -> TensorSource:
+    """A cache written by `cache_latents` as an in-memory source; flips pick the mirrored latent."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{path} is not a finished latent cache (no meta.json); run `attnmed cache-latents` again")
+    meta = json.loads(meta_path.read_text())
+    chunks = [torch.load(c) for c in sorted(path.glob("chunk-*.pt"))]
+    latents = torch.cat([c["latents"] for c in chunks])  # (N, 2, C, h, w): plain and mirrored
+    labels = torch.cat([c["labels"] for c in chunks])
+    return LatentPairSource(latents, labels, meta["num_classes"], f"latents {path} ({len(labels)} images)")
+
+
+class LatentPairSource(TensorSource):
+    """Cached latents with their mirrored twins: a flip selects the twin instead of flipping the latent."""
+
+    def __init__(self, pairs: torch.Tensor, labels: torch.Tensor, num_classes: int, description: str):
+        super().__init__(pairs[:, 0], labels, num_classes, description, flippable=True)
+        self.pairs = pairs
+
+    def batch(self, indices, flip=None):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        which = flip.long() if flip is not None else torch.zeros(len(index), dtype=torch.long)
+        return self.pairs[index, which], self.labels[index]
+
+
+def open_source(data: str, image_size: int, vae_name: str | None = None):
+    """The training source a `--data` argument names: "digits", a latent cache, or an ImageFolder tree."""
+    if data == "digits":
+        return digits("train", image_size)
+    path = Path(data)
+    if (path / "meta.json").exists():
+        return load_latent_cache(path)
+    return ImageFolderSource(path, image_size)

@@ -1,0 +1,124 @@
+"""Which process a model family uses, and one entry point that runs any sampler on a batch.
+
+DiT models are sampled with DDPM (250 respaced steps) or DDIM; SiT models with the SDE (250 steps) or the
+ODE sampler. Everything that samples (the sample command, the recorder's collection, the reproduction
+pipeline) goes through `generate`, so recording and mediator switching see every sampler the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .diffusion import GaussianDiffusion
+from .stepping import ModelFn, NetworkCaller, StepCallback
+from .transport import ODE_METHODS, SDE_METHODS, Transport
+
+SAMPLER_KINDS = {"DiT": ("ddpm", "ddim"), "SiT": ("sde", "ode")}
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """The training/sampling process of a model; saved in checkpoints beside the model config."""
+
+    family: str = "SiT"
+    interpolant: str = "linear"  # SiT only
+    prediction: str = "velocity"  # SiT only
+    loss_weight: str | None = None  # SiT only
+
+    def build(self, spacing: str | int | None = None):
+        """GaussianDiffusion (DiT; `spacing` respaces it) or Transport (SiT)."""
+        if self.family == "DiT":
+            return GaussianDiffusion.dit(spacing)
+        if self.family == "SiT":
+            return Transport(self.interpolant, self.prediction, self.loss_weight)
+        raise ValueError(f"unknown model family {self.family!r}; choose 'DiT' or 'SiT'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """A sampler and its settings. `method`: SDE "euler"/"heun", ODE "dopri5"/"euler"/"heun"."""
+
+    kind: str = "sde"
+    steps: int = 250
+    method: str | None = None
+    cfg_scale: float = 1.0
+    guided_channels: int | None = None
+    eta: float = 0.0  # DDIM only
+    atol: float = 1e-6  # ODE dopri5 only
+    rtol: float = 1e-3
+    diffusion_form: str = "sigma"  # SDE only
+    last_step: str | None = "Mean"
+    last_step_size: float = 0.04
+
+    def check(self, family: str) -> None:
+        kinds = SAMPLER_KINDS.get(family)
+        if kinds is None:
+            raise ValueError(f"unknown model family {family!r}")
+        if self.kind not in kinds:
+            raise ValueError(f"unknown sampler {self.kind!r} for a {family} model; choose one of {kinds}")
+        if self.kind == "sde" and self.method not in (None, *SDE_METHODS):
+            raise ValueError(f"unknown SDE method {self.method!r}; choose one of {SDE_METHODS}")
+        if self.kind == "ode" and self.method not in (None, *ODE_METHODS):
+            raise ValueError(f"unknown ODE method {self.method!r}; choose one of {ODE_METHODS}")
+        if self.steps < 1:
+            raise ValueError("the number of sampling steps must be at least 1")
+
+    def describe(self) -> str:
+        method = f"/{self.method}" if self.method else ""
+        cfg = f", cfg {self.cfg_scale:g}" if self.cfg_scale != 1.0 else ""
+        return f"{self.kind}{method} {self.steps} steps{cfg}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_sampler(family: str, **changes: Any) -> SamplerConfig:
+    """The papers' samplers: DiT with DDPM over 250 respaced steps, SiT with the 250-step SDE."""
+    base = SamplerConfig(kind="ddpm", steps=250) if family == "DiT" else SamplerConfig(kind="sde", steps=250)
+    return dataclasses.replace(base, **changes)
+
+
+def generate(
+    model: ModelFn,
+    process: ProcessConfig,
+    sampler: SamplerConfig,
+    x_T: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    callback: StepCallback | None = None,
+    noise_fn: Callable | None = None,
+    null_class: int | None = None,
+    progress: Callable | None = None,
+) -> tuple[torch.Tensor, NetworkCaller]:
+    """Run `sampler` from the noise `x_T` with labels `y`; returns the samples and the caller, whose
+    `nfe`, `forward_passes` and `used` say what the run cost and which network made each step."""
+    sampler.check(process.family)
+    if null_class is None:
+        null_class = getattr(getattr(model, "config", None), "num_classes", None)
+    network = NetworkCaller(model, callback=callback, cfg_scale=sampler.cfg_scale, null_class=null_class,
+                            guided_channels=sampler.guided_channels)  # fmt: skip
+    with torch.no_grad():
+        if process.family == "DiT":
+            diffusion = process.build(spacing=sampler.steps)
+            if sampler.kind == "ddpm":
+                out = diffusion.ddpm_sample(network, x_T, y, noise_fn=noise_fn, progress=progress)
+            else:
+                out = diffusion.ddim_sample(network, x_T, y, eta=sampler.eta, noise_fn=noise_fn, progress=progress)
+        else:
+            transport = process.build()
+            if sampler.kind == "sde":
+                out = transport.sample_sde(network, x_T, y, method=sampler.method or "euler", num_steps=sampler.steps,
+                                           diffusion_form=sampler.diffusion_form, last_step=sampler.last_step,
+                                           last_step_size=sampler.last_step_size, noise_fn=noise_fn,
+                                           progress=progress)  # fmt: skip
+            else:
+                out = transport.sample_ode(network, x_T, y, method=sampler.method or "dopri5", num_steps=sampler.steps,
+                                           atol=sampler.atol, rtol=sampler.rtol, progress=progress)  # fmt: skip
+    return out, network

@@ -1,0 +1,102 @@
+"""Datasets: the embedded digits, ImageFolder trees with ADM preprocessing, VAE latents (offline, tiny VAE)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mediator_models.data import (
+    ImageFolderSource,
+    cache_latents,
+    center_crop_arr,
+    digits,
+    load_latent_cache,
+    load_vae,
+    open_source,
+)
+
+
+def test_digits_are_real_scaled_and_split_without_overlap():
+    train, heldout, everything = digits("train"), digits("heldout"), digits("all")
+    assert len(train) + len(heldout) == len(everything) == 1797
+    assert train.images.shape[1:] == (1, 16, 16) and train.images.min() == -1 and train.images.max() == 1
+    assert heldout.labels.bincount().min() >= 34  # stratified: about 20% of each class
+    flat = lambda s: {tuple(row) for row in s.images.flatten(1).numpy().round(4)}  # noqa: E731
+    assert not flat(train) & flat(heldout)
+    torch.testing.assert_close(digits("heldout").images, heldout.images)  # the split is fixed
+
+
+def test_digits_at_native_size_are_the_sklearn_pixels():
+    from sklearn.datasets import load_digits
+
+    native = digits("all", image_size=8)
+    expected = torch.tensor(load_digits().images, dtype=torch.float32) / 8.0 - 1.0
+    torch.testing.assert_close(native.images[:, 0], expected)
+
+
+def make_folder(root, sizes=((40, 30), (20, 50)), classes=("cat", "dog")):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_center_crop_follows_adm():
+    image = Image.fromarray(np.arange(100 * 60 * 3, dtype=np.uint8).reshape(60, 100, 3) % 255)
+    cropped = center_crop_arr(image, 16)
+    assert cropped.size == (16, 16)
+    # 100×60: the short side is ≥ 2·16, so one box halving (50×30), then bicubic to 27×16 and a centre crop.
+    big = center_crop_arr(Image.new("RGB", (300, 200)), 64)
+    assert big.size == (64, 64)
+
+
+def test_image_folder_reads_classes_crops_and_flips(tmp_path):
+    source = ImageFolderSource(make_folder(tmp_path / "data"), image_size=16)
+    assert (len(source), source.num_classes, source.classes) == (4, 2, ["cat", "dog"])
+    images, labels = source.batch([0, 3])
+    assert images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1]
+    assert images.min() >= -1 and images.max() <= 1
+    flipped, _ = source.batch([0, 3], flip=torch.tensor([True, False]))
+    torch.testing.assert_close(flipped[0], images[0].flip(-1))
+    torch.testing.assert_close(flipped[1], images[1])
+
+
+def test_bad_folders_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolderSource(tmp_path / "missing", 16)
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(ValueError, match="no class subfolders"):
+        ImageFolderSource(tmp_path / "flat", 16)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderSource(tmp_path / "empty", 16)
+    (tmp_path / "broken" / "cls").mkdir(parents=True)
+    (tmp_path / "broken" / "cls" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        ImageFolderSource(tmp_path / "broken", 16).batch([0])
+
+
+def test_latent_cache_holds_each_image_and_its_mirror_and_resumes(tmp_path, tiny_vae_path):
+    source = ImageFolderSource(make_folder(tmp_path / "data"), image_size=32)
+    vae = load_vae(str(tiny_vae_path))
+    out = cache_latents(source, vae, tmp_path / "latents", batch_size=3)
+    cache = load_latent_cache(out)
+    assert len(cache) == 4 and cache.image_shape == (4, 4, 4) and cache.num_classes == 2
+    plain, labels = cache.batch([1, 2])
+    mirrored, _ = cache.batch([1, 2], flip=torch.tensor([True, True]))
+    assert labels.tolist() == [0, 1] and not torch.allclose(plain, mirrored)
+    assert open_source(str(out), 32).description == cache.description
+    # A finished cache is not recomputed.
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    cache_latents(source, vae, out, batch_size=3)
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_missing_vae_says_nothing_is_downloaded(tmp_path):
+    with pytest.raises(FileNotFoundError, match="downloads nothing"):
+        load_vae(str(tmp_path / "no-vae"))

@@ -1,0 +1,180 @@
+"""Training: exact resume, divergence handling, config checks, DDP gradients, latents."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mediator_models import build_model
+from mediator_models.checkpoint import read_checkpoint
+from mediator_models.sampling import ProcessConfig
+from mediator_models.train import TrainConfig, TrainingDiverged, backward_on_batch, batch_indices, train
+
+
+def tiny_config(out, **changes) -> TrainConfig:
+    base = dict(model="SiT-T/4", data="digits", image_size=16, global_batch_size=8, steps=6, lr=1e-3,
+                ema_decay=0.9, log_every=2, ckpt_every=3, keep_checkpoints=None, out=str(out), progress=False)  # fmt: skip
+    return TrainConfig(**{**base, **changes})
+
+
+def states_equal(a: dict, b: dict) -> None:
+    for key in ("model", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], atol=0, rtol=0, msg=f"{key}.{name}")
+    for (ka, va), (kb, vb) in zip(a["opt"]["state"].items(), b["opt"]["state"].items()):
+        torch.testing.assert_close(va["exp_avg"], vb["exp_avg"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model,attention,mediators", [("SiT-T/4", "full", None), ("DiT-T/4", "mediator", 4)])
+def test_killed_and_resumed_run_reaches_the_same_weights(tmp_path, model, attention, mediators):
+    straight = train(tiny_config(tmp_path / "a", model=model, attention=attention, mediators=mediators))
+    train(tiny_config(tmp_path / "b", model=model, attention=attention, mediators=mediators, steps=3))
+    resumed = train(tiny_config(tmp_path / "b", model=model, attention=attention, mediators=mediators), resume=True)
+    states_equal(read_checkpoint(straight / "checkpoints/0000006.pt"), read_checkpoint(resumed / "checkpoints/0000006.pt"))
+    logged = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert logged == [2, 3, 4, 6]  # the first run logs its last step; the resumed run appends
+
+
+def test_checkpoint_holds_everything_needed(tmp_path):
+    run = train(tiny_config(tmp_path, steps=3))
+    checkpoint = read_checkpoint(run / "checkpoints/0000003.pt")
+    assert set(checkpoint) >= {"model", "ema", "opt", "args", "model_config", "process", "step", "rng"}
+    assert checkpoint["step"] == 3 and checkpoint["args"]["lr"] == 1e-3
+    assert checkpoint["model_config"]["in_channels"] == 1 and checkpoint["model_config"]["input_size"] == 16
+    assert not any(torch.equal(checkpoint["model"][k], checkpoint["ema"][k]) for k in ["blocks.0.attn.qkv.weight"])
+
+
+def test_starting_over_an_existing_run_or_resuming_with_other_settings_is_refused(tmp_path):
+    train(tiny_config(tmp_path, steps=3))
+    with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
+        train(tiny_config(tmp_path))
+    with pytest.raises(ValueError, match=r"lr: checkpoint has 0.001, command line has 0.01(.|\n)*ema_decay"):
+        train(tiny_config(tmp_path, lr=1e-2, ema_decay=0.5), resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from mediator_models import transport
+
+    original = transport.Transport.training_loss
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        terms = original(self, *args, **kwargs)
+        if calls["n"] > 4:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(transport.Transport, "training_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4(.|\n)*0000003.pt"):
+        train(tiny_config(tmp_path))
+    assert read_checkpoint(tmp_path / "checkpoints/0000003.pt")["step"] == 3
+    assert not (tmp_path / "checkpoints/0000006.pt").exists()
+
+
+def test_batches_cover_epochs_and_ranks_split_the_global_batch():
+    first_epoch = [batch_indices(20, 4, s, 0, 1, seed=1) for s in range(5)]
+    assert sorted(int(i) for b in first_epoch for i in b) == list(range(20))
+    for step in (0, 7):
+        whole = batch_indices(20, 4, step, 0, 1, seed=1)
+        parts = [batch_indices(20, 4, step, r, 2, seed=1) for r in range(2)]
+        assert list(whole) == list(parts[0]) + list(parts[1])
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        batch_indices(3, 4, 0, 0, 1, seed=0)
+
+
+def test_batch_that_does_not_split_into_accumulation_steps_fails_before_work(tmp_path):
+    with pytest.raises(ValueError, match="does not split into 3 accumulation steps"):
+        train(tiny_config(tmp_path, grad_accum=3))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_gradient_accumulation_gives_the_full_batch_gradient():
+    model = build_model("SiT-T/4", input_size=16, in_channels=1, num_classes=10, class_dropout_prob=0.0)
+    process = ProcessConfig("SiT").build()
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    t, noise = torch.rand(8), torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_(0, 0.1)
+    grads = []
+    for accum in (1, 4):
+        model.zero_grad()
+        backward_on_batch(model, process, x, y, accum, t=t, noise=noise)
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _ddp_worker(rank: int, init_file: str, data: dict, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = build_model("DiT-T/4", input_size=16, in_channels=1, num_classes=10, class_dropout_prob=0.0)
+    model.load_state_dict(data["state"])
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    half = slice(rank * 4, (rank + 1) * 4)
+    process = ProcessConfig("DiT").build()
+    backward_on_batch(net, process, data["x"][half], data["y"][half], grad_accum=2, t=data["t"][half], noise=data["noise"][half])
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out_file)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_compute_the_gradient_of_one_process_on_the_full_batch(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("DiT-T/4", input_size=16, in_channels=1, num_classes=10, class_dropout_prob=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "final_layer" in name:
+                p.normal_(0, 0.05)
+    data = {"state": model.state_dict(), "x": torch.randn(8, 1, 16, 16), "y": torch.randint(0, 10, (8,)),
+            "t": torch.randint(0, 1000, (8,)), "noise": torch.randn(8, 1, 16, 16)}  # fmt: skip
+    backward_on_batch(model, ProcessConfig("DiT").build(), data["x"], data["y"], t=data["t"], noise=data["noise"])
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    out_file = str(tmp_path / "grads.pt")
+    mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), data, out_file), nprocs=2, start_method="spawn")
+    got = torch.load(out_file)
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_torchrun_style_two_rank_training_run(tmp_path):
+    """The real `train()` under two Gloo ranks set up from torchrun's environment variables."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "from mediator_models.train import TrainConfig, train\n"
+        f"train(TrainConfig(model='SiT-T/4', global_batch_size=8, steps=4, ckpt_every=2, log_every=2, out=r'{tmp_path}', progress=False))\n"
+    )
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env))
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert read_checkpoint(tmp_path / "checkpoints/0000004.pt")["step"] == 4
+
+
+def test_training_on_cached_latents_and_on_the_fly_vae(tmp_path, tiny_vae_path):
+    from mediator_models.data import ImageFolderSource, cache_latents, load_vae
+    from test_data import make_folder
+
+    folder = make_folder(tmp_path / "images", sizes=((40, 40),) * 4)
+    cache = cache_latents(ImageFolderSource(folder, 32), load_vae(str(tiny_vae_path)), tmp_path / "latents")
+    run = train(tiny_config(tmp_path / "cached", model="SiT-T/2", data=str(cache), image_size=32, steps=2))
+    assert read_checkpoint(run / "checkpoints/0000002.pt")["model_config"]["in_channels"] == 4
+    run = train(tiny_config(tmp_path / "online", model="DiT-T/2", data=str(folder), image_size=32,
+                            vae=str(tiny_vae_path), steps=2))  # fmt: skip
+    config = read_checkpoint(run / "checkpoints/0000002.pt")["model_config"]
+    assert (config["in_channels"], config["input_size"], config["num_classes"]) == (4, 4, 2)
