@@ -178,3 +178,12 @@ def test_training_on_cached_latents_and_on_the_fly_vae(tmp_path, tiny_vae_path):
                             vae=str(tiny_vae_path), steps=2))  # fmt: skip
     config = read_checkpoint(run / "checkpoints/0000002.pt")["model_config"]
     assert (config["in_channels"], config["input_size"], config["num_classes"]) == (4, 4, 2)
+
+
+def test_global_batch_that_does_not_divide_across_ranks_fails_before_work(tmp_path, monkeypatch):
+    from mediator_models import train as train_module
+
+    monkeypatch.setattr(train_module, "init_distributed", lambda: train_module.DistEnv(rank=0, world_size=3))
+    with pytest.raises(ValueError, match="global batch 8 does not divide across 3 ranks; use a multiple of 3"):
+        train(tiny_config(tmp_path))
+    assert not tmp_path.joinpath("checkpoints").exists()
