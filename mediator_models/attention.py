@@ -1,9 +1,10 @@
 """Self-attention for DiT/SiT blocks: full softmax attention and attention with mediators (arXiv 2408.05710).
 
-Both modules run a fused `F.scaled_dot_product_attention` unless someone asks for the maps. Asking means
-setting `module.map_observer` to a callable: the module then takes the explicit softmax(QKᵀ)V path, which
-computes the same output (to float rounding), and hands the post-softmax maps to the observer as an
-`AttentionMaps`. This is how the recorder (instrument.py) attaches without touching parameter names.
+Both modules compute their output with the fused `F.scaled_dot_product_attention`. Setting
+`module.map_observer` to a callable asks for the maps as well: the module then also computes the explicit
+post-softmax maps softmax(QKᵀ/√d + B) and hands them to the observer as an `AttentionMaps`, while the output
+stays the fused one, bit for bit. This is how the recorder (instrument.py) attaches without touching
+parameter names or outputs.
 """
 
 from __future__ import annotations
@@ -60,14 +61,19 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 def softmax_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, observe: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """softmax(q·kᵀ/√d + bias)·v: fused when the map is not wanted, explicit (and returned) when it is."""
+    """softmax(q·kᵀ/√d + bias)·v through the fused kernel, and, when observed, the post-softmax map.
+
+    The output always comes from the fused kernel, so observing a layer never perturbs what it computes
+    (a sampling trajectory recorded is bit for bit the trajectory unrecorded); the map is computed beside
+    it, explicitly, only when asked for.
+    """
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     if not observe:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
+        return out, None
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
         scores = scores + bias
-    weights = scores.softmax(dim=-1)
-    return weights @ v, weights
+    return out, scores.softmax(dim=-1)
 
 
 class FullAttention(nn.Module):

@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .dit import DiffusionTransformer, build_model
 from .flops import config_gmacs
 from .sampling import ProcessConfig, SamplerConfig, generate
-from .stepping import PerSampleNoise
+from .stepping import PerSampleNoise, sample_seed
 from .train import init_distributed
 
 
@@ -64,6 +64,16 @@ def sample_label(index: int, seed: int, num_classes: int, classes: list[int] | N
     return int(np.random.default_rng([seed, index, 1]).integers(num_classes))
 
 
+def start_batch(indices: list[int], seed: int, config: ModelConfig, classes: list[int] | None,
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, PerSampleNoise]:
+    """Initial noise, labels and the per-sample noise stream of samples `indices` of a run seeded `seed`;
+    each depends only on its own index, so any batching draws the same samples."""
+    noise = PerSampleNoise([sample_seed(seed, i) for i in indices], device)
+    x_T = noise((len(indices), config.in_channels, config.input_size, config.input_size))
+    y = torch.tensor([sample_label(i, seed, config.num_classes, classes) for i in indices], device=device)
+    return x_T, y, noise
+
+
 def write_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -90,12 +100,9 @@ def sample_to_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, num_sam
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"sample {config.label} {sampler.describe()}", dynamic_ncols=True)
-    shape = (config.in_channels, config.input_size, config.input_size)
     for start in range(0, len(todo), batch_size):
         indices = todo[start : start + batch_size]
-        noise = PerSampleNoise([seed * 1_000_003 + i for i in indices], device)
-        x_T = noise((len(indices), *shape))
-        y = torch.tensor([sample_label(i, seed, config.num_classes, classes) for i in indices], device=device)
+        x_T, y, noise = start_batch(indices, seed, config, classes, device)
         images, caller = generate(model, loaded.process, sampler, x_T, y, noise_fn=noise)
         if vae is not None:
             from .data import decode

@@ -32,6 +32,26 @@ class StepInfo:
 StepCallback = Callable[[StepInfo], Optional[ModelFn]]
 
 
+def chain_callbacks(*callbacks: StepCallback | None) -> StepCallback:
+    """One callback that calls each in turn (a recorder and a switch, say); the first network returned wins."""
+    active = [c for c in callbacks if c is not None]
+
+    def chained(info: StepInfo) -> Optional[ModelFn]:
+        chosen = None
+        for callback in active:
+            result = callback(info)
+            if chosen is None:
+                chosen = result
+        return chosen
+
+    return chained
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` in a run seeded with `seed` (its noise stream and nothing else)."""
+    return seed * 1_000_003 + index
+
+
 def noise_level(alpha: float, sigma: float) -> float:
     """The common axis σ/(α+σ) for x_t = α·x + σ·ε (a monotone function of the log-SNR 2·log(α/σ))."""
     return float(sigma / (alpha + sigma))

@@ -1,0 +1,118 @@
+"""Collection: run a sampler over many samples with the recorder attached and return a tidy table.
+
+One row per (model, attention, mediator count, network, step, noise level, layer, head, branch, metric) with
+the mean and standard deviation over samples. Head −1 is the average over heads, the paper's per-layer score.
+A collection saves its progress after every batch and resumes from it, drawing exactly the samples it
+would have drawn without the interruption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from mediator_models.checkpoint import atomic_save
+from mediator_models.instrument import record_attention
+from mediator_models.sample import start_batch
+from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
+
+from .metrics import CHEAP_METRICS, metric_reducer
+
+COLUMNS = ["model", "attention", "mediators", "network", "step", "noise_level", "model_time", "layer", "head",
+           "branch", "metric", "mean", "std", "count"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CollectionConfig:
+    samples: int = 32  # the paper averages over 32 samples
+    batch_size: int = 8
+    seed: int = 0
+    metrics: tuple[str, ...] = CHEAP_METRICS
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    classes: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, collection: CollectionConfig = CollectionConfig(),
+                       *, state_path: str | Path | None = None, keep_maps=None, keep_dir=None,
+                       progress: bool = True) -> pd.DataFrame:
+    """Sample `collection.samples` images with the recorder on and return the redundancy table.
+
+    `state_path` (optional) is where progress is saved after each batch; an existing state with the same
+    configuration is resumed. `keep_maps` lists (step, layer) pairs whose raw maps go to `keep_dir`.
+    """
+    config = model.config
+    device = next(model.parameters()).device
+    identity = {"model": config.to_dict(), "process": process.to_dict(), "sampler": sampler.to_dict(),
+                "collection": collection.to_dict()}  # fmt: skip
+    state = _load_state(state_path, identity)
+    reducer = metric_reducer(tuple(collection.metrics))
+    classes = list(collection.classes) if collection.classes else None
+    bar = None
+    with record_attention(model, reducer, layers=collection.layers, heads=collection.heads, keep_maps=keep_maps,
+                          keep_dir=keep_dir) as recorder:  # fmt: skip
+        done = 0
+        if state is not None:
+            recorder.load_state_dict(state["recorder"])
+            done = state["done"]
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=collection.samples, initial=done, desc=f"record {config.label} {sampler.describe()}",
+                       dynamic_ncols=True)  # fmt: skip
+        while done < collection.samples:
+            indices = list(range(done, min(done + collection.batch_size, collection.samples)))
+            x_T, y, noise = start_batch(indices, collection.seed, config, classes, device)
+            generate(model, process, sampler, x_T, y, callback=recorder.callback, noise_fn=noise)
+            done = indices[-1] + 1
+            if state_path is not None:
+                atomic_save({"identity": identity, "recorder": recorder.state_dict(), "done": done}, state_path)
+            if bar is not None:
+                bar.update(len(indices))
+    if bar is not None:
+        bar.close()
+    table = pd.DataFrame(recorder.rows())
+    table.insert(0, "mediators", config.mediators if config.mediators is not None else 0)
+    table.insert(0, "attention", config.attention)
+    table.insert(0, "model", config.name)
+    return table[COLUMNS]
+
+
+def _load_state(state_path, identity) -> dict | None:
+    if state_path is None or not Path(state_path).exists():
+        return None
+    state = torch.load(state_path, weights_only=False)
+    if state["identity"] != identity:
+        raise ValueError(f"{state_path} holds a collection with another configuration; delete it or choose another path")
+    return state
+
+
+def write_table(table: pd.DataFrame, path: str | Path, provenance: dict[str, Any]) -> Path:
+    """Write the table (parquet, or CSV when the name ends in .csv) atomically, with `<name>.json` beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".csv":
+        table.to_csv(tmp, index=False)
+    else:
+        table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    sidecar = path.with_suffix(path.suffix + ".json")
+    sidecar.write_text(json.dumps(provenance, indent=2, default=str))
+    return path
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no redundancy table at {path}; collect one with `attnmed record`")
+    return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)

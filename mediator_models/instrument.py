@@ -1,0 +1,225 @@
+"""The attention recorder: attaches to models, hands each post-softmax map to reducers, keeps running stats.
+
+    with record_attention(model, reducers) as recorder:
+        generate(model, process, sampler, x_T, y, callback=recorder.callback)
+    recorder.rows()   # one row per (network, step, layer, head, branch, metric): mean, std, count
+
+While attached, every attention module also computes its maps explicitly and calls the recorder with them
+(`AttentionMaps`: full attention's N×N map, or mediator attention's two maps and their product). The
+sampler's step callback tells the recorder which step and noise level it is at. Reducers are plain callables
+from `AttentionMaps` to {metric: (batch, heads) tensor} supplied by the caller (analysis.metrics), so this
+package never imports analysis. Maps are reduced inside the hook; only the (step, layer) pairs named in
+`keep_maps` are written to disk. Parameters, names and outputs are untouched, and detaching restores the
+fused attention path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .attention import AttentionMaps
+from .checkpoint import atomic_save
+from .stepping import StepInfo
+
+Reducer = Callable[[AttentionMaps], Mapping[str, torch.Tensor]]
+
+
+class RunningStats:
+    """Per-column count, mean and sum of squared deviations in float64 (Chan et al.'s pairwise update):
+    the mean and standard deviation over samples without keeping the samples, and without the cancellation
+    of a sum-of-squares formula."""
+
+    def __init__(self, columns: int):
+        self.count = 0
+        self.mean_ = torch.zeros(columns, dtype=torch.float64)
+        self.m2 = torch.zeros(columns, dtype=torch.float64)
+
+    def add(self, values: torch.Tensor) -> None:
+        values = values.detach().double().cpu()  # (samples, columns)
+        n = values.shape[0]
+        batch_mean = values.mean(0)
+        batch_m2 = ((values - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        delta = batch_mean - self.mean_
+        self.mean_ = self.mean_ + delta * n / total
+        self.m2 = self.m2 + batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def mean(self) -> torch.Tensor:
+        return self.mean_
+
+    def std(self) -> torch.Tensor:
+        """Sample standard deviation over the samples (0 for a single sample)."""
+        if self.count < 2:
+            return torch.zeros_like(self.m2)
+        return (self.m2 / (self.count - 1)).clamp_min(0).sqrt()
+
+    def state(self) -> dict:
+        return {"count": self.count, "mean": self.mean_, "m2": self.m2}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RunningStats":
+        stats = cls(len(state["mean"]))
+        stats.count, stats.mean_, stats.m2 = state["count"], state["mean"], state["m2"]
+        return stats
+
+
+def _as_named_models(models) -> dict[str, nn.Module]:
+    if isinstance(models, nn.Module):
+        return {getattr(getattr(models, "config", None), "label", type(models).__name__): models}
+    if isinstance(models, Mapping):
+        return dict(models)
+    return {getattr(m.config, "label", str(i)): m for i, m in enumerate(models)}
+
+
+class AttentionRecorder:
+    """Collects reduced attention statistics per (network, step, layer, head, branch, metric).
+
+    `branch` is "cond" / "uncond" for the two halves of a classifier-free-guidance batch, else "all".
+    `heads` restricts the reduction to some heads; `layers` attaches only to some layers (the others keep
+    the fused, faster path).
+    """
+
+    def __init__(self, models, reducers: Reducer | Mapping[str, Reducer], *, layers: Iterable[int] | None = None,
+                 heads: Iterable[int] | None = None, keep_maps: Iterable[tuple[int, int]] | None = None,
+                 keep_dir: str | Path | None = None):
+        self.models = _as_named_models(models)
+        self.reducers = {"": reducers} if callable(reducers) else dict(reducers)
+        self.layers = None if layers is None else sorted(set(layers))
+        self.heads = None if heads is None else list(heads)
+        self.keep_maps = set(keep_maps or ())
+        if self.keep_maps and keep_dir is None:
+            raise ValueError("keep_maps needs keep_dir, the folder to write the kept maps to")
+        self.keep_dir = Path(keep_dir) if keep_dir is not None else None
+        self.stats: dict[tuple, RunningStats] = {}
+        self.step_meta: dict[int, dict[str, float]] = {}
+        self.current: StepInfo | None = None
+        self._saved = defaultdict(int)
+        self._attached: list[nn.Module] = []
+
+    # ---- attaching ----------------------------------------------------------------------------------------
+    def attach(self) -> "AttentionRecorder":
+        for name, model in self.models.items():
+            modules = model.attention_modules()
+            chosen = range(len(modules)) if self.layers is None else self.layers
+            for layer in chosen:
+                if layer >= len(modules):
+                    raise ValueError(f"layer {layer} does not exist in {name} ({len(modules)} layers)")
+                module = modules[layer]
+                if module.map_observer is not None:
+                    raise RuntimeError(f"layer {layer} of {name} is already being observed; detach the other recorder")
+                module.map_observer = self._observer(name, layer)
+                self._attached.append(module)
+        return self
+
+    def detach(self) -> None:
+        for module in self._attached:
+            module.map_observer = None
+        self._attached.clear()
+
+    # ---- the sampler side ---------------------------------------------------------------------------------
+    def callback(self, info: StepInfo) -> None:
+        """Pass as the sampler's step callback (it never switches networks)."""
+        self.current = info
+        self.step_meta.setdefault(info.index, {"noise_level": info.noise_level,
+                                               "model_time": float(info.model_time.float().mean())})  # fmt: skip
+
+    def _observer(self, network: str, layer: int):
+        def observe(maps: AttentionMaps) -> None:
+            if self.current is None:
+                raise RuntimeError("the recorder does not know the step: pass recorder.callback to the sampler")
+            self._record(network, layer, maps)
+
+        return observe
+
+    def _record(self, network: str, layer: int, maps: AttentionMaps) -> None:
+        step = self.current.index
+        batch = len(self.current.x)
+        if self.heads is not None:
+            maps = _select_heads(maps, self.heads)
+        total = _batch_size(maps)
+        halves = [("all", slice(None))]
+        if total == 2 * batch:  # classifier-free guidance: conditional first, unconditional second
+            halves = [("cond", slice(0, batch)), ("uncond", slice(batch, total))]
+        for branch, rows in halves:
+            part = _select_batch(maps, rows)
+            for prefix, reducer in self.reducers.items():
+                for metric, values in reducer(part).items():
+                    # The head average is tracked per sample too, so its std over samples is exact.
+                    values = torch.cat([values, values.mean(-1, keepdim=True)], dim=-1)
+                    key = (network, step, layer, branch, prefix + metric)
+                    if key not in self.stats:
+                        self.stats[key] = RunningStats(values.shape[-1])
+                    self.stats[key].add(values)
+        if (step, layer) in self.keep_maps:
+            self._keep(network, step, layer, maps)
+
+    def _keep(self, network: str, step: int, layer: int, maps: AttentionMaps) -> None:
+        safe = "".join(c if c.isalnum() else "-" for c in network).strip("-")
+        key = (safe, step, layer)
+        payload = {"kind": maps.kind, "effective": maps.effective.detach().cpu(), "network": network,
+                   "step": step, "layer": layer, **self.step_meta.get(step, {})}  # fmt: skip
+        if maps.kind == "mediator":
+            payload["query_to_mediator"] = maps.query_to_mediator.detach().cpu()
+            payload["mediator_to_key"] = maps.mediator_to_key.detach().cpu()
+        atomic_save(payload, self.keep_dir / f"maps_{safe}_step{step:04d}_layer{layer:02d}_part{self._saved[key]:03d}.pt")
+        self._saved[key] += 1
+
+    # ---- results ------------------------------------------------------------------------------------------
+    def rows(self) -> list[dict]:
+        """One plain dict per (network, step, layer, head, branch, metric) with the mean, the standard deviation
+        over samples and the sample count. Head −1 is the average over the recorded heads (the paper's score)."""
+        out = []
+        for (network, step, layer, branch, metric), stats in sorted(self.stats.items(), key=lambda kv: kv[0]):
+            meta = self.step_meta.get(step, {"noise_level": math.nan, "model_time": math.nan})
+            heads = self.heads if self.heads is not None else list(range(len(stats.mean_) - 1))
+            for head, mean, std in zip([*heads, -1], stats.mean().tolist(), stats.std().tolist()):
+                out.append({"network": network, "step": step, "noise_level": meta["noise_level"],
+                            "model_time": meta["model_time"], "layer": layer, "head": head, "branch": branch,
+                            "metric": metric, "mean": mean, "std": std, "count": stats.count})  # fmt: skip
+        return out
+
+    def state_dict(self) -> dict:
+        """Everything collected so far, for resuming a collection."""
+        return {"stats": {k: v.state() for k, v in self.stats.items()}, "step_meta": self.step_meta,
+                "saved": dict(self._saved)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = {k: RunningStats.from_state(v) for k, v in state["stats"].items()}
+        self.step_meta = dict(state["step_meta"])
+        self._saved = defaultdict(int, state.get("saved", {}))
+
+
+@contextlib.contextmanager
+def record_attention(models, reducers, layers=None, heads=None, keep_maps=None, keep_dir=None) -> Iterator[AttentionRecorder]:
+    """Attach a recorder for the duration of the block; the models are restored on exit, even on errors."""
+    recorder = AttentionRecorder(models, reducers, layers=layers, heads=heads, keep_maps=keep_maps, keep_dir=keep_dir)
+    recorder.attach()
+    try:
+        yield recorder
+    finally:
+        recorder.detach()
+
+
+def _batch_size(maps: AttentionMaps) -> int:
+    return len(maps.full if maps.kind == "full" else maps.query_to_mediator)
+
+
+def _select_batch(maps: AttentionMaps, rows: slice) -> AttentionMaps:
+    if maps.kind == "full":
+        return AttentionMaps("full", full=maps.full[rows])
+    return AttentionMaps("mediator", query_to_mediator=maps.query_to_mediator[rows], mediator_to_key=maps.mediator_to_key[rows])
+
+
+def _select_heads(maps: AttentionMaps, heads: list[int]) -> AttentionMaps:
+    if maps.kind == "full":
+        return AttentionMaps("full", full=maps.full[:, heads])
+    return AttentionMaps("mediator", query_to_mediator=maps.query_to_mediator[:, heads],
+                         mediator_to_key=maps.mediator_to_key[:, heads])  # fmt: skip

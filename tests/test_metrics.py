@@ -1,0 +1,134 @@
+"""Redundancy metrics on maps whose answers are known by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from analysis.metrics import (
+    ALL_METRICS,
+    effective_rank,
+    energy_rank,
+    jsd_redundancy,
+    mean_cosine,
+    measure,
+    normalized_entropy,
+    numerical_rank,
+    singular_values,
+    stable_rank,
+)
+
+N = 8
+
+
+def uniform(n=N):
+    return torch.full((n, n), 1.0 / n)
+
+
+def block_diagonal(n=N, blocks=2):
+    size = n // blocks
+    return torch.block_diag(*[torch.full((size, size), 1.0 / size)] * blocks)
+
+
+def all_metrics(p):
+    return {k: float(v) for k, v in measure(p, ALL_METRICS).items()}
+
+
+def test_uniform_attention_is_fully_redundant():
+    m = all_metrics(uniform())
+    assert m["jsd"] == pytest.approx(0, abs=1e-12) and m["cosine"] == pytest.approx(1)
+    assert m["entropy"] == pytest.approx(1)
+    assert m["effective_rank"] == pytest.approx(1, abs=1e-6) and m["stable_rank"] == pytest.approx(1)
+    assert m["numerical_rank"] == 1 and m["energy_rank_0.9"] == 1 and m["energy_rank_0.99"] == 1
+
+
+@pytest.mark.parametrize("make", [lambda: torch.eye(N), lambda: torch.eye(N)[torch.tensor([3, 0, 7, 1, 2, 6, 4, 5])]])
+def test_identity_and_permutation_have_no_redundancy(make):
+    m = all_metrics(make())
+    assert m["jsd"] == pytest.approx(1.0)  # disjoint supports: ln 2 nats = 1 bit
+    assert m["entropy"] == pytest.approx(0, abs=1e-12) and m["cosine"] == pytest.approx(0)
+    assert m["effective_rank"] == pytest.approx(N) and m["stable_rank"] == pytest.approx(N)
+    assert m["numerical_rank"] == N
+    assert m["energy_rank_0.9"] == math.ceil(0.9 * N) and m["energy_rank_0.99"] == N
+
+
+def test_rank_one_map_with_repeated_rows():
+    row = torch.tensor([0.5, 0.25, 0.125, 0.125, 0, 0, 0, 0])
+    m = all_metrics(row.expand(N, N))
+    entropy_bits = 0.5 * 1 + 0.25 * 2 + 2 * 0.125 * 3
+    assert m["jsd"] == pytest.approx(0, abs=1e-12) and m["cosine"] == pytest.approx(1)
+    assert m["entropy"] == pytest.approx(entropy_bits / 3)  # log2(8) = 3
+    assert m["effective_rank"] == pytest.approx(1, abs=1e-6) and m["numerical_rank"] == 1
+
+
+def test_block_diagonal_by_hand():
+    m = all_metrics(block_diagonal())
+    assert m["jsd"] == pytest.approx(16 / 28)  # 16 of the 28 pairs cross blocks (1 bit), 12 lie within (0)
+    assert m["entropy"] == pytest.approx(math.log(4) / math.log(8))
+    assert m["cosine"] == pytest.approx(24 / 56)  # each row has 3 identical rows among its 7 others
+    assert m["effective_rank"] == pytest.approx(2) and m["stable_rank"] == pytest.approx(2)
+    assert m["numerical_rank"] == 2 and m["energy_rank_0.9"] == 2 and m["energy_rank_0.99"] == 2
+
+
+def test_metrics_are_batched_over_leading_dimensions():
+    maps = torch.stack([torch.stack([uniform(), torch.eye(N)]), torch.stack([block_diagonal(), uniform()])])
+    out = measure(maps, ALL_METRICS)
+    assert all(v.shape == (2, 2) for v in out.values())
+    torch.testing.assert_close(out["jsd"], torch.tensor([[0.0, 1.0], [16 / 28, 0.0]], dtype=torch.float64))
+
+
+def random_maps(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(*shape, generator=g) * 3, dim=-1)
+
+
+def test_jsd_in_chunks_equals_the_direct_pairwise_mean():
+    p = random_maps((2, 3, 12, 12)).double()
+    direct = torch.zeros(2, 3, dtype=torch.float64)
+    pairs = 0
+    for i in range(12):
+        for j in range(i + 1, 12):
+            m = 0.5 * (p[..., i, :] + p[..., j, :])
+            h = lambda x: -(x * x.log()).sum(-1)  # noqa: E731
+            direct += h(m) - 0.5 * (h(p[..., i, :]) + h(p[..., j, :]))
+            pairs += 1
+    direct = direct / pairs / math.log(2)
+    torch.testing.assert_close(jsd_redundancy(p, chunk_elements=40), direct)
+    torch.testing.assert_close(jsd_redundancy(p), direct)
+
+
+def test_sampled_pairs_estimate_the_exact_jsd_for_large_maps():
+    p = random_maps((256, 256), seed=1)
+    exact = jsd_redundancy(p, max_pairs=None)
+    estimate = jsd_redundancy(p, max_pairs=8192)
+    assert float(estimate) == pytest.approx(float(exact), rel=0.02)
+
+
+def test_rank_functions_on_given_spectra():
+    sigma = torch.tensor([4.0, 2.0, 1.0, 0.001], dtype=torch.float64)
+    weights = sigma / sigma.sum()
+    assert float(effective_rank(sigma)) == pytest.approx(math.exp(-(weights * weights.log()).sum().item()))
+    assert float(stable_rank(sigma)) == pytest.approx((16 + 4 + 1 + 1e-6) / 16)
+    assert float(numerical_rank(sigma, rtol=1e-3)) == 3 and float(numerical_rank(sigma, rtol=1e-4)) == 4
+    assert float(energy_rank(sigma, 0.75)) == 1 and float(energy_rank(sigma, 0.9)) == 2  # 16/21, 20/21
+    assert float(energy_rank(sigma, 0.99)) == 3
+
+
+def test_singular_values_refuse_half_precision_and_accept_half_maps():
+    maps = uniform().half()
+    with pytest.raises(ValueError, match="never in half precision"):
+        singular_values(maps, torch.float16)
+    assert singular_values(maps).dtype == torch.float64
+    assert singular_values(maps, torch.float32).dtype == torch.float32
+
+
+def test_entropy_and_cosine_of_rectangular_maps_use_the_key_count():
+    p = torch.full((4, 16), 1 / 16)
+    assert float(normalized_entropy(p)) == pytest.approx(1.0) and float(mean_cosine(p)) == pytest.approx(1.0)
+
+
+def test_unknown_metric_is_refused():
+    with pytest.raises(ValueError, match="unknown metrics"):
+        measure(uniform(), ("jsd", "gini"))
