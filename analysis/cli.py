@@ -137,28 +137,27 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_sample(parser: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="attnmed training checkpoint or an official DiT/SiT file")
     parser.add_argument("--model", default=None, help="for official files only: the registry name, e.g. DiT-XL/2")
     parser.add_argument("--input-size", type=int, default=32, help="for official files only (32 = 256 px)")
     _add_attention(parser)
+    parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+
+
+def _add_sampler_args(parser: argparse.ArgumentParser, steps: int = 250) -> None:
     parser.add_argument("--sampler", default=None, help="ddpm | ddim (DiT); sde | ode (SiT); default: the paper's")
     parser.add_argument("--method", default=None, help="SDE: euler | heun; ODE: dopri5 | euler | heun")
-    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--cfg-scale", type=float, default=1.0)
     parser.add_argument("--guided-channels", type=int, default=None, help="3 reproduces the public code's guidance")
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classes", type=int, nargs="*", default=None, help="cycle through these labels (default: random)")
-    parser.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
-    parser.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents")
-    parser.add_argument("--out", required=True, help="folder for the PNGs, samples.npz and samples.json")
 
 
-@command("sample", "sample a checkpoint to PNGs + ADM-layout npz + JSON sidecar (restartable, torchrun-ready)", _configure_sample)
-def run_sample(args: argparse.Namespace) -> int:
-    from mediator_models.sample import load_for_sampling, sample_to_folder
+def _load_from_args(args: argparse.Namespace):
+    """(loaded model, sampler config) from the checkpoint and sampler arguments."""
+    from mediator_models.sample import load_for_sampling
     from mediator_models.sampling import default_sampler
     from mediator_models.train import init_distributed
 
@@ -171,15 +170,76 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.sampler:
         changes["kind"] = args.sampler
     sampler = default_sampler(loaded.process.family, **changes)
+    sampler.check(loaded.process.family)
+    return loaded, sampler
+
+
+def _configure_sample(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(parser)
+    _add_sampler_args(parser)
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents")
+    parser.add_argument("--out", required=True, help="folder for the PNGs, samples.npz and samples.json")
+
+
+@command("sample", "sample a checkpoint to PNGs + ADM-layout npz + JSON sidecar (restartable, torchrun-ready)", _configure_sample)
+def run_sample(args: argparse.Namespace) -> int:
+    from mediator_models.sample import sample_to_folder
+
+    loaded, sampler = _load_from_args(args)
     vae = None
     if args.vae:
         from mediator_models.data import load_vae
 
-        vae = load_vae(args.vae, env.device)
+        vae = load_vae(args.vae, next(loaded.model.parameters()).device)
     sidecar = sample_to_folder(loaded, args.out, num_samples=args.num_samples, sampler=sampler,
                                batch_size=args.batch_size, seed=args.seed, classes=args.classes, vae=vae)  # fmt: skip
     if sidecar:
         print(f"wrote {args.num_samples} samples to {args.out} ({sidecar['gflops_per_image']:.3g} GFLOPs per image)")
+    return 0
+
+
+def _configure_record(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(parser)
+    _add_sampler_args(parser)
+    parser.add_argument("--samples", type=int, default=32, help="samples to average over (the paper: 32)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--metrics", default="cheap",
+                        help="'cheap' (jsd, entropy, cosine), 'all' (adds the singular-value ranks) or a comma list")
+    parser.add_argument("--layers", type=int, nargs="*", default=None, help="record only these layers")
+    parser.add_argument("--heads", type=int, nargs="*", default=None, help="reduce only these heads")
+    parser.add_argument("--keep-maps", nargs="*", default=(), metavar="STEP:LAYER",
+                        help="also save the raw maps of these (step, layer) pairs beside the table")
+    parser.add_argument("--out", required=True, help="table path (.parquet, or .csv)")
+
+
+@command("record", "sample with the attention recorder on and write the redundancy table", _configure_record)
+def run_record(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .collect import CollectionConfig, collect_redundancy, write_table
+    from .metrics import ALL_METRICS, CHEAP_METRICS
+
+    metrics = {"cheap": CHEAP_METRICS, "all": ALL_METRICS}.get(args.metrics) or tuple(args.metrics.split(","))
+    try:
+        keep = [tuple(int(v) for v in pair.split(":")) for pair in args.keep_maps]
+    except ValueError:
+        raise ValueError(f"--keep-maps takes STEP:LAYER pairs such as 0:3, got {args.keep_maps}") from None
+    loaded, sampler = _load_from_args(args)
+    collection = CollectionConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+                                  metrics=tuple(metrics), layers=tuple(args.layers) if args.layers else None,
+                                  heads=tuple(args.heads) if args.heads else None,
+                                  classes=tuple(args.classes) if args.classes else None)  # fmt: skip
+    out = Path(args.out)
+    state = out.with_name(f".{out.name}.state.pt")
+    table = collect_redundancy(loaded.model, loaded.process, sampler, collection, state_path=state,
+                               keep_maps=keep, keep_dir=out.with_suffix("").with_name(out.stem + "-maps"))  # fmt: skip
+    write_table(table, out, {"checkpoint": loaded.source, "model": loaded.model.config.to_dict(),
+                             "process": loaded.process.to_dict(), "sampler": sampler.to_dict(),
+                             "collection": collection.to_dict()})  # fmt: skip
+    state.unlink(missing_ok=True)
+    print(f"wrote {len(table)} rows to {out}")
     return 0
 
 
@@ -201,6 +261,47 @@ def run_cache_latents(args: argparse.Namespace) -> int:
     source = ImageFolderSource(args.data, args.image_size)
     path = cache_latents(source, load_vae(args.vae, device), args.out, args.batch_size, progress=tqdm)
     print(f"latents of {len(source)} images in {path}")
+    return 0
+
+
+def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("samples", help="sample folder or .npz (arr_0, uint8 NHWC)")
+    parser.add_argument("--reference", default="digits-heldout",
+                        help="'digits-heldout', an image folder, an .npz of images, or an ADM reference .npz (mu/sigma)")
+    parser.add_argument("--extractor", choices=("digits", "inception"), default="digits")
+    parser.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception .pth")
+    parser.add_argument("--image-size", type=int, default=16, help="digits only: the size the classifier works at")
+
+
+@command("evaluate", "FID / KID / precision / recall of samples against a reference", _configure_evaluate)
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import Extractor, compute_metrics
+
+    extractor = Extractor.digits(args.image_size) if args.extractor == "digits" else Extractor.inception(args.inception_weights)
+    reference = args.reference
+    if reference == "digits-heldout":
+        from mediator_models.data import digits
+
+        reference = digits("heldout", args.image_size)
+    print(json.dumps(compute_metrics(args.samples, reference, extractor), indent=2))
+    return 0
+
+
+def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=("quick", "default"), default="default",
+                        help="quick: every stage at toy budgets (minutes); default: the demo (under 30 min on 2 cores)")
+    parser.add_argument("--runs", default="runs", help="folder for the run (resumable: rerun to continue)")
+    parser.add_argument("--figures", default="figures", help="folder for the figures and REPORT.md")
+
+
+@command("reproduce", "the whole study on the embedded digits: train, record, schedule, sample, evaluate, report", _configure_reproduce)
+def run_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import run_study
+
+    report = run_study(args.preset, args.runs, args.figures)
+    print(f"done: {report}")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -162,7 +163,7 @@ class AttentionRecorder:
             self._keep(network, step, layer, maps)
 
     def _keep(self, network: str, step: int, layer: int, maps: AttentionMaps) -> None:
-        safe = "".join(c if c.isalnum() else "-" for c in network).strip("-")
+        safe = re.sub(r"[^A-Za-z0-9]+", "-", network).strip("-")
         key = (safe, step, layer)
         payload = {"kind": maps.kind, "effective": maps.effective.detach().cpu(), "network": network,
                    "step": step, "layer": layer, **self.step_meta.get(step, {})}  # fmt: skip

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from .checkpoint import extract_state_dict, load_checkpoint, read_checkpoint
 from .config import ModelConfig
 from .dit import DiffusionTransformer, build_model
-from .flops import config_gmacs
 from .sampling import ProcessConfig, SamplerConfig, generate
 from .stepping import PerSampleNoise, sample_seed
 from .train import init_distributed
@@ -84,9 +83,12 @@ def write_png(array: np.ndarray, path: Path) -> None:
 
 def sample_to_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, num_samples: int, sampler: SamplerConfig,
                      batch_size: int = 16, seed: int = 0, classes: list[int] | None = None, vae=None,
-                     progress: bool = True) -> dict[str, Any]:
+                     callback=None, schedule: dict | None = None, progress: bool = True) -> dict[str, Any]:
     """Write samples 0..num_samples−1 as PNGs (skipping those already there), then `samples.npz` (`arr_0`,
-    uint8 NHWC) and `samples.json` (what made them and what they cost). Returns the sidecar dict."""
+    uint8 NHWC) and `samples.json` (what made them and what they cost). Returns the sidecar dict.
+
+    `callback` is the sampler's step callback (a mediator schedule or the adaptive rule, which may hand
+    steps to other networks); `schedule` describes it in the sidecar. Costs are counted per sample."""
     sampler.check(loaded.process.family)  # before any work or folder
     env = init_distributed()
     model, config = loaded.model, loaded.model.config
@@ -103,15 +105,13 @@ def sample_to_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, num_sam
     for start in range(0, len(todo), batch_size):
         indices = todo[start : start + batch_size]
         x_T, y, noise = start_batch(indices, seed, config, classes, device)
-        images, caller = generate(model, loaded.process, sampler, x_T, y, noise_fn=noise)
+        images, caller = generate(model, loaded.process, sampler, x_T, y, callback=callback, noise_fn=noise)
         if vae is not None:
             from .data import decode
 
             images = decode(vae, images)
-        passes = 2 if sampler.cfg_scale != 1.0 else 1
-        gflops = passes * sum(config_gmacs(getattr(net, "config", config)) for net in caller.used)
         with costs_path.open("a") as costs:
-            for i, array in zip(indices, to_uint8(images)):
+            for i, array, gflops in zip(indices, to_uint8(images), caller.gflops.tolist()):
                 write_png(array, out / f"{i:06d}.png")
                 costs.write(json.dumps({"index": i, "nfe": caller.nfe, "gflops": gflops}) + "\n")
         if bar is not None:
@@ -124,7 +124,8 @@ def sample_to_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, num_sam
     if env.is_main:
         sidecar = finalize_folder(out, num_samples, {
             "checkpoint": loaded.source, "model": config.to_dict(), "process": loaded.process.to_dict(),
-            "sampler": sampler.to_dict(), "seed": seed, "classes": classes, "decoded_with_vae": vae is not None})  # fmt: skip
+            "sampler": sampler.to_dict(), "seed": seed, "classes": classes, "decoded_with_vae": vae is not None,
+            "schedule": schedule})  # fmt: skip
     return sidecar
 
 

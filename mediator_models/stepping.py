@@ -97,6 +97,7 @@ class NetworkCaller:
     nfe: int = 0
     forward_passes: int = 0
     used: list = field(default_factory=list)  # the network used at each evaluation, in order
+    gflops: torch.Tensor | None = None  # (B,) GFLOPs spent on each sample so far (networks with a config)
 
     def __call__(self, x: torch.Tensor, model_time: torch.Tensor, y: torch.Tensor, level: float) -> torch.Tensor:
         chosen = None
@@ -105,6 +106,7 @@ class NetworkCaller:
         network = self.model if chosen is None else chosen
         self.used.append(network)
         self.nfe += 1
+        self._account(network, len(x))
         if self.cfg_scale != 1.0:
             if self.null_class is None:
                 raise ValueError("classifier-free guidance needs the null class index (num_classes)")
@@ -112,6 +114,20 @@ class NetworkCaller:
             return guided(network, self.cfg_scale, self.null_class, self.guided_channels)(x, model_time, y)
         self.forward_passes += 1
         return network(x, model_time, y)
+
+
+    def _account(self, network, batch: int) -> None:
+        """Add this evaluation's cost per sample: the network's forward GFLOPs, twice with guidance."""
+        from .flops import config_gmacs
+
+        if hasattr(network, "gmacs_per_sample"):
+            cost = network.gmacs_per_sample().double()
+        elif hasattr(network, "config"):
+            cost = torch.full((batch,), config_gmacs(network.config), dtype=torch.float64)
+        else:
+            return
+        cost = cost * (2 if self.cfg_scale != 1.0 else 1)
+        self.gflops = cost if self.gflops is None else self.gflops + cost
 
 
 class PerSampleNoise:

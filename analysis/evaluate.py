@@ -1,0 +1,150 @@
+"""FID, KID, precision and recall through torch-fidelity, and the results table.
+
+Every number states which feature extractor made it and from how many images. Samples and references can be
+a folder of images, an `.npz` (`arr_0`, uint8 NHWC, as `attnmed sample` writes), an in-memory uint8 tensor,
+a dataset split, or (reference only, FID only) an ADM reference batch `.npz` holding `mu` and `sigma`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .features import DIGITS_EXTRACTOR, FEATURE_NAME, _register_digits_extractor, digits_classifier
+
+RESULT_COLUMNS = ["model", "attention", "schedule", "sampler", "steps", "cfg", "gflops_per_image", "nfe",
+                  "fid", "kid", "precision", "recall", "extractor", "extractor_accuracy", "num_samples"]  # fmt: skip
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """uint8 images (N, 3, H, W) for torch-fidelity."""
+
+    def __init__(self, images: torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W) or (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+            images = images.permute(0, 3, 1, 2)  # NHWC -> NCHW
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        self.images = images.contiguous()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def load_images(source) -> ImageSet:
+    """An ImageSet from a folder, an npz (`arr_0`), a uint8 tensor, or a TensorSource in [−1, 1]."""
+    if isinstance(source, ImageSet):
+        return source
+    if hasattr(source, "images") and hasattr(source, "labels"):  # a dataset split in model units
+        return ImageSet(((source.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    if isinstance(source, torch.Tensor):
+        return ImageSet(source)
+    path = Path(source)
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            if "arr_0" not in data:
+                raise ValueError(f"{path} has no 'arr_0' images (an ADM reference with mu/sigma works for FID only)")
+            return ImageSet(torch.from_numpy(data["arr_0"]))
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise ValueError(f"no images in {path}")
+        return ImageSet(torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])))
+    raise FileNotFoundError(f"{path} is neither an image folder nor an .npz")
+
+
+@dataclass
+class Extractor:
+    """Which features the metrics use, and what to report about them."""
+
+    name: str  # torch-fidelity's registry name
+    weights_path: str | None
+    label: str
+    accuracy: float | None = None
+
+    @classmethod
+    def digits(cls, image_size: int = 16) -> "Extractor":
+        _register_digits_extractor()
+        _, accuracy, path = digits_classifier(image_size)
+        return cls(DIGITS_EXTRACTOR, str(path), f"digits-cnn (held-out accuracy {accuracy:.1%})", accuracy)
+
+    @classmethod
+    def inception(cls, weights_path: str | None = None) -> "Extractor":
+        """torch-fidelity's InceptionV3; `weights_path` to its .pth, else torch-fidelity's cache must hold it."""
+        if weights_path is not None and not Path(weights_path).exists():
+            raise FileNotFoundError(f"Inception weights {weights_path} not found")
+        if weights_path is None:
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+            if not cached.exists():
+                raise FileNotFoundError(
+                    "torch-fidelity's Inception weights are not in its cache and cannot be downloaded here; pass "
+                    "the local path to weights-inception-2015-12-05-6726825d.pth, or use the digits extractor")
+            weights_path = str(cached)
+        return cls("inception-v3-compat", weights_path, "inception-v3 (torch-fidelity)")
+
+
+def compute_metrics(samples, reference, extractor: Extractor, *, kid: bool = True, prc: bool = True,
+                    batch_size: int = 64) -> dict[str, Any]:
+    """FID (and KID, precision, recall) of `samples` against `reference` with `extractor`'s features."""
+    import torch_fidelity
+
+    sample_set = load_images(samples)
+    if isinstance(reference, (str, Path)) and Path(reference).suffix == ".npz":
+        with np.load(reference) as data:
+            if "mu" in data and "sigma" in data:
+                return _fid_against_statistics(sample_set, data["mu"], data["sigma"], extractor, batch_size)
+    reference_set = load_images(reference)
+    feature = FEATURE_NAME if extractor.name == DIGITS_EXTRACTOR else None
+    layers = {f"feature_layer_{m}": feature for m in ("fid", "kid", "prc")} if feature else {}
+    metrics = torch_fidelity.calculate_metrics(
+        input1=sample_set, input2=reference_set, cuda=torch.cuda.is_available(), batch_size=batch_size,
+        fid=True, kid=kid, prc=prc, feature_extractor=extractor.name,
+        feature_extractor_weights_path=extractor.weights_path, verbose=False,
+        kid_subset_size=min(1000, len(sample_set), len(reference_set)), save_cpu_ram=True, **layers,
+    )  # fmt: skip
+    return {
+        "fid": metrics["frechet_inception_distance"],
+        "kid": metrics.get("kernel_inception_distance_mean"),
+        "precision": metrics.get("precision"),
+        "recall": metrics.get("recall"),
+        "extractor": extractor.label,
+        "extractor_accuracy": extractor.accuracy,
+        "num_samples": len(sample_set),
+        "num_reference": len(reference_set),
+    }
+
+
+def _fid_against_statistics(sample_set, mu, sigma, extractor: Extractor, batch_size: int) -> dict[str, Any]:
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    layer = FEATURE_NAME if extractor.name == DIGITS_EXTRACTOR else "2048"
+    fe = create_feature_extractor(extractor.name, [layer], cuda=torch.cuda.is_available(),
+                                  feature_extractor_weights_path=extractor.weights_path)  # fmt: skip
+    features = get_featuresdict_from_dataset(sample_set, fe, batch_size=batch_size, cuda=torch.cuda.is_available(),
+                                             save_cpu_ram=True, verbose=False)[layer]  # fmt: skip
+    stats = fid_features_to_statistics(features)
+    fid = fid_statistics_to_metric(stats, {"mu": mu, "sigma": sigma}, verbose=False)["frechet_inception_distance"]
+    return {"fid": fid, "kid": None, "precision": None, "recall": None, "extractor": extractor.label,
+            "extractor_accuracy": extractor.accuracy, "num_samples": len(sample_set), "num_reference": None}  # fmt: skip
+
+
+def results_row(run: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """One row of the results table from a run description and its metrics."""
+    row = {column: run.get(column, metrics.get(column)) for column in RESULT_COLUMNS}
+    return row
+
+
+def results_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)

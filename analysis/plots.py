@@ -1,0 +1,179 @@
+"""Figures, one message each: redundancy across steps and layers, its measures against the noise level,
+attention maps, schedules, the FID–GFLOPs trade-off and sample grids. Each function returns the figure and,
+given `path`, saves it as PNG and PDF (atomically)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from mediator_models.switching import MediatorSchedule, count_label  # noqa: E402
+
+METRIC_LABELS = {
+    "jsd": "JSD between query rows (bits)",
+    "entropy": "attention entropy / log N",
+    "cosine": "mean cosine between query rows",
+    "effective_rank": "effective rank",
+    "stable_rank": "stable rank",
+    "numerical_rank": "numerical rank",
+    "energy_rank_0.9": "energy rank (τ = 0.9)",
+    "energy_rank_0.99": "energy rank (τ = 0.99)",
+}
+
+
+def save(fig, path: str | Path | None) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".png", ".pdf"):
+        target = path.with_suffix(suffix)
+        tmp = target.with_name(f".{target.stem}.tmp{suffix}")
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        tmp.replace(target)
+
+
+def _head_average(table: pd.DataFrame, metric: str, branch: str | None = None) -> pd.DataFrame:
+    rows = table[(table["metric"] == metric) & (table["head"] == -1)]
+    if branch is not None:
+        rows = rows[rows["branch"] == branch]
+    if rows.empty:
+        raise ValueError(f"no head-averaged rows for {metric!r} in the table")
+    return rows
+
+
+def redundancy_heatmap(table: pd.DataFrame, metric: str = "jsd", title: str = "", path=None):
+    """The paper's view: the head-averaged score per layer (rows) and sampling step (columns, noise → data)."""
+    rows = _head_average(table, metric)
+    grid = rows.pivot_table(index="layer", columns="step", values="mean", aggfunc="mean").sort_index()
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(grid) + 1.8))
+    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws={"label": METRIC_LABELS.get(metric, metric)})
+    steps = grid.columns.to_numpy()
+    ticks = np.linspace(0, len(steps) - 1, min(6, len(steps))).round().astype(int)
+    ax.set_xticks(ticks + 0.5, [str(steps[t]) for t in ticks], rotation=0)
+    ax.set_xlabel("sampling step (0 = pure noise)")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} per layer and step")
+    save(fig, path)
+    return fig
+
+
+def redundancy_curves(table: pd.DataFrame, metric: str = "jsd", title: str = "", path=None):
+    """One curve per layer of the head-averaged score against the noise level, with ±1 std over samples."""
+    rows = _head_average(table, metric)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    layers = sorted(rows["layer"].unique())
+    palette = sns.color_palette("viridis", len(layers))
+    for colour, layer in zip(palette, layers):
+        part = rows[rows["layer"] == layer].groupby("noise_level")[["mean", "std"]].mean().sort_index()
+        ax.plot(part.index, part["mean"], color=colour, label=f"layer {layer}")
+        ax.fill_between(part.index, part["mean"] - part["std"], part["mean"] + part["std"], color=colour, alpha=0.12)
+    ax.set_xlim(1, 0)
+    ax.set_xlabel("noise level σ/(α+σ)  (1 = pure noise → 0 = data)")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} through sampling")
+    ax.legend(fontsize=7, ncol=2)
+    save(fig, path)
+    return fig
+
+
+def measure_panels(table: pd.DataFrame, metrics: Sequence[str] = ("entropy", "effective_rank", "energy_rank_0.9"),
+                   title: str = "", path=None):
+    """Small multiples: each measure (layer-averaged, per model) against the noise level."""
+    available = [m for m in metrics if m in set(table["metric"])]
+    if not available:
+        raise ValueError(f"none of {list(metrics)} is in the table")
+    fig, axes = plt.subplots(1, len(available), figsize=(4.2 * len(available), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], available):
+        rows = _head_average(table, metric)
+        for label, part in rows.groupby(["model", "attention", "mediators"]):
+            curve = part.groupby("noise_level")["mean"].mean().sort_index()
+            name = f"{label[0]} {'full' if label[1] == 'full' else f'n={label[2]}'}"
+            ax.plot(curve.index, curve.values, label=name)
+        ax.set_xlim(1, 0)
+        ax.set_xlabel("noise level (1 = noise)")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or "attention measures through sampling (mean over layers and heads)")
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
+def attention_grid(maps: Sequence[dict], head: int = 0, path=None, title: str = ""):
+    """Kept maps (from the recorder's keep_maps), one column per (network, step): sample 0, one head."""
+    fig, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps), 2.8), squeeze=False)
+    for ax, payload in zip(axes[0], maps):
+        image = payload["effective"][0, head].float().numpy()
+        ax.imshow(image, cmap="magma", interpolation="nearest")
+        kind = "product map" if payload["kind"] == "mediator" else "full map"
+        ax.set_title(f"{payload['network']}\n{kind}, step {payload['step']}, noise {payload.get('noise_level', float('nan')):.2f}",
+                     fontsize=7)  # fmt: skip
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].set_ylabel(f"queries (layer {maps[0]['layer']}, head {head})")
+    fig.suptitle(title or "attention maps: rows are queries, columns keys")
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
+def schedule_diagram(schedules: Sequence[MediatorSchedule], gflops: Sequence[float] | None = None, path=None,
+                     title: str = ""):
+    """Each schedule as a bar over the noise level, coloured by mediator count."""
+    counts = sorted({i.mediators for s in schedules for i in s.intervals}, key=lambda c: float("inf") if c is None else c)
+    colours = dict(zip(counts, sns.color_palette("crest", len(counts))))
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(schedules) + 1.4))
+    for row, schedule in enumerate(schedules):
+        for interval in schedule.intervals:
+            ax.barh(row, interval.high - interval.low, left=interval.low, color=colours[interval.mediators],
+                    edgecolor="white")  # fmt: skip
+            ax.text((interval.high + interval.low) / 2, row, count_label(interval.mediators), ha="center",
+                    va="center", fontsize=7, color="white")  # fmt: skip
+    labels = [s.name + (f"  ({g:.3g} GFLOPs)" if gflops is not None else "") for s, g in
+              zip(schedules, gflops if gflops is not None else [None] * len(schedules))]  # fmt: skip
+    ax.set_yticks(range(len(schedules)), labels, fontsize=8)
+    ax.set_xlim(1, 0)
+    ax.set_xlabel("noise level (1 = pure noise → 0 = data)")
+    ax.set_title(title or "mediator schedules")
+    save(fig, path)
+    return fig
+
+
+def tradeoff(results: pd.DataFrame, path=None, title: str = ""):
+    """FID against GFLOPs per image, one marker style per kind of schedule."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for kind, part in results.groupby("kind"):
+        ax.scatter(part["gflops_per_image"], part["fid"], label=kind, s=40)
+        for _, row in part.iterrows():
+            ax.annotate(row["schedule"], (row["gflops_per_image"], row["fid"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("GFLOPs per image (all sampling steps)")
+    ax.set_ylabel(f"FID ({results['extractor'].iloc[0]}, {int(results['num_samples'].iloc[0])} samples)")
+    ax.set_title(title or "quality against cost: lower left is better")
+    ax.legend(fontsize=7)
+    save(fig, path)
+    return fig
+
+
+def sample_grid(images: np.ndarray, columns: int = 8, path=None, title: str = ""):
+    """uint8 images (N, H, W, 3) in a grid."""
+    n = len(images)
+    rows = int(np.ceil(n / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.9, rows * 0.9 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image in zip(axes.flat, images):
+        ax.imshow(image, interpolation="nearest")
+    fig.suptitle(title, fontsize=9)
+    save(fig, path)
+    return fig

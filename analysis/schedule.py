@@ -1,0 +1,157 @@
+"""Deriving mediator schedules from measured redundancy, and calibrating the paper's rule to a budget.
+
+A redundancy table (analysis.collect) gives, per sampling step, how many directions each attention map
+really uses (its energy rank) and how alike its queries attend (JSD). `derive_schedule` turns that into a
+schedule: at each step the smallest available mediator count that the maps' rank fits in, or fewer
+mediators where the JSD score says queries attend alike; then it merges steps into few monotone intervals
+(never more mediators at a noisier step, the paper's premise). Every schedule reports its expected GFLOPs
+per image before anything is sampled.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from mediator_models.flops import config_gmacs
+from mediator_models.sample import start_batch
+from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
+from mediator_models.switching import AdaptiveSwitch, Interval, MediatorSchedule
+
+AGGREGATES = ("mean", "max", "quantile")
+
+
+def per_step_statistic(table: pd.DataFrame, metric: str, aggregate: str = "mean", quantile: float = 0.9,
+                       branch: str | None = None) -> pd.DataFrame:
+    """One value per step: `metric`'s sample mean, aggregated over layers and heads (head rows only).
+
+    Returns columns step, noise_level, value, sorted from noise to data.
+    """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}; choose one of {AGGREGATES}")
+    rows = table[(table["metric"] == metric) & (table["head"] >= 0)]
+    if branch is not None:
+        rows = rows[rows["branch"] == branch]
+    if rows.empty:
+        raise ValueError(f"the table has no rows for metric {metric!r}; record it (e.g. `--metrics all`)")
+    grouped = rows.groupby(["step", "noise_level"])["mean"]
+    if aggregate == "mean":
+        values = grouped.mean()
+    elif aggregate == "max":
+        values = grouped.max()
+    else:
+        values = grouped.quantile(quantile)
+    return values.rename("value").reset_index().sort_values("noise_level", ascending=False, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to turn per-step measurements into mediator counts.
+
+    kind "energy_rank": the smallest available n ≥ the maps' energy rank at τ (0.9 or 0.99);
+    kind "jsd": the JSD score against ascending `thresholds`, one per available count after the first:
+    below thresholds[0] use the smallest count, below thresholds[1] the next, and so on.
+    """
+
+    kind: str = "energy_rank"
+    tau: float = 0.9
+    aggregate: str = "mean"
+    thresholds: tuple[float, ...] = ()
+
+    @property
+    def metric(self) -> str:
+        return f"energy_rank_{self.tau:g}" if self.kind == "energy_rank" else "jsd"
+
+    def describe(self) -> str:
+        if self.kind == "energy_rank":
+            return f"energy rank τ={self.tau:g} ({self.aggregate} over layers and heads)"
+        return f"JSD thresholds {list(self.thresholds)} ({self.aggregate})"
+
+
+def counts_per_step(values: Sequence[float], available: Sequence[int | None], rule: Rule) -> list[int | None]:
+    """Mediator count (None: full attention) for each step's measured value."""
+    ordered = sorted((c for c in available if c is not None))
+    has_full = None in available
+    out: list[int | None] = []
+    for value in values:
+        if rule.kind == "energy_rank":
+            fitting = [c for c in ordered if c >= value]
+            out.append(fitting[0] if fitting else (None if has_full else ordered[-1]))
+        elif rule.kind == "jsd":
+            choices = ordered + ([None] if has_full else [])
+            if len(rule.thresholds) != len(choices) - 1:
+                raise ValueError(f"{len(choices)} choices need {len(choices) - 1} JSD thresholds, got {len(rule.thresholds)}")
+            index = next((i for i, t in enumerate(rule.thresholds) if value < t), len(rule.thresholds))
+            out.append(choices[index])
+        else:
+            raise ValueError(f"unknown rule {rule.kind!r}; choose 'energy_rank' or 'jsd'")
+    return out
+
+
+def _rank_of(count: int | None) -> float:
+    return float("inf") if count is None else float(count)
+
+
+def monotone_intervals(levels: Sequence[float], counts: Sequence[int | None], name: str) -> MediatorSchedule:
+    """Intervals from per-step counts (levels from noise to data): counts only grow as noise falls (a running
+    maximum), equal neighbours merge, and boundaries sit halfway between the steps where the count changes."""
+    merged: list[list] = []  # [count, level of first step, level of last step]
+    running: int | None = counts[0]  # None is full attention, so the running maximum starts at the first count
+    for level, count in zip(levels, counts):
+        if _rank_of(count) > _rank_of(running):
+            running = count
+        if merged and merged[-1][0] == running:
+            merged[-1][2] = level
+        else:
+            merged.append([running, level, level])
+    edges = [1.0] + [(merged[i][2] + merged[i + 1][1]) / 2 for i in range(len(merged) - 1)] + [0.0]
+    return MediatorSchedule([Interval(edges[i], edges[i + 1], m[0]) for i, m in enumerate(merged)], name)
+
+
+def derive_schedule(table: pd.DataFrame, available: Sequence[int | None], rule: Rule = Rule(),
+                    name: str | None = None) -> MediatorSchedule:
+    """A schedule from a redundancy table recorded on a full-attention model (see module docstring)."""
+    steps = per_step_statistic(table, rule.metric, rule.aggregate)
+    counts = counts_per_step(steps["value"].tolist(), available, rule)
+    return monotone_intervals(steps["noise_level"].tolist(), counts, name or f"derived: {rule.describe()}")
+
+
+def schedule_gflops(schedule: MediatorSchedule, levels: Sequence[float], configs: dict, cfg: bool = False) -> float:
+    """Expected GFLOPs per image of `schedule` over a sampler's evaluation levels; configs: count -> ModelConfig."""
+    return schedule.expected_gflops(levels, {count: config_gmacs(c) for count, c in configs.items()}, cfg)
+
+
+def adaptive_gflops(networks: Sequence[torch.nn.Module], ratios: Sequence[float], process: ProcessConfig,
+                    sampler: SamplerConfig, samples: int = 8, seed: int = 0, warmup: int = 3,
+                    distance: str = "l1") -> tuple[float, list[list[int]]]:
+    """Mean GFLOPs per image of the paper's rule with `ratios`, measured on `samples` trajectories, and the
+    evaluation index of each sample's switches."""
+    switch = AdaptiveSwitch(networks, ratios, warmup=warmup, distance=distance)
+    x_T, y, noise = start_batch(list(range(samples)), seed, networks[0].config, None, next(networks[0].parameters()).device)
+    _, caller = generate(networks[0], process, sampler, x_T, y, callback=switch, noise_fn=noise)
+    return float(caller.gflops.mean()), [list(s) for s in switch.switch_steps]
+
+
+def calibrate_adaptive(networks: Sequence[torch.nn.Module], process: ProcessConfig, sampler: SamplerConfig,
+                       budget_gflops: float, grid: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2),
+                       samples: int = 8, seed: int = 0) -> dict:
+    """The ratios ρ (non-increasing, from `grid`) whose measured cost is the highest within `budget_gflops`:
+    as many mediators as the budget allows. Returns {"ratios", "gflops", "candidates"}."""
+    candidates = []
+    for ratios in itertools.product(grid, repeat=len(networks) - 1):
+        if any(a < b for a, b in zip(ratios, ratios[1:])):
+            continue
+        gflops, _ = adaptive_gflops(networks, ratios, process, sampler, samples, seed)
+        candidates.append({"ratios": list(ratios), "gflops": gflops})
+    within = [c for c in candidates if c["gflops"] <= budget_gflops + 1e-9]
+    if not within:
+        cheapest = min(candidates, key=lambda c: c["gflops"])
+        raise ValueError(f"no ratios in the grid meet {budget_gflops:.4g} GFLOPs per image; the cheapest costs "
+                         f"{cheapest['gflops']:.4g} with ρ = {cheapest['ratios']}")  # fmt: skip
+    best = max(within, key=lambda c: (c["gflops"], c["ratios"]))
+    return {**best, "candidates": candidates}
+

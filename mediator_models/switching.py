@@ -1,0 +1,248 @@
+"""Mediator schedules: which network evaluates each sampling step.
+
+Two kinds, both used as the sampler's step callback:
+- `MediatorSchedule`: static, a table of noise-level intervals -> mediator count (or full attention).
+  Schedules are data: saved and loaded as JSON, printed readably, validated against the models at hand.
+- `AdaptiveSwitch`: the paper's rule (REFERENCE §7). With d_k the mean |x_k − x_{k−1}| (or squared) between
+  consecutive states, μ the mean of d_k over K warm-up steps, the sampler moves from network i to i+1 when
+  d_k < ρ_i·μ, one way only. Decisions are per sample (the public code decides per batch, so it needs batch
+  size 1 for per-sample decisions); a batch gets exactly the switches its samples would get one by one.
+
+Networks are keyed by mediator count, with `None` (or the string "full") for full attention.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .flops import config_gmacs
+from .stepping import StepInfo
+
+FULL = None  # network key of full attention
+
+
+def count_label(count: int | None) -> str:
+    return "full" if count is None else f"n={count}"
+
+
+def _parse_count(value) -> int | None:
+    return None if value in (None, "full") else int(value)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Noise levels in (low, high] use `mediators` (None: full attention); the interval holding 0 includes it."""
+
+    high: float
+    low: float
+    mediators: int | None
+
+
+class MediatorSchedule:
+    """Piecewise-constant mediator count over the noise level (1 = pure noise, 0 = data)."""
+
+    def __init__(self, intervals: Sequence[Interval], name: str = "schedule"):
+        self.intervals = tuple(sorted(intervals, key=lambda i: -i.high))
+        self.name = name
+        self.validate()
+
+    @classmethod
+    def constant(cls, mediators: int | None, name: str | None = None) -> "MediatorSchedule":
+        return cls([Interval(1.0, 0.0, mediators)], name or f"static {count_label(mediators)}")
+
+    @classmethod
+    def from_boundaries(cls, counts: Sequence[int | None], boundaries: Sequence[float], name: str = "schedule"):
+        """counts[0] from noise 1 down to boundaries[0], counts[1] down to boundaries[1], ..., last down to 0."""
+        if len(boundaries) != len(counts) - 1:
+            raise ValueError(f"{len(counts)} counts need {len(counts) - 1} boundaries, got {len(boundaries)}")
+        edges = [1.0, *boundaries, 0.0]
+        return cls([Interval(edges[i], edges[i + 1], c) for i, c in enumerate(counts)], name)
+
+    def validate(self, available: Sequence[int | None] | None = None) -> None:
+        """Intervals must tile [0, 1] without gaps or overlaps; counts must exist among `available`."""
+        if not self.intervals:
+            raise ValueError("a schedule needs at least one interval")
+        edge = 1.0
+        for interval in self.intervals:
+            if abs(interval.high - edge) > 1e-9 or interval.low > interval.high:
+                raise ValueError(f"schedule {self.name!r} does not tile [0, 1]: interval {interval} starts at "
+                                 f"{interval.high}, expected {edge}")  # fmt: skip
+            edge = interval.low
+        if abs(edge) > 1e-9:
+            raise ValueError(f"schedule {self.name!r} stops at noise level {edge}; the last interval must reach 0")
+        if available is not None:
+            missing = {i.mediators for i in self.intervals} - set(available)
+            if missing:
+                raise ValueError(f"schedule {self.name!r} uses {sorted(map(count_label, missing))} but only "
+                                 f"{sorted(map(count_label, available))} are available")  # fmt: skip
+
+    def count_at(self, level: float) -> int | None:
+        for interval in self.intervals:
+            if level > interval.low or interval.low <= 0.0:
+                return interval.mediators
+        return self.intervals[-1].mediators
+
+    def callback(self, networks: Mapping[int | None, torch.nn.Module]):
+        """A step callback that hands each step to the network its noise level calls for."""
+        self.validate(list(networks))
+
+        def choose(info: StepInfo):
+            return networks[self.count_at(info.noise_level)]
+
+        return choose
+
+    def expected_gflops(self, levels: Sequence[float], gmacs: Mapping[int | None, float], cfg: bool = False) -> float:
+        """GFLOPs per image of a run whose network evaluations fall at `levels` (see `evaluation_levels`)."""
+        return (2 if cfg else 1) * sum(gmacs[self.count_at(level)] for level in levels)
+
+    # ---- as data ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"name": self.name, "intervals": [
+            {"from": i.high, "to": i.low, "mediators": "full" if i.mediators is None else i.mediators}
+            for i in self.intervals]}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "MediatorSchedule":
+        try:
+            intervals = [Interval(float(i["from"]), float(i["to"]), _parse_count(i["mediators"])) for i in data["intervals"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a schedule: {error}; expected {{'intervals': [{{'from', 'to', 'mediators'}}]}}") from error
+        return cls(intervals, data.get("name", "schedule"))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MediatorSchedule":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def __str__(self) -> str:
+        parts = [f"{i.high:.2f}→{i.low:.2f}: {count_label(i.mediators)}" for i in self.intervals]
+        return f"{self.name} [noise level " + ", ".join(parts) + "]"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MediatorSchedule) and self.to_dict() == other.to_dict()
+
+
+class RoutedNetwork(torch.nn.Module):
+    """Evaluates each sample of a batch with the network assigned to it (per-sample switching)."""
+
+    def __init__(self, networks: Sequence[torch.nn.Module], assignment: torch.Tensor):
+        super().__init__()
+        self.networks = list(networks)
+        self.assignment = assignment  # (B,) index into networks
+
+    def _route(self, x, call) -> torch.Tensor:
+        out = None
+        for index in self.assignment.unique().tolist():
+            rows = (self.assignment == index).nonzero().flatten()
+            part = call(self.networks[index], rows)
+            if out is None:
+                out = part.new_empty((len(x), *part.shape[1:]))
+            out[rows] = part
+        return out
+
+    def forward(self, x, t, y):
+        return self._route(x, lambda net, rows: net(x[rows], t[rows], y[rows]))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
+        half = len(x) // 2
+        cond = self._route(x[:half], lambda net, rows: net.forward_with_cfg(
+            torch.cat([x[rows], x[rows + half]]), torch.cat([t[rows], t[rows + half]]),
+            torch.cat([y[rows], y[rows + half]]), cfg_scale, guided_channels)[: len(rows)])  # fmt: skip
+        return torch.cat([cond, cond])
+
+    def gmacs_per_sample(self) -> torch.Tensor:
+        costs = torch.tensor([config_gmacs(net.config) for net in self.networks], dtype=torch.float64)
+        return costs[self.assignment.cpu()]
+
+
+class AdaptiveSwitch:
+    """The paper's step-wise switching between networks of increasing mediator count (REFERENCE §7).
+
+    `networks` are ordered as they are used (fewest mediators first, as the paper: 4, 16, 64); `ratios` are
+    ρ_1 … ρ_{m−1}. Following the public code, the first difference d_1 = |x_1 − x_0| is not used, μ averages
+    d_2 … d_{K+1}, and from k = K+2 on the network moves from i to i+1 when d_k < ρ_i·μ (several moves may
+    happen at one step). Works with samplers that evaluate the network once per step (SDE Euler–Maruyama,
+    DDPM, DDIM, fixed-step Euler ODE).
+    """
+
+    def __init__(self, networks: Sequence[torch.nn.Module], ratios: Sequence[float], warmup: int = 3,
+                 distance: str = "l1"):
+        if len(ratios) != len(networks) - 1:
+            raise ValueError(f"{len(networks)} networks need {len(networks) - 1} ratios ρ_i, got {len(ratios)}")
+        if distance not in ("l1", "l2"):
+            raise ValueError(f"unknown distance {distance!r}; choose 'l1' (mean |Δx|) or 'l2' (mean Δx²)")
+        if warmup < 1:
+            raise ValueError("the warm-up needs at least one step")
+        self.networks = list(networks)
+        self.ratios = [float(r) for r in ratios]
+        self.warmup = warmup
+        self.distance = distance
+        self.reset()
+
+    def reset(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.step = 0
+        self.baseline: torch.Tensor | None = None
+        self.assignment: torch.Tensor | None = None
+        self.switch_steps: list[list[int]] = []  # per sample: the evaluation index of each move
+
+    def _distance(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        diff = (x - previous).flatten(1)
+        return diff.abs().mean(1) if self.distance == "l1" else (diff**2).mean(1)
+
+    def __call__(self, info: StepInfo):
+        x = info.x
+        if self.assignment is None or len(self.assignment) != len(x) or info.index == 0:
+            self.reset()
+            self.assignment = torch.zeros(len(x), dtype=torch.long, device=x.device)
+            self.baseline = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+            self.switch_steps = [[] for _ in range(len(x))]
+        k = self.step  # x is x_k
+        if k >= 2:
+            d = self._distance(x, self.previous).double()
+            if k <= self.warmup + 1:
+                self.baseline += d / self.warmup
+            else:
+                for i, ratio in enumerate(self.ratios):
+                    move = (self.assignment == i) & (d < ratio * self.baseline)
+                    for sample in move.nonzero().flatten().tolist():
+                        self.switch_steps[sample].append(info.index)
+                    self.assignment = torch.where(move, self.assignment + 1, self.assignment)
+        self.previous = x.detach().clone()
+        self.step += 1
+        return RoutedNetwork(self.networks, self.assignment.clone())
+
+
+def evaluation_levels(process, sampler) -> list[float]:
+    """The noise levels at which `sampler` evaluates the network (one dry run with a free stand-in network).
+
+    Adaptive ODE solvers (dopri5) choose their steps from the dynamics, so their levels are only known by
+    running them; they are refused here.
+    """
+    from .sampling import generate
+
+    if sampler.kind == "ode" and (sampler.method or "dopri5") == "dopri5":
+        raise ValueError("dopri5 chooses its steps as it goes; expected costs need a fixed-step sampler")
+    levels: list[float] = []
+
+    def record(info: StepInfo):
+        levels.append(info.noise_level)
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, y):
+            return torch.zeros(len(x), 2 * x.shape[1], *x.shape[2:]) if process.family == "DiT" else torch.zeros_like(x)
+
+    plain = type(sampler)(**{**sampler.to_dict(), "cfg_scale": 1.0})
+    generate(Zero(), process, plain, torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.long), callback=record)
+    return levels
