@@ -6,7 +6,7 @@ venv:
 	@bash scripts/ensure_venv.sh
 
 demo: venv
-	.venv/bin/attnmed demo
+	.venv/bin/attnmed reproduce
 
 test: venv
 	$(PY) -m pytest -m "slow or not slow"
@@ -16,6 +16,10 @@ test-fast: venv
 
 bench: venv
 	$(PY) benchmarks/attention_scaling.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/recorder_overhead.py
+
+figures: demo
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -66,28 +66,6 @@ def run_flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_demo(parser: argparse.ArgumentParser) -> None:
-    pass
-
-
-@command("demo", "forward pass of each model family on a digits-sized input, with FLOPs counted two ways", _configure_demo)
-def run_demo(args: argparse.Namespace) -> int:
-    from mediator_models import build_model, config_gmacs, measured_macs
-
-    print(f"{'model':<34} {'output':<18} {'analytic GFLOPs':>15} {'measured':>9}")
-    for family in ("DiT", "SiT"):
-        for attention, mediators in (("full", None), ("mediator", 4), ("mediator", 16)):
-            model = build_model(f"{family}-T/2", input_size=16, in_channels=1, num_classes=10,
-                                attention=attention, mediators=mediators).eval()
-            x = torch.randn(2, 1, 16, 16)
-            with torch.no_grad():
-                out = model(x, torch.tensor([10.0, 900.0]), torch.tensor([3, 10]))
-            analytic = config_gmacs(model.config)
-            measured = measured_macs(model) / 1e9
-            print(f"{model.config.label:<34} {str(tuple(out.shape)):<18} {analytic:>15.4f} {measured:>9.4f}")
-    return 0
-
-
 def _configure_train(parser: argparse.ArgumentParser) -> None:
     from mediator_models.train import TrainConfig
 

@@ -131,11 +131,12 @@ def _fid_against_statistics(sample_set, mu, sigma, extractor: Extractor, batch_s
 
     layer = FEATURE_NAME if extractor.name == DIGITS_EXTRACTOR else "2048"
     fe = create_feature_extractor(extractor.name, [layer], cuda=torch.cuda.is_available(),
-                                  feature_extractor_weights_path=extractor.weights_path)  # fmt: skip
+                                  feature_extractor_weights_path=extractor.weights_path, verbose=False)  # fmt: skip
     features = get_featuresdict_from_dataset(sample_set, fe, batch_size=batch_size, cuda=torch.cuda.is_available(),
                                              save_cpu_ram=True, verbose=False)[layer]  # fmt: skip
-    stats = fid_features_to_statistics(features)
-    fid = fid_statistics_to_metric(stats, {"mu": mu, "sigma": sigma}, verbose=False)["frechet_inception_distance"]
+    stats = {k: np.asarray(v, dtype=np.float64) for k, v in fid_features_to_statistics(features).items()}
+    reference = {"mu": np.asarray(mu, dtype=np.float64), "sigma": np.asarray(sigma, dtype=np.float64)}
+    fid = fid_statistics_to_metric(stats, reference, verbose=False)["frechet_inception_distance"]
     return {"fid": fid, "kid": None, "precision": None, "recall": None, "extractor": extractor.label,
             "extractor_accuracy": extractor.accuracy, "num_samples": len(sample_set), "num_reference": None}  # fmt: skip
 

@@ -59,14 +59,17 @@ def _uint8_to_model(images: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
-def train_digits_classifier(image_size: int = 16, epochs: int = 30, seed: int = 0) -> tuple[DigitsNet, float]:
-    """Train on the digits' training split (with ±1 px shifts); returns the network and held-out accuracy."""
+def train_digits_classifier(image_size: int = 16, epochs: int = 40, seed: int = 0) -> tuple[DigitsNet, float]:
+    """Train on the digits' training split (±1 px shifts, one-cycle learning rate); returns the network and
+    its held-out accuracy (about 96–97%)."""
     from mediator_models.data import digits
 
     torch.manual_seed(seed)
     train, heldout = digits("train", image_size), digits("heldout", image_size)
     net = DigitsNet(image_size)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    batches_per_epoch = (len(train) + 63) // 64
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * batches_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(train), generator=generator)
@@ -79,17 +82,18 @@ def train_digits_classifier(image_size: int = 16, epochs: int = 30, seed: int = 
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()
     net.eval()
     with torch.no_grad():
         accuracy = (net(heldout.images).argmax(1) == heldout.labels).float().mean().item()
     return net, accuracy
 
 
-def digits_classifier(image_size: int = 16, epochs: int = 30, seed: int = 0) -> tuple[DigitsNet, float, Path]:
+def digits_classifier(image_size: int = 16, epochs: int = 40, seed: int = 0) -> tuple[DigitsNet, float, Path]:
     """The cached classifier for this configuration (trained on first use); refuses one below 95%."""
     from mediator_models.checkpoint import atomic_save
 
-    key = hashlib.sha256(json.dumps({"size": image_size, "epochs": epochs, "seed": seed, "v": 1}).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps({"size": image_size, "epochs": epochs, "seed": seed, "v": 2}).encode()).hexdigest()[:12]
     path = cache_dir() / f"digits-classifier-{key}.pt"
     if path.exists():
         state = torch.load(path, weights_only=False)

@@ -74,6 +74,14 @@ def write_figures_and_report(study, models, table, derived, expected_gflops, res
                       title="full attention, EMA weights, SDE")  # fmt: skip
     plots.sample_grid(sample_images(study.run_dir, f"med{study.config.mediator_counts[0]}"),
                       path=fig_dir / "samples_mediator", title=f"mediators n={study.config.mediator_counts[0]}")  # fmt: skip
+    data_dir = fig_dir / "data"  # the tables behind the figures, for the notebooks
+    data_dir.mkdir(exist_ok=True)
+    from .collect import write_table
+
+    write_table(table, data_dir / "redundancy.parquet", {"run": str(study.run_dir), "study": study.config.to_dict()})
+    results.to_csv(data_dir / "results.csv", index=False)
+    for name, schedule in derived.items():
+        schedule.save(data_dir / f"schedule-{name}.json")
     report = fig_dir / "REPORT.md"
     text = render_report(study, table, derived, expected_gflops, results, training_summary(study.run_dir, study.variants), seconds)
     tmp = report.with_suffix(".md.tmp")

@@ -44,14 +44,14 @@ class StudyConfig:
     model: str = "SiT-T/2"
     image_size: int = 16
     mediator_counts: tuple[int, ...] = (4, 16)
-    train_steps: int = 1500
+    train_steps: int = 1200
     batch_size: int = 32
     lr: float = 1e-3
     ema_decay: float = 0.999
-    sampler_steps: int = 100
+    sampler_steps: int = 50
     record_samples: int = 32
-    fid_samples: int = 1000
-    adaptive_ratios: tuple[tuple[float, ...], ...] = ((1.0, 0.9), (1.0, 0.7), (1.0, 0.5), (0.8, 0.4))
+    fid_samples: int = 500
+    adaptive_ratios: tuple[tuple[float, ...], ...] = ((1.0, 0.9), (1.0, 0.7), (1.0, 0.5))
     jsd_quantiles: tuple[float, ...] = (0.33, 0.66)
     seed: int = 0
 
