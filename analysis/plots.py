@@ -110,18 +110,23 @@ def measure_panels(table: pd.DataFrame, metrics: Sequence[str] = ("entropy", "ef
 
 
 def attention_grid(maps: Sequence[dict], head: int = 0, path=None, title: str = ""):
-    """Kept maps (from the recorder's keep_maps), one column per (network, step): sample 0, one head."""
-    fig, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps), 2.8), squeeze=False)
-    for ax, payload in zip(axes[0], maps):
-        image = payload["effective"][0, head].float().numpy()
-        ax.imshow(image, cmap="magma", interpolation="nearest")
-        kind = "product map" if payload["kind"] == "mediator" else "full map"
-        ax.set_title(f"{payload['network']}\n{kind}, step {payload['step']}, noise {payload.get('noise_level', float('nan')):.2f}",
-                     fontsize=7)  # fmt: skip
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0][0].set_ylabel(f"queries (layer {maps[0]['layer']}, head {head})")
-    fig.suptitle(title or "attention maps: rows are queries, columns keys")
+    """Kept maps (from the recorder's keep_maps): one row per network, one column per step; sample 0, one head."""
+    networks = list(dict.fromkeys(m["network"] for m in maps))
+    rows = [[m for m in maps if m["network"] == name] for name in networks]
+    columns = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.3 * columns, 2.5 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row_axes, row in zip(axes, rows):
+        for ax, payload in zip(row_axes, row):
+            ax.axis("on")
+            ax.imshow(payload["effective"][0, head].float().numpy(), cmap="magma", interpolation="nearest")
+            ax.set_title(f"step {payload['step']}, noise {payload.get('noise_level', float('nan')):.2f}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        kind = "product map" if row[0]["kind"] == "mediator" else "full map"
+        row_axes[0].set_ylabel(f"{row[0]['network']}\n{kind}", fontsize=8)
+    fig.suptitle(title or f"attention maps of layer {maps[0]['layer']}, head {head}: rows of each map are queries, columns keys")
     fig.tight_layout()
     save(fig, path)
     return fig

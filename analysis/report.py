@@ -28,6 +28,14 @@ def _compare(fid: float, baseline: float) -> str:
     return "holds" if fid < baseline else "does not hold"
 
 
+def _overall(wins: int, losses: int, total: int) -> str:
+    if wins > total / 2:
+        return "holds here"
+    if losses > total / 2:
+        return "does not hold here"
+    return "tie (within 5%)" if wins == losses == 0 else "mixed"
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
@@ -141,17 +149,18 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
             if cheaper_or_equal.empty:
                 continue
             reference = cheaper_or_equal.sort_values("gflops_per_image").iloc[-1]
-            verdicts.append((_compare(row["fid"], reference["fid"]) == "holds", row, reference))
-        wins = sum(v[0] for v in verdicts)
+            verdicts.append((_compare(row["fid"], reference["fid"]), row, reference))
+        wins = sum(v[0] == "holds" for v in verdicts)
+        losses = sum(v[0] == "does not hold" for v in verdicts)
         if verdicts:
             best_dynamic = min(verdicts, key=lambda v: v[1]["fid"])
             row, reference = best_dynamic[1], best_dynamic[2]
             lines.append(
-                f"| Dynamic mediator counts beat static ones at equal FLOPs | {wins} of {len(verdicts)} dynamic schedules "
-                f"have a FID more than 5% below the most expensive static model they do not exceed in cost; best: {row['schedule']} "
-                f"FID {row['fid']:.2f} at {row['gflops_per_image']:.3g} GFLOPs vs {reference['schedule']} FID "
-                f"{reference['fid']:.2f} at {reference['gflops_per_image']:.3g} | "
-                f"{'holds' if wins > len(verdicts) / 2 else 'mixed' if wins else 'does not hold'} here |"
+                f"| Dynamic mediator counts beat static ones at equal FLOPs | against the most expensive static model "
+                f"each does not exceed in cost, {wins} of {len(verdicts)} dynamic schedules have a FID more than 5% lower, "
+                f"{losses} more than 5% higher, the rest tie; best: {row['schedule']} FID {row['fid']:.2f} at "
+                f"{row['gflops_per_image']:.3g} GFLOPs vs {reference['schedule']} FID {reference['fid']:.2f} at "
+                f"{reference['gflops_per_image']:.3g} | {_overall(wins, losses, len(verdicts))} |"
             )
     lines += ["", "## Results", "", "| run | kind | GFLOPs / image | NFE | FID | KID | precision | recall |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -30,7 +30,8 @@ def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path):
                  "schedules", "fid_vs_gflops", "samples_full"):  # fmt: skip
         with Image.open(figures / f"{name}.png") as image:
             assert image.size[0] > 200 and image.size[1] > 100
-            assert len(set(image.convert("L").getdata())) > 10  # not blank
+            low, high = image.convert("L").getextrema()
+            assert high - low > 50  # not blank
     report = (figures / "REPORT.md").read_text()
     assert "| claim (ECCV 2024, arXiv 2408.05710) | this run | verdict |" in report
     assert "The same study at ImageNet scale" in report
