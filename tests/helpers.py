@@ -1,6 +1,11 @@
-"""Small models and inputs for fast tests."""
+"""Small models and inputs for fast tests, and a two-rank launcher."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
 
 import torch
 
@@ -29,3 +34,16 @@ def tiny_inputs(model, batch: int = 3):
     t = torch.rand(batch) * 999
     y = torch.randint(0, cfg.num_classes, (batch,))
     return x, t, y
+
+
+def run_two_gloo_ranks(code: str, timeout: float = 300) -> list[int]:
+    """Run `code` in two Python processes set up as torchrun sets up ranks (Gloo on loopback); exit codes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env))
+    return [p.wait(timeout=timeout) for p in procs]

@@ -89,23 +89,12 @@ def test_sample_command_writes_the_folder(tmp_path, trained):
 @pytest.mark.slow
 def test_two_rank_sampling_writes_the_same_images_as_one_process(tmp_path, trained):
     """`attnmed sample` under two Gloo ranks (torchrun's environment) splits the indices and draws the same images."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from helpers import run_two_gloo_ranks
 
     args = ["sample", "--ckpt", str(trained), "--steps", "4", "--num-samples", "5", "--batch-size", "2"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     code = f"import sys; from analysis.cli import main; sys.exit(main({[*args, '--out', str(tmp_path / 'two')]!r}))"
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env))
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert run_two_gloo_ranks(code) == [0, 0]
     assert sorted(p.name for p in (tmp_path / "two").glob("costs-rank*.jsonl")) == ["costs-rank0.jsonl", "costs-rank1.jsonl"]
     for name, image in pngs(tmp_path / "one").items():
         np.testing.assert_array_equal(image, pngs(tmp_path / "two")[name])

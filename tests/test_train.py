@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -146,23 +145,13 @@ def test_two_gloo_processes_compute_the_gradient_of_one_process_on_the_full_batc
 @pytest.mark.slow
 def test_torchrun_style_two_rank_training_run(tmp_path):
     """The real `train()` under two Gloo ranks set up from torchrun's environment variables."""
-    import socket
-    import subprocess
-    import sys
+    from helpers import run_two_gloo_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     code = (
         "from mediator_models.train import TrainConfig, train\n"
         f"train(TrainConfig(model='SiT-T/4', global_batch_size=8, steps=4, ckpt_every=2, log_every=2, out=r'{tmp_path}', progress=False))\n"
     )
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env))
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert run_two_gloo_ranks(code) == [0, 0]
     assert read_checkpoint(tmp_path / "checkpoints/0000004.pt")["step"] == 4
 
 
