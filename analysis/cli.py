@@ -289,12 +289,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (help_text, configure, run) in COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
+    from mediator_models.checkpoint import CheckpointMismatchError
+    from mediator_models.train import TrainingDiverged
+
     try:
         return COMMANDS[args.command][2](args)
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input: one clear line, not a traceback.
+    except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
+        # Bad input: the message, not a traceback.
         print(f"attnmed {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"attnmed {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = "add --resume to the same command to continue" if args.command == "train" else "run the same command again to continue"
+        print(f"\nattnmed {args.command}: interrupted; {hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -192,15 +192,20 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     # ---- samplers -----------------------------------------------------------------------------------------
+    def _reverse_step(self, network: NetworkCaller, x: torch.Tensor, y: torch.Tensor, i: int, clip_denoised: bool):
+        """Evaluate the network at step index i: (t, mean, log-variance, x̂₀) of p(x_{i−1} | x_i)."""
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        out = network(x, self.model_time(i, x.shape[0], x.device), y, self.noise_level(i))
+        mean, log_var, pred_x0, _ = self.p_mean_variance(out, x, t, clip_denoised)
+        return t, mean, log_var, pred_x0
+
     def ddpm_sample(self, network: NetworkCaller, x_T: torch.Tensor, y: torch.Tensor, noise_fn: NoiseFn | None = None,
                     clip_denoised: bool = False, progress: Callable | None = None) -> torch.Tensor:
         """Ancestral sampling: x_{t−1} = μ_θ(x_t) + σ_θ(x_t)·z for each of the process's steps."""
         x = x_T
         noise_fn = noise_fn or (lambda shape: torch.randn(shape, device=x_T.device))
         for i in iterate_steps(reversed(range(self.num_timesteps)), progress):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = network(x, self.model_time(i, x.shape[0], x.device), y, self.noise_level(i))
-            mean, log_var, _, _ = self.p_mean_variance(out, x, t, clip_denoised)
+            _, mean, log_var, _ = self._reverse_step(network, x, y, i, clip_denoised)
             x = mean + torch.exp(0.5 * log_var) * noise_fn(tuple(x.shape)) if i > 0 else mean
         return x
 
@@ -210,9 +215,7 @@ class GaussianDiffusion:
         x = x_T
         noise_fn = noise_fn or (lambda shape: torch.randn(shape, device=x_T.device))
         for i in iterate_steps(reversed(range(self.num_timesteps)), progress):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = network(x, self.model_time(i, x.shape[0], x.device), y, self.noise_level(i))
-            _, _, pred_x0, _ = self.p_mean_variance(out, x, t, clip_denoised)
+            t, _, _, pred_x0 = self._reverse_step(network, x, y, i, clip_denoised)
             # Re-derive ε from x̂₀ so that clipping (if any) is reflected in it, as ADM does.
             eps = (_gather(self.sqrt_recip_alphas_cumprod, t, x) * x - pred_x0) / _gather(self.sqrt_recipm1_alphas_cumprod, t, x)
             alpha_bar = _gather(self.alphas_cumprod, t, x)

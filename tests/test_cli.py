@@ -23,3 +23,16 @@ def test_bad_mediator_count_is_one_clear_error_line(capsys):
     assert main(["flops", "SiT-S/2", "--attention", "mediator", "--mediators", "15"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("attnmed flops: error: mediator count 15 is not a perfect square") and "9 or 16" in err
+
+
+def test_checkpoint_that_does_not_match_the_model_is_one_clear_error(tmp_path, capsys):
+    import torch
+
+    from mediator_models import build_model
+
+    official = tmp_path / "official.pt"
+    torch.save(build_model("DiT-T/2", input_size=8).state_dict(), official)
+    code = main(["sample", "--ckpt", str(official), "--model", "DiT-T/4", "--input-size", "8", "--out", str(tmp_path / "s")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnmed sample: error: checkpoint does not match DiT-T/4") and "patch_size" in err
