@@ -7,7 +7,7 @@ a dataset split, or (reference only, FID only) an ADM reference batch `.npz` hol
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +139,6 @@ def _fid_against_statistics(sample_set, mu, sigma, extractor: Extractor, batch_s
     fid = fid_statistics_to_metric(stats, reference, verbose=False)["frechet_inception_distance"]
     return {"fid": fid, "kid": None, "precision": None, "recall": None, "extractor": extractor.label,
             "extractor_accuracy": extractor.accuracy, "num_samples": len(sample_set), "num_reference": None}  # fmt: skip
-
-
-def results_row(run: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """One row of the results table from a run description and its metrics."""
-    row = {column: run.get(column, metrics.get(column)) for column in RESULT_COLUMNS}
-    return row
 
 
 def results_table(rows: list[dict[str, Any]]) -> pd.DataFrame:

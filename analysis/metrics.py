@@ -22,8 +22,6 @@ from typing import Callable
 
 import torch
 
-Reducer = Callable[[torch.Tensor], torch.Tensor]
-
 _TINY = 1e-30
 
 

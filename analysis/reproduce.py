@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +76,9 @@ class Study:
     config: StudyConfig
     run_dir: Path
     figures_dir: Path
-    log: list[str] = field(default_factory=list)
 
     def say(self, message: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        self.log.append(line)
-        print(line, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     def timed(self, stage: str, work, *args):
         """Run a stage and remember how long its work took (a stage skipped as done keeps its first time)."""

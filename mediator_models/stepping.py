@@ -10,7 +10,6 @@ switching plugs in, and how the recorder learns the current step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -32,21 +31,6 @@ class StepInfo:
 StepCallback = Callable[[StepInfo], Optional[ModelFn]]
 
 
-def chain_callbacks(*callbacks: StepCallback | None) -> StepCallback:
-    """One callback that calls each in turn (a recorder and a switch, say); the first network returned wins."""
-    active = [c for c in callbacks if c is not None]
-
-    def chained(info: StepInfo) -> Optional[ModelFn]:
-        chosen = None
-        for callback in active:
-            result = callback(info)
-            if chosen is None:
-                chosen = result
-        return chosen
-
-    return chained
-
-
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample `index` in a run seeded with `seed` (its noise stream and nothing else)."""
     return seed * 1_000_003 + index
@@ -55,12 +39,6 @@ def sample_seed(seed: int, index: int) -> int:
 def noise_level(alpha: float, sigma: float) -> float:
     """The common axis σ/(α+σ) for x_t = α·x + σ·ε (a monotone function of the log-SNR 2·log(α/σ))."""
     return float(sigma / (alpha + sigma))
-
-
-def log_snr_from_noise_level(level: float) -> float:
-    """Inverse map, for plots that prefer log-SNR: λ = 2·log((1 − level)/level)."""
-    level = min(max(level, 1e-12), 1 - 1e-12)
-    return 2.0 * math.log((1.0 - level) / level)
 
 
 def guided(model: torch.nn.Module, cfg_scale: float, null_class: int, guided_channels: int | None = None) -> ModelFn:
@@ -153,6 +131,3 @@ def iterate_steps(items: Iterable, progress: Callable | None = None):
     """The sampler's step loop, wrapped in a progress bar (e.g. tqdm) when one is given."""
     return progress(list(items)) if progress is not None else items
 
-
-def standard_noise(shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.randn(*shape, device=device)
