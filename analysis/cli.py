@@ -23,7 +23,7 @@ def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentPar
 
 def _add_model_shape(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, default=32, help="spatial side of the model input (32 = 256 px latents)")
-    _add_attention(parser)
+    _add_attention(parser, default="full")
 
 
 def _configure_models(parser: argparse.ArgumentParser) -> None:
@@ -71,34 +71,41 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
 
     defaults = TrainConfig()
     parser.add_argument("--model", default=defaults.model, help="registry name, e.g. SiT-T/2, SiT-S/2, DiT-XL/2")
-    _add_attention(parser)
+    _add_attention(parser, default="full")
     parser.add_argument("--data", default=defaults.data, help="'digits', an ImageFolder tree, or a latent cache folder")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels")
     parser.add_argument("--vae", default=None, help="local AutoencoderKL folder: train on latents encoded on the fly")
-    parser.add_argument("--interpolant", choices=("linear", "gvp"), default=defaults.interpolant)
-    parser.add_argument("--prediction", choices=("velocity", "noise", "score"), default=defaults.prediction)
+    parser.add_argument("--interpolant", choices=("linear", "gvp"), default=defaults.interpolant, help="SiT only")
+    parser.add_argument("--prediction", choices=("velocity", "noise", "score"), default=defaults.prediction,
+                        help="SiT only: what the network predicts")
     parser.add_argument("--batch-size", dest="global_batch_size", type=int, default=defaults.global_batch_size,
                         help="global batch, split across ranks under torchrun")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    parser.add_argument("--class-dropout", dest="class_dropout_prob", type=float, default=defaults.class_dropout_prob)
-    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="total optimizer steps of the run")
+    parser.add_argument("--lr", type=float, default=defaults.lr,
+                        help="AdamW learning rate (may change on --resume, e.g. after a divergence)")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
+                        help="EMA decay per step (0.9999 for 400K-step runs; 0.99 for a few thousand steps)")
+    parser.add_argument("--class-dropout", dest="class_dropout_prob", type=float, default=defaults.class_dropout_prob,
+                        help="probability of dropping a label to the null class (for classifier-free guidance)")
+    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
+                        help="micro-batches per step (the batch is split; same result, less memory)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="random horizontal flips (default: on where the data allows, off for digits)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--log-every", type=int, default=defaults.log_every)
-    parser.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every)
-    parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="training seed (data order, noise, init)")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between log.jsonl records")
+    parser.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every, help="steps between checkpoints")
+    parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints,
+                        help="keep the newest N checkpoints (at least 1)")
     parser.add_argument("--out", default=defaults.out, help="run folder (checkpoints/, log.jsonl, config.json)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def _add_attention(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--attention", choices=("full", "mediator"), default="full")
+def _add_attention(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--attention", choices=("full", "mediator"), default=default,
+                        help="attention kind" + ("" if default else " (official files only; default full)"))
     parser.add_argument("--mediators", type=int, default=None, help="mediator count n (a perfect square)")
 
 
@@ -118,7 +125,7 @@ def run_train(args: argparse.Namespace) -> int:
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="attnmed training checkpoint or an official DiT/SiT file")
     parser.add_argument("--model", default=None, help="for official files only: the registry name, e.g. DiT-XL/2")
-    parser.add_argument("--input-size", type=int, default=32, help="for official files only (32 = 256 px)")
+    parser.add_argument("--input-size", type=int, default=None, help="for official files only (default 32 = 256 px)")
     _add_attention(parser)
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
 
@@ -148,7 +155,7 @@ def _load_from_args(args: argparse.Namespace):
     if args.sampler:
         changes["kind"] = args.sampler
     sampler = default_sampler(loaded.process.family, **changes)
-    sampler.check(loaded.process.family)
+    sampler.check(loaded.process.family, loaded.model.config.in_channels)
     return loaded, sampler
 
 
@@ -196,29 +203,43 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
 def run_record(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mediator_models.runfolder import FolderLock, check_writable
+
     from .collect import CollectionConfig, collect_redundancy, write_table
     from .metrics import ALL_METRICS, CHEAP_METRICS
 
-    metrics = {"cheap": CHEAP_METRICS, "all": ALL_METRICS}.get(args.metrics) or tuple(args.metrics.split(","))
-    try:
-        keep = [tuple(int(v) for v in pair.split(":")) for pair in args.keep_maps]
-    except ValueError:
-        raise ValueError(f"--keep-maps takes STEP:LAYER pairs such as 0:3, got {args.keep_maps}") from None
-    loaded, sampler = _load_from_args(args)
-    collection = CollectionConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed,
-                                  metrics=tuple(metrics), layers=tuple(args.layers) if args.layers else None,
-                                  heads=tuple(args.heads) if args.heads else None,
-                                  classes=tuple(args.classes) if args.classes else None)  # fmt: skip
+    metrics = {"cheap": CHEAP_METRICS, "all": ALL_METRICS}.get(args.metrics) or tuple(m for m in args.metrics.split(",") if m)
+    keep = [_step_layer(pair) for pair in args.keep_maps]
     out = Path(args.out)
-    state = out.with_name(f".{out.name}.state.pt")
-    table = collect_redundancy(loaded.model, loaded.process, sampler, collection, state_path=state,
-                               keep_maps=keep, keep_dir=out.with_suffix("").with_name(out.stem + "-maps"))  # fmt: skip
-    write_table(table, out, {"checkpoint": loaded.source, "model": loaded.model.config.to_dict(),
-                             "process": loaded.process.to_dict(), "sampler": sampler.to_dict(),
-                             "collection": collection.to_dict()})  # fmt: skip
-    state.unlink(missing_ok=True)
+    if out.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"--out {out}: name the table .parquet or .csv")
+    collection = CollectionConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+                                  metrics=tuple(metrics), layers=None if args.layers is None else tuple(args.layers),
+                                  heads=None if args.heads is None else tuple(args.heads),
+                                  classes=tuple(args.classes) if args.classes else None)  # fmt: skip
+    check_writable(out.parent)
+    with FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock"):
+        loaded, sampler = _load_from_args(args)
+        state = out.with_name(f".{out.name}.state.pt")
+        table = collect_redundancy(loaded.model, loaded.process, sampler, collection, state_path=state,
+                                   keep_maps=keep, keep_dir=out.with_suffix("").with_name(out.stem + "-maps"))  # fmt: skip
+        write_table(table, out, {"checkpoint": loaded.source, "weights": loaded.weights,
+                                 "model": loaded.model.config.to_dict(), "process": loaded.process.to_dict(),
+                                 "sampler": sampler.to_dict(), "collection": collection.to_dict()})  # fmt: skip
+        state.unlink(missing_ok=True)
     print(f"wrote {len(table)} rows to {out}")
     return 0
+
+
+def _step_layer(text: str) -> tuple[int, int]:
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        step, layer = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--keep-maps takes STEP:LAYER pairs such as 0:3, got {text!r}") from None
+    return step, layer
 
 
 def _configure_cache_latents(parser: argparse.ArgumentParser) -> None:
@@ -271,7 +292,9 @@ def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=("quick", "default"), default="default",
                         help="quick: every stage at toy budgets (minutes); default: the demo (under 30 min on 2 cores)")
     parser.add_argument("--runs", default="runs", help="folder for the run (resumable: rerun to continue)")
-    parser.add_argument("--figures", default="figures", help="folder for the figures and REPORT.md")
+    parser.add_argument("--figures", default=None,
+                        help="also publish the figures, tables and REPORT.md into this folder (e.g. figures, to "
+                             "remake the committed reference run); by default they stay in the run folder")
 
 
 @command("reproduce", "the whole study on the embedded digits: train, record, schedule, sample, evaluate, report", _configure_reproduce)
@@ -284,26 +307,46 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import errno
+    import signal
+
     parser = argparse.ArgumentParser(prog="attnmed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, configure, run) in COMMANDS.items():
-        configure(sub.add_parser(name, help=help_text, description=help_text))
+        configure(sub.add_parser(name, help=help_text, description=help_text,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter))  # fmt: skip
     args = parser.parse_args(argv)
-    from mediator_models.checkpoint import CheckpointMismatchError
-    from mediator_models.train import TrainingDiverged
+    from mediator_models.checkpoint import CheckpointError
+    from mediator_models.runfolder import FolderBusyError
+    from mediator_models.train import TrainingDiverged, TrainingInterrupted
 
+    def terminate(signum, frame):  # what cluster schedulers send before a kill: unwind like Ctrl-C
+        raise TrainingInterrupted(signum, None)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
+    resume_hint = "add --resume to the same command to continue" if args.command == "train" else "run the same command again to continue"
     try:
         return COMMANDS[args.command][2](args)
-    except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError, FolderBusyError) as error:
         # Bad input: the message, not a traceback.
         print(f"attnmed {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            print(f"attnmed {args.command}: error: {error.strerror or error}", file=sys.stderr)
+            return 1
+        raise
     except TrainingDiverged as error:
         print(f"attnmed {args.command}: {error}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as interrupted:
+        saved = f"saved {interrupted.checkpoint}; " if interrupted.checkpoint else ""
+        name = signal.Signals(interrupted.signum).name
+        print(f"\nattnmed {args.command}: stopped by {name}; {saved}{resume_hint}", file=sys.stderr)
+        return 128 + interrupted.signum
     except KeyboardInterrupt:
-        hint = "add --resume to the same command to continue" if args.command == "train" else "run the same command again to continue"
-        print(f"\nattnmed {args.command}: interrupted; {hint}", file=sys.stderr)
+        print(f"\nattnmed {args.command}: interrupted; {resume_hint}", file=sys.stderr)
         return 130
 
 

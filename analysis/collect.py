@@ -9,7 +9,6 @@ would have drawn without the interruption.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,11 @@ import torch
 from mediator_models.checkpoint import atomic_save
 from mediator_models.instrument import record_attention
 from mediator_models.sample import start_batch
+from mediator_models.runfolder import atomic_write, atomic_write_json
 from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
+from mediator_models.switching import evaluation_levels
 
-from .metrics import CHEAP_METRICS, metric_reducer
+from .metrics import CHEAP_METRICS, check_metric_names, metric_reducer
 
 COLUMNS = ["model", "attention", "mediators", "network", "step", "noise_level", "model_time", "layer", "head",
            "branch", "metric", "mean", "std", "count"]  # fmt: skip
@@ -38,6 +39,12 @@ class CollectionConfig:
     heads: tuple[int, ...] | None = None
     classes: tuple[int, ...] | None = None
 
+    def __post_init__(self) -> None:
+        for flag, value in (("--samples", self.samples), ("--batch-size", self.batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value!r}")
+        check_metric_names(self.metrics)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
@@ -52,6 +59,7 @@ def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, co
     """
     config = model.config
     device = next(model.parameters()).device
+    check_recordable(process, sampler, keep_maps)
     identity = {"model": config.to_dict(), "process": process.to_dict(), "sampler": sampler.to_dict(),
                 "collection": collection.to_dict()}  # fmt: skip
     state = _load_state(state_path, identity)
@@ -87,6 +95,18 @@ def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, co
     return table[COLUMNS]
 
 
+def check_recordable(process: ProcessConfig, sampler: SamplerConfig, keep_maps=None) -> None:
+    """Refuse adaptive solvers (their evaluations fall at other noise levels in every batch, so a row would mix
+    levels) and kept-map steps the sampler never reaches."""
+    if sampler.adaptive:
+        raise ValueError("the recorder needs a fixed-step sampler (each table row is one noise level); dopri5 picks "
+                         "its steps per batch. Use the SDE, or the ODE with --method euler or heun")  # fmt: skip
+    steps = len(evaluation_levels(process, sampler))
+    wrong = sorted(pair for pair in keep_maps or () if not 0 <= pair[0] < steps)
+    if wrong:
+        raise ValueError(f"--keep-maps {wrong}: this sampler evaluates steps 0..{steps - 1} only")
+
+
 def _load_state(state_path, identity) -> dict | None:
     if state_path is None or not Path(state_path).exists():
         return None
@@ -99,15 +119,11 @@ def _load_state(state_path, identity) -> dict | None:
 def write_table(table: pd.DataFrame, path: str | Path, provenance: dict[str, Any]) -> Path:
     """Write the table (parquet, or CSV when the name ends in .csv) atomically, with `<name>.json` beside it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".csv":
-        table.to_csv(tmp, index=False)
+        atomic_write(path, lambda handle: table.to_csv(handle, index=False), binary=False)
     else:
-        table.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    sidecar = path.with_suffix(path.suffix + ".json")
-    sidecar.write_text(json.dumps(provenance, indent=2, default=str))
+        atomic_write(path, lambda handle: table.to_parquet(handle, index=False))
+    atomic_write_json(path.with_suffix(path.suffix + ".json"), provenance)
     return path
 
 

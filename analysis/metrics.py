@@ -94,7 +94,10 @@ def _working_precision(maps: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_entropy(maps: torch.Tensor, row_entropy: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over queries of H(P_i) / log M. maps (..., N, M) -> (...)."""
+    """Mean over queries of H(P_i) / log M. maps (..., N, M) -> (...). With one key (M = 1) every query
+    attends to it alone: entropy 0 (log M = 0 would otherwise give 0/0)."""
+    if maps.shape[-1] == 1:
+        return torch.zeros(maps.shape[:-2], dtype=torch.float64, device=maps.device)
     if row_entropy is None:
         row_entropy = _entropy(_working_precision(maps))
     return row_entropy.double().mean(-1) / math.log(maps.shape[-1])
@@ -102,9 +105,12 @@ def normalized_entropy(maps: torch.Tensor, row_entropy: torch.Tensor | None = No
 
 
 def mean_cosine(maps: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity over ordered pairs of distinct rows: (‖Σ r̂_i‖² − N) / (N(N − 1))."""
+    """Mean cosine similarity over ordered pairs of distinct rows: (‖Σ r̂_i‖² − N) / (N(N − 1)).
+    A single query (N = 1) has no pair: 1, the value of queries that all attend alike (as JSD gives 0)."""
     rows = _working_precision(maps)
     n = rows.shape[-2]
+    if n < 2:
+        return torch.ones(rows.shape[:-2], dtype=torch.float64, device=rows.device)
     unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
     summed = unit.sum(-2).double()
     return ((summed * summed).sum(-1) - n) / (n * (n - 1))
@@ -118,12 +124,14 @@ def singular_values(maps: torch.Tensor, dtype: torch.dtype = torch.float64) -> t
 
 
 def effective_rank(sigma: torch.Tensor) -> torch.Tensor:
-    """exp of the entropy of the normalised singular values; from σ (..., K) -> (...)."""
-    weights = sigma / sigma.sum(-1, keepdim=True).clamp_min(_TINY)
-    return torch.exp(_entropy(weights))
+    """exp of the entropy of the normalised singular values; from σ (..., K) -> (...). A zero map has rank 0."""
+    total = sigma.sum(-1, keepdim=True)
+    weights = sigma / total.clamp_min(_TINY)
+    return torch.where(total[..., 0] > 0, torch.exp(_entropy(weights)), torch.zeros_like(total[..., 0]))
 
 
 def stable_rank(sigma: torch.Tensor) -> torch.Tensor:
+    """Σσ² / σ₁² (0 for a zero map)."""
     return (sigma**2).sum(-1) / (sigma[..., 0] ** 2).clamp_min(_TINY)
 
 
@@ -133,10 +141,12 @@ def numerical_rank(sigma: torch.Tensor, rtol: float = 1e-3) -> torch.Tensor:
 
 
 def energy_rank(sigma: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
-    """Smallest k whose top-k singular values hold a fraction τ of Σσ²."""
+    """Smallest k whose top-k singular values hold a fraction τ of Σσ² (0 for a zero map, which holds none)."""
     energy = sigma**2
-    cumulative = energy.cumsum(-1) / energy.sum(-1, keepdim=True).clamp_min(_TINY)
-    return (cumulative < tau - 1e-12).sum(-1).to(sigma.dtype) + 1
+    total = energy.sum(-1, keepdim=True)
+    cumulative = energy.cumsum(-1) / total.clamp_min(_TINY)
+    rank = (cumulative < tau - 1e-12).sum(-1).to(sigma.dtype) + 1
+    return torch.where(total[..., 0] > 0, rank, torch.zeros_like(rank))
 
 
 # ---- metric sets the recorder applies --------------------------------------------------------------------
@@ -146,12 +156,34 @@ SPECTRAL_METRICS = ("effective_rank", "stable_rank", "numerical_rank", "energy_r
 ALL_METRICS = CHEAP_METRICS + SPECTRAL_METRICS
 
 
+def check_metric_names(metrics) -> None:
+    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    if unknown or not metrics:
+        raise ValueError(f"unknown metrics {unknown or '(none named)'}; --metrics takes 'cheap', 'all' or a comma "
+                         f"list of {', '.join(ALL_METRICS)}")  # fmt: skip
+
+
+def check_maps(maps: torch.Tensor) -> None:
+    """Refuse maps that are not attention maps: NaN or infinite entries (a diverged model), negative entries
+    or rows that do not sum to 1. Every measure here assumes row-stochastic maps."""
+    if maps.dim() < 2 or maps.shape[-1] < 1 or maps.shape[-2] < 1:
+        raise ValueError(f"attention maps have shape (..., queries, keys); got {tuple(maps.shape)}")
+    if not torch.isfinite(maps).all():
+        bad = (~torch.isfinite(maps)).sum().item()
+        raise ValueError(f"attention maps hold {bad} NaN or infinite entries (did the model diverge?); refusing to "
+                         "average them into the statistics")  # fmt: skip
+    rows = maps.double().sum(-1)
+    if (maps < 0).any() or not torch.allclose(rows, torch.ones_like(rows), atol=1e-3):
+        worst = float((rows - 1).abs().max())
+        raise ValueError(f"attention maps must be row-stochastic (non-negative rows summing to 1; the worst row is "
+                         f"off by {worst:.3g}): pass post-softmax maps")  # fmt: skip
+
+
 def measure(maps: torch.Tensor, metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int | None = 8192,
             numerical_rtol: float = 1e-3, svd_dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-    """The named metrics of a batch of maps (..., N, M), each of shape (...)."""
-    unknown = set(metrics) - set(ALL_METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {ALL_METRICS}")
+    """The named metrics of a batch of row-stochastic maps (..., N, M), each of shape (...)."""
+    check_metric_names(metrics)
+    check_maps(maps)
     out: dict[str, torch.Tensor] = {}
     rows = _entropy(_working_precision(maps)) if {"jsd", "entropy"} & set(metrics) else None
     if "jsd" in metrics:
@@ -186,6 +218,8 @@ def metric_reducer(metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int |
     its error averages out over samples and heads, and it keeps recording within 2× of plain sampling.
     Pass `jsd_pairs=None` for the exact all-pairs mean.
     """
+
+    check_metric_names(metrics)
 
     def reduce(maps) -> dict[str, torch.Tensor]:
         return measure(maps.effective, metrics, jsd_pairs=jsd_pairs, **options)

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from mediator_models.runfolder import atomic_write  # noqa: E402
 from mediator_models.switching import MediatorSchedule, count_label  # noqa: E402
 
 METRIC_LABELS = {
@@ -36,10 +37,7 @@ def save(fig, path: str | Path | None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for suffix in (".png", ".pdf"):
-        target = path.with_suffix(suffix)
-        tmp = target.with_name(f".{target.stem}.tmp{suffix}")
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        tmp.replace(target)
+        atomic_write(path.with_suffix(suffix), lambda handle: fig.savefig(handle, format=suffix[1:], dpi=150, bbox_inches="tight"))
 
 
 def _head_average(table: pd.DataFrame, metric: str, branch: str | None = None) -> pd.DataFrame:

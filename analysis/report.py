@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from mediator_models.flops import model_gmacs
+from mediator_models.runfolder import atomic_write, atomic_write_text
 
 from . import plots
 from .schedule import per_step_statistic
@@ -87,15 +88,11 @@ def write_figures_and_report(study, models, table, derived, expected_gflops, res
     from .collect import write_table
 
     write_table(table, data_dir / "redundancy.parquet", {"run": str(study.run_dir), "study": study.config.to_dict()})
-    results.to_csv(data_dir / "results.csv", index=False)
+    atomic_write(data_dir / "results.csv", lambda handle: results.to_csv(handle, index=False), binary=False)
     for name, schedule in derived.items():
         schedule.save(data_dir / f"schedule-{name}.json")
-    report = fig_dir / "REPORT.md"
     text = render_report(study, table, derived, expected_gflops, results, training_summary(study.run_dir, study.variants), seconds)
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(report)
-    return report
+    return atomic_write_text(fig_dir / "REPORT.md", text)
 
 
 def render_report(study, table, derived, expected_gflops, results: pd.DataFrame, training: dict, seconds: float) -> str:

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from mediator_models.data import digits
+from mediator_models.runfolder import FolderLock, atomic_write, atomic_write_json, clean_stale_temporaries
 from mediator_models.sample import LoadedModel, load_for_sampling, sample_to_folder
 from mediator_models.sampling import ProcessConfig, SamplerConfig
 from mediator_models.switching import AdaptiveSwitch, MediatorSchedule, evaluation_levels
@@ -87,7 +88,7 @@ class Study:
         start = time.time()
         result = work(*args)
         timings[stage] = max(timings.get(stage, 0.0), time.time() - start)
-        path.write_text(json.dumps(timings, indent=2))
+        atomic_write_json(path, timings)
         return result
 
     def total_seconds(self) -> float:
@@ -217,26 +218,33 @@ class Study:
                          "cfg": 1.0, "gflops_per_image": sidecar["gflops_per_image"], "nfe": sidecar["nfe_per_image"]})  # fmt: skip
         table = results_table(rows)
         table["kind"] = [r["kind"] for r in rows]
-        tmp = path.with_suffix(".tmp.csv")
-        table.to_csv(tmp, index=False)
-        tmp.replace(path)
+        atomic_write(path, lambda handle: table.to_csv(handle, index=False), binary=False)
         return table
 
 
-def run_study(preset: str = "default", run_root: str | Path = "runs", figures_dir: str | Path = "figures",
+def run_study(preset: str = "default", run_root: str | Path = "runs", figures_dir: str | Path | None = None,
               config: StudyConfig | None = None) -> Path:
-    """Run (or resume) the whole study; returns the path of REPORT.md."""
-    from .report import write_figures_and_report
+    """Run (or resume) the whole study; returns the path of REPORT.md.
 
+    Figures, tables and the report go to `<run folder>/report/`; `figures_dir` publishes them there instead
+    (the committed reference run lives in figures/ and is rewritten only when it is named explicitly).
+    """
     if config is None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         config = PRESETS[preset]
     run_dir = Path(run_root) / f"reproduce-{preset}-{config.key()}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "study.json").write_text(json.dumps(config.to_dict(), indent=2))
-    study = Study(config, run_dir, Path(figures_dir))
-    study.say(f"study {preset} in {run_dir}")
+    with FolderLock(run_dir, "attnmed reproduce", flag="--runs"):
+        clean_stale_temporaries(run_dir)
+        atomic_write_json(run_dir / "study.json", config.to_dict())
+        return _run_study_locked(preset, config, run_dir, Path(figures_dir) if figures_dir else run_dir / "report")
+
+
+def _run_study_locked(preset: str, config: StudyConfig, run_dir: Path, figures_dir: Path) -> Path:
+    from .report import write_figures_and_report
+
+    study = Study(config, run_dir, figures_dir)
+    study.say(f"study {preset} in {run_dir}; figures and report into {figures_dir}")
     torch.manual_seed(config.seed)
     models = study.load(study.timed("train", study.train_all))
     table = study.timed("record", study.record_all, models)
@@ -267,6 +275,7 @@ def training_summary(run_dir: Path, variants: list[int | None]) -> dict[str, dic
         name = Study.variant_name(count)
         log = run_dir / "train" / name / "log.jsonl"
         records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        records = [r for r in records if "event" not in r]  # resume events carry no loss
         summary[name] = {"final_loss": records[-1]["loss"] if records else None,
                          "steps_per_sec": float(np.mean([r["steps_per_sec"] for r in records])) if records else None}  # fmt: skip
     return summary

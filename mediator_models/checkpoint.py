@@ -7,9 +7,10 @@ optionally saved from a DistributedDataParallel wrapper (`module.` prefix).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,25 +18,104 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runfolder import atomic_write
+
 StateDict = Mapping[str, torch.Tensor]
 
 # Position-bound mediator tables: (dimension holding the grid axis) in the stored 5-D shape.
 _GRID_BOUND_BIASES = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}
 
 
-class CheckpointMismatchError(RuntimeError):
+# What a checkpoint's checksum covers: everything that is loaded back (not the RNG states, which are only
+# restored for exactness and are checked by their own types on load).
+CHECKSUMMED = ("model", "ema", "opt", "step", "args", "model_config", "process")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message is one line naming the file and what is wrong."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """The checkpoint's keys or shapes do not match the model; the message lists both and a likely cause."""
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load on the CPU, with a clear error for a missing or unreadable file."""
+def _feed(hasher, value: Any) -> None:
+    """Feed a nested structure of tensors, containers and plain values into `hasher`, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        hasher.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        hasher.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(value, Mapping):
+        hasher.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=str):
+            hasher.update(f"K{key!s}".encode())
+            _feed(hasher, value[key])
+    elif isinstance(value, (list, tuple)):
+        hasher.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed(hasher, item)
+    else:
+        hasher.update(f"V{value!r}".encode())
+
+
+def checkpoint_checksum(checkpoint: Mapping[str, Any]) -> str:
+    """sha256 over the checkpoint's weights, optimizer state, step and configuration (see CHECKSUMMED)."""
+    hasher = hashlib.sha256()
+    _feed(hasher, {key: checkpoint[key] for key in CHECKSUMMED if key in checkpoint})
+    return hasher.hexdigest()
+
+
+def weights_digest(state_dict: StateDict) -> str:
+    """A short sha256 of a state dict's names, dtypes, shapes and values: which weights made a result."""
+    hasher = hashlib.sha256()
+    _feed(hasher, dict(state_dict))
+    return hasher.hexdigest()[:16]
+
+
+def _diagnose_unreadable(path: Path) -> str:
+    """Why torch.load failed on `path`, in words."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes): its write was interrupted or its copy failed"
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except zipfile.BadZipFile:
+            return f"the file is truncated ({size} bytes; its end is missing): copy it again or use an earlier one"
+        if damaged is not None:
+            return f"the file is damaged (entry {damaged} fails its check): copy it again or use an earlier one"
+        return "the file is damaged: torch cannot unpickle it"
+    if head[:1] == b"\x80":
+        return "the file is damaged or truncated (a legacy torch.save file that does not unpickle)"
+    return f"not a torch checkpoint (it starts with {head!r}; torch.save files start with b'PK')"
+
+
+def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """torch.load on the CPU; a missing, empty, truncated, non-torch or damaged file raises one clear line.
+
+    attnmed checkpoints carry a `checksum` of what they hold (`checkpoint_checksum`), verified here, so
+    bytes altered after saving are caught even where the file still unpickles. Official DiT/SiT files
+    carry none and load as they are.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (nothing is downloaded here)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file; pass the .pt file inside it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a corrupt or truncated file
-        raise RuntimeError(f"could not read checkpoint {path}: {error}. Is it a complete torch.save file?") from error
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # torch raises many types for a corrupt or truncated file
+        raise CheckpointError(f"cannot read checkpoint {path}: {_diagnose_unreadable(path)}") from None
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict or a "
+                              "training checkpoint")  # fmt: skip
+    if verify and "checksum" in checkpoint and checkpoint_checksum(checkpoint) != checkpoint["checksum"]:
+        raise CheckpointError(f"checkpoint {path} is damaged: its contents no longer match the checksum saved "
+                              "with them (bytes changed after saving); use an earlier checkpoint")  # fmt: skip
+    return checkpoint
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -199,16 +279,4 @@ def load_checkpoint(
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file beside `path`, then rename: a kill at any moment keeps the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(obj, handle))

@@ -103,6 +103,10 @@ class ModelConfig:
             raise ValueError(f"unknown model family {self.family!r}; choose one of {FAMILIES}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention kind {self.attention!r}; choose one of {ATTENTION_KINDS}")
+        for field, flag in (("input_size", "--input-size"), ("in_channels", "in_channels"), ("num_classes", "num_classes")):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive whole number, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "

@@ -93,9 +93,14 @@ class AttentionRecorder:
                  keep_dir: str | Path | None = None):
         self.models = _as_named_models(models)
         self.reducers = {"": reducers} if callable(reducers) else dict(reducers)
-        self.layers = None if layers is None else sorted(set(layers))
-        self.heads = None if heads is None else list(heads)
-        self.keep_maps = set(keep_maps or ())
+        self.layers = None if layers is None else _selection(layers, "layers", "--layers")
+        self.heads = None if heads is None else _selection(heads, "heads", "--heads")
+        self.keep_maps = set()
+        for pair in keep_maps or ():
+            if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair)):
+                raise ValueError(f"keep_maps takes (step, layer) pairs of whole numbers ≥ 0 (--keep-maps STEP:LAYER), got {pair!r}")
+            self.keep_maps.add(tuple(pair))
         if self.keep_maps and keep_dir is None:
             raise ValueError("keep_maps needs keep_dir, the folder to write the kept maps to")
         self.keep_dir = Path(keep_dir) if keep_dir is not None else None
@@ -107,18 +112,33 @@ class AttentionRecorder:
 
     # ---- attaching ----------------------------------------------------------------------------------------
     def attach(self) -> "AttentionRecorder":
+        self.check_selection()
         for name, model in self.models.items():
             modules = model.attention_modules()
-            chosen = range(len(modules)) if self.layers is None else self.layers
-            for layer in chosen:
-                if layer >= len(modules):
-                    raise ValueError(f"layer {layer} does not exist in {name} ({len(modules)} layers)")
+            for layer in range(len(modules)) if self.layers is None else self.layers:
                 module = modules[layer]
                 if module.map_observer is not None:
                     raise RuntimeError(f"layer {layer} of {name} is already being observed; detach the other recorder")
                 module.map_observer = self._observer(name, layer)
                 self._attached.append(module)
         return self
+
+    def check_selection(self) -> None:
+        """Refuse layers, heads and kept maps the models do not have, before any sampling starts."""
+        for name, model in self.models.items():
+            modules = model.attention_modules()
+            depth, heads = len(modules), modules[0].num_heads
+            wrong = [layer for layer in self.layers or () if layer >= depth]
+            if wrong:
+                raise ValueError(f"--layers {wrong} do not exist in {name}: it has layers 0..{depth - 1}")
+            wrong = [head for head in self.heads or () if head >= heads]
+            if wrong:
+                raise ValueError(f"--heads {wrong} do not exist in {name}: it has heads 0..{heads - 1}")
+            recorded = range(depth) if self.layers is None else self.layers
+            wrong = sorted(pair for pair in self.keep_maps if pair[1] not in recorded)
+            if wrong:
+                raise ValueError(f"--keep-maps {wrong}: those layers are not recorded in {name} (recorded: "
+                                 f"{list(recorded)}); kept maps come from recorded layers only")  # fmt: skip
 
     def detach(self) -> None:
         for module in self._attached:
@@ -127,10 +147,20 @@ class AttentionRecorder:
 
     # ---- the sampler side ---------------------------------------------------------------------------------
     def callback(self, info: StepInfo) -> None:
-        """Pass as the sampler's step callback (it never switches networks)."""
+        """Pass as the sampler's step callback (it never switches networks).
+
+        Rows are keyed by evaluation index, so every batch must evaluate index k at the same noise level
+        (true of every fixed-step sampler); an adaptive solver (dopri5) that does not is refused here.
+        """
         self.current = info
-        self.step_meta.setdefault(info.index, {"noise_level": info.noise_level,
-                                               "model_time": float(info.model_time.float().mean())})  # fmt: skip
+        meta = self.step_meta.setdefault(info.index, {"noise_level": info.noise_level,
+                                                      "model_time": float(info.model_time.float().mean())})  # fmt: skip
+        if abs(meta["noise_level"] - info.noise_level) > 1e-6:
+            raise ValueError(
+                f"evaluation {info.index} fell at noise level {info.noise_level:.4f} here and {meta['noise_level']:.4f} "
+                "in an earlier batch, so one row would mix noise levels: record with a fixed-step sampler (the SDE, "
+                "or the ODE with --method euler or heun), not an adaptive one (dopri5)"
+            )
 
     def _observer(self, network: str, layer: int):
         def observe(maps: AttentionMaps) -> None:
@@ -207,6 +237,21 @@ def record_attention(models, reducers, layers=None, heads=None, keep_maps=None, 
         yield recorder
     finally:
         recorder.detach()
+
+
+def _selection(values: Iterable[int], what: str, flag: str) -> list[int]:
+    """A non-empty list of distinct indices ≥ 0 (−1 is reserved for the head average in tables)."""
+    values = list(values)
+    if not values:
+        raise ValueError(f"{flag} was given without values; name at least one, or drop it to record all {what}")
+    bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if bad:
+        raise ValueError(f"{flag} takes indices from 0 up, got {bad}" + (" (−1 is the head average in tables, "
+                         "recorded always)" if what == "heads" else ""))  # fmt: skip
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{flag} names {repeated} more than once; name each once")
+    return sorted(values)
 
 
 def _batch_size(maps: AttentionMaps) -> int:

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import extract_state_dict, load_checkpoint, read_checkpoint
+from .checkpoint import extract_state_dict, load_checkpoint, read_checkpoint, weights_digest
 from .config import ModelConfig
 from .dit import DiffusionTransformer, build_model
 from .sampling import ProcessConfig, SamplerConfig, generate
 from .stepping import PerSampleNoise, sample_seed
-from .train import init_distributed
+from .runfolder import atomic_write, atomic_write_json, claim_identity, clean_stale_temporaries
+from .train import init_distributed, locked_folder
 
 
 @dataclass
@@ -28,27 +29,37 @@ class LoadedModel:
     model: DiffusionTransformer
     process: ProcessConfig
     source: str
+    weights: str = ""  # digest of the weights sampled from: what a sample folder's identity names
 
 
-def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None = None, input_size: int = 32,
-                      num_classes: int = 1000, use_ema: bool = True, attention: str = "full",
+def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None = None, input_size: int | None = None,
+                      num_classes: int = 1000, use_ema: bool = True, attention: str | None = None,
                       mediators: int | None = None, device: torch.device | str = "cpu") -> LoadedModel:
-    """A model ready to sample: attnmed checkpoints describe themselves; official DiT/SiT files (plain state
-    dicts) need `model_name` (and the input size / attention they were trained with)."""
+    """A model ready to sample: attnmed checkpoints describe themselves (a `model_name`, `input_size`,
+    `attention` or `mediators` that disagrees with the checkpoint is refused); official DiT/SiT files (plain
+    state dicts) need `model_name` (and the input size, default 32, and attention they were trained with)."""
     state = read_checkpoint(checkpoint)
     if "model_config" in state:
         config = ModelConfig.from_dict(state["model_config"])
+        given = {"--model": (model_name, config.name), "--input-size": (input_size, config.input_size),
+                 "--attention": (attention, config.attention), "--mediators": (mediators, config.mediators)}  # fmt: skip
+        conflicts = [f"{flag} {value} (the checkpoint holds {saved})" for flag, (value, saved) in given.items()
+                     if value is not None and value != saved]  # fmt: skip
+        if conflicts:
+            raise ValueError(f"{checkpoint} is an attnmed checkpoint that says which model it holds; it disagrees with "
+                             + ", ".join(conflicts) + ". Drop these flags (they are for official DiT/SiT files only)")  # fmt: skip
         process = ProcessConfig(**state.get("process", {"family": config.family}))
         model = DiffusionTransformer(config)
     else:
         if model_name is None:
             raise ValueError(f"{checkpoint} does not say which model it holds; pass --model (e.g. DiT-XL/2) "
                              "and --input-size (32 for 256 px)")  # fmt: skip
-        model = build_model(model_name, input_size=input_size, num_classes=num_classes, attention=attention,
-                            mediators=mediators)  # fmt: skip
+        model = build_model(model_name, input_size=32 if input_size is None else input_size, num_classes=num_classes,
+                            attention=attention or "full", mediators=mediators)  # fmt: skip
         process = ProcessConfig(model.config.family)
-    load_checkpoint(model, extract_state_dict(state, use_ema=use_ema))
-    return LoadedModel(model.to(device).eval(), process, str(checkpoint))
+    weights = extract_state_dict(state, use_ema=use_ema)
+    load_checkpoint(model, weights)
+    return LoadedModel(model.to(device).eval(), process, str(checkpoint), weights_digest(weights))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -76,9 +87,22 @@ def start_batch(indices: list[int], seed: int, config: ModelConfig, classes: lis
 def write_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    tmp = path.with_suffix(".png.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
+
+
+def check_sampling_request(config: ModelConfig, sampler: SamplerConfig, num_samples: int, batch_size: int,
+                           classes: list[int] | None) -> None:
+    """Refuse, before any work, requests that cannot be sampled; each message names its flag."""
+    sampler.check(config.family, config.in_channels)
+    for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value!r}")
+    if classes is not None:
+        if len(classes) == 0:
+            raise ValueError("--classes was given without labels; name at least one, or drop it for random labels")
+        wrong = [c for c in classes if not 0 <= c < config.num_classes]
+        if wrong:
+            raise ValueError(f"--classes {wrong} out of range: the model knows labels 0..{config.num_classes - 1}")
 
 
 def sample_to_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, num_samples: int, sampler: SamplerConfig,
@@ -87,15 +111,62 @@ def sample_to_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, num_sam
     """Write samples 0..num_samples−1 as PNGs (skipping those already there), then `samples.npz` (`arr_0`,
     uint8 NHWC) and `samples.json` (what made them and what they cost). Returns the sidecar dict.
 
+    The folder belongs to one configuration, recorded in `sampling.json` at the first start: a restart with
+    the same configuration resumes (more samples may be asked for), anything else is refused naming the
+    setting that differs, and a second concurrent run into the folder is refused by its lock.
     `callback` is the sampler's step callback (a mediator schedule or the adaptive rule, which may hand
     steps to other networks); `schedule` describes it in the sidecar. Costs are counted per sample."""
-    sampler.check(loaded.process.family)  # before any work or folder
+    model, config = loaded.model, loaded.model.config
+    check_sampling_request(config, sampler, num_samples, batch_size, classes)  # before any work or folder
     env = init_distributed()
+    out = Path(out_dir)
+    with locked_folder(out, "attnmed sample", env):
+        provenance = {"checkpoint": loaded.source, "weights": loaded.weights, "model": config.to_dict(),
+                      "process": loaded.process.to_dict(), "sampler": sampler.to_dict(), "seed": seed,
+                      "classes": classes, "decoded_with_vae": vae is not None, "schedule": schedule}  # fmt: skip
+        if sampler.adaptive:  # dopri5 shares its step size across the batch: batching changes the images
+            provenance.update(batch_size=batch_size, world_size=env.world_size)
+        if env.is_main:
+            _claim_sample_folder(out, provenance)
+            clean_stale_temporaries(out)
+        _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, classes, vae, callback, progress)
+        if dist.is_initialized():
+            dist.barrier()
+        return finalize_folder(out, num_samples, provenance) if env.is_main else {}
+
+
+def _claim_sample_folder(out: Path, provenance: dict[str, Any]) -> None:
+    identity = out / "sampling.json"
+    if not identity.exists():
+        strays = sorted(out.glob("[0-9]*.png"))
+        if strays:
+            raise ValueError(f"{out} already holds {len(strays)} images (e.g. {strays[0].name}) but no sampling.json "
+                             "saying what made them; sample into another --out, or move them away first")  # fmt: skip
+    fix = ("To continue that sampling, repeat its settings; to sample this configuration, choose another --out "
+           "(or delete the folder).")
+    claim_identity(identity, provenance, what="samples", fix=fix, ignore=("checkpoint",))
+
+
+def _recorded_costs(out: Path) -> dict[int, dict]:
+    """Per-sample cost records of every rank; a line cut short by a kill is ignored (its sample is redone)."""
+    costs: dict[int, dict] = {}
+    for path in sorted(out.glob("costs-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            costs[entry["index"]] = entry
+    return costs
+
+
+def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, classes, vae, callback, progress) -> None:
     model, config = loaded.model, loaded.model.config
     device = next(model.parameters()).device
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(env.rank, num_samples, env.world_size) if not (out / f"{i:06d}.png").exists()]
+    costs = _recorded_costs(out)
+    # A sample is done when both its image and its cost record exist (a kill can fall between the two).
+    todo = [i for i in range(env.rank, num_samples, env.world_size)
+            if not (out / f"{i:06d}.png").exists() or i not in costs]  # fmt: skip
     costs_path = out / f"costs-rank{env.rank}.jsonl"
     bar = None
     if progress and env.is_main:
@@ -110,23 +181,17 @@ def sample_to_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, num_sam
             from .data import decode
 
             images = decode(vae, images)
-        with costs_path.open("a") as costs:
-            for i, array, gflops in zip(indices, to_uint8(images), caller.gflops.tolist()):
-                write_png(array, out / f"{i:06d}.png")
-                costs.write(json.dumps({"index": i, "nfe": caller.nfe, "gflops": gflops}) + "\n")
+        with costs_path.open("a") as handle:  # costs first: an image is never left without its cost record
+            for i, gflops in zip(indices, caller.gflops.tolist()):
+                handle.write(json.dumps({"index": i, "nfe": caller.nfe, "gflops": gflops}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        for i, array in zip(indices, to_uint8(images)):
+            write_png(array, out / f"{i:06d}.png")
         if bar is not None:
             bar.update(len(indices))
     if bar is not None:
         bar.close()
-    if dist.is_initialized():
-        dist.barrier()
-    sidecar: dict[str, Any] = {}
-    if env.is_main:
-        sidecar = finalize_folder(out, num_samples, {
-            "checkpoint": loaded.source, "model": config.to_dict(), "process": loaded.process.to_dict(),
-            "sampler": sampler.to_dict(), "seed": seed, "classes": classes, "decoded_with_vae": vae is not None,
-            "schedule": schedule})  # fmt: skip
-    return sidecar
 
 
 def finalize_folder(out: Path, num_samples: int, provenance: dict[str, Any]) -> dict[str, Any]:
@@ -140,14 +205,8 @@ def finalize_folder(out: Path, num_samples: int, provenance: dict[str, Any]) -> 
     for i in range(num_samples):
         with Image.open(out / f"{i:06d}.png") as image:
             arrays.append(np.asarray(image.convert("RGB")))
-    tmp = out / "samples.tmp.npz"
-    np.savez(tmp, arr_0=np.stack(arrays))
-    tmp.replace(out / "samples.npz")
-    costs: dict[int, dict] = {}
-    for path in sorted(out.glob("costs-rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            costs[entry["index"]] = entry
+    atomic_write(out / "samples.npz", lambda handle: np.savez(handle, arr_0=np.stack(arrays)))
+    costs = _recorded_costs(out)
     known = [costs[i] for i in range(num_samples) if i in costs]
     sidecar = {
         **provenance,
@@ -156,7 +215,5 @@ def finalize_folder(out: Path, num_samples: int, provenance: dict[str, Any]) -> 
         "gflops_per_image": float(np.mean([c["gflops"] for c in known])) if known else None,
         "npz": "samples.npz",
     }
-    tmp_json = out / "samples.json.tmp"
-    tmp_json.write_text(json.dumps(sidecar, indent=2))
-    tmp_json.replace(out / "samples.json")
+    atomic_write_json(out / "samples.json", sidecar)
     return sidecar

@@ -8,6 +8,7 @@ pipeline) goes through `generate`, so recording and mediator switching see every
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -57,18 +58,36 @@ class SamplerConfig:
     last_step: str | None = "Mean"
     last_step_size: float = 0.04
 
-    def check(self, family: str) -> None:
+    def check(self, family: str, in_channels: int | None = None) -> None:
+        """Refuse a sampler the model family cannot use, naming the flag (`in_channels` bounds --guided-channels)."""
         kinds = SAMPLER_KINDS.get(family)
         if kinds is None:
             raise ValueError(f"unknown model family {family!r}")
         if self.kind not in kinds:
-            raise ValueError(f"unknown sampler {self.kind!r} for a {family} model; choose one of {kinds}")
+            raise ValueError(f"--sampler {self.kind} does not apply to a {family} model; choose one of {kinds}")
         if self.kind == "sde" and self.method not in (None, *SDE_METHODS):
-            raise ValueError(f"unknown SDE method {self.method!r}; choose one of {SDE_METHODS}")
+            raise ValueError(f"unknown SDE --method {self.method!r}; choose one of {SDE_METHODS}")
         if self.kind == "ode" and self.method not in (None, *ODE_METHODS):
-            raise ValueError(f"unknown ODE method {self.method!r}; choose one of {ODE_METHODS}")
-        if self.steps < 1:
-            raise ValueError("the number of sampling steps must be at least 1")
+            raise ValueError(f"unknown ODE --method {self.method!r}; choose one of {ODE_METHODS}")
+        if self.kind in ("ddpm", "ddim") and self.method is not None:
+            raise ValueError(f"--method {self.method} applies to SiT's sde/ode samplers; DiT's {self.kind} has no "
+                             "method: drop --method")  # fmt: skip
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps!r}")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
+            raise ValueError(f"--cfg-scale must be at least 1 (1 = no guidance), got {self.cfg_scale!r}")
+        if self.guided_channels is not None:
+            if self.cfg_scale == 1.0:
+                raise ValueError("--guided-channels only matters with guidance: add --cfg-scale > 1, or drop it")
+            upper = in_channels if in_channels is not None else self.guided_channels
+            if not 1 <= self.guided_channels <= upper:
+                raise ValueError(f"--guided-channels must lie in 1..{upper} (the model's input channels; 3 "
+                                 f"reproduces the public code), got {self.guided_channels}")  # fmt: skip
+
+    @property
+    def adaptive(self) -> bool:
+        """True for samplers that choose their own steps (dopri5): their evaluations depend on the batch."""
+        return self.kind == "ode" and (self.method or "dopri5") == "dopri5"
 
     def describe(self) -> str:
         method = f"/{self.method}" if self.method else ""

@@ -80,7 +80,9 @@ class NetworkCaller:
     def __call__(self, x: torch.Tensor, model_time: torch.Tensor, y: torch.Tensor, level: float) -> torch.Tensor:
         chosen = None
         if self.callback is not None:
-            chosen = self.callback(StepInfo(self.nfe, model_time, float(level), x))
+            # Adaptive solvers may evaluate slightly past the end of time; the axis stays within [0, 1].
+            level = min(max(float(level), 0.0), 1.0)
+            chosen = self.callback(StepInfo(self.nfe, model_time, level, x))
         network = self.model if chosen is None else chosen
         self.used.append(network)
         self.nfe += 1

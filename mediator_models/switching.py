@@ -14,6 +14,7 @@ Networks are keyed by mediator count, with `None` (or the string "full") for ful
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,6 +22,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .flops import config_gmacs
+from .runfolder import atomic_write_json
 from .stepping import StepInfo
 
 FULL = None  # network key of full attention
@@ -31,7 +33,18 @@ def count_label(count: int | None) -> str:
 
 
 def _parse_count(value) -> int | None:
-    return None if value in (None, "full") else int(value)
+    """A mediator count from JSON: a whole number, or "full"/null for full attention (4.9 or true are refused)."""
+    if value is None or value == "full":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ValueError(f"mediators must be a positive whole number or \"full\", got {json.dumps(value)}")
+    return int(value)
+
+
+def _parse_level(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError(f"'{key}' must be a noise level in [0, 1], got {json.dumps(value)}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,8 @@ class MediatorSchedule:
             raise ValueError("a schedule needs at least one interval")
         edge = 1.0
         for interval in self.intervals:
+            if not (math.isfinite(interval.high) and math.isfinite(interval.low)):
+                raise ValueError(f"schedule {self.name!r} has a non-finite bound in {interval}; bounds are noise levels in [0, 1]")
             if abs(interval.high - edge) > 1e-9 or interval.low > interval.high:
                 raise ValueError(f"schedule {self.name!r} does not tile [0, 1]: interval {interval} starts at "
                                  f"{interval.high}, expected {edge}")  # fmt: skip
@@ -109,21 +124,28 @@ class MediatorSchedule:
     @classmethod
     def from_dict(cls, data: Mapping) -> "MediatorSchedule":
         try:
-            intervals = [Interval(float(i["from"]), float(i["to"]), _parse_count(i["mediators"])) for i in data["intervals"]]
+            intervals = [Interval(_parse_level(i["from"], "from"), _parse_level(i["to"], "to"), _parse_count(i["mediators"]))
+                         for i in data["intervals"]]  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not a schedule: {error}; expected {{'intervals': [{{'from', 'to', 'mediators'}}]}}") from error
         return cls(intervals, data.get("name", "schedule"))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "MediatorSchedule":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no schedule file at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"schedule {path} is not valid JSON: {error}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"schedule {path}: {error}") from None
 
     def __str__(self) -> str:
         parts = [f"{i.high:.2f}→{i.low:.2f}: {count_label(i.mediators)}" for i in self.intervals]

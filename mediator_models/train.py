@@ -14,6 +14,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from copy import deepcopy
 from dataclasses import dataclass
@@ -25,18 +27,34 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import atomic_save, read_checkpoint
+from .checkpoint import atomic_save, checkpoint_checksum, read_checkpoint
 from .config import ModelConfig, make_config, parse_name
 from .data import ImageFolderSource, encode, load_vae, open_source
 from .dit import DiffusionTransformer
+from .runfolder import FolderLock, atomic_write_json, atomic_write_text, clean_stale_temporaries
 from .sampling import ProcessConfig
 
-# Fields that may change between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "keep_checkpoints", "progress", "out"}
+# Fields that may change between a run and its resumption: bookkeeping, and the learning rate (the way out
+# of a divergence: resume the last good checkpoint with a lower --lr). Changes are recorded in log.jsonl and
+# in config.json's history.
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "keep_checkpoints", "progress", "out", "lr"}
+
+# A step whose loss exceeds this multiple of the run's lowest logged loss has left the normal range: the
+# weights that produced it are treated as diverged (a finite loss can still come from exploded weights).
+DIVERGENCE_FACTOR = 100.0
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became non-finite; the last good checkpoint is kept."""
+    """The loss left its normal range; checkpoints from before that are kept, later ones moved aside."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; the run stopped between two whole steps and saved a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path | None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.checkpoint = checkpoint
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,31 @@ class TrainConfig:
     keep_checkpoints: int | None = 2  # keep the newest k periodic checkpoints (None: keep all)
     out: str = "runs/train"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that cannot make a run, naming the command-line flag of each."""
+        at_least_one = {"--steps": self.steps, "--batch-size": self.global_batch_size, "--log-every": self.log_every,
+                        "--ckpt-every": self.ckpt_every, "--grad-accum": self.grad_accum, "--image-size": self.image_size}  # fmt: skip
+        for flag, value in at_least_one.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{flag} must be a whole number of at least 1, got {value!r}")
+        if self.keep_checkpoints is not None and (not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1):
+            raise ValueError(f"--keep-checkpoints must be at least 1 (the newest checkpoint is always kept), got "
+                             f"{self.keep_checkpoints!r}; omit it to keep the default of 2")  # fmt: skip
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be 0 or positive, got {self.weight_decay!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must lie in [0, 1) (the papers use 0.9999; 0.99 for short runs), got {self.ema_decay!r}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"--class-dropout must lie in [0, 1) (the papers use 0.1), got {self.class_dropout_prob!r}")
+        if self.vae is not None and self.data == "digits":
+            raise ValueError("--vae encodes an ImageFolder into SD-VAE latents; the digits are trained on as pixels, "
+                             "so drop --vae (or pass --data with an ImageFolder tree)")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +136,36 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True on every rank when `ok` is True on every rank (a plain `ok` outside torchrun)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def locked_folder(folder: Path, what: str, env: DistEnv, flag: str = "--out"):
+    """Hold `folder`'s lock for the whole job (taken by rank 0; every rank fails together if it is busy)."""
+    lock = FolderLock(folder, what, flag) if env.is_main else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except Exception as caught:  # tell the other ranks before raising
+            error = caught
+    if not all_ranks_agree(error is None):
+        if lock is not None:
+            lock.release()
+        raise error if error is not None else RuntimeError(f"rank 0 could not take {folder}; see its message")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def init_distributed() -> DistEnv:
@@ -165,8 +238,9 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("[0-9]*.pt"))
 
 
-def check_resume_config(saved: dict[str, Any], current: TrainConfig) -> None:
-    """Refuse to resume a run under a different configuration, naming every field that differs."""
+def check_resume_config(saved: dict[str, Any], current: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume a run under a different configuration, naming every field that differs; return the
+    allowed changes (RESUMABLE_CHANGES) as {field: (before, after)}."""
     differences = [
         f"{key}: checkpoint has {saved.get(key)!r}, command line has {value!r}"
         for key, value in current.to_dict().items()
@@ -177,10 +251,13 @@ def check_resume_config(saved: dict[str, Any], current: TrainConfig) -> None:
             "cannot resume: the run was started with another configuration:\n  " + "\n  ".join(differences)
             + "\nUse the original settings, or a new --out folder to start a new run."
         )
+    return {key: (saved[key], value) for key, value in current.to_dict().items()
+            if key in RESUMABLE_CHANGES - {"progress", "out"} and key in saved and saved[key] != value}  # fmt: skip
 
 
 def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, opt, cfg: TrainConfig,
-                             model_config: ModelConfig) -> Path:
+                             model_config: ModelConfig, loss_floor: float | None = None) -> Path:
+    """Write checkpoint `step` atomically, with a checksum of what it holds (pruning is `prune_checkpoints`)."""
     state = {
         "model": model.state_dict(),
         "ema": ema.state_dict(),
@@ -189,13 +266,69 @@ def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn
         "model_config": model_config.to_dict(),
         "process": cfg.process_config().to_dict(),
         "step": step,
+        "loss_floor": loss_floor,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }
-    path = atomic_save(state, run_dir / "checkpoints" / f"{step:07d}.pt")
-    if cfg.keep_checkpoints:
-        for old in checkpoint_paths(run_dir)[: -cfg.keep_checkpoints]:
+    state["checksum"] = checkpoint_checksum(state)
+    return atomic_save(state, run_dir / "checkpoints" / f"{step:07d}.pt")
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
+    """Keep the newest `keep` checkpoints. Called only once the newest has proven healthy (the step after
+    it was saved computed a loss in the normal range), so a divergence never leaves only bad checkpoints."""
+    if keep:
+        for old in checkpoint_paths(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
-    return path
+
+
+def set_aside_diverged(run_dir: Path, first_bad_step: int) -> list[Path]:
+    """Move checkpoints holding weights from step `first_bad_step` on into checkpoints/diverged/, out of
+    --resume's way (kept, not deleted: nothing is lost)."""
+    moved = []
+    for path in checkpoint_paths(run_dir):
+        if int(path.stem) >= first_bad_step:
+            target = run_dir / "checkpoints" / "diverged" / path.name
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+def truncate_log(log_path: Path, step: int) -> None:
+    """Drop log records past `step` (written after the checkpoint a resume starts from), so steps never repeat."""
+    if not log_path.exists():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+
+
+@contextlib.contextmanager
+def stop_between_steps():
+    """Turn SIGINT and SIGTERM into a request to stop at the next step boundary (a second SIGINT stops at
+    once). Yields a one-item list holding the signal number received, or None."""
+    received: list[int | None] = [None]
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signal handlers can only be set from the main thread
+        return
+
+    def request(signum, frame):
+        if received[0] == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now, keeping the last periodic checkpoint
+        received[0] = signum
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -214,7 +347,11 @@ def _data_shape(source, cfg: TrainConfig) -> tuple[int, int]:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
-    """Train (or resume) a model; returns the run directory holding checkpoints/, log.jsonl and config.json."""
+    """Train (or resume) a model; returns the run directory holding checkpoints/, log.jsonl and config.json.
+
+    The run folder is locked while training (a second run into it is refused). SIGINT and SIGTERM stop the
+    run between two whole steps and save a checkpoint (`TrainingInterrupted`), so a resume is exact.
+    """
     env = init_distributed()
     if cfg.global_batch_size % env.world_size:
         raise ValueError(f"global batch {cfg.global_batch_size} does not divide across {env.world_size} ranks; "
@@ -223,13 +360,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         raise ValueError(f"the per-rank batch of {cfg.global_batch_size // env.world_size} does not split into "
                          f"{cfg.grad_accum} accumulation steps")  # fmt: skip
     run_dir = Path(cfg.out)
+    with locked_folder(run_dir, "attnmed train", env):
+        return _train_locked(cfg, env, run_dir, resume)
+
+
+def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -> Path:
+    if env.is_main:
+        clean_stale_temporaries(run_dir)  # a kill during a checkpoint write leaves one; we hold the lock
     existing = checkpoint_paths(run_dir)
     if existing and not resume:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue, or choose another --out")
     source = open_source(cfg.data, cfg.image_size, cfg.vae)
     in_channels, input_size = _data_shape(source, cfg)
     flip = source.flippable if cfg.flip is None else cfg.flip
-    vae = load_vae(cfg.vae, env.device) if cfg.vae else None
     model_config = make_config(cfg.model, input_size=input_size, in_channels=in_channels,
                                num_classes=source.num_classes, class_dropout_prob=cfg.class_dropout_prob,
                                attention=cfg.attention, mediators=cfg.mediators)  # fmt: skip
@@ -237,23 +380,30 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     model = DiffusionTransformer(model_config).to(env.device)
     ema = deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
+    start, loss_floor, changes = 0, None, {}
     if existing:
         checkpoint = read_checkpoint(existing[-1])
-        check_resume_config(checkpoint["args"], cfg)
+        changes = check_resume_config(checkpoint["args"], cfg)
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         opt.load_state_dict(checkpoint["opt"])
-        start = checkpoint["step"]
+        for group in opt.param_groups:  # the optimizer state restores the old lr; a resume may change it
+            group["lr"] = cfg.lr
+        start, loss_floor = checkpoint["step"], checkpoint.get("loss_floor")
+    vae = load_vae(cfg.vae, env.device) if cfg.vae else None
     process = cfg.process_config().build()
     net = nn.parallel.DistributedDataParallel(model) if env.world_size > 1 else model
+    log = None
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(
-            {"train": cfg.to_dict(), "model": model_config.to_dict(), "data": source.description}, indent=2))  # fmt: skip
+        truncate_log(run_dir / "log.jsonl", start)
+        _write_run_config(run_dir, cfg, model_config, source.description, start, changes)
+        log = (run_dir / "log.jsonl").open("a")
+        if changes:
+            log.write(json.dumps({"event": "resume", "step": start, "time": time.time(),
+                                  "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}) + "\n")  # fmt: skip
+            log.flush()
 
     local = cfg.global_batch_size // env.world_size
-    log = (run_dir / "log.jsonl").open("a") if env.is_main else None
     bar = None
     if env.is_main and cfg.progress:
         from tqdm.auto import tqdm
@@ -261,51 +411,63 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {model_config.label}", dynamic_ncols=True)
     model.train()
     step, window_start, window_losses = start, time.perf_counter(), []
+    unproven = False  # the newest checkpoint has not yet shown a loss in the normal range
+    save = lambda: save_training_checkpoint(run_dir, step, model, ema, opt, cfg, model_config, loss_floor)  # noqa: E731
     try:
-        while step < cfg.steps:
-            torch.manual_seed(step_seed(cfg.seed, env.rank, step))  # noise, timesteps, label dropout, flips
-            indices = batch_indices(len(source), cfg.global_batch_size, step, env.rank, env.world_size, cfg.seed)
-            flips = torch.rand(local) < 0.5 if flip else None
-            x, y = source.batch(indices, flips)
-            x, y = x.to(env.device), y.to(env.device)
-            if vae is not None:
-                x = encode(vae, x)
-            opt.zero_grad(set_to_none=True)
-            loss = backward_on_batch(net, process, x, y, cfg.grad_accum, autocast=cfg.bf16 and env.device.type == "cuda")
-            if env.world_size > 1:
-                dist.all_reduce(loss)
-                loss /= env.world_size
-            loss_value = float(loss)
-            if not math.isfinite(loss_value):
-                last = checkpoint_paths(run_dir)
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at step {step}; stopped without saving. Last good checkpoint: "
-                    f"{last[-1] if last else 'none'}. Lower --lr, or resume from it with --resume."
-                )
-            opt.step()
-            update_ema(ema, model, cfg.ema_decay)
-            step += 1
-            window_losses.append(loss_value)
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "loss": float(np.mean(window_losses)), "steps_per_sec": len(window_losses) / elapsed,
-                          "lr": opt.param_groups[0]["lr"], "time": time.time()}  # fmt: skip
-                if log is not None:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+        with stop_between_steps() as received:
+            while step < cfg.steps:
+                torch.manual_seed(step_seed(cfg.seed, env.rank, step))  # noise, timesteps, label dropout, flips
+                indices = batch_indices(len(source), cfg.global_batch_size, step, env.rank, env.world_size, cfg.seed)
+                flips = torch.rand(local) < 0.5 if flip else None
+                x, y = source.batch(indices, flips)
+                x, y = x.to(env.device), y.to(env.device)
+                if vae is not None:
+                    x = encode(vae, x)
+                opt.zero_grad(set_to_none=True)
+                loss = backward_on_batch(net, process, x, y, cfg.grad_accum, autocast=cfg.bf16 and env.device.type == "cuda")
+                if env.world_size > 1:
+                    dist.all_reduce(loss)
+                    loss /= env.world_size
+                loss_value = float(loss)
+                if not math.isfinite(loss_value) or (loss_floor is not None and loss_value > DIVERGENCE_FACTOR * loss_floor):
+                    raise _diverged(run_dir, step, loss_value, loss_floor, env.is_main)
+                if unproven and env.is_main:  # the weights of the newest checkpoint gave a normal loss
+                    prune_checkpoints(run_dir, cfg.keep_checkpoints)
+                unproven = False
+                if loss_floor is None:
+                    loss_floor = loss_value
+                opt.step()
+                update_ema(ema, model, cfg.ema_decay)
+                step += 1
+                window_losses.append(loss_value)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_sec']:.1f}")
-                window_start, window_losses = time.perf_counter(), []
-            if env.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_training_checkpoint(run_dir, step, model, ema, opt, cfg, model_config)
-    except KeyboardInterrupt:
-        # Keep what was done: the last completed step is saved (atomically) so --resume continues from it.
-        if env.is_main and step > start:
-            path = save_training_checkpoint(run_dir, step, model, ema, opt, cfg, model_config)
-            print(f"\ninterrupted: saved {path}; continue with --resume")
-        raise
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": step, "loss": float(np.mean(window_losses)), "steps_per_sec": len(window_losses) / elapsed,
+                              "lr": opt.param_groups[0]["lr"], "time": time.time()}  # fmt: skip
+                    loss_floor = min(loss_floor, record["loss"])
+                    if log is not None:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_sec']:.1f}")
+                    window_start, window_losses = time.perf_counter(), []
+                periodic = step % cfg.ckpt_every == 0 or step == cfg.steps
+                if env.is_main and periodic:
+                    save()
+                    unproven = True
+                # Signals are acted on here, between whole steps, and by all ranks at the same step.
+                if not all_ranks_agree(received[0] is None):
+                    path = None
+                    if env.is_main:
+                        path = run_dir / "checkpoints" / f"{step:07d}.pt"
+                        if not periodic and step > start:
+                            save()
+                        path = path if path.exists() else None
+                    raise TrainingInterrupted(received[0] or signal.SIGTERM, path)
+            if unproven and env.is_main:
+                prune_checkpoints(run_dir, cfg.keep_checkpoints)
     finally:
         if bar is not None:
             bar.close()
@@ -314,3 +476,32 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     if dist.is_initialized():
         dist.barrier()
     return run_dir
+
+
+def _diverged(run_dir: Path, step: int, loss: float, floor: float | None, is_main: bool) -> TrainingDiverged:
+    """Set aside the checkpoints holding weights that produced the abnormal loss, and say how to go on."""
+    moved = set_aside_diverged(run_dir, step) if is_main else []
+    last = checkpoint_paths(run_dir)
+    how = "non-finite" if not math.isfinite(loss) else f"{loss:.3g}, over {DIVERGENCE_FACTOR:g}× the run's lowest ({floor:.3g})"
+    aside = f" Checkpoints from step {step} on were moved to {run_dir / 'checkpoints' / 'diverged'}." if moved else ""
+    if last:
+        advice = f"Last good checkpoint: {last[-1]}; continue from it with a lower learning rate: the same command with --resume --lr <lower>."
+    else:
+        advice = "No good checkpoint exists yet: start again with a lower --lr (and a new --out, or delete this one)."
+    return TrainingDiverged(f"the loss left its normal range at step {step} ({how}); stopped.{aside} {advice}")
+
+
+def _write_run_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, data: Any, step: int,
+                      changes: dict[str, tuple[Any, Any]]) -> None:
+    """config.json: the configuration in force, and a history of the settings changed at each resume."""
+    path = run_dir / "config.json"
+    history = []
+    if path.exists():
+        try:
+            history = json.loads(path.read_text()).get("history", [])
+        except json.JSONDecodeError:
+            history = []
+    history = [h for h in history if h.get("step", 0) <= step]
+    if changes:
+        history.append({"step": step, "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
+    atomic_write_json(path, {"train": cfg.to_dict(), "model": model_config.to_dict(), "data": data, "history": history})

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from helpers import tiny_inputs, tiny_model
 from mediator_models import CheckpointMismatchError, atomic_save, build_model, load_checkpoint
+from mediator_models.checkpoint import CheckpointError
 from mediator_models.layers import sincos_pos_embed_2d
 
 
@@ -80,12 +81,47 @@ def test_missing_or_corrupt_files_say_so(tmp_path):
     model = tiny_model()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(model, tmp_path / "nope.pt")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="could not read checkpoint"):
-        load_checkpoint(model, bad)
     with pytest.raises(CheckpointMismatchError, match="no state dict found"):
         load_checkpoint(model, {"args": {"lr": 1e-4}, "step": 3})
+
+
+def _trained_checkpoint(tmp_path):
+    from mediator_models.train import TrainConfig, train
+
+    run = train(TrainConfig(model="SiT-T/4", steps=1, global_batch_size=8, out=str(tmp_path / "run"), progress=False))
+    return run / "checkpoints" / "0000001.pt"
+
+
+def test_empty_truncated_foreign_and_damaged_checkpoints_each_get_one_line_naming_the_file(tmp_path):
+    good = _trained_checkpoint(tmp_path)
+    data = good.read_bytes()
+    cases = {
+        "empty.pt": (b"", "is empty"),
+        "truncated.pt": (data[: len(data) // 2], "truncated"),
+        "text.pt": (b"not a checkpoint", "not a torch checkpoint"),
+    }
+    # Damage one weight's bytes in place: the file still unpickles, only the checksum can tell.
+    checkpoint = torch.load(good, weights_only=False)
+    target = checkpoint["ema"]["blocks.0.attn.qkv.weight"].numpy().tobytes()
+    position = data.find(target[:64])
+    assert position > 0
+    damaged = bytearray(data)
+    damaged[position : position + 4] = bytes([0x72, 0x72, 0x72, 0x72])  # a weight of about 4.8e30
+    cases["damaged.pt"] = (bytes(damaged), "is damaged: its contents no longer match the checksum")
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match=expected) as caught:
+            load_checkpoint(build_model("SiT-T/4", input_size=16, in_channels=1, num_classes=10), path)
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    load_checkpoint(build_model("SiT-T/4", input_size=16, in_channels=1, num_classes=10), good)  # the intact one loads
+
+
+def test_official_files_without_a_checksum_load_as_before(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "official.pt"
+    torch.save(model.state_dict(), path)
+    load_checkpoint(tiny_model(), path)
 
 
 def test_resolution_adaptation_recomputes_positions_and_resizes_mediator_tables():
@@ -120,3 +156,12 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_atomic_writes_get_the_normal_file_mode_not_0600(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = atomic_save({"step": 1}, tmp_path / "ckpt.pt")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -35,8 +35,10 @@ def test_killed_and_resumed_run_reaches_the_same_weights(tmp_path, model, attent
     train(tiny_config(tmp_path / "b", model=model, attention=attention, mediators=mediators, steps=3))
     resumed = train(tiny_config(tmp_path / "b", model=model, attention=attention, mediators=mediators), resume=True)
     states_equal(read_checkpoint(straight / "checkpoints/0000006.pt"), read_checkpoint(resumed / "checkpoints/0000006.pt"))
-    logged = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
-    assert logged == [2, 3, 4, 6]  # the first run logs its last step; the resumed run appends
+    records = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "event" not in r] == [2, 3, 4, 6]  # the first run logs its last step
+    (event,) = [r for r in records if "event" in r]
+    assert event["event"] == "resume" and event["step"] == 3 and event["changed"] == {"steps": {"from": 3, "to": 6}}
 
 
 def test_checkpoint_holds_everything_needed(tmp_path):
@@ -52,8 +54,8 @@ def test_starting_over_an_existing_run_or_resuming_with_other_settings_is_refuse
     train(tiny_config(tmp_path, steps=3))
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
         train(tiny_config(tmp_path))
-    with pytest.raises(ValueError, match=r"lr: checkpoint has 0.001, command line has 0.01(.|\n)*ema_decay"):
-        train(tiny_config(tmp_path, lr=1e-2, ema_decay=0.5), resume=True)
+    with pytest.raises(ValueError, match=r"ema_decay: checkpoint has 0.9, command line has 0.5(.|\n)*class_dropout"):
+        train(tiny_config(tmp_path, lr=1e-2, ema_decay=0.5, class_dropout_prob=0.2), resume=True)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -70,7 +72,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return terms
 
     monkeypatch.setattr(transport.Transport, "training_loss", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4(.|\n)*0000003.pt"):
+    with pytest.raises(TrainingDiverged, match=r"normal range at step 4 \(non-finite\)(.|\n)*0000003.pt(.|\n)*--resume --lr"):
         train(tiny_config(tmp_path))
     assert read_checkpoint(tmp_path / "checkpoints/0000003.pt")["step"] == 3
     assert not (tmp_path / "checkpoints/0000006.pt").exists()
