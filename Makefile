@@ -5,7 +5,10 @@ PY := .venv/bin/python
 venv:
 	@bash scripts/ensure_venv.sh
 
+# The demo writes its figures and REPORT.md into its run folder under runs/ (printed at the end); figures/
+# holds the committed reference run and is rewritten only by `make figures`.
 demo: venv
+	@echo "attnmed demo: writing into runs/ (figures/ holds the committed reference run; 'make figures' remakes it)"
 	.venv/bin/attnmed reproduce
 
 test: venv
@@ -19,7 +22,8 @@ bench: venv
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/recorder_overhead.py
 
-figures: demo
+figures: venv
+	.venv/bin/attnmed reproduce --figures figures
 
 clean:
 	rm -rf .venv build *.egg-info

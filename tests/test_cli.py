@@ -36,3 +36,8 @@ def test_checkpoint_that_does_not_match_the_model_is_one_clear_error(tmp_path, c
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("attnmed sample: error: checkpoint does not match DiT-T/4") and "patch_size" in err
+
+
+def test_flops_refuses_a_zero_input_size(capsys):
+    assert main(["flops", "DiT-S/2", "--input-size", "0"]) == 2
+    assert "--input-size must be a positive whole number, got 0" in capsys.readouterr().err

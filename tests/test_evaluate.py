@@ -65,3 +65,37 @@ def test_missing_inception_weights_and_bad_inputs_are_explained(tmp_path):
     np.savez(tmp_path / "x.npz", mu=np.zeros(3))
     with pytest.raises(ValueError, match="no 'arr_0'"):
         load_images(tmp_path / "x.npz")
+
+
+def test_damaged_or_inconsistent_image_sets_name_the_file(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / f"{i:06d}.png")
+    (folder / "000003.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="000003.png is not a readable image"):
+        load_images(folder)
+    (folder / "000003.png").unlink()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "000003.png")
+    with pytest.raises(ValueError, match="000003.png is 32×32 but 000000.png is 16×16"):
+        load_images(folder)
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    np.savez(tmp_path / "good.npz", arr_0=images)
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.npz cannot be read as an .npz"):
+        load_images(tmp_path / "cut.npz")
+    np.savez(tmp_path / "rgba.npz", arr_0=np.zeros((4, 16, 16, 4), np.uint8))
+    with pytest.raises(ValueError, match="rgba.npz: images have 4 channels"):
+        load_images(tmp_path / "rgba.npz")
+    np.savez(tmp_path / "one.npz", arr_0=images[:1])
+    with pytest.raises(ValueError, match="one.npz: 1 image.*at least 2"):
+        load_images(tmp_path / "one.npz")
+
+
+def test_evaluate_command_refuses_a_zero_image_size(tmp_path, capsys):
+    from analysis.cli import main
+
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    assert main(["evaluate", str(tmp_path / "s.npz"), "--image-size", "0"]) == 2
+    assert "--image-size must be at least 8" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -125,3 +127,67 @@ def test_collection_is_independent_of_batching_and_resumes_after_interruption(tm
     assert set(resumed["count"]) == {4}
     with pytest.raises(ValueError, match="another configuration"):
         collect_redundancy(model, process, sampler, CollectionConfig(samples=8, batch_size=2), state_path=state, progress=False)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"layers": [-9]}, r"--layers takes indices from 0 up, got \[-9\]"),
+    ({"layers": [7]}, r"--layers \[7\] do not exist in .*: it has layers 0..3"),
+    ({"layers": []}, "--layers was given without values"),
+    ({"heads": [99]}, r"--heads \[99\] do not exist in .*: it has heads 0..3"),
+    ({"heads": [-1]}, "−1 is the head average"),
+    ({"heads": [1, 1]}, r"--heads names \[1\] more than once"),
+    ({"keep_maps": [(1, 2, 3)], "keep_dir": "x"}, r"keep_maps takes \(step, layer\) pairs"),
+    ({"layers": [0], "keep_maps": [(0, 2)], "keep_dir": "x"}, r"--keep-maps \[\(0, 2\)\]: those layers are not recorded"),
+])  # fmt: skip
+def test_bad_selections_are_refused_when_the_recorder_attaches_before_any_sampling(options, message):
+    model = tiny_model("SiT-T/2")
+    with pytest.raises(ValueError, match=message):
+        with record_attention(model, metric_reducer(), **options):
+            pytest.fail("the recorder attached")
+    assert all(m.map_observer is None for m in model.attention_modules())
+
+
+def test_adaptive_solvers_are_refused_so_every_row_is_one_noise_level():
+    from analysis.collect import CollectionConfig
+
+    model = tiny_model("SiT-T/2")
+    with pytest.raises(ValueError, match="needs a fixed-step sampler .* --method euler or heun"):
+        collect_redundancy(model, ProcessConfig("SiT"), SamplerConfig(kind="ode", steps=4), CollectionConfig(samples=2),
+                           progress=False)  # fmt: skip
+    # Through the Python API the recorder itself notices a second batch evaluated at other levels.
+    with record_attention(model, metric_reducer(("entropy",))) as recorder:
+        run(model, SamplerConfig(kind="sde", steps=4), recorder.callback)
+        with pytest.raises(ValueError, match="one row would mix noise levels"):
+            run(model, SamplerConfig(kind="sde", steps=6), recorder.callback)
+
+
+def test_noise_levels_seen_by_callbacks_stay_within_zero_and_one_for_dopri5():
+    model = tiny_model("SiT-T/2")
+    levels = []
+    run(model, SamplerConfig(kind="ode", method="dopri5", steps=2), lambda info: levels.append(info.noise_level))
+    assert levels and min(levels) >= 0.0 and max(levels) <= 1.0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--keep-maps", "1:2:3"], "--keep-maps takes STEP:LAYER pairs such as 0:3, got '1:2:3'"),
+    (["--keep-maps", "999:1"], r"--keep-maps \[\(999, 1\)\]: this sampler evaluates steps 0..2 only"),
+    (["--samples", "0"], "--samples must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--metrics", "bogus"], r"unknown metrics \['bogus'\]"),
+    (["--heads", "99"], r"--heads \[99\] do not exist"),
+    (["--layers"], "--layers was given without values"),
+    (["--sampler", "ode"], "needs a fixed-step sampler"),
+])  # fmt: skip
+def test_bad_record_flags_fail_before_sampling_with_one_line(tmp_path, capsys, monkeypatch, flags, message):
+    from analysis import collect as collect_module
+    from analysis.cli import main
+
+    from mediator_models import build_model
+
+    checkpoint = tmp_path / "sit.pt"
+    torch.save(build_model("SiT-T/2", input_size=8).state_dict(), checkpoint)
+    monkeypatch.setattr(collect_module, "generate", lambda *a, **k: pytest.fail("sampling started"))
+    args = ["record", "--ckpt", str(checkpoint), "--model", "SiT-T/2", "--input-size", "8", "--steps", "3", *flags]
+    code = main([*args, "--out", str(tmp_path / "t.parquet")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("attnmed record: error: ") and re.search(message, err), err

@@ -138,3 +138,35 @@ def test_entropy_and_cosine_of_rectangular_maps_use_the_key_count():
 def test_unknown_metric_is_refused():
     with pytest.raises(ValueError, match="unknown metrics"):
         measure(uniform(), ("jsd", "gini"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_maps_are_refused_not_averaged_in(value):
+    maps = uniform().clone()
+    maps[2, 3] = value
+    with pytest.raises(ValueError, match="NaN or infinite entries"):
+        measure(maps, ALL_METRICS)
+
+
+def test_maps_that_are_not_row_stochastic_are_refused():
+    with pytest.raises(ValueError, match="row-stochastic"):
+        measure(torch.zeros(N, N), ALL_METRICS)  # a zero map holds no distribution at all
+    with pytest.raises(ValueError, match="row-stochastic"):
+        measure(torch.eye(N) * 2)
+
+
+def test_a_single_query_or_key_has_defined_values():
+    one_query = torch.full((1, 4), 0.25)
+    values = {k: float(v) for k, v in measure(one_query, ALL_METRICS).items()}
+    assert values["jsd"] == 0.0 and values["cosine"] == 1.0  # nothing differs from itself: fully redundant
+    assert values["entropy"] == pytest.approx(1.0) and values["energy_rank_0.9"] == 1.0
+    one_key = torch.ones(5, 1)
+    values = {k: float(v) for k, v in measure(one_key, ALL_METRICS).items()}
+    assert values["entropy"] == 0.0 and values["jsd"] == 0.0 and values["cosine"] == pytest.approx(1.0)
+    assert all(math.isfinite(v) for v in values.values())
+
+
+def test_rank_measures_of_a_zero_spectrum_are_zero():
+    sigma = torch.zeros(2, 5, dtype=torch.float64)
+    for rank in (effective_rank(sigma), stable_rank(sigma), energy_rank(sigma, 0.9), numerical_rank(sigma)):
+        assert rank.tolist() == [0.0, 0.0]

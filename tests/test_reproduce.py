@@ -13,10 +13,13 @@ from mediator_models.switching import MediatorSchedule
 
 
 @pytest.mark.slow
-def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path):
-    runs, figures = tmp_path / "runs", tmp_path / "figures"
-    assert main(["reproduce", "--preset", "quick", "--runs", str(runs), "--figures", str(figures)]) == 0
+def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a figures/ folder would appear if the study wrote one by default
+    runs = tmp_path / "runs"
+    assert main(["reproduce", "--preset", "quick", "--runs", str(runs)]) == 0
     (run_dir,) = runs.iterdir()
+    figures = run_dir / "report"  # figures stay in the run folder unless --figures publishes them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     results = pd.read_csv(run_dir / "results.csv")
     assert len(results) == 3 + 1 + 3  # static n=4, n=16, full; one adaptive; three derived
     assert results["gflops_per_image"].notna().all() and results["fid"].notna().all()
@@ -39,5 +42,7 @@ def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path):
     assert sidecar["schedule"]["name"] == "adaptive ρ=1/0.7"
     # A rerun finds every stage done and only redraws the figures.
     stamp = (run_dir / "results.csv").stat().st_mtime_ns
-    assert main(["reproduce", "--preset", "quick", "--runs", str(runs), "--figures", str(figures)]) == 0
+    published = tmp_path / "published"
+    assert main(["reproduce", "--preset", "quick", "--runs", str(runs), "--figures", str(published)]) == 0
     assert (run_dir / "results.csv").stat().st_mtime_ns == stamp
+    assert (published / "REPORT.md").read_text() == report and (published / "data" / "results.csv").exists()

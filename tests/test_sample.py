@@ -99,3 +99,96 @@ def test_two_rank_sampling_writes_the_same_images_as_one_process(tmp_path, train
     for name, image in pngs(tmp_path / "one").items():
         np.testing.assert_array_equal(image, pngs(tmp_path / "two")[name])
     assert json.loads((tmp_path / "two" / "samples.json").read_text())["num_samples"] == 5
+
+
+def test_a_restart_with_another_configuration_is_refused_naming_the_setting(tmp_path, trained):
+    loaded = load_for_sampling(trained)
+    sampler = SamplerConfig(kind="sde", steps=3)
+    sample_to_folder(loaded, tmp_path, num_samples=2, sampler=sampler, progress=False)
+    before = pngs(tmp_path)
+    for changes, setting in (({"seed": 1}, "seed: folder has 0, this run has 1"),
+                             ({"sampler": SamplerConfig(kind="sde", steps=4)}, "sampler: folder has"),
+                             ({"classes": [3]}, r"classes: folder has null, this run has \[3\]")):  # fmt: skip
+        arguments = {"num_samples": 2, "sampler": sampler, "progress": False, **changes}
+        with pytest.raises(ValueError, match=setting) as caught:
+            sample_to_folder(loaded, tmp_path, **arguments)
+        assert "choose another --out" in str(caught.value)
+    other = train(TrainConfig(model="SiT-T/4", steps=1, global_batch_size=8, out=str(tmp_path / "other"), progress=False))
+    with pytest.raises(ValueError, match="weights: folder has"):
+        sample_to_folder(load_for_sampling(other / "checkpoints/0000001.pt"), tmp_path, num_samples=2, sampler=sampler,
+                         progress=False)  # fmt: skip
+    after = pngs(tmp_path)
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in after)
+    # The same configuration asking for more samples resumes, keeping what exists.
+    assert sample_to_folder(loaded, tmp_path, num_samples=3, sampler=sampler, progress=False)["num_samples"] == 3
+
+
+def test_a_concurrent_sampling_into_the_same_folder_is_refused(tmp_path, trained):
+    from mediator_models.runfolder import FolderBusyError, FolderLock
+
+    with FolderLock(tmp_path, "attnmed sample"):
+        with pytest.raises(FolderBusyError, match="in use by another run"):
+            sample_to_folder(load_for_sampling(trained), tmp_path, num_samples=2, sampler=SamplerConfig(steps=2),
+                             progress=False)  # fmt: skip
+
+
+def test_images_of_unknown_origin_are_not_mixed_in(tmp_path, trained):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "000000.png")
+    with pytest.raises(ValueError, match="already holds 1 images .* but no sampling.json"):
+        sample_to_folder(load_for_sampling(trained), tmp_path, num_samples=2, sampler=SamplerConfig(steps=2), progress=False)
+
+
+def test_a_kill_between_cost_records_and_images_is_redone_not_a_type_error(tmp_path, trained):
+    loaded = load_for_sampling(trained)
+    sampler = SamplerConfig(kind="sde", steps=3)
+    sample_to_folder(loaded, tmp_path, num_samples=3, sampler=sampler, progress=False)
+    reference = pngs(tmp_path)
+    costs = tmp_path / "costs-rank0.jsonl"
+    lines = costs.read_text().splitlines()
+    costs.write_text("\n".join(lines[:1]) + "\n" + lines[1][:10])  # sample 1's record cut mid-line, 2's lost
+    sidecar = sample_to_folder(loaded, tmp_path, num_samples=3, sampler=sampler, progress=False)
+    assert sidecar["nfe_per_image"] == 3 and sidecar["gflops_per_image"] > 0
+    assert all(np.array_equal(reference[k], v) for k, v in pngs(tmp_path).items())
+
+
+def test_adaptive_solvers_make_the_batch_size_part_of_the_folder_identity(tmp_path, trained):
+    loaded = load_for_sampling(trained)
+    sampler = SamplerConfig(kind="ode", method="dopri5", steps=2)
+    sample_to_folder(loaded, tmp_path, num_samples=2, sampler=sampler, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="batch_size: folder has 2, this run has 1"):
+        sample_to_folder(loaded, tmp_path, num_samples=2, sampler=sampler, batch_size=1, progress=False)
+
+
+BAD_SAMPLE_FLAGS = [
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1"),
+    (["--classes", "99"], r"--classes \[99\] out of range: the model knows labels 0..9"),
+    (["--classes", "-1"], r"--classes \[-1\] out of range"),
+    (["--cfg-scale", "2", "--guided-channels", "9"], r"--guided-channels must lie in 1..1"),
+    (["--model", "SiT-S/2"], r"disagrees with --model SiT-S/2 \(the checkpoint holds SiT-T/4\)"),
+    (["--attention", "mediator", "--mediators", "4"], r"--attention mediator \(the checkpoint holds full\), --mediators 4"),
+    (["--steps", "0"], "--steps must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_SAMPLE_FLAGS)
+def test_bad_sample_flags_are_one_clear_line_before_any_work(tmp_path, trained, capsys, flags, message):
+    import re
+
+    assert main(["sample", "--ckpt", str(trained), *flags, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnmed sample: error: ") and re.search(message, err), err
+    assert not (tmp_path / "s").exists()
+
+
+def test_sample_out_naming_a_file_and_a_method_for_dit_are_refused(tmp_path, trained, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["sample", "--ckpt", str(trained), "--steps", "2", "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    official = tmp_path / "dit.pt"
+    torch.save(build_model("DiT-T/2", input_size=8).state_dict(), official)
+    args = ["sample", "--ckpt", str(official), "--model", "DiT-T/2", "--input-size", "8", "--method", "heun"]
+    assert main([*args, "--out", str(tmp_path / "s")]) == 2
+    assert "--method heun applies to SiT's sde/ode samplers" in capsys.readouterr().err

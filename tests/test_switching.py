@@ -131,3 +131,20 @@ def test_calibration_meets_the_budget_with_the_most_mediators_it_allows(three_ne
     assert all(c["gflops"] <= result["gflops"] or c["gflops"] > budget for c in result["candidates"])
     with pytest.raises(ValueError, match="no ratios in the grid meet"):
         calibrate_adaptive(three_networks, process, sampler, cheapest / 2, grid=(0.5,), samples=1)
+
+
+@pytest.mark.parametrize("interval,message", [
+    ({"from": 1.0, "to": 0.0, "mediators": 4.9}, "mediators must be a positive whole number"),
+    ({"from": 1.0, "to": 0.0, "mediators": True}, "mediators must be a positive whole number"),
+    ({"from": 1.0, "to": 0.0, "mediators": 0}, "mediators must be a positive whole number"),
+    ({"from": float("nan"), "to": 0.0, "mediators": 4}, r"'from' must be a noise level in \[0, 1\], got NaN"),
+    ({"from": 1.0, "to": -0.5, "mediators": 4}, r"'to' must be a noise level in \[0, 1\]"),
+])  # fmt: skip
+def test_schedule_json_with_bad_counts_or_bounds_is_refused_naming_the_file(tmp_path, interval, message):
+    import json
+
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"intervals": [interval]}))
+    with pytest.raises(ValueError, match=f"schedule {path}: not a schedule: {message}"):
+        MediatorSchedule.load(path)
+    assert MediatorSchedule.from_dict({"intervals": [{"from": 1.0, "to": 0.0, "mediators": 16.0}]}).intervals[0].mediators == 16

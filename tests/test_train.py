@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -178,3 +180,132 @@ def test_global_batch_that_does_not_divide_across_ranks_fails_before_work(tmp_pa
     with pytest.raises(ValueError, match="global batch 8 does not divide across 3 ranks; use a multiple of 3"):
         train(tiny_config(tmp_path))
     assert not tmp_path.joinpath("checkpoints").exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_at_start(tmp_path):
+    from mediator_models.runfolder import FolderBusyError, FolderLock
+
+    with FolderLock(tmp_path, "attnmed train"):  # a first run, still training
+        with pytest.raises(FolderBusyError, match="in use by another run"):
+            train(tiny_config(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_between_optimizer_and_ema_updates_stops_at_a_whole_step_and_resumes_exactly(tmp_path, monkeypatch, signum):
+    from mediator_models import train as train_module
+    from mediator_models.train import TrainingInterrupted
+
+    straight = train(tiny_config(tmp_path / "a", ckpt_every=100))
+    real_update = train_module.update_ema
+    calls = {"n": 0}
+
+    def signalled(*args, **kwargs):  # the worst moment: weights updated, EMA and step count not yet
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signum)
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "update_ema", signalled)
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(tiny_config(tmp_path / "b", ckpt_every=100))
+    monkeypatch.setattr(train_module, "update_ema", real_update)
+    assert caught.value.signum == signum and caught.value.checkpoint.name == "0000003.pt"
+    assert read_checkpoint(caught.value.checkpoint)["step"] == 3
+    resumed = train(tiny_config(tmp_path / "b", ckpt_every=100), resume=True)
+    states_equal(read_checkpoint(straight / "checkpoints/0000006.pt"), read_checkpoint(resumed / "checkpoints/0000006.pt"))
+
+
+def test_sigterm_through_the_cli_saves_and_exits_143_and_the_resume_is_exact(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    args = ["train", "--model", "SiT-T/4", "--batch-size", "8", "--steps", "400", "--ckpt-every", "1000",
+            "--log-every", "1", "--lr", "1e-3", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "analysis.cli", *args], stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM; saved" in err and "--resume" in err
+    (saved,) = sorted((tmp_path / "checkpoints").glob("*.pt"))
+    assert read_checkpoint(saved)["step"] == int(saved.stem) >= 3
+
+
+def test_divergence_keeps_the_checkpoint_before_it_and_a_resume_with_lower_lr_continues(tmp_path, capsys):
+    from analysis.cli import main
+
+    base = ["train", "--model", "SiT-T/4", "--batch-size", "8", "--ckpt-every", "1", "--keep-checkpoints", "1",
+            "--log-every", "1", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    assert main([*base, "--steps", "4", "--lr", "1e-3"]) == 0
+    assert main([*base, "--steps", "8", "--lr", "1e9", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "left its normal range at step 5" in err and "Last good checkpoint: " in err and "0000004.pt" in err
+    # The checkpoint holding the exploded weights is set aside, not offered to --resume, not deleted.
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("*.pt"))] == ["0000004.pt"]
+    assert (tmp_path / "checkpoints" / "diverged" / "0000005.pt").exists()
+    assert main([*base, "--steps", "8", "--lr", "5e-4", "--resume"]) == 0
+    final = read_checkpoint(tmp_path / "checkpoints" / "0000008.pt")
+    assert final["args"]["lr"] == 5e-4
+    assert max(v.abs().max().item() for v in final["model"].values()) < 100
+    history = json.loads((tmp_path / "config.json").read_text())["history"]
+    assert [h["changed"]["lr"]["to"] for h in history] == [1e9, 5e-4]  # both attempts from step 4, in order
+    assert history[-1] == {"step": 4, "changed": {"steps": {"from": 4, "to": 8}, "lr": {"from": 1e-3, "to": 5e-4}}}
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "event" not in r]
+    assert steps == list(range(1, 9))  # no step logged twice, none from the diverged attempt
+
+
+def test_a_restart_cleans_stale_temporaries_and_truncates_the_log_to_the_checkpoint(tmp_path):
+    train(tiny_config(tmp_path, steps=4, ckpt_every=2, log_every=1))
+    (tmp_path / "checkpoints" / "0000004.pt").unlink()  # as if killed while writing it: the log ran ahead
+    stale = tmp_path / "checkpoints" / ".0000004.pt.x1y2z3.tmp"
+    stale.write_bytes(b"\0" * 4096)
+    train(tiny_config(tmp_path, steps=4, ckpt_every=2, log_every=1), resume=True)
+    assert not stale.exists()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+BAD_TRAIN_FLAGS = [
+    (["--steps", "0"], "--steps must be a whole number of at least 1"),
+    (["--steps", "-5"], "--steps must be"),
+    (["--batch-size", "0"], "--batch-size must be"),
+    (["--batch-size", "-4"], "--batch-size must be"),
+    (["--ckpt-every", "0"], "--ckpt-every must be"),
+    (["--log-every", "0"], "--log-every must be"),
+    (["--grad-accum", "0"], "--grad-accum must be"),
+    (["--image-size", "0"], "--image-size must be"),
+    (["--ema-decay", "2"], r"--ema-decay must lie in \[0, 1\)"),
+    (["--class-dropout", "1.5"], r"--class-dropout must lie in \[0, 1\)"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints must be at least 1"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--vae", "/models/vae"], "the digits are trained on as pixels, so drop --vae"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_TRAIN_FLAGS)
+def test_bad_train_flags_are_one_line_naming_the_flag_before_any_work(tmp_path, capsys, flags, message):
+    import re
+
+    from analysis.cli import main
+
+    assert main(["train", *flags, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnmed train: error: ") and re.search(message, err) and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_help_gives_every_flag_a_description_and_default(capsys):
+    from analysis.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out.split("options:")[1]
+    for flag in ("--steps", "--lr", "--ema-decay", "--class-dropout", "--grad-accum", "--keep-checkpoints", "--seed"):
+        block = out[out.index(flag):].split("\n  -")[0]
+        assert "(default:" in block, f"{flag} lacks a default in --help"
