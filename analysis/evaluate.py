@@ -12,14 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
-from .features import DIGITS_EXTRACTOR, FEATURE_NAME, _register_digits_extractor, digits_classifier
-
-RESULT_COLUMNS = ["model", "attention", "schedule", "sampler", "steps", "cfg", "gflops_per_image", "nfe",
-                  "fid", "kid", "precision", "recall", "extractor", "extractor_accuracy", "num_samples"]  # fmt: skip
-
+from .features import DIGITS_EXTRACTOR, FEATURE_NAME, DigitsExtractor, _register_digits_extractor
 
 class ImageSet(torch.utils.data.Dataset):
     """uint8 images (N, 3, H, W) for torch-fidelity."""
@@ -107,11 +102,12 @@ class Extractor:
 
     @classmethod
     def digits(cls, image_size: int = 16) -> "Extractor":
+        """The pinned digits classifier (its sha256 is checked at load and named in the label)."""
         if not isinstance(image_size, int) or image_size < 8:
             raise ValueError(f"--image-size must be at least 8 (the digits are 8×8; the study uses 16), got {image_size!r}")
         _register_digits_extractor()
-        _, accuracy, path = digits_classifier(image_size)
-        return cls(DIGITS_EXTRACTOR, str(path), f"digits-cnn (held-out accuracy {accuracy:.1%})", accuracy)
+        pinned = DigitsExtractor.pinned(image_size)
+        return cls(DIGITS_EXTRACTOR, str(pinned.path), pinned.label, pinned.accuracy)
 
     @classmethod
     def inception(cls, weights_path: str | None = None) -> "Extractor":
@@ -126,6 +122,12 @@ class Extractor:
                     "the local path to weights-inception-2015-12-05-6726825d.pth, or use the digits extractor")
             weights_path = str(cached)
         return cls("inception-v3-compat", weights_path, "inception-v3 (torch-fidelity)")
+
+
+def kid_subset_size(num_samples: int, num_reference: int) -> int:
+    """torch-fidelity's 1000, but at most half the smaller set: a subset as large as a whole set makes every
+    subset the same and the KID std meaningless (the digits' reference has 359 images)."""
+    return max(2, min(1000, min(num_samples, num_reference) // 2))
 
 
 def compute_metrics(samples, reference, extractor: Extractor, *, kid: bool = True, prc: bool = True,
@@ -145,11 +147,12 @@ def compute_metrics(samples, reference, extractor: Extractor, *, kid: bool = Tru
         input1=sample_set, input2=reference_set, cuda=torch.cuda.is_available(), batch_size=batch_size,
         fid=True, kid=kid, prc=prc, feature_extractor=extractor.name,
         feature_extractor_weights_path=extractor.weights_path, verbose=False,
-        kid_subset_size=min(1000, len(sample_set), len(reference_set)), save_cpu_ram=True, **layers,
+        kid_subset_size=kid_subset_size(len(sample_set), len(reference_set)), save_cpu_ram=True, **layers,
     )  # fmt: skip
     return {
         "fid": metrics["frechet_inception_distance"],
         "kid": metrics.get("kernel_inception_distance_mean"),
+        "kid_std": metrics.get("kernel_inception_distance_std"),
         "precision": metrics.get("precision"),
         "recall": metrics.get("recall"),
         "extractor": extractor.label,
@@ -171,9 +174,5 @@ def _fid_against_statistics(sample_set, mu, sigma, extractor: Extractor, batch_s
     stats = {k: np.asarray(v, dtype=np.float64) for k, v in fid_features_to_statistics(features).items()}
     reference = {"mu": np.asarray(mu, dtype=np.float64), "sigma": np.asarray(sigma, dtype=np.float64)}
     fid = fid_statistics_to_metric(stats, reference, verbose=False)["frechet_inception_distance"]
-    return {"fid": fid, "kid": None, "precision": None, "recall": None, "extractor": extractor.label,
+    return {"fid": fid, "kid": None, "kid_std": None, "precision": None, "recall": None, "extractor": extractor.label,
             "extractor_accuracy": extractor.accuracy, "num_samples": len(sample_set), "num_reference": None}  # fmt: skip
-
-
-def results_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)

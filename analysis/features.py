@@ -2,17 +2,20 @@
 
 - "inception": torch-fidelity's own InceptionV3 (the FID standard). Its weights must be local: torch-fidelity's
   cache, or a path given with `weights_path` (this machine downloads nothing).
-- "digits": a small CNN trained here on the embedded digits' training split, whose penultimate layer (128
-  features) stands in for Inception on 16×16 digits, where Inception features mean little. It is trained
-  once per configuration, cached, and its held-out accuracy is reported beside every number it produces.
+- "digits": a small CNN trained on the embedded digits' training split, whose pooled last layer (128
+  features) stands in for Inception on 16×16 digits, where Inception features mean little. Its weights ship
+  in the repository (analysis/assets/digits-cnn-16px.pt) and are pinned by their sha256, checked at every
+  load, so FIDs are comparable across machines; every number states the extractor's hash and its held-out
+  accuracy. `python -m analysis.features` retrains it (deterministically) and prints the hash to pin.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -21,22 +24,22 @@ from torch import nn
 DIGITS_EXTRACTOR = "attnmed-digits"
 FEATURE_NAME = "features"
 MIN_ACCURACY = 0.95
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ATTNMED_CACHE", Path.home() / ".cache" / "attnmed"))
+ASSETS = Path(__file__).resolve().parent / "assets"
+PINNED_DIGITS_WEIGHTS = ASSETS / "digits-cnn-16px.pt"
+PINNED_DIGITS_SHA256 = "96c0232742c255597029bcaf3e9d74784f8b53f4f78f4203a2194526eacad191"
 
 
 class DigitsNet(nn.Module):
-    """Three conv layers, global average pooling to 128 features, a linear classifier over 10 digits."""
+    """Three conv layers (GELU, so no feature is ever dead), global average pooling to 128 features, and a
+    linear classifier over the 10 digits."""
 
     def __init__(self, image_size: int = 16):
         super().__init__()
         self.image_size = image_size
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1), nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.GELU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )  # fmt: skip
         self.head = nn.Linear(128, 10)
@@ -61,7 +64,7 @@ def _uint8_to_model(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def train_digits_classifier(image_size: int = 16, epochs: int = 40, seed: int = 0) -> tuple[DigitsNet, float]:
     """Train on the digits' training split (±1 px shifts, one-cycle learning rate); returns the network and
-    its held-out accuracy (about 96–97%)."""
+    its held-out accuracy (about 97%)."""
     from mediator_models.data import digits
 
     torch.manual_seed(seed)
@@ -89,23 +92,55 @@ def train_digits_classifier(image_size: int = 16, epochs: int = 40, seed: int = 
     return net, accuracy
 
 
-def digits_classifier(image_size: int = 16, epochs: int = 40, seed: int = 0) -> tuple[DigitsNet, float, Path]:
-    """The cached classifier for this configuration (trained on first use); refuses one below 95%."""
-    from mediator_models.checkpoint import atomic_save
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-    key = hashlib.sha256(json.dumps({"size": image_size, "epochs": epochs, "seed": seed, "v": 2}).encode()).hexdigest()[:12]
-    path = cache_dir() / f"digits-classifier-{key}.pt"
-    if path.exists():
-        state = torch.load(path, weights_only=False)
-        net = DigitsNet(image_size)
-        net.load_state_dict(state["weights"])
-        return net.eval(), state["heldout_accuracy"], path
-    net, accuracy = train_digits_classifier(image_size, epochs, seed)
-    if accuracy < MIN_ACCURACY:
-        raise RuntimeError(f"the digits classifier reached only {accuracy:.1%} held-out accuracy (< 95%); "
-                           "its features would not be trustworthy for FID")  # fmt: skip
-    atomic_save({"weights": net.state_dict(), "heldout_accuracy": accuracy, "image_size": image_size}, path)
-    return net, accuracy, path
+
+def digits_classifier(image_size: int = 16) -> tuple[DigitsNet, float, Path, str]:
+    """The pinned classifier shipped with attnmed: (network, held-out accuracy, weights path, sha256).
+    Refuses weights whose hash is not the pinned one (FIDs would not be comparable)."""
+    if image_size != 16:
+        raise ValueError(f"the pinned digits extractor works at 16×16; got --image-size {image_size}")
+    path = PINNED_DIGITS_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"the digits extractor {path} is missing from this checkout; restore it from git")
+    digest = file_sha256(path)
+    if digest != PINNED_DIGITS_SHA256:
+        raise ValueError(f"{path} has sha256 {digest[:12]}…, not the pinned {PINNED_DIGITS_SHA256[:12]}…: FIDs would "
+                         "not be comparable with the committed ones; restore the file from git")  # fmt: skip
+    state = torch.load(path, weights_only=False)
+    net = DigitsNet(state["image_size"])
+    net.load_state_dict(state["weights"])
+    return net.eval(), state["heldout_accuracy"], path, digest
+
+
+@dataclass
+class DigitsExtractor:
+    """The pinned digits classifier as a feature extractor: features of image sets, and how to cite it."""
+
+    net: DigitsNet
+    accuracy: float
+    path: Path
+    sha256: str
+
+    @classmethod
+    def pinned(cls, image_size: int = 16) -> "DigitsExtractor":
+        net, accuracy, path, digest = digits_classifier(image_size)
+        return cls(net, accuracy, path, digest)
+
+    @property
+    def label(self) -> str:
+        return f"digits-cnn sha256 {self.sha256[:12]} (held-out accuracy {self.accuracy:.1%})"
+
+    @torch.no_grad()
+    def features_of(self, source, batch_size: int = 500) -> np.ndarray:
+        """(N, 128) float64 features of anything `analysis.evaluate.load_images` reads (folder, npz, split)."""
+        from .evaluate import load_images
+
+        images = load_images(source).images
+        parts = [self.net.features(_uint8_to_model(images[i : i + batch_size], self.net.image_size))
+                 for i in range(0, len(images), batch_size)]  # fmt: skip
+        return torch.cat(parts).double().numpy()
 
 
 def _register_digits_extractor() -> None:
@@ -146,3 +181,19 @@ def _register_digits_extractor() -> None:
             return (self.net.features(_uint8_to_model(images, self.net.image_size)),)
 
     torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
+
+
+def _retrain_and_pin() -> None:
+    """Retrain the digits extractor into analysis/assets and print the hash to pin in this file."""
+    from mediator_models.checkpoint import atomic_save
+
+    net, accuracy = train_digits_classifier(16)
+    if accuracy < MIN_ACCURACY:
+        raise SystemExit(f"held-out accuracy {accuracy:.1%} is below {MIN_ACCURACY:.0%}; not written")
+    state = {"weights": {k: v.clone() for k, v in net.state_dict().items()}, "heldout_accuracy": accuracy, "image_size": 16}
+    atomic_save(state, PINNED_DIGITS_WEIGHTS)
+    print(f"held-out accuracy {accuracy:.2%}; PINNED_DIGITS_SHA256 = {file_sha256(PINNED_DIGITS_WEIGHTS)!r}")
+
+
+if __name__ == "__main__":
+    _retrain_and_pin()

@@ -58,15 +58,16 @@ def _pair_indices(n: int, max_pairs: int | None, device) -> tuple[torch.Tensor, 
 
 
 def jsd_redundancy(maps: torch.Tensor, max_pairs: int | None = 8192, chunk_elements: int = 2**24,
-                   row_entropy: torch.Tensor | None = None) -> torch.Tensor:
+                   row_entropy: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
     """Mean JSD(P_i ‖ P_j) over unordered pairs of rows, in bits. maps (..., N, M) -> (...).
 
     JSD(p, q) = H((p + q)/2) − (H(p) + H(q))/2. Pairs are processed in chunks of about `chunk_elements`
-    values, so memory stays bounded instead of growing as N²·M. Above `max_pairs` pairs the mean is taken
-    over that many pairs drawn uniformly with a fixed seed, the same pairs for every map of that size (an
-    unbiased estimate, and a paired one across steps, layers and models; all pairs for N ≤ 128 by default).
-    Computed in the maps' precision (float32 at least; float64 maps give float64 arithmetic), averaged in
-    float64. `row_entropy` (the rows' entropies in nats, (..., N)) may be passed when already computed.
+    values, so memory stays bounded instead of growing as N²·M. Above `max_pairs` pairs the mean is estimated
+    from `max_pairs` pairs drawn uniformly and independently for every map (an unbiased estimate whose errors
+    average out over maps, also on structured maps; fixed pairs shared by all maps would not). The draw is
+    seeded by `seed`, or by the maps' contents, so a measurement is reproducible. All pairs for N ≤ 64 at the
+    recorder's 2048. Computed in the maps' precision (float32 at least), averaged in float64. `row_entropy`
+    (the rows' entropies in nats, (..., N)) may be passed when already computed.
     """
     p = _working_precision(maps)
     n = p.shape[-2]
@@ -74,7 +75,9 @@ def jsd_redundancy(maps: torch.Tensor, max_pairs: int | None = 8192, chunk_eleme
         return torch.zeros(p.shape[:-2], dtype=torch.float64, device=p.device)
     if row_entropy is None:
         row_entropy = _entropy(p)  # (..., N)
-    first, second = _pair_indices(n, max_pairs, p.device)
+    if max_pairs is not None and n * (n - 1) // 2 > max_pairs:
+        return _sampled_jsd(p, row_entropy, max_pairs, chunk_elements, seed)
+    first, second = _pair_indices(n, None, p.device)
     total = torch.zeros(p.shape[:-2], dtype=torch.float64, device=p.device)
     chunk = max(1, chunk_elements // max(1, p[..., 0, :].numel()))
     for start in range(0, len(first), chunk):
@@ -86,6 +89,33 @@ def jsd_redundancy(maps: torch.Tensor, max_pairs: int | None = 8192, chunk_eleme
         jsd = 0.5 * (_entropy(pair_sum) - mean_row_entropy) + math.log(2.0)
         total += jsd.clamp_min(0).double().sum(-1)
     return total / len(first) / math.log(2.0)
+
+
+def _content_seed(p: torch.Tensor) -> int:
+    """A reproducible seed from a few of the maps' values (the same maps give the same pairs)."""
+    probe = p.reshape(-1)[:: max(1, p.numel() // 97)].double().sum().item()
+    return int(abs(probe) * 1e9) % (2**62)
+
+
+def _sampled_jsd(p: torch.Tensor, row_entropy: torch.Tensor, pairs: int, chunk_elements: int,
+                 seed: int | None) -> torch.Tensor:
+    """The mean JSD over `pairs` pairs drawn independently for each map."""
+    lead, (n, m) = p.shape[:-2], p.shape[-2:]
+    flat, entropy = p.reshape(-1, n, m), row_entropy.reshape(-1, n)
+    groups = len(flat)
+    generator = torch.Generator().manual_seed(_content_seed(p) if seed is None else seed)
+    first = torch.randint(0, n, (groups, pairs), generator=generator)
+    second = (first + torch.randint(1, n, (groups, pairs), generator=generator)) % n  # j ≠ i, uniform over the others
+    first, second = first.to(p.device), second.to(p.device)
+    rows = torch.arange(groups, device=p.device)[:, None]
+    total = torch.zeros(groups, dtype=torch.float64, device=p.device)
+    chunk = max(1, chunk_elements // max(1, groups * m))
+    for start in range(0, pairs, chunk):
+        i, j = first[:, start : start + chunk], second[:, start : start + chunk]
+        pair_sum = flat[rows, i] + flat[rows, j]  # (groups, chunk, M)
+        jsd = 0.5 * (_entropy(pair_sum) - entropy[rows, i] - entropy[rows, j]) + math.log(2.0)
+        total += jsd.clamp_min(0).double().sum(-1)
+    return (total / pairs / math.log(2.0)).reshape(lead)
 
 
 def _working_precision(maps: torch.Tensor) -> torch.Tensor:
@@ -205,7 +235,7 @@ def measure(maps: torch.Tensor, metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd
     return out
 
 
-RECORDING_JSD_PAIRS = 128
+RECORDING_JSD_PAIRS = 2048
 
 
 def metric_reducer(metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int | None = RECORDING_JSD_PAIRS,
@@ -213,10 +243,10 @@ def metric_reducer(metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int |
     """A reducer for the recorder: `AttentionMaps` -> {metric: (B, heads)}, on the effective N×N map
     (full attention's map, or the mediator product softmax(q·Tᵀ)·softmax(T·kᵀ)).
 
-    While sampling, the JSD score is averaged over a fixed set of 128 query pairs per map (all pairs for
-    N ≤ 16): the sampled estimate of the all-pairs mean stays within about 3% per map (tests/test_metrics.py),
-    its error averages out over samples and heads, and it keeps recording within 2× of plain sampling.
-    Pass `jsd_pairs=None` for the exact all-pairs mean.
+    The JSD score is the exact all-pairs mean up to 2048 pairs (every map of N ≤ 64 tokens, the embedded
+    study). Above, it is estimated from 2048 pairs drawn independently for each map. Measured on 32 maps of 256
+    tokens (local windows, blocks, random; tests/test_metrics.py): the mean over the maps within 0.2% of the
+    exact one, each map within 1.7%. Pass `jsd_pairs=None` for the exact mean at any size.
     """
 
     check_metric_names(metrics)

@@ -49,12 +49,15 @@ def _head_average(table: pd.DataFrame, metric: str, branch: str | None = None) -
     return rows
 
 
-def redundancy_heatmap(table: pd.DataFrame, metric: str = "jsd", title: str = "", path=None):
-    """The paper's view: the head-averaged score per layer (rows) and sampling step (columns, noise → data)."""
+def redundancy_heatmap(table: pd.DataFrame, metric: str = "jsd", title: str = "", path=None,
+                       limits: tuple[float, float] | None = None):
+    """The paper's view: the head-averaged score per layer (rows) and sampling step (columns, noise → data).
+    `limits` fixes the colour scale, so heat maps of several models can be read against each other."""
     rows = _head_average(table, metric)
     grid = rows.pivot_table(index="layer", columns="step", values="mean", aggfunc="mean").sort_index()
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(grid) + 1.8))
-    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws={"label": METRIC_LABELS.get(metric, metric)})
+    vmin, vmax = limits if limits is not None else (None, None)
+    sns.heatmap(grid, ax=ax, cmap="viridis", vmin=vmin, vmax=vmax, cbar_kws={"label": METRIC_LABELS.get(metric, metric)})
     steps = grid.columns.to_numpy()
     ticks = np.linspace(0, len(steps) - 1, min(6, len(steps))).round().astype(int)
     ax.set_xticks(ticks + 0.5, [str(steps[t]) for t in ticks], rotation=0)
@@ -118,7 +121,8 @@ def attention_grid(maps: Sequence[dict], head: int = 0, path=None, title: str = 
     for row_axes, row in zip(axes, rows):
         for ax, payload in zip(row_axes, row):
             ax.axis("on")
-            ax.imshow(payload["effective"][0, head].float().numpy(), cmap="magma", interpolation="nearest")
+            image = ax.imshow(payload["effective"][0, head].float().numpy(), cmap="magma", interpolation="nearest")
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
             ax.set_title(f"step {payload['step']}, noise {payload.get('noise_level', float('nan')):.2f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -153,17 +157,23 @@ def schedule_diagram(schedules: Sequence[MediatorSchedule], gflops: Sequence[flo
 
 
 def tradeoff(results: pd.DataFrame, path=None, title: str = ""):
-    """FID against GFLOPs per image, one marker style per kind of schedule."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for kind, part in results.groupby("kind"):
-        ax.scatter(part["gflops_per_image"], part["fid"], label=kind, s=40)
+    """FID against GFLOPs per image, one marker per run, with its 95% bootstrap interval over training seeds,
+    sampling seeds and images when the table has one (summary rows: train_seed == "all")."""
+    summary = results[results["train_seed"].astype(str) == "all"] if "train_seed" in results else results
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = dict(zip(sorted(summary["kind"].unique()), "osD^v"))
+    for kind, part in summary.groupby("kind"):
+        errors = None
+        if "fid_low" in part:
+            errors = np.vstack([part["fid"] - part["fid_low"], part["fid_high"] - part["fid"]])
+        ax.errorbar(part["gflops_per_image"], part["fid"], yerr=errors, fmt=markers[kind], capsize=3, label=kind, ms=6)
         for _, row in part.iterrows():
-            ax.annotate(row["schedule"], (row["gflops_per_image"], row["fid"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("GFLOPs per image (all sampling steps)")
-    ax.set_ylabel(f"FID ({results['extractor'].iloc[0]}, {int(results['num_samples'].iloc[0])} samples)")
-    ax.set_title(title or "quality against cost: lower left is better")
-    ax.legend(fontsize=7)
+            ax.annotate(row["schedule"], (row["gflops_per_image"], row["fid"]), fontsize=8,
+                        xytext=(5, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("GFLOPs per image (forward MACs × network evaluations)")
+    ax.set_ylabel(f"FID (digits features, {int(summary['num_samples'].iloc[0])} samples per cell)")
+    ax.set_title(title or "quality against cost (lower left is better; bars: 95% intervals)")
+    ax.legend(fontsize=8)
     save(fig, path)
     return fig
 

@@ -33,9 +33,10 @@ from mediator_models.switching import AdaptiveSwitch, MediatorSchedule, evaluati
 from mediator_models.train import TrainConfig, checkpoint_paths, train
 
 from .collect import CollectionConfig, collect_redundancy, read_table, write_table
-from .evaluate import Extractor, compute_metrics, results_table
+from .features import DigitsExtractor
 from .metrics import ALL_METRICS
 from .schedule import Rule, derive_schedule, per_step_statistic, schedule_gflops
+from .stats import LOWER_IS_BETTER, CellMetrics, Reference, all_metrics, paired_bootstrap, verdict
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,19 @@ class StudyConfig:
     model: str = "SiT-T/2"
     image_size: int = 16
     mediator_counts: tuple[int, ...] = (4, 16)
-    train_steps: int = 1200
+    train_steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
-    ema_decay: float = 0.99  # short CPU runs: at 0.999 the initial weights still hold 30% of the EMA after 1200 steps
+    ema_decay: float = 0.99  # short CPU runs: at 0.999 the initial weights still hold 45% of the EMA after 800 steps
     sampler_steps: int = 50
     record_samples: int = 32
-    fid_samples: int = 500
-    adaptive_ratios: tuple[tuple[float, ...], ...] = ((1.0, 0.9), (1.0, 0.7), (1.0, 0.5))
+    fid_samples: int = 250
+    adaptive_ratios: tuple[tuple[float, ...], ...] = ((1.0, 0.9), (1.0, 0.7))
     jsd_quantiles: tuple[float, ...] = (0.33, 0.66)
-    seed: int = 0
+    train_seeds: tuple[int, ...] = (0, 1, 2)  # each model is trained once per seed
+    sample_seeds: tuple[int, ...] = (0, 1)  # each trained model is sampled once per seed (same noise for every run)
+    bootstrap_replicates: int = 200
+    kid_subset_size: int = 100
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -62,12 +66,18 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def cells(self) -> list[tuple[int, int]]:
+        """(training seed, sampling seed) pairs: the replicates every comparison is paired over."""
+        return [(t, r) for t in self.train_seeds for r in self.sample_seeds]
+
 
 PRESETS = {
     # Every stage at toy budgets: a smoke test of the pipeline (the tests run it), numbers meaningless.
     "quick": StudyConfig(train_steps=60, batch_size=16, sampler_steps=12, record_samples=4, fid_samples=64,
-                         adaptive_ratios=((1.0, 0.7),)),  # fmt: skip
-    # The demo: long enough that the trends are real, under 30 minutes on 2 CPU cores.
+                         adaptive_ratios=((1.0, 0.7),), train_seeds=(0, 1), sample_seeds=(0,),
+                         bootstrap_replicates=50, kid_subset_size=32),  # fmt: skip
+    # The demo: three training seeds × two sampling seeds, sized to finish in about 40 minutes on 2 CPU cores.
     "default": StudyConfig(),
 }
 
@@ -114,27 +124,32 @@ class Study:
         return ProcessConfig("SiT")
 
     # ---- stage 1: train ---------------------------------------------------------------------------------------
-    def train_all(self) -> dict[int | None, Path]:
-        paths = {}
-        for count in self.variants:
-            out = self.run_dir / "train" / self.variant_name(count)
-            final = out / "checkpoints" / f"{self.config.train_steps:07d}.pt"
-            if not final.exists():
-                self.say(f"train {self.variant_name(count)} for {self.config.train_steps} steps")
-                cfg = TrainConfig(model=self.config.model, attention="full" if count is None else "mediator",
-                                  mediators=count, data="digits", image_size=self.config.image_size,
-                                  global_batch_size=self.config.batch_size, steps=self.config.train_steps,
-                                  lr=self.config.lr, ema_decay=self.config.ema_decay, seed=self.config.seed,
-                                  log_every=50, ckpt_every=max(50, self.config.train_steps // 5), out=str(out))  # fmt: skip
-                train(cfg, resume=bool(checkpoint_paths(out)))
-            paths[count] = final
+    def train_all(self) -> dict[int, dict[int | None, Path]]:
+        """Final checkpoints per training seed and variant."""
+        paths: dict[int, dict[int | None, Path]] = {}
+        for seed in self.config.train_seeds:
+            paths[seed] = {}
+            for count in self.variants:
+                out = self.run_dir / "train" / f"seed{seed}" / self.variant_name(count)
+                final = out / "checkpoints" / f"{self.config.train_steps:07d}.pt"
+                if not final.exists():
+                    self.say(f"train {self.variant_name(count)} (seed {seed}) for {self.config.train_steps} steps")
+                    cfg = TrainConfig(model=self.config.model, attention="full" if count is None else "mediator",
+                                      mediators=count, data="digits", image_size=self.config.image_size,
+                                      global_batch_size=self.config.batch_size, steps=self.config.train_steps,
+                                      lr=self.config.lr, ema_decay=self.config.ema_decay, seed=seed, log_every=50,
+                                      ckpt_every=max(50, self.config.train_steps // 4), out=str(out))  # fmt: skip
+                    train(cfg, resume=bool(checkpoint_paths(out)))
+                paths[seed][count] = final
         return paths
 
-    def load(self, checkpoints: dict[int | None, Path]) -> dict[int | None, LoadedModel]:
-        return {count: load_for_sampling(path) for count, path in checkpoints.items()}
+    def load(self, checkpoints: dict[int, dict[int | None, Path]]) -> dict[int, dict[int | None, LoadedModel]]:
+        return {seed: {count: load_for_sampling(path) for count, path in by_count.items()}
+                for seed, by_count in checkpoints.items()}  # fmt: skip
 
     # ---- stage 2: record --------------------------------------------------------------------------------------
     def record_all(self, models: dict[int | None, LoadedModel]) -> pd.DataFrame:
+        """Redundancy of the first training seed's models (the measurement the schedules are derived from)."""
         tables = []
         depth = next(iter(models.values())).model.config.depth
         last = self.config.sampler_steps - 1
@@ -144,12 +159,12 @@ class Study:
             if not path.exists():
                 self.say(f"record redundancy of {self.variant_name(count)} over {self.config.record_samples} samples")
                 collection = CollectionConfig(samples=self.config.record_samples, batch_size=min(32, self.config.record_samples),
-                                              seed=self.config.seed, metrics=ALL_METRICS)  # fmt: skip
+                                              seed=self.config.sample_seeds[0], metrics=ALL_METRICS)  # fmt: skip
                 table = collect_redundancy(loaded.model, loaded.process, self.sampler, collection,
                                            state_path=path.with_suffix(".state.pt"), keep_maps=keep,
                                            keep_dir=self.run_dir / "record" / "maps")  # fmt: skip
-                write_table(table, path, {"checkpoint": loaded.source, "collection": collection.to_dict(),
-                                          "sampler": self.sampler.to_dict()})  # fmt: skip
+                write_table(table, path, {"checkpoint": loaded.source, "weights": loaded.weights,
+                                          "collection": collection.to_dict(), "sampler": self.sampler.to_dict()})  # fmt: skip
                 path.with_suffix(".state.pt").unlink(missing_ok=True)
             tables.append(read_table(path))
         return pd.concat(tables, ignore_index=True)
@@ -174,7 +189,7 @@ class Study:
 
     # ---- stage 4: sample --------------------------------------------------------------------------------------
     def runs(self, models: dict[int | None, LoadedModel], derived: dict[str, MediatorSchedule]) -> list[dict[str, Any]]:
-        """Every sampling run of the study: (name, kind, callback factory, schedule description)."""
+        """Every sampling run of the study for one training seed's models: name, kind, step callback, base model."""
         networks = {count: loaded.model for count, loaded in models.items()}
         runs = [{"name": self.variant_name(c), "kind": "static", "schedule": MediatorSchedule.constant(c).name,
                  "callback": None, "base": c} for c in self.variants]  # fmt: skip
@@ -189,37 +204,105 @@ class Study:
                          "schedule_data": schedule.to_dict()})  # fmt: skip
         return runs
 
-    def sample_all(self, models, runs) -> dict[str, dict]:
+    def sample_folder(self, cell: tuple[int, int], name: str) -> Path:
+        return self.run_dir / "samples" / f"train{cell[0]}-sample{cell[1]}" / name
+
+    def sample_all(self, models: dict[int, dict[int | None, LoadedModel]], derived) -> dict[tuple, dict]:
+        """Every run in every cell; sampling seed r gives every run of every training seed the same noise."""
         sidecars = {}
-        for run in runs:
-            out = self.run_dir / "samples" / run["name"]
-            if not (out / "samples.json").exists():
-                self.say(f"sample {self.config.fid_samples} images: {run['schedule']}")
-                sample_to_folder(models[run["base"]], out, num_samples=self.config.fid_samples, sampler=self.sampler,
-                                 batch_size=100, seed=self.config.seed + 1, callback=run["callback"],
-                                 schedule={"name": run["schedule"], **run.get("schedule_data", {})})  # fmt: skip
-            sidecars[run["name"]] = json.loads((out / "samples.json").read_text())
+        for train_seed, sample_seed in self.config.cells:
+            for run in self.runs(models[train_seed], derived):
+                out = self.sample_folder((train_seed, sample_seed), run["name"])
+                if not (out / "samples.json").exists():
+                    self.say(f"sample {self.config.fid_samples} images: {run['schedule']} (training seed {train_seed}, "
+                             f"sampling seed {sample_seed})")  # fmt: skip
+                    sample_to_folder(models[train_seed][run["base"]], out, num_samples=self.config.fid_samples,
+                                     sampler=self.sampler, batch_size=125, seed=sample_seed, callback=run["callback"],
+                                     schedule={"name": run["schedule"], **run.get("schedule_data", {})})  # fmt: skip
+                sidecars[(train_seed, sample_seed, run["name"])] = json.loads((out / "samples.json").read_text())
         return sidecars
 
     # ---- stage 5: evaluate ------------------------------------------------------------------------------------
-    def evaluate_all(self, runs, sidecars) -> pd.DataFrame:
-        path = self.run_dir / "results.csv"
-        if path.exists():
-            return pd.read_csv(path)
-        extractor = Extractor.digits(self.config.image_size)
-        reference = digits("heldout", self.config.image_size)
+    def features(self, folder: Path, extractor: DigitsExtractor) -> np.ndarray:
+        """The digits extractor's features of a sample folder, cached beside it under the extractor's hash."""
+        path = folder / f"features-{extractor.sha256[:12]}.npy"
+        if not path.exists():
+            features = extractor.features_of(folder / "samples.npz")
+            atomic_write(path, lambda handle: np.save(handle, features))
+        return np.load(path)
+
+    def evaluate_all(self, runs: list[dict], sidecars: dict[tuple, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Per-cell metrics, summaries with intervals, and paired differences (results.csv, differences.csv)."""
+        results_path, differences_path = self.run_dir / "results.csv", self.run_dir / "differences.csv"
+        if results_path.exists() and differences_path.exists():
+            return pd.read_csv(results_path), pd.read_csv(differences_path)
+        extractor = DigitsExtractor.pinned()
+        reference = Reference.from_features(extractor.features_of(digits("heldout", self.config.image_size)))
+        features: dict[str, dict[tuple[int, int], CellMetrics]] = {run["name"]: {} for run in runs}
         rows = []
-        for run in runs:
-            self.say(f"evaluate {run['name']}")
-            metrics = compute_metrics(self.run_dir / "samples" / run["name"] / "samples.npz", reference, extractor)
-            sidecar = sidecars[run["name"]]
-            rows.append({**metrics, "model": self.config.model, "attention": run["name"], "schedule": run["schedule"],
-                         "kind": run["kind"], "sampler": "SDE Euler–Maruyama", "steps": self.config.sampler_steps,
-                         "cfg": 1.0, "gflops_per_image": sidecar["gflops_per_image"], "nfe": sidecar["nfe_per_image"]})  # fmt: skip
-        table = results_table(rows)
-        table["kind"] = [r["kind"] for r in rows]
-        atomic_write(path, lambda handle: table.to_csv(handle, index=False), binary=False)
-        return table
+        for cell in self.config.cells:
+            for run in runs:
+                self.say(f"evaluate {run['name']} (training seed {cell[0]}, sampling seed {cell[1]})")
+                own = self.features(self.sample_folder(cell, run["name"]), extractor)
+                features[run["name"]][cell] = CellMetrics(own, reference)
+                sidecar = sidecars[(*cell, run["name"])]
+                rows.append({"run": run["name"], "schedule": run["schedule"], "kind": run["kind"], "train_seed": cell[0],
+                             "sample_seed": cell[1], **all_metrics(own, reference, self.config.kid_subset_size),
+                             "gflops_per_image": sidecar["gflops_per_image"], "nfe": sidecar["nfe_per_image"],
+                             "seconds_per_image": sidecar.get("seconds_per_image"), "num_samples": sidecar["num_samples"]})  # fmt: skip
+        cells = pd.DataFrame(rows)
+        summary, differences = summarise(cells, features, runs, self.variant_name(None), self.config.bootstrap_replicates)
+        common = {"model": self.config.model, "sampler": f"SDE Euler–Maruyama, {self.config.sampler_steps} steps",
+                  "cfg": 1.0, "extractor": extractor.label, "extractor_sha256": extractor.sha256,
+                  "num_reference": len(reference.features)}  # fmt: skip
+        results = pd.concat([cells, summary], ignore_index=True).assign(**common)
+        atomic_write(results_path, lambda handle: results.to_csv(handle, index=False), binary=False)
+        atomic_write(differences_path, lambda handle: differences.to_csv(handle, index=False), binary=False)
+        return results, differences
+
+
+def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[str, str, str]]:
+    """(run, baseline, claim) pairs the report decides on: every run against full attention (the paper: quality
+    kept or improved), and every dynamic schedule against the most expensive static run it does not exceed in
+    cost (the paper: dynamic counts beat static ones at equal FLOPs)."""
+    cost = cells.groupby("run")["gflops_per_image"].mean()
+    static = [r["name"] for r in runs if r["kind"] == "static"]
+    pairs = [(r["name"], full, "quality vs full attention") for r in runs if r["name"] != full]
+    for run in runs:
+        if run["kind"] == "static":
+            continue
+        affordable = [s for s in static if cost[s] <= cost[run["name"]] * 1.001]
+        if affordable:
+            baseline = max(affordable, key=lambda s: cost[s])
+            pairs.append((run["name"], baseline, "dynamic vs static at no more FLOPs"))
+    return pairs
+
+
+def summarise(cells: pd.DataFrame, features: dict[str, dict[tuple[int, int], CellMetrics]], runs: list[dict], full: str,
+              replicates: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One summary row per run (the mean over cells with a bootstrap interval per metric) and one row per paired
+    comparison and metric (difference, interval, verdict)."""
+    summary = []
+    for run in runs:
+        own = cells[cells["run"] == run["name"]]
+        row = {"run": run["name"], "schedule": run["schedule"], "kind": run["kind"], "train_seed": "all",
+               "sample_seed": "all", "gflops_per_image": own["gflops_per_image"].mean(), "nfe": own["nfe"].mean(),
+               "seconds_per_image": own["seconds_per_image"].mean(), "num_samples": int(own["num_samples"].iloc[0]),
+               "kid_std": own["kid_std"].mean()}  # fmt: skip
+        for metric in LOWER_IS_BETTER:
+            interval = paired_bootstrap(metric, features[run["name"]], None, replicates)
+            row.update({metric: interval.point, f"{metric}_low": interval.low, f"{metric}_high": interval.high})
+        summary.append(row)
+    differences = []
+    for name, baseline, claim in comparisons(runs, cells, full):
+        for metric in LOWER_IS_BETTER:
+            interval = paired_bootstrap(metric, features[name], features[baseline], replicates)
+            differences.append({"run": name, "baseline": baseline, "claim": claim, "metric": metric,
+                                "difference": interval.point, "low": interval.low, "high": interval.high,
+                                "verdict": verdict(interval, metric, claims_improvement=True),
+                                "detectable": interval.half_width, "replicates": interval.replicates,
+                                "cells": len(features[name])})  # fmt: skip
+    return pd.DataFrame(summary), pd.DataFrame(differences)
 
 
 def run_study(preset: str = "default", run_root: str | Path = "runs", figures_dir: str | Path | None = None,
@@ -245,38 +328,17 @@ def _run_study_locked(preset: str, config: StudyConfig, run_dir: Path, figures_d
 
     study = Study(config, run_dir, figures_dir)
     study.say(f"study {preset} in {run_dir}; figures and report into {figures_dir}")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(0)
     models = study.load(study.timed("train", study.train_all))
-    table = study.timed("record", study.record_all, models)
+    first = models[config.train_seeds[0]]
+    table = study.timed("record", study.record_all, first)
     derived = study.schedules(table)
-    runs = study.runs(models, derived)
-    sidecars = study.timed("sample", study.sample_all, models, runs)
-    results = study.timed("evaluate", study.evaluate_all, runs, sidecars)
+    runs = study.runs(first, derived)
+    sidecars = study.timed("sample", study.sample_all, models, derived)
+    results, differences = study.timed("evaluate", study.evaluate_all, runs, sidecars)
     levels = evaluation_levels(study.process, study.sampler)
-    configs = {count: loaded.model.config for count, loaded in models.items()}
+    configs = {count: loaded.model.config for count, loaded in first.items()}
     expected = {name: schedule_gflops(s, levels, configs) for name, s in derived.items()}
-    report = write_figures_and_report(study, models, table, derived, expected, results, study.total_seconds())
+    report = write_figures_and_report(study, first, table, derived, expected, results, differences, study.total_seconds())
     study.say(f"report: {report}")
     return report
-
-
-def load_kept_maps(run_dir: Path) -> list[dict]:
-    return [torch.load(p, weights_only=False) for p in sorted((run_dir / "record" / "maps").glob("*_part000.pt"))]
-
-
-def sample_images(run_dir: Path, name: str, count: int = 32) -> np.ndarray:
-    with np.load(run_dir / "samples" / name / "samples.npz") as data:
-        return data["arr_0"][:count]
-
-
-def training_summary(run_dir: Path, variants: list[int | None]) -> dict[str, dict]:
-    summary = {}
-    for count in variants:
-        name = Study.variant_name(count)
-        log = run_dir / "train" / name / "log.jsonl"
-        records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        records = [r for r in records if "event" not in r]  # resume events carry no loss
-        summary[name] = {"final_loss": records[-1]["loss"] if records else None,
-                         "steps_per_sec": float(np.mean([r["steps_per_sec"] for r in records])) if records else None}  # fmt: skip
-    return summary
-

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,15 +176,17 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
         bar = tqdm(total=len(todo), desc=f"sample {config.label} {sampler.describe()}", dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         indices = todo[start : start + batch_size]
+        began = time.perf_counter()
         x_T, y, noise = start_batch(indices, seed, config, classes, device)
         images, caller = generate(model, loaded.process, sampler, x_T, y, callback=callback, noise_fn=noise)
         if vae is not None:
             from .data import decode
 
             images = decode(vae, images)
+        seconds = (time.perf_counter() - began) / len(indices)  # wall-clock per image on this machine
         with costs_path.open("a") as handle:  # costs first: an image is never left without its cost record
             for i, gflops in zip(indices, caller.gflops.tolist()):
-                handle.write(json.dumps({"index": i, "nfe": caller.nfe, "gflops": gflops}) + "\n")
+                handle.write(json.dumps({"index": i, "nfe": caller.nfe, "gflops": gflops, "seconds": seconds}) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         for i, array in zip(indices, to_uint8(images)):
@@ -213,6 +216,7 @@ def finalize_folder(out: Path, num_samples: int, provenance: dict[str, Any]) -> 
         "num_samples": num_samples,
         "nfe_per_image": float(np.mean([c["nfe"] for c in known])) if known else None,
         "gflops_per_image": float(np.mean([c["gflops"] for c in known])) if known else None,
+        "seconds_per_image": float(np.mean([c.get("seconds", np.nan) for c in known])) if known else None,
         "npz": "samples.npz",
     }
     atomic_write_json(out / "samples.json", sidecar)
