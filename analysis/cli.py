@@ -122,8 +122,13 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="attnmed training checkpoint or an official DiT/SiT file")
+def _add_checkpoint_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:
+        parser.add_argument("--ckpt", required=True, action="append",
+                            help="attnmed training checkpoint or an official DiT/SiT file; repeat it (one per mediator "
+                                 "count) to switch networks with --schedule or --adaptive")  # fmt: skip
+    else:
+        parser.add_argument("--ckpt", required=True, help="attnmed training checkpoint or an official DiT/SiT file")
     parser.add_argument("--model", default=None, help="for official files only: the registry name, e.g. DiT-XL/2")
     parser.add_argument("--input-size", type=int, default=None, help="for official files only (default 32 = 256 px)")
     _add_attention(parser)
@@ -140,14 +145,14 @@ def _add_sampler_args(parser: argparse.ArgumentParser, steps: int = 250) -> None
     parser.add_argument("--classes", type=int, nargs="*", default=None, help="cycle through these labels (default: random)")
 
 
-def _load_from_args(args: argparse.Namespace):
+def _load_from_args(args: argparse.Namespace, checkpoint: str | None = None):
     """(loaded model, sampler config) from the checkpoint and sampler arguments."""
     from mediator_models.sample import load_for_sampling
     from mediator_models.sampling import default_sampler
     from mediator_models.train import init_distributed
 
     env = init_distributed()
-    loaded = load_for_sampling(args.ckpt, model_name=args.model, input_size=args.input_size,
+    loaded = load_for_sampling(checkpoint or args.ckpt, model_name=args.model, input_size=args.input_size,
                                use_ema=not args.raw_weights, attention=args.attention, mediators=args.mediators,
                                device=env.device)  # fmt: skip
     changes = {"steps": args.steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels,
@@ -160,11 +165,19 @@ def _load_from_args(args: argparse.Namespace):
 
 
 def _configure_sample(parser: argparse.ArgumentParser) -> None:
-    _add_checkpoint_args(parser)
+    _add_checkpoint_args(parser, several=True)
     _add_sampler_args(parser)
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-samples", type=int, default=64, help="images to draw (sample i uses seed + i)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward batch (per rank)")
     parser.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents")
+    switching = parser.add_mutually_exclusive_group()
+    switching.add_argument("--schedule", default=None, help="schedule JSON (from `attnmed schedule`): the network of each step")
+    switching.add_argument("--adaptive", action="store_true",
+                           help="the paper's rule: move to the next network (fewest mediators first) when the step "
+                                "distance falls below ρ_i times its warm-up mean")  # fmt: skip
+    parser.add_argument("--rho", type=float, nargs="+", default=None, help="--adaptive: ρ_1 … ρ_{m−1}, one per switch")
+    parser.add_argument("--warmup", type=int, default=3, help="--adaptive: warm-up steps K (the public example: 3)")
+    parser.add_argument("--distance", choices=("l1", "l2"), default="l1", help="--adaptive: step distance")
     parser.add_argument("--out", required=True, help="folder for the PNGs, samples.npz and samples.json")
 
 
@@ -172,17 +185,57 @@ def _configure_sample(parser: argparse.ArgumentParser) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     from mediator_models.sample import sample_to_folder
 
-    loaded, sampler = _load_from_args(args)
+    if len(args.ckpt) > 1 and not (args.schedule or args.adaptive):
+        raise ValueError("several --ckpt need --schedule FILE or --adaptive to say which network runs each step")
+    if (args.schedule or args.adaptive) and len(args.ckpt) < 2:
+        raise ValueError("--schedule and --adaptive switch between networks: give one --ckpt per mediator count")
+    if args.rho is not None and not args.adaptive:
+        raise ValueError("--rho belongs to --adaptive")
+    loaded, sampler = _load_from_args(args, args.ckpt[0])
+    callback, schedule = None, None
+    if len(args.ckpt) > 1:
+        loaded, callback, schedule = _switching(args, [loaded] + [_load_from_args(args, c)[0] for c in args.ckpt[1:]], sampler)
     vae = None
     if args.vae:
         from mediator_models.data import load_vae
 
         vae = load_vae(args.vae, next(loaded.model.parameters()).device)
     sidecar = sample_to_folder(loaded, args.out, num_samples=args.num_samples, sampler=sampler,
-                               batch_size=args.batch_size, seed=args.seed, classes=args.classes, vae=vae)  # fmt: skip
+                               batch_size=args.batch_size, seed=args.seed, classes=args.classes, vae=vae,
+                               callback=callback, schedule=schedule)  # fmt: skip
     if sidecar:
         print(f"wrote {args.num_samples} samples to {args.out} ({sidecar['gflops_per_image']:.3g} GFLOPs per image)")
     return 0
+
+
+def _switching(args: argparse.Namespace, loaded: list, sampler):
+    """(base model, step callback, description) for sampling that switches between several networks."""
+    from mediator_models.sample import switchable_networks
+    from mediator_models.switching import AdaptiveSwitch, MediatorSchedule, count_label
+
+    networks = switchable_networks(loaded)
+    order = sorted((c for c in networks if c is not None)) + ([None] if None in networks else [])
+    weights = {count_label(c): networks[c].weights for c in order}
+    if args.schedule:
+        schedule = MediatorSchedule.load(args.schedule)
+        schedule.validate(order)
+        callback = schedule.callback({c: networks[c].model for c in order})
+        return networks[order[0]], callback, {**schedule.to_dict(), "networks": weights}
+    if sampler.adaptive or sampler.method == "heun":
+        raise ValueError("--adaptive measures the distance between consecutive steps, so it needs a sampler that "
+                         "evaluates the network once per step: the SDE (euler), DDPM, DDIM or the ODE with --method euler")  # fmt: skip
+    if args.rho is None or len(args.rho) != len(order) - 1:
+        raise ValueError(f"--adaptive with {len(order)} networks ({', '.join(map(count_label, order))}) needs "
+                         f"{len(order) - 1} --rho values, one per switch")  # fmt: skip
+    if any(not r > 0 for r in args.rho):
+        raise ValueError(f"--rho values must be positive, got {args.rho}")
+    if args.warmup < 1:
+        raise ValueError(f"--warmup must be at least 1, got {args.warmup}")
+    switch = AdaptiveSwitch([networks[c].model for c in order], args.rho, warmup=args.warmup, distance=args.distance)
+    description = {"name": "adaptive ρ=" + "/".join(f"{r:g}" for r in args.rho), "rule": "paper (adaptive)",
+                   "order": [count_label(c) for c in order], "rho": args.rho, "warmup": args.warmup,
+                   "distance": args.distance, "networks": weights}  # fmt: skip
+    return networks[order[0]], switch, description
 
 
 def _configure_record(parser: argparse.ArgumentParser) -> None:
@@ -240,6 +293,103 @@ def _step_layer(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"--keep-maps takes STEP:LAYER pairs such as 0:3, got {text!r}") from None
     return step, layer
+
+
+def _configure_schedule(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("table", help="redundancy table from `attnmed record` (.parquet or .csv) of a full-attention model")
+    parser.add_argument("--counts", nargs="+", required=True, metavar="N",
+                        help="the networks at hand: mediator counts and/or 'full', e.g. 4 16 64 full")
+    parser.add_argument("--rule", choices=("energy-rank", "jsd", "budget"), default="energy-rank",
+                        help="energy-rank: smallest count holding the maps' rank at --tau; jsd: --thresholds on the "
+                             "JSD score; budget: the rank rule lowered until it fits --budget-gflops")  # fmt: skip
+    parser.add_argument("--tau", type=float, default=0.9, help="energy fraction for the rank rules (0.9 or 0.99, as recorded)")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=(),
+                        help="jsd rule: ascending JSD levels (bits), one per count after the first")
+    parser.add_argument("--budget-gflops", type=float, default=None, help="budget rule: GFLOPs per image")
+    parser.add_argument("--aggregate", choices=("mean", "max", "quantile"), default="mean",
+                        help="how layers and heads are combined per step")
+    parser.add_argument("--name", default=None, help="the schedule's name (default: describes the rule)")
+    parser.add_argument("--out", required=True, help="schedule JSON to write (for `attnmed sample --schedule`)")
+
+
+@command("schedule", "derive a mediator schedule from a recorded redundancy table and print its GFLOPs per image", _configure_schedule)
+def run_schedule(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from mediator_models.config import ModelConfig
+
+    from .collect import read_table
+    from .schedule import Rule, derive_schedule, schedule_within_budget, table_gflops
+
+    counts = [None if c == "full" else _positive_count(c) for c in args.counts]
+    table = read_table(args.table)
+    full = table[table["attention"] == "full"]
+    if full.empty:
+        raise ValueError(f"{args.table} holds no full-attention rows; schedules are derived from a full model's maps")
+    if full["network"].nunique() > 1:
+        raise ValueError(f"{args.table} holds several full-attention networks ({sorted(full['network'].unique())}); "
+                         "record one model per table")  # fmt: skip
+    sidecar = Path(str(args.table) + ".json")
+    saved = json.loads(sidecar.read_text()).get("model") if sidecar.exists() else None
+    if saved is None:
+        raise ValueError(f"{sidecar} (written by `attnmed record`) is missing, so the model's size is unknown; "
+                         "record the table with `attnmed record`")  # fmt: skip
+    base = ModelConfig.from_dict(saved)
+    configs = {c: base.replace(attention="full" if c is None else "mediator", mediators=c) for c in counts}
+    if args.rule == "budget":
+        if args.budget_gflops is None:
+            raise ValueError("--rule budget needs --budget-gflops (GFLOPs per image)")
+        schedule, cost = schedule_within_budget(full, counts, configs, args.budget_gflops, args.tau, args.aggregate)
+    else:
+        rule = (Rule("energy_rank", tau=args.tau, aggregate=args.aggregate) if args.rule == "energy-rank"
+                else Rule("jsd", aggregate=args.aggregate, thresholds=tuple(args.thresholds)))  # fmt: skip
+        if rule.metric not in set(full["metric"]):
+            raise ValueError(f"{args.table} has no {rule.metric!r} rows; record it with --metrics all (or choose "
+                             "another --rule/--tau)")  # fmt: skip
+        schedule = derive_schedule(full, counts, rule)
+        cost = table_gflops(schedule, full, configs)
+    if args.name:
+        schedule.name = args.name
+    schedule.save(args.out)
+    static = {c: table_gflops(type(schedule).constant(c), full, configs) for c in counts}
+    print(schedule)
+    print(f"expected {cost:.4g} GFLOPs per image over the table's {full['step'].nunique()} steps "
+          f"(static: " + ", ".join(f"{'full' if c is None else f'n={c}'} {g:.4g}" for c, g in static.items()) + ")")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--counts takes positive mediator counts or 'full', got {text!r}")
+    return value
+
+
+def _configure_plot(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("table", help="redundancy table (.parquet or .csv) from `attnmed record` or a reproduction")
+    parser.add_argument("--metric", default="jsd", help="the score of the heat maps and curves")
+    parser.add_argument("--out", required=True, help="folder for the figures (PNG and PDF)")
+
+
+@command("plot", "draw the paper-style redundancy figures of any recorded table", _configure_plot)
+def run_plot(args: argparse.Namespace) -> int:
+    from mediator_models.runfolder import check_writable
+
+    from . import plots
+    from .collect import read_table
+
+    table = read_table(args.table)
+    if args.metric not in set(table["metric"]):
+        raise ValueError(f"{args.table} has no {args.metric!r} rows; it holds {sorted(set(table['metric']))}")
+    check_writable(args.out)
+    for path in plots.redundancy_figures(table, args.out, args.metric):
+        print(path)
+    return 0
 
 
 def _configure_cache_latents(parser: argparse.ArgumentParser) -> None:

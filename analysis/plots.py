@@ -74,10 +74,15 @@ def redundancy_curves(table: pd.DataFrame, metric: str = "jsd", title: str = "",
     fig, ax = plt.subplots(figsize=(6.5, 4))
     layers = sorted(rows["layer"].unique())
     palette = sns.color_palette("viridis", len(layers))
+    ax.axvspan(1.0, 0.7, color="0.9", zorder=0)
+    ax.axvspan(0.3, 0.0, color="0.95", zorder=0)
+    ax.text(0.985, 0.98, "early band (noise ≥ 0.7)", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+    ax.text(0.29, 0.98, "late band (≤ 0.3)", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
     for colour, layer in zip(palette, layers):
         part = rows[rows["layer"] == layer].groupby("noise_level")[["mean", "std"]].mean().sort_index()
         ax.plot(part.index, part["mean"], color=colour, label=f"layer {layer}")
-        ax.fill_between(part.index, part["mean"] - part["std"], part["mean"] + part["std"], color=colour, alpha=0.12)
+        ax.fill_between(part.index, part["mean"] - part["std"], part["mean"] + part["std"], color=colour, alpha=0.12,
+                        label="±1 std over samples" if layer == layers[0] else None)  # fmt: skip
     ax.set_xlim(1, 0)
     ax.set_xlabel("noise level σ/(α+σ)  (1 = pure noise → 0 = data)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
@@ -190,3 +195,38 @@ def sample_grid(images: np.ndarray, columns: int = 8, path=None, title: str = ""
     fig.suptitle(title, fontsize=9)
     save(fig, path)
     return fig
+
+
+def network_label(attention: str, mediators) -> str:
+    """File-name label of a model in a table: "full" or "med16"."""
+    return "full" if attention == "full" else f"med{int(mediators)}"
+
+
+def redundancy_figures(table: pd.DataFrame, out_dir: str | Path, metric: str = "jsd") -> list[Path]:
+    """The paper-style figures of any redundancy table: per model a heat map (one colour scale for all models)
+    and, for full attention, the per-layer curves; and the measures against the noise level. Returns the paths
+    written (PNG, each with a PDF beside it)."""
+    out_dir = Path(out_dir)
+    rows = _head_average(table, metric)
+    limits = (float(rows["mean"].min()), float(rows["mean"].max()))
+    written = []
+    for (model, attention, mediators), part in table.groupby(["model", "attention", "mediators"]):
+        label = network_label(attention, mediators)
+        what = "JSD between queries" if attention == "full" else "JSD of the product map"
+        name = f"{model} {'full attention' if attention == 'full' else f'mediators n={int(mediators)}'}"
+        path = out_dir / f"redundancy_heatmap_{label}"
+        redundancy_heatmap(part, metric, f"{name}: {what} per layer and step (low = redundant; shared colour scale)",
+                           path, limits=limits)  # fmt: skip
+        written.append(path.with_suffix(".png"))
+        if attention == "full":
+            path = out_dir / f"redundancy_curves_{label}"
+            redundancy_curves(part, metric, path=path)
+            written.append(path.with_suffix(".png"))
+    measured = [m for m in ("entropy", "effective_rank", "energy_rank_0.9") if m in set(table["metric"])]
+    if measured:
+        path = out_dir / "measures_by_noise"
+        measure_panels(table, measured, path=path)
+        written.append(path.with_suffix(".png"))
+    plt.close("all")
+    return written
+

@@ -71,18 +71,8 @@ def write_figures_and_report(study, models, table, derived, expected_gflops, res
                              differences: pd.DataFrame, seconds: float) -> Path:
     fig_dir = study.figures_dir
     fig_dir.mkdir(parents=True, exist_ok=True)
-    full = table[table["attention"] == "full"]
-    mediated = table[table["attention"] == "mediator"]
-    largest = mediated["mediators"].max()
-    jsd_rows = table[(table["metric"] == "jsd") & (table["head"] == -1)]
-    limits = (float(jsd_rows["mean"].min()), float(jsd_rows["mean"].max()))  # one colour scale for both heat maps
-    plots.redundancy_heatmap(full, "jsd", "full attention: JSD between queries per layer and step (low = redundant)",
-                             fig_dir / "redundancy_heatmap_full", limits=limits)  # fmt: skip
-    plots.redundancy_heatmap(mediated[mediated["mediators"] == largest], "jsd",
-                             f"mediators n={largest}: JSD of the product map (same colour scale as full attention)",
-                             fig_dir / "redundancy_heatmap_mediator", limits=limits)  # fmt: skip
-    plots.redundancy_curves(full, "jsd", path=fig_dir / "redundancy_curves_full")
-    plots.measure_panels(table, ("entropy", "effective_rank", "energy_rank_0.9"), path=fig_dir / "measures_by_noise")
+    largest = table[table["attention"] == "mediator"]["mediators"].max()
+    plots.redundancy_figures(table, fig_dir)  # heat maps on one colour scale, curves, measures
     kept = load_kept_maps(study.run_dir)
     if kept:
         chosen = [m for m in kept if m["network"].startswith(study.config.model) and "full" in m["network"]][:4]
@@ -153,8 +143,9 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         "",
         f"Quality uses {extractor} against the 359 held-out digits (the extractor's weights ship with attnmed, "
         "pinned by that hash). It ranks models on this data; it is not comparable to ImageNet FIDs. Intervals are "
-        f"95% percentile intervals of a hierarchical paired bootstrap ({cfg.bootstrap_replicates} replicates over "
-        "training seeds, sampling seeds within them, and images within each cell; recall over seeds only). Every "
+        f"95% intervals of a hierarchical paired bootstrap ({cfg.bootstrap_replicates} replicates over training "
+        "seeds, sampling seeds within them, and images within each cell, recall over seeds only; percentiles shifted "
+        "by the bootstrap's estimate of its own bias, since resampling images raises FID by itself). Every "
         "comparison is paired: the runs being compared share noise and labels sample for sample. A claim *holds* "
         "when its interval lies on the claimed side of zero, *fails* when it lies on the other, and is *not "
         "reproduced here* when it contains zero; the interval's half-width is the smallest difference this run "
@@ -254,7 +245,7 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         "## Figures",
         "",
         "![JSD heat map, full attention](redundancy_heatmap_full.png)",
-        "![JSD heat map, mediators (same colour scale)](redundancy_heatmap_mediator.png)",
+        f"![JSD heat map, mediators n = {cfg.mediator_counts[-1]} (same colour scale)](redundancy_heatmap_med{cfg.mediator_counts[-1]}.png)",
         "![JSD curves per layer](redundancy_curves_full.png)",
         "![entropy and ranks](measures_by_noise.png)",
         "![attention maps](attention_maps.png)",

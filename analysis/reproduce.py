@@ -164,6 +164,7 @@ class Study:
                                            state_path=path.with_suffix(".state.pt"), keep_maps=keep,
                                            keep_dir=self.run_dir / "record" / "maps")  # fmt: skip
                 write_table(table, path, {"checkpoint": loaded.source, "weights": loaded.weights,
+                                          "model": loaded.model.config.to_dict(), "process": loaded.process.to_dict(),
                                           "collection": collection.to_dict(), "sampler": self.sampler.to_dict()})  # fmt: skip
                 path.with_suffix(".state.pt").unlink(missing_ok=True)
             tables.append(read_table(path))

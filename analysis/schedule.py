@@ -20,7 +20,7 @@ import torch
 from mediator_models.flops import config_gmacs
 from mediator_models.sample import start_batch
 from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
-from mediator_models.switching import AdaptiveSwitch, Interval, MediatorSchedule
+from mediator_models.switching import AdaptiveSwitch, Interval, MediatorSchedule, count_label
 
 AGGREGATES = ("mean", "max", "quantile")
 
@@ -123,6 +123,50 @@ def derive_schedule(table: pd.DataFrame, available: Sequence[int | None], rule: 
 def schedule_gflops(schedule: MediatorSchedule, levels: Sequence[float], configs: dict, cfg: bool = False) -> float:
     """Expected GFLOPs per image of `schedule` over a sampler's evaluation levels; configs: count -> ModelConfig."""
     return schedule.expected_gflops(levels, {count: config_gmacs(c) for count, c in configs.items()}, cfg)
+
+
+def table_gflops(schedule: MediatorSchedule, table: pd.DataFrame, configs: dict) -> float:
+    """Expected GFLOPs per image of `schedule` on the evaluation grid a table was recorded on (its noise level
+    per step), doubled when the table holds guided (cond/uncond) rows."""
+    levels = table.groupby("step")["noise_level"].first().sort_index().tolist()
+    guided = {"cond", "uncond"} <= set(table["branch"])
+    return schedule_gflops(schedule, levels, configs, cfg=guided)
+
+
+def schedule_within_budget(table: pd.DataFrame, available: Sequence[int | None], configs: dict, budget_gflops: float,
+                           tau: float = 0.99, aggregate: str = "mean") -> tuple[MediatorSchedule, float]:
+    """A monotone schedule within a FLOPs budget that keeps the maps' rank where it can.
+
+    Starts from the energy-rank rule at τ (each step gets the smallest count that fits its measured rank), then,
+    while the expected GFLOPs per image exceed `budget_gflops`, lowers the count of one step, always the first
+    step of its interval (so counts never fall as noise falls), choosing the step whose measured rank is least
+    exceeded by the smaller count (ties: the noisiest step). Returns (schedule, GFLOPs). Full attention counts as
+    holding any rank.
+    """
+    steps = per_step_statistic(table, f"energy_rank_{tau:g}", aggregate)
+    levels, need = steps["noise_level"].tolist(), steps["value"].tolist()
+    choices = sorted(c for c in available if c is not None) + ([None] if None in available else [])
+    gmacs = {c: config_gmacs(configs[c]) for c in choices}
+    factor = 2 if {"cond", "uncond"} <= set(table["branch"]) else 1
+    index = [choices.index(c) for c in counts_per_step(need, available, Rule("energy_rank", tau=tau))]
+    for k in range(1, len(index)):  # the running maximum: never fewer mediators at a less noisy step
+        index[k] = max(index[k], index[k - 1])
+
+    def deficit(k: int, i: int) -> float:
+        return 0.0 if choices[i] is None else max(0.0, need[k] - choices[i])
+
+    cost = factor * sum(gmacs[choices[i]] for i in index)
+    while cost > budget_gflops + 1e-9:
+        candidates = [k for k in range(len(index)) if index[k] > 0 and (k == 0 or index[k - 1] < index[k])]
+        if not candidates:
+            floor = factor * gmacs[choices[0]] * len(index)
+            raise ValueError(f"no schedule of {[count_label(c) for c in choices]} fits {budget_gflops:.4g} GFLOPs per "
+                             f"image; the cheapest (n={choices[0]} throughout) costs {floor:.4g}")  # fmt: skip
+        k = min(candidates, key=lambda k: (deficit(k, index[k] - 1) - deficit(k, index[k]), -levels[k]))
+        cost -= factor * (gmacs[choices[index[k]]] - gmacs[choices[index[k] - 1]])
+        index[k] -= 1
+    name = f"derived: rank τ={tau:g} within {budget_gflops:.4g} GFLOPs"
+    return monotone_intervals(levels, [choices[i] for i in index], name), cost
 
 
 def adaptive_gflops(networks: Sequence[torch.nn.Module], ratios: Sequence[float], process: ProcessConfig,

@@ -63,6 +63,32 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None =
     return LoadedModel(model.to(device).eval(), process, str(checkpoint), weights_digest(weights))
 
 
+# What networks switched within one sampling run must share: everything but the attention.
+SWITCHABLE_FIELDS = ("family", "size", "depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels",
+                     "num_classes", "learn_sigma", "class_dropout_prob")  # fmt: skip
+
+
+def switchable_networks(loaded: list[LoadedModel]) -> dict[int | None, LoadedModel]:
+    """Key loaded models by mediator count (None: full attention), refusing any pair that cannot be switched
+    between within one sampling run (another size, patch, input size, label set or process)."""
+    first = loaded[0]
+    networks: dict[int | None, LoadedModel] = {}
+    for other in loaded:
+        a, b = first.model.config, other.model.config
+        differing = [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in SWITCHABLE_FIELDS if getattr(a, f) != getattr(b, f)]
+        if other.process != first.process:
+            differing.append(f"process: {first.process.to_dict()} vs {other.process.to_dict()}")
+        if differing:
+            raise ValueError(f"{other.source} cannot be switched with {first.source}: " + "; ".join(differing)
+                             + ". Networks switched within one run differ only in their attention")  # fmt: skip
+        count = b.mediators if b.attention == "mediator" else None
+        if count in networks:
+            raise ValueError(f"{other.source} and {networks[count].source} both hold "
+                             f"{'full attention' if count is None else f'{count} mediators'}; give one network per count")  # fmt: skip
+        networks[count] = other
+    return networks
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [−1, 1] -> (B, H, W, 3) uint8; one-channel images are repeated to RGB (ADM's layout)."""
     arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -184,9 +210,11 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
 
             images = decode(vae, images)
         seconds = (time.perf_counter() - began) / len(indices)  # wall-clock per image on this machine
+        switches = _switch_steps(callback, caller, len(indices))
         with costs_path.open("a") as handle:  # costs first: an image is never left without its cost record
-            for i, gflops in zip(indices, caller.gflops.tolist()):
-                handle.write(json.dumps({"index": i, "nfe": caller.nfe, "gflops": gflops, "seconds": seconds}) + "\n")
+            for i, gflops, steps in zip(indices, caller.gflops.tolist(), switches):
+                record = {"index": i, "nfe": caller.nfe, "gflops": gflops, "seconds": seconds, "switch_steps": steps}
+                handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         for i, array in zip(indices, to_uint8(images)):
@@ -195,6 +223,15 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
             bar.update(len(indices))
     if bar is not None:
         bar.close()
+
+
+def _switch_steps(callback, caller, batch: int) -> list[list[int]]:
+    """Per sample, the evaluation indices at which it moved to another network: the adaptive rule's own record,
+    or, for one network per step, where the network used changed."""
+    if hasattr(callback, "switch_steps") and len(callback.switch_steps) == batch:
+        return [list(steps) for steps in callback.switch_steps]
+    changes = [k for k in range(1, len(caller.used)) if caller.used[k] is not caller.used[k - 1]]
+    return [changes] * batch
 
 
 def finalize_folder(out: Path, num_samples: int, provenance: dict[str, Any]) -> dict[str, Any]:
@@ -219,5 +256,8 @@ def finalize_folder(out: Path, num_samples: int, provenance: dict[str, Any]) -> 
         "seconds_per_image": float(np.mean([c.get("seconds", np.nan) for c in known])) if known else None,
         "npz": "samples.npz",
     }
+    if provenance.get("schedule"):  # switching runs: what each sample did and spent
+        sidecar["per_sample"] = [{"index": i, "gflops": costs[i]["gflops"], "switch_steps": costs[i].get("switch_steps", [])}
+                                 for i in range(num_samples) if i in costs]  # fmt: skip
     atomic_write_json(out / "samples.json", sidecar)
     return sidecar

@@ -41,3 +41,55 @@ def test_checkpoint_that_does_not_match_the_model_is_one_clear_error(tmp_path, c
 def test_flops_refuses_a_zero_input_size(capsys):
     assert main(["flops", "DiT-S/2", "--input-size", "0"]) == 2
     assert "--input-size must be a positive whole number, got 0" in capsys.readouterr().err
+
+
+def _recorded_table(tmp_path):
+    """A redundancy table recorded through the CLI from a small full-attention SiT (all metrics)."""
+    import torch
+
+    from mediator_models import build_model
+
+    checkpoint = tmp_path / "sit.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("SiT-T/2", input_size=8).state_dict(), checkpoint)
+    table = tmp_path / "table.parquet"
+    args = ["record", "--ckpt", str(checkpoint), "--model", "SiT-T/2", "--input-size", "8", "--steps", "6",
+            "--samples", "2", "--batch-size", "2", "--metrics", "all", "--out", str(table)]  # fmt: skip
+    assert main(args) == 0
+    return table
+
+
+def test_schedule_command_derives_from_any_table_and_prints_the_cost(tmp_path, capsys):
+    from mediator_models import make_config, model_gmacs
+    from mediator_models.switching import MediatorSchedule
+
+    table = _recorded_table(tmp_path)
+    capsys.readouterr()
+    out = tmp_path / "schedule.json"
+    assert main(["schedule", str(table), "--counts", "1", "4", "full", "--tau", "0.99", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    schedule = MediatorSchedule.load(out)
+    assert schedule.intervals[0].high == 1.0 and schedule.intervals[-1].low == 0.0
+    assert "GFLOPs per image over the table's 6 steps" in printed and "static: n=1" in printed
+    # The budget rule meets its budget: halfway between all-n=1 and all-full.
+    low = 6 * model_gmacs("SiT-T/2", input_size=8, attention="mediator", mediators=1)
+    high = 6 * model_gmacs("SiT-T/2", input_size=8)
+    budget = (low + high) / 2
+    assert main(["schedule", str(table), "--counts", "1", "4", "full", "--rule", "budget", "--budget-gflops",
+                 str(budget), "--out", str(out)]) == 0  # fmt: skip
+    cost = float(capsys.readouterr().out.split("expected ")[1].split(" GFLOPs")[0])
+    assert cost <= budget
+    assert main(["schedule", str(table), "--counts", "1", "full", "--rule", "budget", "--budget-gflops", "0.0001",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "no schedule of" in capsys.readouterr().err
+    assert make_config("SiT-T/2", input_size=8).num_tokens == 16
+
+
+def test_plot_command_draws_the_figures_of_any_table(tmp_path, capsys):
+    table = _recorded_table(tmp_path)
+    capsys.readouterr()
+    assert main(["plot", str(table), "--out", str(tmp_path / "figures")]) == 0
+    written = capsys.readouterr().out.split()
+    assert {p.rsplit("/", 1)[1] for p in written} == {"redundancy_heatmap_full.png", "redundancy_curves_full.png",
+                                                       "measures_by_noise.png"}  # fmt: skip
+    assert main(["plot", str(table), "--metric", "gini", "--out", str(tmp_path / "f2")]) == 2

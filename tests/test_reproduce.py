@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -21,11 +22,23 @@ def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path, monkeypatch
     figures = run_dir / "report"  # figures stay in the run folder unless --figures publishes them
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     results = pd.read_csv(run_dir / "results.csv")
-    assert len(results) == 3 + 1 + 3  # static n=4, n=16, full; one adaptive; three derived
-    assert results["gflops_per_image"].notna().all() and results["fid"].notna().all()
-    assert (results["gflops_per_image"] > 0).all() and (results["nfe"] == 12).all()
-    full = results.set_index("attention").loc["full", "gflops_per_image"]
-    assert (results.set_index("attention").loc[["med4", "med16"], "gflops_per_image"] < full).all()
+    cells = results[results["train_seed"].astype(str) != "all"]
+    summary = results[results["train_seed"].astype(str) == "all"].set_index("run")
+    assert len(summary) == 3 + 1 + 3  # static n=4, n=16, full; one adaptive; three derived
+    assert len(cells) == 7 * 2  # every run in every (training seed, sampling seed) cell
+    assert set(zip(cells["train_seed"].astype(int), cells["sample_seed"].astype(int))) == {(0, 0), (1, 0)}
+    assert cells["fid"].notna().all() and (cells["gflops_per_image"] > 0).all() and (cells["nfe"] == 12).all()
+    assert (summary["fid_low"] <= summary["fid"]).all() and (summary["fid"] <= summary["fid_high"]).all()
+    assert summary.loc[["med4", "med16"], "gflops_per_image"].lt(summary.loc["full", "gflops_per_image"]).all()
+    assert results["extractor_sha256"].nunique() == 1 and (cells["seconds_per_image"] > 0).all()
+    differences = pd.read_csv(run_dir / "differences.csv")
+    versus_full = differences[(differences["baseline"] == "full") & (differences["metric"] == "fid")]
+    assert set(versus_full["run"]) == set(summary.index) - {"full"}
+    assert set(differences["verdict"]) <= {"holds", "fails", "not reproduced here"}
+    # Models of different training seeds differ; sampling seeds give every run the same noise.
+    seed0 = np.load(run_dir / "samples" / "train0-sample0" / "full" / "samples.npz")["arr_0"]
+    seed1 = np.load(run_dir / "samples" / "train1-sample0" / "full" / "samples.npz")["arr_0"]
+    assert not np.array_equal(seed0, seed1)
     for path in (run_dir / "schedules").glob("*.json"):
         schedule = MediatorSchedule.load(path)  # validates that the intervals tile [0, 1]
         assert schedule.intervals[0].high == 1.0 and schedule.intervals[-1].low == 0.0
@@ -36,9 +49,10 @@ def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path, monkeypatch
             low, high = image.convert("L").getextrema()
             assert high - low > 50  # not blank
     report = (figures / "REPORT.md").read_text()
-    assert "| claim (ECCV 2024, arXiv 2408.05710) | this run | verdict |" in report
+    assert "| claim (ECCV 2024, arXiv 2408.05710) | the paper's evidence (source) | this run" in report
+    assert "data/differences.csv" in report and "tie" not in report
     assert "The same study at ImageNet scale" in report
-    sidecar = json.loads((run_dir / "samples" / "adaptive-1-0.7" / "samples.json").read_text())
+    sidecar = json.loads((run_dir / "samples" / "train0-sample0" / "adaptive-1-0.7" / "samples.json").read_text())
     assert sidecar["schedule"]["name"] == "adaptive ρ=1/0.7"
     # A rerun finds every stage done and only redraws the figures.
     stamp = (run_dir / "results.csv").stat().st_mtime_ns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -192,3 +193,67 @@ def test_sample_out_naming_a_file_and_a_method_for_dit_are_refused(tmp_path, tra
     args = ["sample", "--ckpt", str(official), "--model", "DiT-T/2", "--input-size", "8", "--method", "heun"]
     assert main([*args, "--out", str(tmp_path / "s")]) == 2
     assert "--method heun applies to SiT's sde/ode samplers" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """SiT-T/4 checkpoints with 1 and 4 mediators and full attention, trained a step each."""
+    out = tmp_path_factory.mktemp("trio")
+    paths = {}
+    for name, attention, count in (("med1", "mediator", 1), ("med4", "mediator", 4), ("full", "full", None)):
+        config = TrainConfig(model="SiT-T/4", attention=attention, mediators=count, steps=1, global_batch_size=8,
+                             out=str(out / name), progress=False)  # fmt: skip
+        paths[name] = train(config) / "checkpoints/0000001.pt"
+    return paths
+
+
+def test_sampling_with_a_schedule_switches_networks_and_records_what_each_sample_spent(tmp_path, trio):
+    from mediator_models import config_gmacs
+    from mediator_models.switching import MediatorSchedule
+
+    schedule = MediatorSchedule.from_boundaries([1, 4, None], [0.7, 0.3], name="demo").save(tmp_path / "s.json")
+    args = ["sample", "--ckpt", str(trio["full"]), "--ckpt", str(trio["med1"]), "--ckpt", str(trio["med4"]),
+            "--steps", "10", "--num-samples", "3", "--schedule", str(schedule), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    sidecar = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert sidecar["schedule"]["name"] == "demo" and set(sidecar["schedule"]["networks"]) == {"n=1", "n=4", "full"}
+    per_sample = sidecar["per_sample"]
+    assert [s["index"] for s in per_sample] == [0, 1, 2]
+    assert all(len(s["switch_steps"]) == 2 for s in per_sample)  # n=1 → n=4 → full
+    loaded = {name: load_for_sampling(path).model.config for name, path in trio.items()}
+    assert config_gmacs(loaded["med1"]) * 10 < per_sample[0]["gflops"] < config_gmacs(loaded["full"]) * 10
+
+
+def test_adaptive_sampling_switches_per_sample_one_way(tmp_path, trio):
+    args = ["sample", "--ckpt", str(trio["med1"]), "--ckpt", str(trio["full"]), "--steps", "12", "--num-samples", "4",
+            "--batch-size", "2", "--adaptive", "--rho", "1.5", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    sidecar = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert sidecar["schedule"]["order"] == ["n=1", "full"] and sidecar["schedule"]["rho"] == [1.5]
+    for entry in sidecar["per_sample"]:
+        assert len(entry["switch_steps"]) <= 1 and all(step >= 5 for step in entry["switch_steps"])  # after warm-up
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "several --ckpt need --schedule FILE or --adaptive"),
+    (["--adaptive"], r"needs 1 --rho values"),
+    (["--adaptive", "--rho", "0.5", "--sampler", "ode"], "evaluates the network once per step"),
+])  # fmt: skip
+def test_switching_flags_are_checked(tmp_path, trio, capsys, extra, message):
+    args = ["sample", "--ckpt", str(trio["med1"]), "--ckpt", str(trio["full"]), "--steps", "4", *extra,
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_networks_that_cannot_be_switched_between_are_refused(tmp_path, trio, capsys):
+    other = train(TrainConfig(model="SiT-T/2", steps=1, global_batch_size=8, out=str(tmp_path / "t2"), progress=False))
+    args = ["sample", "--ckpt", str(trio["med1"]), "--ckpt", str(other / "checkpoints/0000001.pt"), "--adaptive",
+            "--rho", "0.5", "--steps", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot be switched with" in err and "patch_size: 4 vs 2" in err
+    args = ["sample", "--ckpt", str(trio["full"]), "--ckpt", str(trio["full"]), "--adaptive", "--rho", "0.5",
+            "--steps", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 2
+    assert "both hold full attention" in capsys.readouterr().err

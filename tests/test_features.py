@@ -1,0 +1,79 @@
+"""The pinned digits extractor: the shipped weights, checked by hash; features that are not degenerate; and an FID
+that rises with every kind of damage to real digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analysis import features as features_module
+from analysis.features import PINNED_DIGITS_SHA256, DigitsExtractor
+from analysis.stats import Reference, fid
+from mediator_models.data import digits
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return DigitsExtractor.pinned()
+
+
+@pytest.fixture(scope="module")
+def reference(extractor):
+    return Reference.from_features(extractor.features_of(digits("heldout")))
+
+
+def test_the_shipped_weights_are_the_pinned_ones_and_accurate(extractor):
+    assert extractor.sha256 == PINNED_DIGITS_SHA256
+    assert extractor.accuracy >= 0.95 and PINNED_DIGITS_SHA256[:12] in extractor.label
+
+
+def test_weights_that_are_not_the_pinned_ones_are_refused(tmp_path, monkeypatch):
+    altered = tmp_path / "digits.pt"
+    altered.write_bytes(features_module.PINNED_DIGITS_WEIGHTS.read_bytes() + b"\0")
+    monkeypatch.setattr(features_module, "PINNED_DIGITS_WEIGHTS", altered)
+    with pytest.raises(ValueError, match="not the pinned .*restore the file from git"):
+        DigitsExtractor.pinned()
+
+
+def test_features_are_not_degenerate(extractor):
+    held = extractor.features_of(digits("heldout"))
+    assert held.shape == (359, 128)
+    assert (held.std(0) > 1e-3).all()  # no dead feature
+    assert np.linalg.matrix_rank(np.cov(held, rowvar=False)) == 128
+
+
+def damaged(images: torch.Tensor, kind: str, level: float) -> torch.Tensor:
+    """Digits in [−1, 1] damaged by blur (σ px), pixel noise (std) or nothing."""
+    if level == 0:
+        return images
+    if kind == "blur":
+        radius = 3
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-(x**2) / (2 * level**2))
+        kernel = kernel / kernel.sum()
+        out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    generator = torch.Generator().manual_seed(0)
+    return (images + level * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("kind,levels", [("blur", (0, 0.6, 1.0, 1.6)), ("noise", (0, 0.1, 0.25, 0.5))])
+def test_fid_rises_monotonically_with_blur_and_noise(extractor, reference, kind, levels):
+    train = digits("train")
+    scores = []
+    for level in levels:
+        images = ((damaged(train.images, kind, level) + 1) * 127.5).round().to(torch.uint8)
+        scores.append(fid(extractor.features_of(images), reference))
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+
+
+def test_fid_rises_monotonically_as_classes_are_dropped(extractor, reference):
+    train = digits("train")
+    scores = []
+    for dropped in (0, 2, 4, 6):
+        keep = train.labels >= dropped  # drop digits 0 .. dropped−1
+        images = ((train.images[keep] + 1) * 127.5).round().to(torch.uint8)
+        scores.append(fid(extractor.features_of(images), reference))
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
