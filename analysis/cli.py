@@ -270,16 +270,29 @@ def run_record(args: argparse.Namespace) -> int:
                                   metrics=tuple(metrics), layers=None if args.layers is None else tuple(args.layers),
                                   heads=None if args.heads is None else tuple(args.heads),
                                   classes=tuple(args.classes) if args.classes else None)  # fmt: skip
+    from mediator_models.train import init_distributed
+
+    env = init_distributed()
     check_writable(out.parent)
-    with FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock"):
+    lock = FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock") if env.is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
         loaded, sampler = _load_from_args(args)
         state = out.with_name(f".{out.name}.state.pt")
         table = collect_redundancy(loaded.model, loaded.process, sampler, collection, state_path=state,
                                    keep_maps=keep, keep_dir=out.with_suffix("").with_name(out.stem + "-maps"))  # fmt: skip
+        if table is None:  # another rank of a torchrun job: rank 0 merges and writes
+            return 0
         write_table(table, out, {"checkpoint": loaded.source, "weights": loaded.weights,
                                  "model": loaded.model.config.to_dict(), "process": loaded.process.to_dict(),
-                                 "sampler": sampler.to_dict(), "collection": collection.to_dict()})  # fmt: skip
-        state.unlink(missing_ok=True)
+                                 "sampler": sampler.to_dict(), "collection": collection.to_dict(),
+                                 "ranks": env.world_size})  # fmt: skip
+        for leftover in out.parent.glob(f".{out.name}.state.pt*"):
+            leftover.unlink(missing_ok=True)
+    finally:
+        if lock is not None:
+            lock.release()
     print(f"wrote {len(table)} rows to {out}")
     return 0
 

@@ -22,6 +22,7 @@ from mediator_models.sample import start_batch
 from mediator_models.runfolder import atomic_write, atomic_write_json
 from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
 from mediator_models.switching import evaluation_levels
+from mediator_models.train import init_distributed
 
 from .metrics import CHEAP_METRICS, check_metric_names, metric_reducer
 
@@ -51,43 +52,57 @@ class CollectionConfig:
 
 def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, collection: CollectionConfig = CollectionConfig(),
                        *, state_path: str | Path | None = None, keep_maps=None, keep_dir=None,
-                       progress: bool = True) -> pd.DataFrame:
+                       progress: bool = True) -> pd.DataFrame | None:
     """Sample `collection.samples` images with the recorder on and return the redundancy table.
 
     `state_path` (optional) is where progress is saved after each batch; an existing state with the same
     configuration is resumed. `keep_maps` lists (step, layer) pairs whose raw maps go to `keep_dir`.
+    Under torchrun, rank r records samples r, r + W, r + 2W, …; their running statistics are merged on rank 0,
+    which returns the table (the other ranks return None). Each sample draws its own noise, so the table equals
+    the single-process one up to float rounding.
     """
+    env = init_distributed()
     config = model.config
     device = next(model.parameters()).device
     check_recordable(process, sampler, keep_maps)
     identity = {"model": config.to_dict(), "process": process.to_dict(), "sampler": sampler.to_dict(),
-                "collection": collection.to_dict()}  # fmt: skip
+                "collection": collection.to_dict(), "world_size": env.world_size}  # fmt: skip
+    if state_path is not None and env.world_size > 1:
+        state_path = Path(state_path).with_name(f"{Path(state_path).name}.rank{env.rank}")
     state = _load_state(state_path, identity)
     reducer = metric_reducer(tuple(collection.metrics))
     classes = list(collection.classes) if collection.classes else None
+    mine = list(range(env.rank, collection.samples, env.world_size))
     bar = None
     with record_attention(model, reducer, layers=collection.layers, heads=collection.heads, keep_maps=keep_maps,
                           keep_dir=keep_dir) as recorder:  # fmt: skip
-        done = 0
+        done = 0  # how many of this rank's samples are recorded
         if state is not None:
             recorder.load_state_dict(state["recorder"])
             done = state["done"]
-        if progress:
+        if progress and env.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=collection.samples, initial=done, desc=f"record {config.label} {sampler.describe()}",
+            bar = tqdm(total=len(mine), initial=done, desc=f"record {config.label} {sampler.describe()}",
                        dynamic_ncols=True)  # fmt: skip
-        while done < collection.samples:
-            indices = list(range(done, min(done + collection.batch_size, collection.samples)))
+        while done < len(mine):
+            indices = mine[done : done + collection.batch_size]
             x_T, y, noise = start_batch(indices, collection.seed, config, classes, device)
             generate(model, process, sampler, x_T, y, callback=recorder.callback, noise_fn=noise)
-            done = indices[-1] + 1
+            done += len(indices)
             if state_path is not None:
                 atomic_save({"identity": identity, "recorder": recorder.state_dict(), "done": done}, state_path)
             if bar is not None:
                 bar.update(len(indices))
-    if bar is not None:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        if env.world_size > 1:
+            gathered = [None] * env.world_size if env.is_main else None
+            torch.distributed.gather_object(recorder.state_dict(), gathered, dst=0)
+            if not env.is_main:
+                return None
+            for other in gathered[1:]:
+                recorder.merge_state_dict(other)
     table = pd.DataFrame(recorder.rows())
     table.insert(0, "mediators", config.mediators if config.mediators is not None else 0)
     table.insert(0, "attention", config.attention)

@@ -62,6 +62,16 @@ class RunningStats:
             return torch.zeros_like(self.m2)
         return (self.m2 / (self.count - 1)).clamp_min(0).sqrt()
 
+    def merge(self, other: "RunningStats") -> None:
+        """Add another accumulator's samples (Chan et al.'s parallel combination)."""
+        total = self.count + other.count
+        if other.count == 0:
+            return
+        delta = other.mean_ - self.mean_
+        self.mean_ = self.mean_ + delta * other.count / total
+        self.m2 = self.m2 + other.m2 + delta**2 * self.count * other.count / total
+        self.count = total
+
     def state(self) -> dict:
         return {"count": self.count, "mean": self.mean_, "m2": self.m2}
 
@@ -221,6 +231,17 @@ class AttentionRecorder:
         """Everything collected so far, for resuming a collection."""
         return {"stats": {k: v.state() for k, v in self.stats.items()}, "step_meta": self.step_meta,
                 "saved": dict(self._saved)}  # fmt: skip
+
+    def merge_state_dict(self, state: dict) -> None:
+        """Add the statistics another recorder collected on other samples (another rank's)."""
+        for key, values in state["stats"].items():
+            other = RunningStats.from_state(values)
+            if key in self.stats:
+                self.stats[key].merge(other)
+            else:
+                self.stats[key] = other
+        for step, meta in state["step_meta"].items():
+            self.step_meta.setdefault(step, meta)
 
     def load_state_dict(self, state: dict) -> None:
         self.stats = {k: RunningStats.from_state(v) for k, v in state["stats"].items()}

@@ -191,3 +191,31 @@ def test_bad_record_flags_fail_before_sampling_with_one_line(tmp_path, capsys, m
     code = main([*args, "--out", str(tmp_path / "t.parquet")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("attnmed record: error: ") and re.search(message, err), err
+
+
+@pytest.mark.slow
+def test_record_under_two_ranks_gives_the_single_process_table(tmp_path):
+    """`attnmed record` under two Gloo ranks (torchrun's environment): ranks split the samples, rank 0 merges."""
+    import pandas as pd
+
+    from analysis.cli import main
+    from helpers import run_two_gloo_ranks
+    from mediator_models import build_model
+
+    checkpoint = tmp_path / "sit.pt"
+    torch.save(build_model("SiT-T/2", input_size=8).state_dict(), checkpoint)
+    args = ["record", "--ckpt", str(checkpoint), "--model", "SiT-T/2", "--input-size", "8", "--steps", "4",
+            "--samples", "6", "--batch-size", "2", "--metrics", "all"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one.parquet")]) == 0
+    code = f"import sys; from analysis.cli import main; sys.exit(main({[*args, '--out', str(tmp_path / 'two.parquet')]!r}))"
+    assert run_two_gloo_ranks(code) == [0, 0]
+    one, two = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "two.parquet")
+    assert len(one) == len(two) and set(two["count"]) == {6}
+    keys = ["network", "step", "layer", "head", "branch", "metric"]
+    merged = one.merge(two, on=keys, suffixes=("_one", "_two"))
+    assert len(merged) == len(one)
+    torch.testing.assert_close(torch.tensor(merged["mean_two"].values), torch.tensor(merged["mean_one"].values),
+                               atol=1e-6, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(torch.tensor(merged["std_two"].values), torch.tensor(merged["std_one"].values),
+                               atol=1e-6, rtol=1e-4)  # fmt: skip
+    assert not list(tmp_path.glob(".two.parquet.state.pt*"))
