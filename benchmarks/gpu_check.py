@@ -1,0 +1,78 @@
+"""The prepared GPU check of the study at the paper's scale: DiT-XL/2 at 256 px with random weights.
+
+Times `attnmed record` over a few samples and steps and a sampling run that switches networks with a schedule,
+and reports wall-clock and peak GPU memory, written as the "gpu_check" section of RESULTS.md. Random weights:
+the point is cost and memory, not findings. On a CPU it runs at a toy scale (`--tiny`) so the script itself is
+tested; only a GPU run writes the section.
+
+    python benchmarks/gpu_check.py            # on a GPU machine (a few minutes on one H100)
+    python benchmarks/gpu_check.py --tiny     # the same plumbing with a tiny model, anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.cli import main as attnmed  # noqa: E402
+from benchmarks.common import markdown_table, write_section  # noqa: E402
+from mediator_models import build_model  # noqa: E402
+from mediator_models.switching import MediatorSchedule  # noqa: E402
+
+
+def timed(args: list[str]) -> tuple[float, float]:
+    """(seconds, peak GPU memory in GB) of one attnmed command."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if attnmed(args) != 0:
+        raise SystemExit(f"attnmed {' '.join(args)} failed")
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+    return seconds, peak
+
+
+def run(tiny: bool, folder: Path) -> list[list[object]]:
+    name, size = ("DiT-T/2", 8) if tiny else ("DiT-XL/2", 32)
+    samples, steps, batch = (2, 4, 2) if tiny else (8, 50, 8)
+    checkpoints = {}
+    for label, attention, count in (("full", "full", None), ("med64", "mediator", 16 if tiny else 64)):
+        torch.manual_seed(0)
+        model = build_model(name, input_size=size, attention=attention, mediators=count)
+        checkpoints[label] = folder / f"{label}.pt"  # self-describing, as `attnmed train` writes them
+        torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(),
+                    "process": {"family": "DiT"}}, checkpoints[label])  # fmt: skip
+        del model
+    common = ["--steps", str(steps), "--cfg-scale", "1.5"]
+    rows = []
+    seconds, peak = timed(["record", "--ckpt", str(checkpoints["full"]), *common, "--samples", str(samples),
+                           "--batch-size", str(batch), "--metrics", "all", "--out", str(folder / "table.parquet")])  # fmt: skip
+    rows.append([f"record {name} (all metrics, guided)", samples, steps, f"{seconds:.1f}", f"{peak:.1f}"])
+    schedule = MediatorSchedule.from_boundaries([16 if tiny else 64, None], [0.5], name="n=64 then full")
+    schedule.save(folder / "schedule.json")
+    seconds, peak = timed(["sample", "--ckpt", str(checkpoints["med64"]), "--ckpt", str(checkpoints["full"]), *common,
+                           "--num-samples", str(samples), "--batch-size", str(batch), "--schedule",
+                           str(folder / "schedule.json"), "--out", str(folder / "samples")])  # fmt: skip
+    gflops = json.loads((folder / "samples" / "samples.json").read_text())["gflops_per_image"]
+    rows.append([f"sample {name} with a schedule ({gflops:.0f} GFLOPs/image)", samples, steps, f"{seconds:.1f}", f"{peak:.1f}"])
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a tiny model: test the plumbing on any machine")
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        table = run(options.tiny, Path(tmp))
+    text = markdown_table(["check", "samples", "steps", "seconds", "peak GPU GB"], table)
+    print(text)
+    if torch.cuda.is_available() and not options.tiny:
+        write_section("gpu_check", "DiT-XL/2 at 256 px, random weights, guidance 1.5.\n\n" + text)
