@@ -433,14 +433,25 @@ def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extractor", choices=("digits", "inception"), default="digits")
     parser.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception .pth")
     parser.add_argument("--image-size", type=int, default=16, help="digits only: the size the classifier works at")
+    parser.add_argument("--adm", action="store_true",
+                        help="the ADM evaluator's five metrics (FID, sFID, Inception Score, precision, recall) against "
+                             "an ADM reference batch .npz given as --reference; needs --inception-weights")  # fmt: skip
 
 
 @command("evaluate", "FID / KID / precision / recall of samples against a reference", _configure_evaluate)
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate import Extractor, compute_metrics
+    from .evaluate import Extractor, compute_metrics, load_images
 
+    if args.adm:
+        from .adm import AdmInception, adm_metrics
+
+        if args.inception_weights is None:
+            raise ValueError("--adm needs --inception-weights (the local torch-fidelity InceptionV3 .pth)")
+        images = load_images(args.samples).images.permute(0, 2, 3, 1).numpy()
+        print(json.dumps(adm_metrics(images, args.reference, AdmInception(args.inception_weights)), indent=2))
+        return 0
     extractor = Extractor.digits(args.image_size) if args.extractor == "digits" else Extractor.inception(args.inception_weights)
     reference = args.reference
     if reference == "digits-heldout":
