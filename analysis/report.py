@@ -258,8 +258,8 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         "- 64 tokens (an 8×8 grid) make attention a small part of the cost: the N² term that mediators remove "
         "dominates only at hundreds to thousands of tokens, so FLOP savings here are small by construction, and at "
         "this size the mediator block (pooling, two small attentions, a depthwise conv) runs slower on a CPU than "
-        "fused full attention. The analytic table above gives the savings at the paper's scales; "
-        "`attnmed reproduce --preset paper-grid` is the place to test mediators at 256 tokens.",
+        "fused full attention. The analytic table above gives the savings at the paper's scales; mediators themselves "
+        "are tested only on a grid like the paper's 16×16 (256 tokens), which this preset is not.",
         "- A 4-layer, 128-wide model trained for minutes on 1438 digits is far from SiT-S/2 trained 400K steps on "
         "ImageNet; FID here uses a digits classifier's features and ranks runs only within this study.",
         f"- The adaptive rule's thresholds ρ are not public (the public code makes them required arguments and shows "
@@ -270,18 +270,15 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         "",
         "## The same study at ImageNet scale",
         "",
-        "```bash",
-        "attnmed cache-latents --data /data/imagenet/train --image-size 256 --vae /models/sd-vae-ft-ema --out /data/in256",
-        "for n in 4 16 64; do torchrun --nproc_per_node 8 -m analysis.cli train --model SiT-S/2 --attention mediator "
-        "--mediators $n --data /data/in256 --batch-size 256 --steps 400000 --out runs/sit-s2-med$n; done",
-        "torchrun --nproc_per_node 8 -m analysis.cli train --model SiT-S/2 --data /data/in256 --batch-size 256 --steps 400000 --out runs/sit-s2",
-        "attnmed record --ckpt runs/sit-s2/checkpoints/0400000.pt --samples 32 --metrics all --out runs/sit-s2-redundancy.parquet",
-        "torchrun --nproc_per_node 8 -m analysis.cli sample --ckpt runs/sit-s2-med64/checkpoints/0400000.pt "
-        "--num-samples 50000 --batch-size 125 --vae /models/sd-vae-ft-ema --out runs/sit-s2-med64/fid50k",
-        "```",
+        "`scripts/imagenet_study.sh` runs every stage of this study with the papers' settings: SD-VAE latents, "
+        "SiT-S/2 with full attention and 4/16/64 mediators (400K steps at batch 256, or given checkpoints), "
+        "redundancy recorded with guidance, rank schedules, static, derived and adaptive sampling with guidance 1.5, "
+        "and the ADM evaluator's FID, sFID, IS, precision and recall against its reference batch:",
         "",
-        "then FID-50K of each `samples.npz` against the ADM reference batch (`analysis.evaluate.compute_metrics` with "
-        "`Extractor.inception(path)` and the reference `.npz` holding `mu`/`sigma`).",
+        "```bash",
+        "DATA=/data/imagenet/train VAE=/models/sd-vae-ft-ema REF=/data/VIRTUAL_imagenet256_labeled.npz \\",
+        "INCEPTION=/models/weights-inception-2015-12-05-6726825d.pth NPROC=8 bash scripts/imagenet_study.sh",
+        "```",
         "",
     ]
     return "\n".join(lines)

@@ -14,27 +14,6 @@ from analysis.adm import (AdmInception, adm_metrics, frechet_distance, inception
                           statistics, write_reference_batch)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def random_inception(tmp_path_factory):
-    """torch-fidelity's InceptionV3 architecture with random weights, saved as a local weights file."""
-    from torch_fidelity import feature_extractor_inceptionv3 as module
-
-    folder = tmp_path_factory.mktemp("inception")
-    empty = folder / "empty.pth"
-    torch.save({}, empty)
-    cls = module.FeatureExtractorInceptionV3
-    original = cls.load_state_dict
-    cls.load_state_dict = lambda self, state, *args, **kwargs: None  # build the architecture, keep its init
-    try:
-        torch.manual_seed(0)
-        network = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    finally:
-        cls.load_state_dict = original
-    path = folder / "random-inception.pth"
-    torch.save(network.state_dict(), path)
-    return path
-
-
 def test_fid_and_inception_score_equal_torch_fidelity():
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
