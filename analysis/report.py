@@ -113,11 +113,15 @@ def _verdict(differences: pd.DataFrame, run: str, baseline: str) -> str:
     worse = [m for m in part.index if m != "fid" and part.loc[m, "verdict"] == "fails"]
     better = [m for m in part.index if m != "fid" and part.loc[m, "verdict"] == "holds"]
     notes = []
+    if main == "not reproduced here":
+        notes.append(f"the interval could resolve FID differences beyond ±{part.loc['fid', 'detectable']:.2g}")
     if worse:
         notes.append("worse on " + ", ".join(worse))
     if better:
         notes.append("better on " + ", ".join(better))
-    return main + (f" on FID ({'; '.join(notes)})" if notes else " on FID; no other metric resolved")
+    if not (worse or better):
+        notes.append("KID, precision and recall unresolved")
+    return f"{main} on FID ({'; '.join(notes)})"
 
 
 def render_report(study, table, derived, expected_gflops, results: pd.DataFrame, differences: pd.DataFrame,
