@@ -125,14 +125,18 @@ def run_train(args: argparse.Namespace) -> int:
 def _add_checkpoint_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
     if several:
         parser.add_argument("--ckpt", required=True, action="append",
-                            help="attnmed training checkpoint or an official DiT/SiT file; repeat it (one per mediator "
+                            help="attnmed training checkpoint, an official DiT/SiT file or a diffusers DiT folder; repeat it (one per mediator "
                                  "count) to switch networks with --schedule or --adaptive")  # fmt: skip
     else:
-        parser.add_argument("--ckpt", required=True, help="attnmed training checkpoint or an official DiT/SiT file")
+        parser.add_argument("--ckpt", required=True,
+                            help="attnmed training checkpoint, an official DiT/SiT file or a diffusers DiT folder")
     parser.add_argument("--model", default=None, help="for official files only: the registry name, e.g. DiT-XL/2")
     parser.add_argument("--input-size", type=int, default=None, help="for official files only (default 32 = 256 px)")
     _add_attention(parser)
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--numerics", choices=("dit", "diffusers"), default="dit",
+                        help="diffusers DiT folders: compute as the original DiT (its weights were trained so) or "
+                             "exactly as diffusers' DiTTransformer2DModel does")  # fmt: skip
 
 
 def _add_sampler_args(parser: argparse.ArgumentParser, steps: int = 250) -> None:
@@ -154,7 +158,7 @@ def _load_from_args(args: argparse.Namespace, checkpoint: str | None = None):
     env = init_distributed()
     loaded = load_for_sampling(checkpoint or args.ckpt, model_name=args.model, input_size=args.input_size,
                                use_ema=not args.raw_weights, attention=args.attention, mediators=args.mediators,
-                               device=env.device)  # fmt: skip
+                               device=env.device, numerics=args.numerics)  # fmt: skip
     changes = {"steps": args.steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels,
                "method": args.method}  # fmt: skip
     if args.sampler:

@@ -259,16 +259,25 @@ def load_checkpoint(
     use_ema: bool = True,
     adapt_resolution: bool = False,
 ) -> nn.Module:
-    """Load official DiT/SiT weights, mediator checkpoints or training checkpoints into `model`, strictly.
+    """Load official DiT/SiT weights, mediator checkpoints, training checkpoints or a diffusers DiT (its saved
+    folder or state dict, see `mediator_models.diffusers_dit`) into `model`, strictly.
 
     `use_ema` picks the EMA weights of a training checkpoint (the ones to sample from). With
     `adapt_resolution`, weights saved at another resolution are adapted first (see
     `adapt_to_resolution`); otherwise any mismatch raises `CheckpointMismatchError`.
     """
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
+    from .diffusers_dit import is_diffusers_dit, is_diffusers_folder, read_diffusers_folder, state_from_diffusers
+
+    if isinstance(path_or_state_dict, (str, os.PathLike)) and Path(path_or_state_dict).is_dir():
+        if not (is_diffusers_folder(path_or_state_dict) or is_diffusers_folder(Path(path_or_state_dict) / "transformer")):
+            raise CheckpointError(f"{path_or_state_dict} is a folder but not a diffusers model folder; pass a checkpoint file")
+        checkpoint, _ = read_diffusers_folder(path_or_state_dict)
+    elif isinstance(path_or_state_dict, (str, os.PathLike)):
         checkpoint = read_checkpoint(path_or_state_dict)
     else:
         checkpoint = path_or_state_dict
+    if is_diffusers_dit(checkpoint):  # diffusers' DiTTransformer2DModel names: convert onto ours (strictly below)
+        checkpoint = state_from_diffusers(checkpoint, model.config)
     state = extract_state_dict(checkpoint, use_ema=use_ema)
     if adapt_resolution:
         state = adapt_to_resolution(model, state)

@@ -49,6 +49,11 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     attention: str = "full"
     mediators: int | None = None
+    # How the network computes, where ports of DiT differ from the original: diffusers' DiTTransformer2DModel
+    # divides its timestep frequencies by half − 1 (downscale_freq_shift=1) and normalises before the MLP with
+    # its norm_eps (1e-5 by default). The original DiT: 0 and 1e-6. `numerics="diffusers"` on loading sets both.
+    timestep_freq_shift: int = 0
+    mlp_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         self.validate()

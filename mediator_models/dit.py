@@ -24,7 +24,7 @@ class DiTBlock(nn.Module):
             self.attn = MediatorAttention(d, config.num_heads, config.grid_size, config.mediators)
         else:
             self.attn = FullAttention(d, config.num_heads)
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=config.mlp_norm_eps)
         self.mlp = Mlp(d, int(d * config.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, bias=True))
 
@@ -52,7 +52,7 @@ class DiffusionTransformer(nn.Module):
         self.patch_size = config.patch_size
         self.num_heads = config.num_heads
         self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, config.hidden_size)
-        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
         # Fixed sin-cos embedding, stored as a frozen parameter because the public checkpoints hold it.
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, config.hidden_size), requires_grad=False)

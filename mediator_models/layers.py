@@ -36,7 +36,7 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar (possibly fractional) timesteps -> vectors: sinusoidal features then a two-layer MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
@@ -44,12 +44,14 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        """GLIDE's embedding: [cos(t·f), sin(t·f)] with f = max_period^(-i/half), i < half. t (B,) -> (B, dim)."""
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
+        """GLIDE's embedding: [cos(t·f), sin(t·f)] with f = max_period^(-i/(half − freq_shift)), i < half.
+        t (B,) -> (B, dim). DiT uses freq_shift 0; diffusers' DiT port uses 1 (`downscale_freq_shift`)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -57,7 +59,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift))
 
 
 class LabelEmbedder(nn.Module):

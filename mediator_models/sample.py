@@ -35,10 +35,28 @@ class LoadedModel:
 
 def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None = None, input_size: int | None = None,
                       num_classes: int = 1000, use_ema: bool = True, attention: str | None = None,
-                      mediators: int | None = None, device: torch.device | str = "cpu") -> LoadedModel:
+                      mediators: int | None = None, device: torch.device | str = "cpu", numerics: str = "dit") -> LoadedModel:
     """A model ready to sample: attnmed checkpoints describe themselves (a `model_name`, `input_size`,
     `attention` or `mediators` that disagrees with the checkpoint is refused); official DiT/SiT files (plain
-    state dicts) need `model_name` (and the input size, default 32, and attention they were trained with)."""
+    state dicts) need `model_name` (and the input size, default 32, and attention they were trained with). A
+    diffusers DiT folder (a DiTTransformer2DModel, or a pipeline folder holding one) converts onto our DiT and
+    computes as the original DiT, or exactly as diffusers does with `numerics="diffusers"`."""
+    from .diffusers_dit import config_from_diffusers, is_diffusers_folder, read_diffusers_folder
+
+    folder = Path(checkpoint)
+    if folder.is_dir() and (is_diffusers_folder(folder) or is_diffusers_folder(folder / "transformer")):
+        weights, diffusers_config = read_diffusers_folder(folder)
+        config = config_from_diffusers(diffusers_config, weights, numerics)
+        given = {"--model": (model_name, config.name), "--input-size": (input_size, config.input_size),
+                 "--attention": (attention, "full")}  # fmt: skip
+        conflicts = [f"{flag} {value}" for flag, (value, saved) in given.items() if value is not None and value != saved]
+        if conflicts:
+            raise ValueError(f"{checkpoint} is a diffusers DiT ({config.label}); it disagrees with {', '.join(conflicts)}")
+        model = DiffusionTransformer(config)
+        load_checkpoint(model, weights)
+        return LoadedModel(model.to(device).eval(), ProcessConfig("DiT"), str(checkpoint), weights_digest(weights))
+    if numerics != "dit":
+        raise ValueError("--numerics applies to diffusers models only; attnmed and official DiT/SiT files compute as DiT")
     state = read_checkpoint(checkpoint)
     if "model_config" in state:
         config = ModelConfig.from_dict(state["model_config"])
