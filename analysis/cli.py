@@ -122,13 +122,13 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_checkpoint_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
+def _add_checkpoint_args(parser: argparse.ArgumentParser, several: bool = False, required: bool = True) -> None:
     if several:
         parser.add_argument("--ckpt", required=True, action="append",
                             help="attnmed training checkpoint, an official DiT/SiT file or a diffusers DiT folder; repeat it (one per mediator "
                                  "count) to switch networks with --schedule or --adaptive")  # fmt: skip
     else:
-        parser.add_argument("--ckpt", required=True,
+        parser.add_argument("--ckpt", required=required,
                             help="attnmed training checkpoint, an official DiT/SiT file or a diffusers DiT folder")
     parser.add_argument("--model", default=None, help="for official files only: the registry name, e.g. DiT-XL/2")
     parser.add_argument("--input-size", type=int, default=None, help="for official files only (default 32 = 256 px)")
@@ -243,7 +243,11 @@ def _switching(args: argparse.Namespace, loaded: list, sampler):
 
 
 def _configure_record(parser: argparse.ArgumentParser) -> None:
-    _add_checkpoint_args(parser)
+    _add_checkpoint_args(parser, required=False)
+    parser.add_argument("--diffusers", default=None, metavar="FOLDER",
+                        help="instead of --ckpt: a local diffusers pipeline folder (DiT, PixArt, SD3), sampled by its "
+                             "own scheduler with --steps and --cfg-scale")  # fmt: skip
+    parser.add_argument("--prompt", nargs="+", default=None, help="--diffusers text pipelines: prompts, cycled per sample")
     _add_sampler_args(parser)
     parser.add_argument("--samples", type=int, default=32, help="samples to average over (the paper: 32)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -274,6 +278,10 @@ def run_record(args: argparse.Namespace) -> int:
                                   metrics=tuple(metrics), layers=None if args.layers is None else tuple(args.layers),
                                   heads=None if args.heads is None else tuple(args.heads),
                                   classes=tuple(args.classes) if args.classes else None)  # fmt: skip
+    if (args.ckpt is None) == (args.diffusers is None):
+        raise ValueError("give either --ckpt (an attnmed, official or diffusers DiT checkpoint) or --diffusers (a pipeline folder)")
+    if args.diffusers:
+        return _record_diffusers(args, collection, out)
     from mediator_models.train import init_distributed
 
     env = init_distributed()
@@ -297,6 +305,33 @@ def run_record(args: argparse.Namespace) -> int:
     finally:
         if lock is not None:
             lock.release()
+    print(f"wrote {len(table)} rows to {out}")
+    return 0
+
+
+def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
+    """`attnmed record --diffusers FOLDER`: the pipeline's own scheduler loop, recorded into the same table."""
+    from pathlib import Path
+
+    from mediator_models.runfolder import FolderLock, check_writable
+
+    from .collect import collect_redundancy_diffusers, write_table
+
+    folder = Path(args.diffusers)
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"{folder} is not a local diffusers pipeline folder (no model_index.json); nothing is downloaded")
+    from diffusers import DiffusionPipeline
+
+    check_writable(out.parent)
+    with FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock"):
+        pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        pipeline.set_progress_bar_config(disable=True)
+        table = collect_redundancy_diffusers(pipeline, collection, steps=args.steps, guidance_scale=args.cfg_scale,
+                                             prompts=args.prompt)  # fmt: skip
+        write_table(table, out, {"diffusers": str(folder), "pipeline": type(pipeline).__name__,
+                                 "scheduler": dict(pipeline.scheduler.config), "steps": args.steps,
+                                 "cfg_scale": args.cfg_scale, "prompts": args.prompt,
+                                 "collection": collection.to_dict()})  # fmt: skip
     print(f"wrote {len(table)} rows to {out}")
     return 0
 

@@ -110,6 +110,58 @@ def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, co
     return table[COLUMNS]
 
 
+def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = CollectionConfig(), *, steps: int = 50,
+                                 guidance_scale: float = 1.0, prompts: list[str] | None = None,
+                                 progress: bool = True) -> pd.DataFrame:
+    """The redundancy table of a diffusers pipeline (DiT, PixArt, SD3), sampled by the pipeline's own scheduler
+    loop with the recorder on its transformer: the same columns as `collect_redundancy`, so plots, schedules and
+    notebooks read it unchanged. Sample i draws its initial noise from its own generator (seed + i); class labels
+    (DiT) follow `collection.classes` or the seeded labels attnmed uses; text pipelines cycle `prompts`."""
+    from mediator_models.diffusers_attention import PipelineSteps
+    from mediator_models.sample import sample_label
+
+    name = type(pipeline).__name__.removesuffix("Pipeline")
+    guided = guidance_scale > 1
+    text = not hasattr(pipeline, "get_label_ids") and "class_labels" not in pipeline.__call__.__code__.co_varnames
+    if text and not prompts:
+        raise ValueError(f"{name} is conditioned on text: pass --prompt (one or more)")
+    reducer = metric_reducer(tuple(collection.metrics))
+    halves = ("cond", "uncond") if not text else ("uncond", "cond")  # DiTPipeline: cond first; text pipelines: uncond
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=collection.samples, desc=f"record {name} ({steps} steps)", dynamic_ncols=True)
+    with record_attention({name: pipeline.transformer}, reducer, layers=collection.layers, heads=collection.heads,
+                          guided_halves=halves) as recorder:  # fmt: skip
+        tracker = PipelineSteps(pipeline, recorder.callback, guided)
+        try:
+            for start in range(0, collection.samples, collection.batch_size):
+                indices = list(range(start, min(start + collection.batch_size, collection.samples)))
+                generators = [torch.Generator().manual_seed(collection.seed * 1_000_003 + i) for i in indices]
+                tracker.reset()
+                if text:
+                    pipeline(prompt=[prompts[i % len(prompts)] for i in indices], num_inference_steps=steps,
+                             guidance_scale=guidance_scale, generator=generators, output_type="latent")  # fmt: skip
+                else:
+                    classes = list(collection.classes) if collection.classes else None
+                    num_classes = pipeline.transformer.config.num_embeds_ada_norm
+                    labels = [sample_label(i, collection.seed, num_classes, classes) for i in indices]
+                    pipeline(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance_scale,
+                             generator=generators, output_type="pt")  # fmt: skip
+                if bar is not None:
+                    bar.update(len(indices))
+        finally:
+            tracker.close()
+            if bar is not None:
+                bar.close()
+    table = pd.DataFrame(recorder.rows())
+    table.insert(0, "mediators", 0)
+    table.insert(0, "attention", "full")
+    table.insert(0, "model", name)
+    return table[COLUMNS]
+
+
 def check_recordable(process: ProcessConfig, sampler: SamplerConfig, keep_maps=None) -> None:
     """Refuse adaptive solvers (their evaluations fall at other noise levels in every batch, so a row would mix
     levels) and kept-map steps the sampler never reaches."""

@@ -100,7 +100,7 @@ class AttentionRecorder:
 
     def __init__(self, models, reducers: Reducer | Mapping[str, Reducer], *, layers: Iterable[int] | None = None,
                  heads: Iterable[int] | None = None, keep_maps: Iterable[tuple[int, int]] | None = None,
-                 keep_dir: str | Path | None = None):
+                 keep_dir: str | Path | None = None, guided_halves: tuple[str, str] = ("cond", "uncond")):
         self.models = _as_named_models(models)
         self.reducers = {"": reducers} if callable(reducers) else dict(reducers)
         self.layers = None if layers is None else _selection(layers, "layers", "--layers")
@@ -114,6 +114,10 @@ class AttentionRecorder:
         if self.keep_maps and keep_dir is None:
             raise ValueError("keep_maps needs keep_dir, the folder to write the kept maps to")
         self.keep_dir = Path(keep_dir) if keep_dir is not None else None
+        # Which half of a doubled (guided) batch is which: attnmed and DiTPipeline put the conditional half first,
+        # PixArt and SD3 pipelines the unconditional one.
+        self.guided_halves = guided_halves
+        self._detach_foreign: list = []
         self.stats: dict[tuple, RunningStats] = {}
         self.step_meta: dict[int, dict[str, float]] = {}
         self.current: StepInfo | None = None
@@ -124,6 +128,12 @@ class AttentionRecorder:
     def attach(self) -> "AttentionRecorder":
         self.check_selection()
         for name, model in self.models.items():
+            if not hasattr(model, "attention_modules"):  # a diffusers transformer: wrap its attention processors
+                from . import diffusers_attention
+
+                self._detach_foreign.append(diffusers_attention.attach(
+                    model, lambda layer, name=name: self._observer(name, layer), self.layers))  # fmt: skip
+                continue
             modules = model.attention_modules()
             for layer in range(len(modules)) if self.layers is None else self.layers:
                 module = modules[layer]
@@ -136,8 +146,13 @@ class AttentionRecorder:
     def check_selection(self) -> None:
         """Refuse layers, heads and kept maps the models do not have, before any sampling starts."""
         for name, model in self.models.items():
-            modules = model.attention_modules()
-            depth, heads = len(modules), modules[0].num_heads
+            if hasattr(model, "attention_modules"):
+                modules = model.attention_modules()
+                depth, heads = len(modules), modules[0].num_heads
+            else:
+                from . import diffusers_attention
+
+                depth, heads = len(diffusers_attention.recordable_layers(model)), diffusers_attention.num_heads(model)
             wrong = [layer for layer in self.layers or () if layer >= depth]
             if wrong:
                 raise ValueError(f"--layers {wrong} do not exist in {name}: it has layers 0..{depth - 1}")
@@ -154,6 +169,9 @@ class AttentionRecorder:
         for module in self._attached:
             module.map_observer = None
         self._attached.clear()
+        for detach in self._detach_foreign:
+            detach()
+        self._detach_foreign.clear()
 
     # ---- the sampler side ---------------------------------------------------------------------------------
     def callback(self, info: StepInfo) -> None:
@@ -187,8 +205,8 @@ class AttentionRecorder:
             maps = _select_heads(maps, self.heads)
         total = _batch_size(maps)
         halves = [("all", slice(None))]
-        if total == 2 * batch:  # classifier-free guidance: conditional first, unconditional second
-            halves = [("cond", slice(0, batch)), ("uncond", slice(batch, total))]
+        if total == 2 * batch:  # classifier-free guidance: the doubled batch's halves, in the pipeline's order
+            halves = [(self.guided_halves[0], slice(0, batch)), (self.guided_halves[1], slice(batch, total))]
         for branch, rows in halves:
             part = _select_batch(maps, rows)
             for prefix, reducer in self.reducers.items():
@@ -250,9 +268,12 @@ class AttentionRecorder:
 
 
 @contextlib.contextmanager
-def record_attention(models, reducers, layers=None, heads=None, keep_maps=None, keep_dir=None) -> Iterator[AttentionRecorder]:
-    """Attach a recorder for the duration of the block; the models are restored on exit, even on errors."""
-    recorder = AttentionRecorder(models, reducers, layers=layers, heads=heads, keep_maps=keep_maps, keep_dir=keep_dir)
+def record_attention(models, reducers, layers=None, heads=None, keep_maps=None, keep_dir=None,
+                     guided_halves=("cond", "uncond")) -> Iterator[AttentionRecorder]:
+    """Attach a recorder for the duration of the block; the models are restored on exit, even on errors.
+    Models are attnmed's or diffusers transformers (DiT, PixArt, SD3; see mediator_models.diffusers_attention)."""
+    recorder = AttentionRecorder(models, reducers, layers=layers, heads=heads, keep_maps=keep_maps, keep_dir=keep_dir,
+                                 guided_halves=guided_halves)  # fmt: skip
     recorder.attach()
     try:
         yield recorder

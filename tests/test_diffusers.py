@@ -123,3 +123,130 @@ def test_sample_command_takes_a_diffusers_folder(tmp_path, saved):
                  "--num-samples", "2", "--out", str(out)]) == 0  # fmt: skip
     sidecar = json.loads((out / "samples.json").read_text())
     assert sidecar["model"]["timestep_freq_shift"] == 1 and sidecar["sampler"]["kind"] == "ddpm"
+
+
+# ---- the recorder on diffusers transformers ---------------------------------------------------------------
+
+def randomised(model, seed: int = 0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.05)
+    return model.eval()
+
+
+def pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    return randomised(PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                               num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
+                                               caption_channels=24, norm_num_groups=1))  # fmt: skip
+
+
+def sd3():
+    from diffusers import SD3Transformer2DModel
+
+    return randomised(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                            num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
+                                            pooled_projection_dim=12, out_channels=4, pos_embed_max_size=8))  # fmt: skip
+
+
+def call(model, x, t):
+    """One forward of each kind of transformer with made-up conditioning."""
+    torch.manual_seed(5)
+    name = type(model).__name__
+    if name.startswith("PixArt"):
+        text = torch.randn(len(x), 7, 24)
+        return model(x, encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    if name.startswith("SD3"):
+        return model(x, encoder_hidden_states=torch.randn(len(x), 7, 24), pooled_projections=torch.randn(len(x), 12),
+                     timestep=t).sample  # fmt: skip
+    return model(x, timestep=t, class_labels=torch.tensor([3, 7, 0])[: len(x)]).sample
+
+
+@pytest.mark.parametrize("make", [tiny_diffusers_dit, pixart, sd3], ids=["DiT", "PixArt", "SD3"])
+def test_recording_a_diffusers_transformer_leaves_its_output_bit_for_bit_and_records_every_layer(make):
+    from analysis.metrics import metric_reducer
+    from mediator_models.instrument import record_attention
+    from mediator_models.stepping import StepInfo
+
+    model = make()
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10.0, 500.0, 900.0])
+    with torch.no_grad():
+        plain = call(model, x, t)
+        with record_attention({"m": model}, metric_reducer(("jsd", "entropy"))) as recorder:
+            recorder.callback(StepInfo(0, t, 0.5, x))
+            recorded = call(model, x, t)
+    torch.testing.assert_close(recorded, plain, atol=0, rtol=0)
+    rows = recorder.rows()
+    layers = {4 if make is tiny_diffusers_dit else 2}
+    assert {len({r["layer"] for r in rows})} == layers and {r["count"] for r in rows} == {3}
+    assert all(0 <= r["mean"] <= 1 for r in rows if r["metric"] == "entropy")
+    processors = {type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")}
+    assert "RecordingProcessor" not in processors  # detached: the layers' own processors again
+
+
+def test_recorded_maps_of_a_diffusers_dit_equal_those_of_the_same_weights_in_attnmed(saved):
+    from analysis.metrics import metric_reducer
+    from mediator_models.instrument import record_attention
+    from mediator_models.stepping import StepInfo
+
+    theirs = tiny_diffusers_dit()
+    ours = load_for_sampling(saved, numerics="diffusers").model
+    x, t, y = inputs()
+    tables = []
+    for model in (theirs, ours):
+        with torch.no_grad(), record_attention({"m": model}, metric_reducer(("jsd", "entropy", "cosine"))) as recorder:
+            recorder.callback(StepInfo(0, t, 0.5, x))
+            model(x, timestep=t, class_labels=y) if model is theirs else model(x, t, y)
+        tables.append({(r["layer"], r["head"], r["metric"]): r["mean"] for r in recorder.rows()})
+    assert tables[0].keys() == tables[1].keys()
+    for key, value in tables[0].items():
+        assert value == pytest.approx(tables[1][key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def dit_pipeline_folder(tmp_path_factory, tiny_vae_path):
+    """A tiny DiTPipeline saved locally: a 1000-class DiT-T/2 on 8×8 latents, the tiny VAE, DDIM."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = randomised(DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=32, in_channels=4,
+                                                   out_channels=8, num_layers=4, sample_size=4, patch_size=2,
+                                                   num_embeds_ada_norm=1000))  # fmt: skip
+    first = transformer.transformer_blocks[0].norm1.emb
+    for block in transformer.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first.state_dict())
+    pipeline = DiTPipeline(transformer=transformer, vae=AutoencoderKL.from_pretrained(str(tiny_vae_path)),
+                           scheduler=DDIMScheduler())  # fmt: skip
+    folder = tmp_path_factory.mktemp("pipeline") / "dit"
+    pipeline.save_pretrained(str(folder))
+    return folder
+
+
+def test_record_command_runs_a_diffusers_pipeline_and_leaves_its_images_unchanged(tmp_path, dit_pipeline_folder):
+    import pandas as pd
+    from diffusers import DiffusionPipeline
+
+    from analysis.cli import main
+    from analysis.collect import CollectionConfig, collect_redundancy_diffusers
+
+    pipeline = DiffusionPipeline.from_pretrained(str(dit_pipeline_folder), local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    plain = pipeline(class_labels=[1, 2], num_inference_steps=4, guidance_scale=1.5,
+                     generator=[torch.Generator().manual_seed(i) for i in (0, 1)], output_type="pt").images
+    table = collect_redundancy_diffusers(pipeline, CollectionConfig(samples=2, batch_size=2, classes=(1, 2)), steps=4,
+                                         guidance_scale=1.5, progress=False)  # fmt: skip
+    recorded = pipeline(class_labels=[1, 2], num_inference_steps=4, guidance_scale=1.5,
+                        generator=[torch.Generator().manual_seed(i) for i in (0, 1)], output_type="pt").images
+    torch.testing.assert_close(recorded, plain, atol=0, rtol=0)  # and the recorder is detached afterwards
+    assert set(table["branch"]) == {"cond", "uncond"} and set(table["step"]) == {0, 1, 2, 3}
+    levels = table.groupby("step")["noise_level"].first().tolist()
+    assert all(a > b for a, b in zip(levels, levels[1:])) and 0 < levels[-1] < levels[0] <= 1
+    out = tmp_path / "table.parquet"
+    assert main(["record", "--diffusers", str(dit_pipeline_folder), "--steps", "4", "--samples", "2", "--cfg-scale",
+                 "1.5", "--classes", "1", "2", "--out", str(out)]) == 0  # fmt: skip
+    written = pd.read_parquet(out)
+    assert len(written) == len(table)
+    torch.testing.assert_close(torch.tensor(written["mean"].values), torch.tensor(table["mean"].values))
+    assert main(["plot", str(out), "--out", str(tmp_path / "figures")]) == 0
