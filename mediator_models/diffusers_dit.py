@@ -186,3 +186,37 @@ def save_diffusers(model, folder: str | os.PathLike):
         raise CheckpointMismatchError(f"conversion to diffusers left keys unmatched: missing {missing[:5]}, unexpected {unexpected[:5]}")
     network.save_pretrained(str(folder))
     return network
+
+
+class AsDiffusersTransformer(torch.nn.Module):
+    """An attnmed DiT (full or mediator attention) behind diffusers' transformer interface, so a DiTPipeline can
+    sample it with its own schedulers: `pipeline = DiTPipeline(transformer=AsDiffusersTransformer(model), ...)`.
+    The recorder attaches to it as to the model itself."""
+
+    def __init__(self, model):
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self.model = model
+        config, _ = to_diffusers(model) if model.config.attention == "full" else (None, None)
+        self.config = FrozenDict(config or {"in_channels": model.config.in_channels, "sample_size": model.config.input_size,
+                                            "out_channels": model.config.out_channels,
+                                            "num_embeds_ada_norm": model.config.num_classes})  # fmt: skip
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def attention_modules(self):
+        return self.model.attention_modules()
+
+    def forward(self, hidden_states, timestep=None, class_labels=None, return_dict: bool = True, **unused):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).float().expand(len(hidden_states))
+        sample = self.model(hidden_states, timestep, class_labels)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)

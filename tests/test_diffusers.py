@@ -250,3 +250,26 @@ def test_record_command_runs_a_diffusers_pipeline_and_leaves_its_images_unchange
     assert len(written) == len(table)
     torch.testing.assert_close(torch.tensor(written["mean"].values), torch.tensor(table["mean"].values))
     assert main(["plot", str(out), "--out", str(tmp_path / "figures")]) == 0
+
+
+def test_a_pipeline_records_the_same_table_with_the_diffusers_dit_or_its_weights_in_attnmed(dit_pipeline_folder):
+    """Same sampler (the pipeline's DDIM loop), same noise, same weights: the diffusers transformer and the
+    converted attnmed DiT (numerics "diffusers") give the same redundancy table."""
+    from diffusers import DiffusionPipeline, DiTPipeline
+
+    from analysis.collect import CollectionConfig, collect_redundancy_diffusers
+    from mediator_models.diffusers_dit import AsDiffusersTransformer
+
+    pipeline = DiffusionPipeline.from_pretrained(str(dit_pipeline_folder), local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    ours = load_for_sampling(dit_pipeline_folder, numerics="diffusers").model
+    twin = DiTPipeline(transformer=AsDiffusersTransformer(ours), vae=pipeline.vae, scheduler=pipeline.scheduler)
+    twin.set_progress_bar_config(disable=True)
+    collection = CollectionConfig(samples=2, batch_size=2, metrics=("jsd", "entropy", "cosine"), classes=(4, 9))
+    tables = [collect_redundancy_diffusers(p, collection, steps=4, guidance_scale=1.5, progress=False) for p in (pipeline, twin)]
+    keys = ["step", "layer", "head", "branch", "metric"]
+    merged = tables[0].merge(tables[1], on=keys, suffixes=("_diffusers", "_attnmed"))
+    assert len(merged) == len(tables[0]) == len(tables[1])
+    torch.testing.assert_close(torch.tensor(merged["mean_attnmed"].values), torch.tensor(merged["mean_diffusers"].values),
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(torch.tensor(merged["noise_level_attnmed"].values), torch.tensor(merged["noise_level_diffusers"].values))
