@@ -76,8 +76,8 @@ def redundancy_curves(table: pd.DataFrame, metric: str = "jsd", title: str = "",
     palette = sns.color_palette("viridis", len(layers))
     ax.axvspan(1.0, 0.7, color="0.9", zorder=0)
     ax.axvspan(0.3, 0.0, color="0.95", zorder=0)
-    ax.text(0.985, 0.98, "early band (noise ≥ 0.7)", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
-    ax.text(0.29, 0.98, "late band (≤ 0.3)", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+    ax.text(0.985, 0.02, "early band (noise ≥ 0.7)", transform=ax.get_xaxis_transform(), fontsize=7, va="bottom")
+    ax.text(0.29, 0.02, "late band (≤ 0.3)", transform=ax.get_xaxis_transform(), fontsize=7, va="bottom")
     for colour, layer in zip(palette, layers):
         part = rows[rows["layer"] == layer].groupby("noise_level")[["mean", "std"]].mean().sort_index()
         ax.plot(part.index, part["mean"], color=colour, label=f"layer {layer}")
@@ -87,7 +87,7 @@ def redundancy_curves(table: pd.DataFrame, metric: str = "jsd", title: str = "",
     ax.set_xlabel("noise level σ/(α+σ)  (1 = pure noise → 0 = data)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(title or f"{METRIC_LABELS.get(metric, metric)} through sampling")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save(fig, path)
     return fig
 
@@ -167,17 +167,22 @@ def tradeoff(results: pd.DataFrame, path=None, title: str = ""):
     summary = results[results["train_seed"].astype(str) == "all"] if "train_seed" in results else results
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     markers = dict(zip(sorted(summary["kind"].unique()), "osD^v"))
+    labelled: dict[tuple, int] = {}  # runs at the same point get their labels stacked, not overprinted
     for kind, part in summary.groupby("kind"):
         errors = None
         if "fid_low" in part:
-            errors = np.vstack([part["fid"] - part["fid_low"], part["fid_high"] - part["fid"]])
+            errors = np.vstack([part["fid"] - part["fid_low"], part["fid_high"] - part["fid"]]).clip(min=0)
         ax.errorbar(part["gflops_per_image"], part["fid"], yerr=errors, fmt=markers[kind], capsize=3, label=kind, ms=6)
         for _, row in part.iterrows():
+            spot = (round(row["gflops_per_image"], 3), round(row["fid"], 1))
+            stacked = labelled.get(spot, 0)
+            labelled[spot] = stacked + 1
             ax.annotate(row["schedule"], (row["gflops_per_image"], row["fid"]), fontsize=8,
-                        xytext=(5, 4), textcoords="offset points")  # fmt: skip
+                        xytext=(5, 4 - 10 * stacked), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("GFLOPs per image (forward MACs × network evaluations)")
     ax.set_ylabel(f"FID (digits features, {int(summary['num_samples'].iloc[0])} samples per cell)")
-    ax.set_title(title or "quality against cost (lower left is better; bars: 95% intervals)")
+    ax.set_title(title or "quality against cost (lower left is better)\nbars: each run's own 95% interval; paired "
+                 "differences between runs are much tighter (REPORT.md)", fontsize=10)  # fmt: skip
     ax.legend(fontsize=8)
     save(fig, path)
     return fig

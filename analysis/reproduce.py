@@ -262,20 +262,31 @@ class Study:
         return results, differences
 
 
-def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[str, str, str]]:
-    """(run, baseline, claim) pairs the report decides on: every run against full attention (the paper: quality
-    kept or improved), and every dynamic schedule against the most expensive static run it does not exceed in
-    cost (the paper: dynamic counts beat static ones at equal FLOPs)."""
+def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[str, dict[str, float], str, str]]:
+    """(run, baseline as {run: weight}, baseline label, claim) for every comparison the report decides on.
+
+    Every run is compared with full attention (the paper: quality kept or improved). Every dynamic schedule is
+    compared with the static frontier at its own cost (the paper: dynamic counts beat static ones at equal FLOPs):
+    the two static runs whose costs bracket it, weighted linearly in GFLOPs, so neither side spends more; a run
+    cheaper or dearer than every static run is compared with the nearest one."""
     cost = cells.groupby("run")["gflops_per_image"].mean()
-    static = [r["name"] for r in runs if r["kind"] == "static"]
-    pairs = [(r["name"], full, "quality vs full attention") for r in runs if r["name"] != full]
+    static = sorted((r["name"] for r in runs if r["kind"] == "static"), key=lambda s: cost[s])
+    pairs = [(r["name"], {full: 1.0}, full, "quality vs full attention") for r in runs if r["name"] != full]
     for run in runs:
         if run["kind"] == "static":
             continue
-        affordable = [s for s in static if cost[s] <= cost[run["name"]] * 1.001]
-        if affordable:
-            baseline = max(affordable, key=lambda s: cost[s])
-            pairs.append((run["name"], baseline, "dynamic vs static at no more FLOPs"))
+        spent = cost[run["name"]]
+        below = [s for s in static if cost[s] <= spent * (1 + 1e-9)]
+        above = [s for s in static if cost[s] > spent * (1 + 1e-9)]
+        if below and above and cost[below[-1]] < spent * (1 - 1e-9):
+            low, high = below[-1], above[0]
+            weight = (cost[high] - spent) / (cost[high] - cost[low])
+            baseline = {low: weight, high: 1 - weight}
+            label = f"{low}/{high} at {spent:.3g} GFLOPs"
+        else:
+            nearest = below[-1] if below else above[0]
+            baseline, label = {nearest: 1.0}, nearest
+        pairs.append((run["name"], baseline, label, "dynamic vs static frontier at equal FLOPs"))
     return pairs
 
 
@@ -295,9 +306,9 @@ def summarise(cells: pd.DataFrame, features: dict[str, dict[tuple[int, int], Cel
             row.update({metric: interval.point, f"{metric}_low": interval.low, f"{metric}_high": interval.high})
         summary.append(row)
     differences = []
-    for name, baseline, claim in comparisons(runs, cells, full):
+    for name, weights, baseline, claim in comparisons(runs, cells, full):
         for metric in LOWER_IS_BETTER:
-            interval = paired_bootstrap(metric, features[name], features[baseline], replicates)
+            interval = paired_bootstrap(metric, features[name], [(w, features[b]) for b, w in weights.items()], replicates)
             differences.append({"run": name, "baseline": baseline, "claim": claim, "metric": metric,
                                 "difference": interval.point, "low": interval.low, "high": interval.high,
                                 "verdict": verdict(interval, metric, claims_improvement=True),

@@ -200,24 +200,26 @@ def prepare(cells: Cells, reference: Reference) -> dict[tuple[int, int], CellMet
     return {cell: CellMetrics(features, reference) for cell, features in cells.items()}
 
 
-def paired_bootstrap(metric: str, a: Mapping[tuple[int, int], CellMetrics], b: Mapping[tuple[int, int], CellMetrics] | None,
+def paired_bootstrap(metric: str, a: Mapping[tuple[int, int], CellMetrics],
+                     b: Mapping[tuple[int, int], CellMetrics] | Sequence[tuple[float, Mapping]] | None,
                      replicates: int = 200, seed: int = 0) -> Interval:
     """Mean over cells of metric(A) − metric(B) (or of metric(A) alone when `b` is None), with a 95% interval
-    from a hierarchical bootstrap that draws the same images for A and B (they share noise and labels)."""
+    from a hierarchical bootstrap that draws the same images for A and B (they share noise and labels). `b` may
+    be a weighted combination [(w, B₁), (w', B₂), …] (e.g. a cost frontier interpolated between two runs)."""
     if metric not in LOWER_IS_BETTER:
         raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(LOWER_IS_BETTER)}")
-    if b is not None and set(a) != set(b):
-        raise ValueError(f"paired runs need the same cells; {sorted(set(a) ^ set(b))} are not in both")
+    baselines = [] if b is None else ([(1.0, b)] if isinstance(b, Mapping) else list(b))
     cells = sorted(a)
     sizes = {cell: a[cell].n for cell in cells}
-    if b is not None:
-        unequal = [cell for cell in cells if b[cell].n != sizes[cell]]
+    for _, other in baselines:
+        if set(a) != set(other):
+            raise ValueError(f"paired runs need the same cells; {sorted(set(a) ^ set(other))} are not in both")
+        unequal = [cell for cell in cells if other[cell].n != sizes[cell]]
         if unequal:
             raise ValueError(f"paired runs need the same images per cell; {unequal} differ in count")
 
     def value(cell, counts) -> float:
-        own = a[cell].value(metric, counts)
-        return own if b is None else own - b[cell].value(metric, counts)
+        return a[cell].value(metric, counts) - sum(w * other[cell].value(metric, counts) for w, other in baselines)
 
     point = float(np.mean([value(cell, np.ones(sizes[cell])) for cell in cells]))
     rng = np.random.default_rng(seed)
