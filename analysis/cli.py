@@ -253,6 +253,9 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--metrics", default="cheap",
                         help="'cheap' (jsd, entropy, cosine), 'all' (adds the singular-value ranks) or a comma list")
+    parser.add_argument("--jsd-pairs", default="2048",
+                        help="query pairs per map for the JSD score, drawn per map ('all' for the exact mean; all "
+                             "pairs anyway up to 64 tokens at 2048). Fewer pairs record faster: see README")  # fmt: skip
     parser.add_argument("--layers", type=int, nargs="*", default=None, help="record only these layers")
     parser.add_argument("--heads", type=int, nargs="*", default=None, help="reduce only these heads")
     parser.add_argument("--keep-maps", nargs="*", default=(), metavar="STEP:LAYER",
@@ -274,7 +277,11 @@ def run_record(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out {out}: name the table .parquet or .csv")
-    collection = CollectionConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+    try:
+        jsd_pairs = None if args.jsd_pairs == "all" else int(args.jsd_pairs)
+    except ValueError:
+        raise ValueError(f"--jsd-pairs takes a number of pairs or 'all', got {args.jsd_pairs!r}") from None
+    collection = CollectionConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed, jsd_pairs=jsd_pairs,
                                   metrics=tuple(metrics), layers=None if args.layers is None else tuple(args.layers),
                                   heads=None if args.heads is None else tuple(args.heads),
                                   classes=tuple(args.classes) if args.classes else None)  # fmt: skip

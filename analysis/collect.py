@@ -24,7 +24,7 @@ from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
 from mediator_models.switching import evaluation_levels
 from mediator_models.train import init_distributed
 
-from .metrics import CHEAP_METRICS, check_metric_names, metric_reducer
+from .metrics import CHEAP_METRICS, RECORDING_JSD_PAIRS, check_metric_names, metric_reducer
 
 COLUMNS = ["model", "attention", "mediators", "network", "step", "noise_level", "model_time", "layer", "head",
            "branch", "metric", "mean", "std", "count"]  # fmt: skip
@@ -39,12 +39,15 @@ class CollectionConfig:
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
     classes: tuple[int, ...] | None = None
+    jsd_pairs: int | None = RECORDING_JSD_PAIRS  # query pairs per map for the JSD score (None: all pairs)
 
     def __post_init__(self) -> None:
         for flag, value in (("--samples", self.samples), ("--batch-size", self.batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value!r}")
         check_metric_names(self.metrics)
+        if self.jsd_pairs is not None and (not isinstance(self.jsd_pairs, int) or self.jsd_pairs < 1):
+            raise ValueError(f"--jsd-pairs must be at least 1 (or all pairs), got {self.jsd_pairs!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -70,7 +73,7 @@ def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, co
     if state_path is not None and env.world_size > 1:
         state_path = Path(state_path).with_name(f"{Path(state_path).name}.rank{env.rank}")
     state = _load_state(state_path, identity)
-    reducer = metric_reducer(tuple(collection.metrics))
+    reducer = metric_reducer(tuple(collection.metrics), jsd_pairs=collection.jsd_pairs)
     classes = list(collection.classes) if collection.classes else None
     mine = list(range(env.rank, collection.samples, env.world_size))
     bar = None
@@ -125,7 +128,7 @@ def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = Collec
     text = not hasattr(pipeline, "get_label_ids") and "class_labels" not in pipeline.__call__.__code__.co_varnames
     if text and not prompts:
         raise ValueError(f"{name} is conditioned on text: pass --prompt (one or more)")
-    reducer = metric_reducer(tuple(collection.metrics))
+    reducer = metric_reducer(tuple(collection.metrics), jsd_pairs=collection.jsd_pairs)
     halves = ("cond", "uncond") if not text else ("uncond", "cond")  # DiTPipeline: cond first; text pipelines: uncond
     bar = None
     if progress:
