@@ -56,7 +56,8 @@ def _configure_flops(parser: argparse.ArgumentParser) -> None:
 def run_flops(args: argparse.Namespace) -> int:
     from mediator_models import macs_breakdown, make_config
 
-    config = make_config(args.name, input_size=args.input_size, attention=args.attention, mediators=args.mediators)
+    config = make_config(args.name, input_size=args.input_size, attention=args.attention, mediators=args.mediators,
+                         depthwise_conv=args.depthwise_conv)  # fmt: skip
     parts = macs_breakdown(config)
     total = sum(parts.values()) / 1e9
     if args.breakdown:
@@ -104,9 +105,14 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_attention(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    parser.add_argument("--attention", choices=("full", "mediator"), default=default,
-                        help="attention kind" + ("" if default else " (official files only; default full)"))
+    parser.add_argument("--attention", choices=("full", "mediator", "conv"), default=default,
+                        help="attention kind; conv: the ablation with the depthwise conv alone"
+                             + ("" if default else " (official files only; default full)"))  # fmt: skip
     parser.add_argument("--mediators", type=int, default=None, help="mediator count n (a perfect square)")
+    parser.add_argument("--depthwise-conv", action=argparse.BooleanOptionalAction, default=None,
+                        help="the mediator block's depthwise 3×3 conv on v (default: on for mediator and conv, off "
+                             "for full): --no-depthwise-conv isolates the mediators, --depthwise-conv with full "
+                             "attention isolates the conv")  # fmt: skip
 
 
 @command("train", "train a model (single process, or under torchrun with DDP)", _configure_train)
@@ -158,7 +164,7 @@ def _load_from_args(args: argparse.Namespace, checkpoint: str | None = None):
     env = init_distributed()
     loaded = load_for_sampling(checkpoint or args.ckpt, model_name=args.model, input_size=args.input_size,
                                use_ema=not args.raw_weights, attention=args.attention, mediators=args.mediators,
-                               device=env.device, numerics=args.numerics)  # fmt: skip
+                               depthwise_conv=args.depthwise_conv, device=env.device, numerics=args.numerics)  # fmt: skip
     changes = {"steps": args.steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels,
                "method": args.method}  # fmt: skip
     if args.sampler:

@@ -76,16 +76,32 @@ def softmax_attention(
     return out, scores.softmax(dim=-1)
 
 
-class FullAttention(nn.Module):
-    """Multi-head self-attention as timm's `Attention` (packed `qkv` with bias, then `proj`)."""
+def depthwise_conv_on_values(dwc: nn.Conv2d, v: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """The mediator block's local term: a depthwise 3×3 conv on v (B, N, C) seen as a g×g image, computed in
+    channels-last layout ((B, N, C) is already that, so nothing is copied). Returns (B, N, C)."""
+    b, n, c = v.shape
+    if n != grid_size * grid_size:
+        raise ValueError(f"this layer was built for a {grid_size}×{grid_size} grid ({grid_size ** 2} tokens) but got "
+                         f"{n} tokens; rebuild the model at the input size you run it at")  # fmt: skip
+    return dwc(v.reshape(b, grid_size, grid_size, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, n, c)
 
-    def __init__(self, dim: int, num_heads: int):
+
+class FullAttention(nn.Module):
+    """Multi-head self-attention as timm's `Attention` (packed `qkv` with bias, then `proj`).
+
+    With `grid_size` given it also adds the mediator block's depthwise 3×3 conv on v before `proj` (the ablation
+    "full attention + conv", which isolates what the conv contributes)."""
+
+    def __init__(self, dim: int, num_heads: int, grid_size: int | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.grid_size = grid_size
+        if grid_size is not None:
+            self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.map_observer: MapObserver | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +111,25 @@ class FullAttention(nn.Module):
         out, weights = softmax_attention(q, k, v, None, observe=self.map_observer is not None)
         if weights is not None:
             self.map_observer(AttentionMaps(kind="full", full=weights))
-        return self.proj(merge_heads(out))
+        out = merge_heads(out)
+        if self.grid_size is not None:
+            out = out + depthwise_conv_on_values(self.dwc, merge_heads(v), self.grid_size)
+        return self.proj(out)
+
+
+class ConvMixing(nn.Module):
+    """The ablation "no attention": the mediator block's depthwise 3×3 conv alone, out = proj(dwc(v)) with
+    v = Linear(x). It has no attention maps, so the recorder does not attach to it."""
+
+    def __init__(self, dim: int, grid_size: int):
+        super().__init__()
+        self.grid_size = grid_size
+        self.v = nn.Linear(dim, dim)
+        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(depthwise_conv_on_values(self.dwc, self.v(x), self.grid_size))
 
 
 class MediatorAttention(nn.Module):
@@ -109,7 +143,7 @@ class MediatorAttention(nn.Module):
     the grid, plus a per-row and a per-column table. Cost per head: 4·n·N·d instead of 2·N²·d.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid_size: int, mediators: int):
+    def __init__(self, dim: int, num_heads: int, grid_size: int, mediators: int, depthwise_conv: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -120,7 +154,9 @@ class MediatorAttention(nn.Module):
         self.pool_size = math.isqrt(mediators)
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        if depthwise_conv:  # off only in the ablation "mediators without the conv"
+            self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.depthwise_conv = depthwise_conv
         g = grid_size
         # Names and shapes as in the public checkpoints: a = mediator ("agent"), n = token, h/w = row/column.
         self.an_bias = nn.Parameter(torch.zeros(num_heads, mediators, 7, 7))
@@ -192,9 +228,10 @@ class MediatorAttention(nn.Module):
             self.map_observer(
                 AttentionMaps(kind="mediator", query_to_mediator=read_weights, mediator_to_key=gather_weights)
             )
-        # Depthwise conv on v as an image, in channels-last layout: (B, N, C) is already that, so no copy.
-        local = self.dwc(v.reshape(b, g, g, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, n_tokens, c)
-        return self.proj(merge_heads(out) + local)
+        out = merge_heads(out)
+        if self.depthwise_conv:
+            out = out + depthwise_conv_on_values(self.dwc, v, g)
+        return self.proj(out)
 
 
 @functools.lru_cache(maxsize=64)

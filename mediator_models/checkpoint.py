@@ -156,7 +156,13 @@ def describe_state_dict(state: StateDict) -> dict[str, Any]:
     if "y_embedder.embedding_table.weight" in state:
         info["embedding_rows"] = state["y_embedder.embedding_table.weight"].shape[0]
     mediator = state.get("blocks.0.attn.an_bias")
-    info["attention"] = "full" if mediator is None else f"mediator n={mediator.shape[1]}"
+    conv = "blocks.0.attn.dwc.weight" in state
+    if "blocks.0.attn.v.weight" in state:
+        info["attention"] = "conv only"
+    elif mediator is None:
+        info["attention"] = "full + conv" if conv else "full"
+    elif "blocks.0.attn.qkv.weight" in state:
+        info["attention"] = f"mediator n={mediator.shape[1]}" + ("" if conv else ", no conv")
     if "final_layer.linear.weight" in state and "patch_size" in info:
         info["out_channels"] = state["final_layer.linear.weight"].shape[0] // info["patch_size"] ** 2
     return info
@@ -174,7 +180,7 @@ def _likely_cause(model: nn.Module, state: StateDict) -> str:
         "patch_size": config.patch_size,
         "num_tokens": config.num_tokens,
         "embedding_rows": config.num_classes + int(config.class_dropout_prob > 0),
-        "attention": "full" if config.attention == "full" else f"mediator n={config.mediators}",
+        "attention": config.attention_label,
         "out_channels": config.out_channels,
     }
     hints = {
@@ -182,7 +188,7 @@ def _likely_cause(model: nn.Module, state: StateDict) -> str:
         "hidden_size": "a different model size (S/B/L/XL)",
         "patch_size": "a different patch size (/2, /4, /8)",
         "num_tokens": "another resolution (pass adapt_resolution=True to fine-tune across resolutions)",
-        "attention": "another attention kind or mediator count (attention=..., mediators=...)",
+        "attention": "another attention kind, mediator count or conv setting (attention=..., mediators=..., depthwise_conv=...)",
         "embedding_rows": "another num_classes or class_dropout_prob (the null class row exists only with dropout)",
         "out_channels": "another learn_sigma setting",
         "in_channels": "another in_channels (4 for SD-VAE latents)",

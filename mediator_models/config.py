@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FAMILIES = ("DiT", "SiT")
-ATTENTION_KINDS = ("full", "mediator")
+ATTENTION_KINDS = ("full", "mediator", "conv")  # conv: the ablation with the depthwise conv alone
 
 # size -> (depth, hidden_size, num_heads). S/B/L/XL are the papers' sizes; T is a small CPU config (about
 # 0.2 s per training step at batch 32 on 64 tokens, see DESIGN.md) that learns the embedded digits in minutes.
@@ -54,6 +54,9 @@ class ModelConfig:
     # its norm_eps (1e-5 by default). The original DiT: 0 and 1e-6. `numerics="diffusers"` on loading sets both.
     timestep_freq_shift: int = 0
     mlp_norm_eps: float = 1e-6
+    # The mediator block's depthwise 3×3 conv on v (REFERENCE §6 step 5). None: as the kind has it (mediator and
+    # conv yes, full no). Set it to isolate the mediators from the conv: mediators without it, full attention with it.
+    depthwise_conv: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,10 +85,22 @@ class ModelConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
+    def uses_depthwise_conv(self) -> bool:
+        return self.attention != "full" if self.depthwise_conv is None else self.depthwise_conv
+
+    @property
+    def attention_label(self) -> str:
+        """`full`, `mediator n=16`, and for the ablations `full + conv`, `mediator n=16, no conv`, `conv only`."""
+        if self.attention == "conv":
+            return "conv only"
+        if self.attention == "full":
+            return "full + conv" if self.uses_depthwise_conv else "full"
+        return f"mediator n={self.mediators}" + ("" if self.uses_depthwise_conv else ", no conv")
+
+    @property
     def label(self) -> str:
         """Human-readable description, e.g. `SiT-S/2 (mediator n=16) @32`."""
-        kind = "full" if self.attention == "full" else f"mediator n={self.mediators}"
-        return f"{self.name} ({kind}) @{self.input_size}"
+        return f"{self.name} ({self.attention_label}) @{self.input_size}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,9 +144,11 @@ class ModelConfig:
             check_mediator_count(self.mediators, self.num_tokens)
         elif self.mediators is not None:
             raise ValueError(
-                f"mediators={self.mediators} was given with attention='full'; "
+                f"mediators={self.mediators} was given with attention={self.attention!r}; "
                 "pass attention='mediator' to use mediators, or drop the count"
             )
+        if self.attention == "conv" and self.depthwise_conv is False:
+            raise ValueError("attention='conv' is the depthwise conv alone; without it the block mixes no tokens")
 
 
 def check_mediator_count(mediators: int, num_tokens: int) -> None:
@@ -179,6 +196,7 @@ def make_config(
     class_dropout_prob: float = 0.1,
     attention: str = "full",
     mediators: int | None = None,
+    depthwise_conv: bool | None = None,
 ) -> ModelConfig:
     """The config behind a registry name, with the caller's data shape and attention choice."""
     family, size, patch_size = parse_name(name)
@@ -197,4 +215,5 @@ def make_config(
         class_dropout_prob=class_dropout_prob,
         attention=attention,
         mediators=mediators,
+        depthwise_conv=depthwise_conv,
     )

@@ -134,8 +134,9 @@ def to_diffusers(model) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(DiTTransformer2DModel config, state dict) of an attnmed DiT with full attention; the embedders are
     copied into every block as diffusers expects."""
     config = model.config
-    if config.attention != "full":
-        raise ValueError("diffusers' DiTTransformer2DModel has full attention only; mediator models do not convert")
+    if config.attention != "full" or config.uses_depthwise_conv:
+        raise ValueError(f"diffusers' DiTTransformer2DModel has plain full attention only; {config.attention_label} "
+                         "does not convert (AsDiffusersTransformer runs it inside a pipeline instead)")  # fmt: skip
     if config.timestep_freq_shift not in (0, 1):
         raise ValueError(f"timestep_freq_shift {config.timestep_freq_shift} has no diffusers counterpart")
     # A model that computes as DiT converts to a diffusers model that computes differently (see the module
@@ -198,7 +199,8 @@ class AsDiffusersTransformer(torch.nn.Module):
         from diffusers.configuration_utils import FrozenDict
 
         self.model = model
-        config, _ = to_diffusers(model) if model.config.attention == "full" else (None, None)
+        plain = model.config.attention == "full" and not model.config.uses_depthwise_conv
+        config, _ = to_diffusers(model) if plain else (None, None)
         self.config = FrozenDict(config or {"in_channels": model.config.in_channels, "sample_size": model.config.input_size,
                                             "out_channels": model.config.out_channels,
                                             "num_embeds_ada_norm": model.config.num_classes})  # fmt: skip

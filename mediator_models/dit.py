@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import FullAttention, MediatorAttention
+from .attention import ConvMixing, FullAttention, MediatorAttention
 from .config import ModelConfig, make_config
 from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
 
@@ -20,10 +20,13 @@ class DiTBlock(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        conv = config.uses_depthwise_conv
         if config.attention == "mediator":
-            self.attn = MediatorAttention(d, config.num_heads, config.grid_size, config.mediators)
+            self.attn = MediatorAttention(d, config.num_heads, config.grid_size, config.mediators, depthwise_conv=conv)
+        elif config.attention == "conv":
+            self.attn = ConvMixing(d, config.grid_size)
         else:
-            self.attn = FullAttention(d, config.num_heads)
+            self.attn = FullAttention(d, config.num_heads, config.grid_size if conv else None)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=config.mlp_norm_eps)
         self.mlp = Mlp(d, int(d * config.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, bias=True))
@@ -150,6 +153,7 @@ def build_model(
     class_dropout_prob: float = 0.1,
     attention: str = "full",
     mediators: int | None = None,
+    depthwise_conv: bool | None = None,
 ) -> DiffusionTransformer:
     """Build a registry model, e.g. `build_model("SiT-S/2", attention="mediator", mediators=16)`.
 
@@ -165,6 +169,7 @@ def build_model(
         class_dropout_prob=class_dropout_prob,
         attention=attention,
         mediators=mediators,
+        depthwise_conv=depthwise_conv,
     )
     return DiffusionTransformer(config)
 

@@ -5,6 +5,8 @@ without doubling for classifier-free guidance, including the two attention matmu
 width D, MLP ratio r and n mediators:
     full:      (4 + 2r)·N·D² + 6·D² + 2·N²·D
     mediator:  (4 + 2r)·N·D² + 6·D² + 4·n·N·D + 9·N·D (depthwise 3×3 conv) + N·D (pooling)
+and for the ablations: full + conv adds 9·N·D to full; mediators without the conv drop it; conv only is
+    (2 + 2r)·N·D² + 6·D² + 9·N·D (v, proj, the MLP, adaLN and the conv),
 plus the patch embedding, the timestep MLP and the final layer. Label embedding is a lookup (no MACs);
 norms, activations, softmax and modulation are elementwise and not counted (as in the published tables).
 """
@@ -25,13 +27,17 @@ def macs_breakdown(config: ModelConfig) -> "OrderedDict[str, int]":
     """MACs of one forward pass at batch 1, by part; the values sum to the model's total."""
     n_tok, d, p = config.num_tokens, config.hidden_size, config.patch_size
     mlp_hidden = int(d * config.mlp_ratio)
-    per_block_linear = 3 * n_tok * d * d + n_tok * d * d + 2 * n_tok * d * mlp_hidden  # qkv, proj, fc1+fc2
+    projections = 1 if config.attention == "conv" else 3  # conv only: v alone; else the packed qkv
+    per_block_linear = projections * n_tok * d * d + n_tok * d * d + 2 * n_tok * d * mlp_hidden  # (qk)v, proj, fc1+fc2
+    conv = 9 * n_tok * d if config.uses_depthwise_conv else 0  # depthwise 3×3 conv on v
     if config.attention == "full":
         per_block_attention = 2 * n_tok * n_tok * d  # q·kᵀ and attn·v, summed over heads
-        per_block_extra = 0
-    else:
+        per_block_extra = conv
+    elif config.attention == "mediator":
         per_block_attention = 4 * config.mediators * n_tok * d  # two n×N interactions, each q·kᵀ and attn·v
-        per_block_extra = 9 * n_tok * d + n_tok * d  # depthwise 3×3 conv on v, average pooling of q
+        per_block_extra = conv + n_tok * d  # the conv, average pooling of q
+    else:
+        per_block_attention, per_block_extra = 0, conv
     parts: OrderedDict[str, int] = OrderedDict()
     parts["patch_embed"] = n_tok * p * p * config.in_channels * d
     parts["timestep_embed"] = FREQUENCY_EMBEDDING_SIZE * d + d * d
@@ -48,9 +54,11 @@ def config_gmacs(config: ModelConfig) -> float:
     return sum(macs_breakdown(config).values()) / 1e9
 
 
-def model_gmacs(name: str, *, input_size: int = 32, attention: str = "full", mediators: int | None = None) -> float:
+def model_gmacs(name: str, *, input_size: int = 32, attention: str = "full", mediators: int | None = None,
+                depthwise_conv: bool | None = None) -> float:
     """GMACs of a registry model, e.g. `model_gmacs("DiT-XL/2")` ≈ 118.6, `("DiT-XL/2", input_size=64)` ≈ 524.5."""
-    return config_gmacs(make_config(name, input_size=input_size, attention=attention, mediators=mediators))
+    return config_gmacs(make_config(name, input_size=input_size, attention=attention, mediators=mediators,
+                                    depthwise_conv=depthwise_conv))
 
 
 # ---- measured count -------------------------------------------------------------------------------------

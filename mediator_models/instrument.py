@@ -147,6 +147,9 @@ class AttentionRecorder:
         """Refuse layers, heads and kept maps the models do not have, before any sampling starts."""
         for name, model in self.models.items():
             if hasattr(model, "attention_modules"):
+                if getattr(getattr(model, "config", None), "attention", None) == "conv":
+                    raise ValueError(f"{name} mixes tokens with a depthwise conv only (the no-attention ablation): "
+                                     "it has no attention maps to record")  # fmt: skip
                 modules = model.attention_modules()
                 depth, heads = len(modules), modules[0].num_heads
             else:

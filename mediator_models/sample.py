@@ -35,7 +35,8 @@ class LoadedModel:
 
 def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None = None, input_size: int | None = None,
                       num_classes: int = 1000, use_ema: bool = True, attention: str | None = None,
-                      mediators: int | None = None, device: torch.device | str = "cpu", numerics: str = "dit") -> LoadedModel:
+                      mediators: int | None = None, device: torch.device | str = "cpu", numerics: str = "dit",
+                      depthwise_conv: bool | None = None) -> LoadedModel:
     """A model ready to sample: attnmed checkpoints describe themselves (a `model_name`, `input_size`,
     `attention` or `mediators` that disagrees with the checkpoint is refused); official DiT/SiT files (plain
     state dicts) need `model_name` (and the input size, default 32, and attention they were trained with). A
@@ -61,7 +62,8 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None =
     if "model_config" in state:
         config = ModelConfig.from_dict(state["model_config"])
         given = {"--model": (model_name, config.name), "--input-size": (input_size, config.input_size),
-                 "--attention": (attention, config.attention), "--mediators": (mediators, config.mediators)}  # fmt: skip
+                 "--attention": (attention, config.attention), "--mediators": (mediators, config.mediators),
+                 "--depthwise-conv": (depthwise_conv, config.uses_depthwise_conv)}  # fmt: skip
         conflicts = [f"{flag} {value} (the checkpoint holds {saved})" for flag, (value, saved) in given.items()
                      if value is not None and value != saved]  # fmt: skip
         if conflicts:
@@ -74,7 +76,7 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None =
             raise ValueError(f"{checkpoint} does not say which model it holds; pass --model (e.g. DiT-XL/2) "
                              "and --input-size (32 for 256 px)")  # fmt: skip
         model = build_model(model_name, input_size=32 if input_size is None else input_size, num_classes=num_classes,
-                            attention=attention or "full", mediators=mediators)  # fmt: skip
+                            attention=attention or "full", mediators=mediators, depthwise_conv=depthwise_conv)  # fmt: skip
         process = ProcessConfig(model.config.family)
     weights = extract_state_dict(state, use_ema=use_ema)
     load_checkpoint(model, weights)

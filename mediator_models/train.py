@@ -62,6 +62,7 @@ class TrainConfig:
     model: str = "SiT-T/2"
     attention: str = "full"
     mediators: int | None = None
+    depthwise_conv: bool | None = None  # the ablations: see ModelConfig.depthwise_conv
     data: str = "digits"  # "digits", an ImageFolder tree, or a latent cache from `attnmed cache-latents`
     image_size: int = 16
     vae: str | None = None  # local AutoencoderKL folder: train on latents of an ImageFolder, encoded on the fly
@@ -375,7 +376,8 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
     flip = source.flippable if cfg.flip is None else cfg.flip
     model_config = make_config(cfg.model, input_size=input_size, in_channels=in_channels,
                                num_classes=source.num_classes, class_dropout_prob=cfg.class_dropout_prob,
-                               attention=cfg.attention, mediators=cfg.mediators)  # fmt: skip
+                               attention=cfg.attention, mediators=cfg.mediators,
+                               depthwise_conv=cfg.depthwise_conv)  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = DiffusionTransformer(model_config).to(env.device)
     ema = deepcopy(model).requires_grad_(False).eval()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from helpers import tiny_inputs, tiny_model
+from mediator_models import build_model
 from mediator_models.attention import AttentionMaps, FullAttention, MediatorAttention
 
 
@@ -167,3 +169,70 @@ def test_cached_position_biases_follow_parameter_updates_and_training_gets_gradi
     module(x).square().sum().backward()
     for name in ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias"):
         assert getattr(module, name).grad.abs().sum() > 0, name
+
+
+# ---- the ablations that isolate the mediators from the depthwise conv ---------------------------------------
+
+def test_ablations_compute_what_their_names_say():
+    from mediator_models.attention import ConvMixing, FullAttention, MediatorAttention, depthwise_conv_on_values
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32)
+    mediated = MediatorAttention(32, 4, grid_size=4, mediators=4)
+    bare = MediatorAttention(32, 4, grid_size=4, mediators=4, depthwise_conv=False)
+    bare.load_state_dict({k: v for k, v in mediated.state_dict().items() if not k.startswith("dwc.")})
+    assert not hasattr(bare, "dwc")
+    with torch.no_grad():
+        mediated.dwc.weight.zero_()
+        mediated.dwc.bias.zero_()
+        torch.testing.assert_close(bare(x), mediated(x))  # without the conv = with a conv that adds nothing
+    full = FullAttention(32, 4)
+    with_conv = FullAttention(32, 4, grid_size=4)
+    with_conv.load_state_dict({**full.state_dict(), **{k: v for k, v in with_conv.state_dict().items() if k.startswith("dwc.")}})
+    with torch.no_grad():
+        v = with_conv.qkv(x)[..., 64:]
+        expected = with_conv.proj(full_attention_core(full, x) + depthwise_conv_on_values(with_conv.dwc, v, 4))
+        torch.testing.assert_close(with_conv(x), expected, atol=1e-6, rtol=1e-5)
+    conv = ConvMixing(32, grid_size=4)
+    with torch.no_grad():
+        manual = conv.dwc(conv.v(x).reshape(2, 4, 4, 32).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(2, 16, 32)
+        torch.testing.assert_close(conv(x), conv.proj(manual))
+
+
+def full_attention_core(module, x):
+    """softmax(q·kᵀ/√d)·v with heads merged, written out."""
+    b, n, c = x.shape
+    q, k, v = module.qkv(x).reshape(b, n, 3, module.num_heads, c // module.num_heads).permute(2, 0, 3, 1, 4)
+    weights = (q @ k.transpose(-1, -2) / (c // module.num_heads) ** 0.5).softmax(-1)
+    return (weights @ v).transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("attention,mediators,conv,label", [
+    ("full", None, True, "full + conv"),
+    ("mediator", 4, False, "mediator n=4, no conv"),
+    ("conv", None, None, "conv only"),
+])  # fmt: skip
+def test_ablation_models_build_train_and_reload_strictly(tmp_path, attention, mediators, conv, label):
+    from mediator_models import load_checkpoint
+    from mediator_models.checkpoint import CheckpointMismatchError
+
+    model = build_model("SiT-T/2", input_size=8, attention=attention, mediators=mediators, depthwise_conv=conv)
+    assert model.config.label == f"SiT-T/2 ({label}) @8"
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    model(x, t, y).square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "pos_embed" not in n)
+    twin = build_model("SiT-T/2", input_size=8, attention=attention, mediators=mediators, depthwise_conv=conv)
+    load_checkpoint(twin, model.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="attention: checkpoint has " + re.escape(label)):
+        load_checkpoint(build_model("SiT-T/2", input_size=8), model.state_dict())
+
+
+def test_a_conv_only_block_without_its_conv_and_recording_it_are_refused():
+    from analysis.metrics import metric_reducer
+    from mediator_models.instrument import record_attention
+
+    with pytest.raises(ValueError, match="without it the block mixes no tokens"):
+        build_model("SiT-T/2", input_size=8, attention="conv", depthwise_conv=False)
+    with pytest.raises(ValueError, match="no attention maps to record"):
+        with record_attention(build_model("SiT-T/2", input_size=8, attention="conv"), metric_reducer()):
+            pass

@@ -93,3 +93,14 @@ def test_plot_command_draws_the_figures_of_any_table(tmp_path, capsys):
     assert {p.rsplit("/", 1)[1] for p in written} == {"redundancy_heatmap_full.png", "redundancy_curves_full.png",
                                                        "measures_by_noise.png"}  # fmt: skip
     assert main(["plot", str(table), "--metric", "gini", "--out", str(tmp_path / "f2")]) == 2
+
+
+def test_flops_of_the_ablations_from_the_command_line(capsys):
+    assert main(["flops", "SiT-S/2", "--attention", "mediator", "--mediators", "16", "--no-depthwise-conv"]) == 0
+    assert main(["flops", "SiT-S/2", "--depthwise-conv"]) == 0
+    assert main(["flops", "SiT-S/2", "--attention", "conv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" @")[0] for line in lines] == ["SiT-S/2 (mediator n=16, no conv)", "SiT-S/2 (full + conv)",
+                                                       "SiT-S/2 (conv only)"]  # fmt: skip
+    assert main(["flops", "SiT-S/2", "--attention", "conv", "--no-depthwise-conv"]) == 2
+    assert "mixes no tokens" in capsys.readouterr().err

@@ -99,3 +99,31 @@ def test_observing_the_maps_adds_exactly_their_q_k_products():
     for module in model.attention_modules():
         module.map_observer = lambda maps: None
     assert measured_macs(model) == fused + 4 * 16 * 16 * 128
+
+
+def test_ablation_counts_by_hand():
+    """Full + conv adds the 3×3 depthwise conv (9·N·D per block); mediators without it drop it; conv only keeps
+    v, proj, the MLP, adaLN and the conv. SiT-S/2 at 256 px: N = 256, D = 384, 12 blocks."""
+    from mediator_models import model_gmacs
+
+    n, d, depth = 256, 384, 12
+    conv = depth * 9 * n * d / 1e9
+    full = model_gmacs("SiT-S/2")
+    assert model_gmacs("SiT-S/2", depthwise_conv=True) == pytest.approx(full + conv, abs=1e-12)
+    mediated = model_gmacs("SiT-S/2", attention="mediator", mediators=16)
+    bare = model_gmacs("SiT-S/2", attention="mediator", mediators=16, depthwise_conv=False)
+    assert bare == pytest.approx(mediated - conv, abs=1e-12)
+    conv_only = model_gmacs("SiT-S/2", attention="conv")
+    per_block_full = (12 * n * d * d + 6 * d * d + 2 * n * n * d) / 1e9
+    per_block_conv = (10 * n * d * d + 6 * d * d + 9 * n * d) / 1e9
+    assert conv_only == pytest.approx(full - depth * (per_block_full - per_block_conv), abs=1e-12)
+
+
+@pytest.mark.parametrize("attention,mediators,conv", [("full", None, True), ("mediator", 4, False), ("conv", None, None)])
+def test_ablation_counts_match_the_measured_count(attention, mediators, conv):
+    from mediator_models import build_model, config_gmacs
+    from mediator_models.flops import measured_macs
+
+    model = build_model("SiT-T/2", input_size=8, attention=attention, mediators=mediators, depthwise_conv=conv)
+    pooling = model.config.num_tokens * model.config.hidden_size * model.config.depth if attention == "mediator" else 0
+    assert measured_macs(model) == round(config_gmacs(model.config) * 1e9) - pooling
