@@ -30,7 +30,7 @@ import torch
 
 from mediator_models.runfolder import atomic_write
 
-from .stats import NEIGHBOURHOOD
+from .stats import NEIGHBOURHOOD, inside_manifold, knn_radii
 
 SPATIAL_CHANNELS = 7  # ADM: spatial[..., :7]
 INCEPTION_SCORE_SPLIT = 5000  # ADM: compute_inception_score(split_size=5000)
@@ -118,26 +118,10 @@ def inception_score(logits: np.ndarray, split_size: int = INCEPTION_SCORE_SPLIT)
     return float(np.mean(scores))
 
 
-def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :], 0.0)
-
-
-def _radii(features: np.ndarray, k: int, block: int = 4096) -> np.ndarray:
-    """Squared distance of each point to its k-th nearest other point (the point itself is the 0th)."""
-    return np.concatenate([np.partition(_squared_distances(features[i : i + block], features), k, axis=1)[:, k]
-                           for i in range(0, len(features), block)])  # fmt: skip
-
-
-def _inside(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, block: int = 4096) -> np.ndarray:
-    return np.concatenate([(_squared_distances(points[i : i + block], centres) <= radii[None, :]).any(1)
-                           for i in range(0, len(points), block)])  # fmt: skip
-
-
 def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = NEIGHBOURHOOD) -> tuple[float, float]:
     """ADM's ManifoldEstimator with nhood_sizes=(k,): (precision, recall) of samples against a reference set."""
-    reference, samples = np.asarray(reference, np.float64), np.asarray(samples, np.float64)
-    precision = _inside(samples, reference, _radii(reference, k)).mean()
-    recall = _inside(reference, samples, _radii(samples, k)).mean()
+    precision = inside_manifold(samples, reference, knn_radii(reference, k)).mean()
+    recall = inside_manifold(reference, samples, knn_radii(samples, k)).mean()
     return float(precision), float(recall)
 
 

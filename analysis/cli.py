@@ -273,8 +273,6 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
 def run_record(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mediator_models.runfolder import FolderLock, check_writable
-
     from .collect import CollectionConfig, collect_redundancy, write_table
     from .metrics import ALL_METRICS, CHEAP_METRICS
 
@@ -295,14 +293,10 @@ def run_record(args: argparse.Namespace) -> int:
         raise ValueError("give either --ckpt (an attnmed, official or diffusers DiT checkpoint) or --diffusers (a pipeline folder)")
     if args.diffusers:
         return _record_diffusers(args, collection, out)
-    from mediator_models.train import init_distributed
+    from mediator_models.train import init_distributed, locked_folder
 
     env = init_distributed()
-    check_writable(out.parent)
-    lock = FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock") if env.is_main else None
-    if lock is not None:
-        lock.acquire()
-    try:
+    with locked_folder(out.parent, "attnmed record", env, name=f".{out.name}.lock"):  # also refuses an unwritable --out
         loaded, sampler = _load_from_args(args)
         state = out.with_name(f".{out.name}.state.pt")
         table = collect_redundancy(loaded.model, loaded.process, sampler, collection, state_path=state,
@@ -315,9 +309,6 @@ def run_record(args: argparse.Namespace) -> int:
                                  "ranks": env.world_size})  # fmt: skip
         for leftover in out.parent.glob(f".{out.name}.state.pt*"):
             leftover.unlink(missing_ok=True)
-    finally:
-        if lock is not None:
-            lock.release()
     print(f"wrote {len(table)} rows to {out}")
     return 0
 
@@ -326,7 +317,7 @@ def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
     """`attnmed record --diffusers FOLDER`: the pipeline's own scheduler loop, recorded into the same table."""
     from pathlib import Path
 
-    from mediator_models.runfolder import FolderLock, check_writable
+    from mediator_models.runfolder import FolderLock
 
     from .collect import collect_redundancy_diffusers, write_table
 
@@ -335,8 +326,7 @@ def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
         raise FileNotFoundError(f"{folder} is not a local diffusers pipeline folder (no model_index.json); nothing is downloaded")
     from diffusers import DiffusionPipeline
 
-    check_writable(out.parent)
-    with FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock"):
+    with FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock"):  # also refuses an unwritable --out
         pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
         pipeline.set_progress_bar_config(disable=True)
         table = collect_redundancy_diffusers(pipeline, collection, steps=args.steps, guidance_scale=args.cfg_scale,

@@ -106,10 +106,15 @@ def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, co
                 return None
             for other in gathered[1:]:
                 recorder.merge_state_dict(other)
+    return _table(recorder, config.name, config.attention, config.mediators or 0)
+
+
+def _table(recorder, model: str, attention: str, mediators: int) -> pd.DataFrame:
+    """The recorder's rows as the tidy table, with the model's name, attention kind and mediator count."""
     table = pd.DataFrame(recorder.rows())
-    table.insert(0, "mediators", config.mediators if config.mediators is not None else 0)
-    table.insert(0, "attention", config.attention)
-    table.insert(0, "model", config.name)
+    table.insert(0, "mediators", mediators)
+    table.insert(0, "attention", attention)
+    table.insert(0, "model", model)
     return table[COLUMNS]
 
 
@@ -120,12 +125,15 @@ def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = Collec
     loop with the recorder on its transformer: the same columns as `collect_redundancy`, so plots, schedules and
     notebooks read it unchanged. Sample i draws its initial noise from its own generator (seed + i); class labels
     (DiT) follow `collection.classes` or the seeded labels attnmed uses; text pipelines cycle `prompts`."""
+    import inspect
+
     from mediator_models.diffusers_attention import PipelineSteps
     from mediator_models.sample import sample_label
+    from mediator_models.stepping import sample_seed
 
     name = type(pipeline).__name__.removesuffix("Pipeline")
     guided = guidance_scale > 1
-    text = not hasattr(pipeline, "get_label_ids") and "class_labels" not in pipeline.__call__.__code__.co_varnames
+    text = "class_labels" not in inspect.signature(pipeline.__call__).parameters  # DiT takes labels, the rest prompts
     if text and not prompts:
         raise ValueError(f"{name} is conditioned on text: pass --prompt (one or more)")
     reducer = metric_reducer(tuple(collection.metrics), jsd_pairs=collection.jsd_pairs)
@@ -141,7 +149,7 @@ def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = Collec
         try:
             for start in range(0, collection.samples, collection.batch_size):
                 indices = list(range(start, min(start + collection.batch_size, collection.samples)))
-                generators = [torch.Generator().manual_seed(collection.seed * 1_000_003 + i) for i in indices]
+                generators = [torch.Generator().manual_seed(sample_seed(collection.seed, i)) for i in indices]
                 tracker.reset()
                 if text:
                     pipeline(prompt=[prompts[i % len(prompts)] for i in indices], num_inference_steps=steps,
@@ -158,11 +166,7 @@ def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = Collec
             tracker.close()
             if bar is not None:
                 bar.close()
-    table = pd.DataFrame(recorder.rows())
-    table.insert(0, "mediators", 0)
-    table.insert(0, "attention", "full")
-    table.insert(0, "model", name)
-    return table[COLUMNS]
+    return _table(recorder, name, "full", 0)
 
 
 def check_recordable(process: ProcessConfig, sampler: SamplerConfig, keep_maps=None) -> None:
@@ -171,7 +175,9 @@ def check_recordable(process: ProcessConfig, sampler: SamplerConfig, keep_maps=N
     if sampler.adaptive:
         raise ValueError("the recorder needs a fixed-step sampler (each table row is one noise level); dopri5 picks "
                          "its steps per batch. Use the SDE, or the ODE with --method euler or heun")  # fmt: skip
-    steps = len(evaluation_levels(process, sampler))
+    if not keep_maps:
+        return
+    steps = len(evaluation_levels(process, sampler))  # a dry run, needed only to check the kept steps
     wrong = sorted(pair for pair in keep_maps or () if not 0 <= pair[0] < steps)
     if wrong:
         raise ValueError(f"--keep-maps {wrong}: this sampler evaluates steps 0..{steps - 1} only")

@@ -44,7 +44,7 @@ class Reference:
         if len(features) < NEIGHBOURHOOD + 2:
             raise ValueError(f"a reference needs at least {NEIGHBOURHOOD + 2} images, got {len(features)}")
         sigma = np.cov(features, rowvar=False)
-        return cls(features, features.mean(0), sigma, _psd_sqrt(sigma), _kth_neighbour_distance(features, features))
+        return cls(features, features.mean(0), sigma, _psd_sqrt(sigma), knn_radii(features))
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -52,35 +52,46 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
 
 
-def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(squared.clip(min=0))
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :], 0.0)
 
 
-def _kth_neighbour_distance(points: np.ndarray, within: np.ndarray) -> np.ndarray:
-    """Distance from each of `points` to its k-th nearest point of `within` (the point itself counts as the 0th)."""
-    return np.partition(_distances(points, within), NEIGHBOURHOOD, axis=1)[:, NEIGHBOURHOOD]
+def knn_radii(features: np.ndarray, k: int = NEIGHBOURHOOD, block: int = 4096) -> np.ndarray:
+    """Distance of each point to its k-th nearest other point (the point itself is the 0th), in row blocks so
+    that 50,000 points never need the whole distance matrix at once."""
+    features = np.asarray(features, dtype=np.float64)
+    return np.sqrt(np.concatenate([np.partition(_squared_distances(features[i : i + block], features), k, axis=1)[:, k]
+                                   for i in range(0, len(features), block)]))  # fmt: skip
+
+
+def inside_manifold(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, block: int = 4096) -> np.ndarray:
+    """For each point: does it fall inside some centre's ball (the k-NN manifold of the centres)? Distances are
+    computed as in `knn_radii`, so a point exactly at a radius compares equal."""
+    points = np.asarray(points, dtype=np.float64)
+    return np.concatenate([(np.sqrt(_squared_distances(points[i : i + block], centres)) <= radii[None, :]).any(1)
+                           for i in range(0, len(points), block)])  # fmt: skip
+
+
+def frechet_to_reference(mu: np.ndarray, sigma: np.ndarray, reference: Reference) -> float:
+    """‖μ − μ_r‖² + tr Σ + tr Σ_r − 2 tr (Σ_r^½ Σ Σ_r^½)^½: one symmetric eigendecomposition per call."""
+    inner = reference.sigma_sqrt @ sigma @ reference.sigma_sqrt
+    trace_sqrt = np.sqrt(np.linalg.eigvalsh((inner + inner.T) / 2).clip(min=0)).sum()
+    return float(((mu - reference.mu) ** 2).sum() + np.trace(sigma) + np.trace(reference.sigma) - 2 * trace_sqrt)
 
 
 def fid(features: np.ndarray, reference: Reference) -> float:
     features = np.asarray(features, dtype=np.float64)
-    mu, sigma = features.mean(0), np.cov(features, rowvar=False)
-    inner = reference.sigma_sqrt @ sigma @ reference.sigma_sqrt
-    trace_sqrt = np.sqrt(np.linalg.eigvalsh((inner + inner.T) / 2).clip(min=0)).sum()
-    return float(((mu - reference.mu) ** 2).sum() + np.trace(sigma) + np.trace(reference.sigma) - 2 * trace_sqrt)
+    return frechet_to_reference(features.mean(0), np.cov(features, rowvar=False), reference)
 
 
 def _poly_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a @ b.T / a.shape[1] + 1.0) ** 3
 
 
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray, x_ids: np.ndarray | None = None) -> float:
-    """Unbiased MMD² between sets of any sizes. `x_ids` names which image each row of x is (a bootstrap may
-    repeat images): pairs of the same image are left out of the within-set mean, as the diagonal is."""
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD² between sets of any sizes (the diagonals are left out of the within-set means)."""
     k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
-    ids = np.arange(len(x)) if x_ids is None else np.asarray(x_ids)
-    distinct = ids[:, None] != ids[None, :]
-    within_x = k_xx[distinct].mean()
+    within_x = (k_xx.sum() - np.trace(k_xx)) / (len(x) * (len(x) - 1))
     within_y = (k_yy.sum() - np.trace(k_yy)) / (len(y) * (len(y) - 1))
     return float(within_x + within_y - 2 * k_xy.mean())
 
@@ -101,14 +112,12 @@ def kid(features: np.ndarray, reference: Reference, subset_size: int = 100, subs
 
 def precision_indicators(features: np.ndarray, reference: Reference) -> np.ndarray:
     """For each sample: does it fall inside some reference point's k-NN ball?"""
-    return (_distances(np.asarray(features, dtype=np.float64), reference.features) <= reference.radii[None, :]).any(1)
+    return inside_manifold(features, reference.features, reference.radii)
 
 
 def recall(features: np.ndarray, reference: Reference) -> float:
     """Share of reference points inside some sample's k-NN ball (radii measured among the samples)."""
-    features = np.asarray(features, dtype=np.float64)
-    radii = _kth_neighbour_distance(features, features)
-    return float((_distances(reference.features, features) <= radii[None, :]).any(1).mean())
+    return float(inside_manifold(reference.features, features, knn_radii(features)).mean())
 
 
 def all_metrics(features: np.ndarray, reference: Reference, kid_subset_size: int = 100) -> dict[str, float]:
@@ -150,14 +159,10 @@ class CellMetrics:
             pairs = total**2 - (counts**2).sum()
             within_x = (counts @ self.k_xx @ counts - (counts**2 * np.diag(self.k_xx)).sum()) / pairs
             return float(within_x + self.within_y - 2 * counts @ self.k_xy_rows / total)
-        if metric == "fid":
+        if metric == "fid":  # the weighted mean and covariance of the resample
             mu = counts @ self.features / total
             centred = self.features - mu
-            sigma = (centred * counts[:, None]).T @ centred / (total - 1)
-            inner = self.reference.sigma_sqrt @ sigma @ self.reference.sigma_sqrt
-            trace_sqrt = np.sqrt(np.linalg.eigvalsh((inner + inner.T) / 2).clip(min=0)).sum()
-            return float(((mu - self.reference.mu) ** 2).sum() + np.trace(sigma) + np.trace(self.reference.sigma)
-                         - 2 * trace_sqrt)  # fmt: skip
+            return frechet_to_reference(mu, (centred * counts[:, None]).T @ centred / (total - 1), self.reference)
         raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(LOWER_IS_BETTER)}")
 
 

@@ -93,7 +93,7 @@ def _diagnose_unreadable(path: Path) -> str:
     return f"not a torch checkpoint (it starts with {head!r}; torch.save files start with b'PK')"
 
 
-def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load on the CPU; a missing, empty, truncated, non-torch or damaged file raises one clear line.
 
     attnmed checkpoints carry a `checksum` of what they hold (`checkpoint_checksum`), verified here, so
@@ -112,7 +112,7 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict or a "
                               "training checkpoint")  # fmt: skip
-    if verify and "checksum" in checkpoint and checkpoint_checksum(checkpoint) != checkpoint["checksum"]:
+    if "checksum" in checkpoint and checkpoint_checksum(checkpoint) != checkpoint["checksum"]:
         raise CheckpointError(f"checkpoint {path} is damaged: its contents no longer match the checksum saved "
                               "with them (bytes changed after saving); use an earlier checkpoint")  # fmt: skip
     return checkpoint
@@ -272,11 +272,9 @@ def load_checkpoint(
     `adapt_resolution`, weights saved at another resolution are adapted first (see
     `adapt_to_resolution`); otherwise any mismatch raises `CheckpointMismatchError`.
     """
-    from .diffusers_dit import is_diffusers_dit, is_diffusers_folder, read_diffusers_folder, state_from_diffusers
+    from .diffusers_dit import is_diffusers_dit, read_diffusers_folder, state_from_diffusers
 
     if isinstance(path_or_state_dict, (str, os.PathLike)) and Path(path_or_state_dict).is_dir():
-        if not (is_diffusers_folder(path_or_state_dict) or is_diffusers_folder(Path(path_or_state_dict) / "transformer")):
-            raise CheckpointError(f"{path_or_state_dict} is a folder but not a diffusers model folder; pass a checkpoint file")
         checkpoint, _ = read_diffusers_folder(path_or_state_dict)
     elif isinstance(path_or_state_dict, (str, os.PathLike)):
         checkpoint = read_checkpoint(path_or_state_dict)

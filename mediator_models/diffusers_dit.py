@@ -42,12 +42,13 @@ def is_diffusers_folder(path: str | os.PathLike) -> bool:
 
 def read_diffusers_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, config) of a saved DiTTransformer2DModel folder (a pipeline's `transformer/` folder works;
-    so does the pipeline folder itself)."""
+    so does the pipeline folder itself). Any other folder is refused, saying what a checkpoint may be."""
     path = Path(path)
     if (path / "transformer" / "config.json").exists():
         path = path / "transformer"
     if not is_diffusers_folder(path):
-        raise CheckpointError(f"{path} is not a diffusers model folder (config.json and diffusion_pytorch_model.*)")
+        raise CheckpointError(f"{path} is a folder but not a diffusers model folder (config.json and "
+                              "diffusion_pytorch_model.*); pass a checkpoint file or a diffusers DiT folder")  # fmt: skip
     config = json.loads((path / "config.json").read_text())
     if config.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
         raise CheckpointError(f"{path} holds a {config['_class_name']}; only DiT transformers convert onto attnmed's DiT")

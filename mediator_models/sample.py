@@ -42,15 +42,12 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None =
     state dicts) need `model_name` (and the input size, default 32, and attention they were trained with). A
     diffusers DiT folder (a DiTTransformer2DModel, or a pipeline folder holding one) converts onto our DiT and
     computes as the original DiT, or exactly as diffusers does with `numerics="diffusers"`."""
-    from .diffusers_dit import config_from_diffusers, is_diffusers_folder, read_diffusers_folder
+    from .diffusers_dit import config_from_diffusers, read_diffusers_folder
 
-    folder = Path(checkpoint)
-    if folder.is_dir() and (is_diffusers_folder(folder) or is_diffusers_folder(folder / "transformer")):
-        weights, diffusers_config = read_diffusers_folder(folder)
+    if Path(checkpoint).is_dir():  # a diffusers DiT (read_diffusers_folder refuses any other folder)
+        weights, diffusers_config = read_diffusers_folder(checkpoint)
         config = config_from_diffusers(diffusers_config, weights, numerics)
-        given = {"--model": (model_name, config.name), "--input-size": (input_size, config.input_size),
-                 "--attention": (attention, "full")}  # fmt: skip
-        conflicts = [f"{flag} {value}" for flag, (value, saved) in given.items() if value is not None and value != saved]
+        conflicts = _conflicting_flags(config, model_name, input_size, attention, mediators, depthwise_conv)
         if conflicts:
             raise ValueError(f"{checkpoint} is a diffusers DiT ({config.label}); it disagrees with {', '.join(conflicts)}")
         model = DiffusionTransformer(config)
@@ -61,11 +58,7 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None =
     state = read_checkpoint(checkpoint)
     if "model_config" in state:
         config = ModelConfig.from_dict(state["model_config"])
-        given = {"--model": (model_name, config.name), "--input-size": (input_size, config.input_size),
-                 "--attention": (attention, config.attention), "--mediators": (mediators, config.mediators),
-                 "--depthwise-conv": (depthwise_conv, config.uses_depthwise_conv)}  # fmt: skip
-        conflicts = [f"{flag} {value} (the checkpoint holds {saved})" for flag, (value, saved) in given.items()
-                     if value is not None and value != saved]  # fmt: skip
+        conflicts = _conflicting_flags(config, model_name, input_size, attention, mediators, depthwise_conv)
         if conflicts:
             raise ValueError(f"{checkpoint} is an attnmed checkpoint that says which model it holds; it disagrees with "
                              + ", ".join(conflicts) + ". Drop these flags (they are for official DiT/SiT files only)")  # fmt: skip
@@ -81,6 +74,15 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None =
     weights = extract_state_dict(state, use_ema=use_ema)
     load_checkpoint(model, weights)
     return LoadedModel(model.to(device).eval(), process, str(checkpoint), weights_digest(weights))
+
+
+def _conflicting_flags(config: ModelConfig, model_name, input_size, attention, mediators, depthwise_conv) -> list[str]:
+    """The model flags given on the command line that a self-describing checkpoint contradicts."""
+    given = {"--model": (model_name, config.name), "--input-size": (input_size, config.input_size),
+             "--attention": (attention, config.attention), "--mediators": (mediators, config.mediators),
+             "--depthwise-conv": (depthwise_conv, config.uses_depthwise_conv)}  # fmt: skip
+    return [f"{flag} {value} (the checkpoint holds {saved})" for flag, (value, saved) in given.items()
+            if value is not None and value != saved]  # fmt: skip
 
 
 # What networks switched within one sampling run must share: everything but the attention.

@@ -149,9 +149,9 @@ def all_ranks_agree(ok: bool) -> bool:
 
 
 @contextlib.contextmanager
-def locked_folder(folder: Path, what: str, env: DistEnv, flag: str = "--out"):
+def locked_folder(folder: Path, what: str, env: DistEnv, flag: str = "--out", name: str = ".lock"):
     """Hold `folder`'s lock for the whole job (taken by rank 0; every rank fails together if it is busy)."""
-    lock = FolderLock(folder, what, flag) if env.is_main else None
+    lock = FolderLock(folder, what, flag, name) if env.is_main else None
     error = None
     if lock is not None:
         try:
@@ -382,10 +382,10 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
     model = DiffusionTransformer(model_config).to(env.device)
     ema = deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, loss_floor, changes = 0, None, {}
+    start, loss_floor, changed = 0, None, {}
     if existing:
         checkpoint = read_checkpoint(existing[-1])
-        changes = check_resume_config(checkpoint["args"], cfg)
+        changed = {k: {"from": a, "to": b} for k, (a, b) in check_resume_config(checkpoint["args"], cfg).items()}
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         opt.load_state_dict(checkpoint["opt"])
@@ -398,11 +398,10 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
     log = None
     if env.is_main:
         truncate_log(run_dir / "log.jsonl", start)
-        _write_run_config(run_dir, cfg, model_config, source.description, start, changes)
+        _write_run_config(run_dir, cfg, model_config, source.description, start, changed)
         log = (run_dir / "log.jsonl").open("a")
-        if changes:
-            log.write(json.dumps({"event": "resume", "step": start, "time": time.time(),
-                                  "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}) + "\n")  # fmt: skip
+        if changed:
+            log.write(json.dumps({"event": "resume", "step": start, "time": time.time(), "changed": changed}) + "\n")
             log.flush()
 
     local = cfg.global_batch_size // env.world_size
@@ -494,7 +493,7 @@ def _diverged(run_dir: Path, step: int, loss: float, floor: float | None, is_mai
 
 
 def _write_run_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, data: Any, step: int,
-                      changes: dict[str, tuple[Any, Any]]) -> None:
+                      changed: dict[str, dict[str, Any]]) -> None:
     """config.json: the configuration in force, and a history of the settings changed at each resume."""
     path = run_dir / "config.json"
     history = []
@@ -504,6 +503,6 @@ def _write_run_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig
         except json.JSONDecodeError:
             history = []
     history = [h for h in history if h.get("step", 0) <= step]
-    if changes:
-        history.append({"step": step, "changed": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
+    if changed:
+        history.append({"step": step, "changed": changed})
     atomic_write_json(path, {"train": cfg.to_dict(), "model": model_config.to_dict(), "data": data, "history": history})
