@@ -188,6 +188,9 @@ def _configure_sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rho", type=float, nargs="+", default=None, help="--adaptive: ρ_1 … ρ_{m−1}, one per switch")
     parser.add_argument("--warmup", type=int, default=3, help="--adaptive: warm-up steps K (the public example: 3)")
     parser.add_argument("--distance", choices=("l1", "l2"), default="l1", help="--adaptive: step distance")
+    parser.add_argument("--statistic", choices=("state", "drift"), default="state",
+                        help="--adaptive: d_k on the states (the paper) or on the drift, without the SDE's injected "
+                             "noise (ours)")  # fmt: skip
     parser.add_argument("--out", required=True, help="folder for the PNGs, samples.npz and samples.json")
 
 
@@ -241,8 +244,10 @@ def _switching(args: argparse.Namespace, loaded: list, sampler):
         raise ValueError(f"--rho values must be positive, got {args.rho}")
     if args.warmup < 1:
         raise ValueError(f"--warmup must be at least 1, got {args.warmup}")
-    switch = AdaptiveSwitch([networks[c].model for c in order], args.rho, warmup=args.warmup, distance=args.distance)
-    description = {"name": "adaptive ρ=" + "/".join(f"{r:g}" for r in args.rho), "rule": "paper (adaptive)",
+    switch = AdaptiveSwitch([networks[c].model for c in order], args.rho, warmup=args.warmup, distance=args.distance,
+                            statistic=args.statistic)  # fmt: skip
+    rule = "paper (adaptive)" if args.statistic == "state" else "paper's rule on the drift (ours)"
+    description = {"name": "adaptive ρ=" + "/".join(f"{r:g}" for r in args.rho), "rule": rule, "statistic": args.statistic,
                    "order": [count_label(c) for c in order], "rho": args.rho, "warmup": args.warmup,
                    "distance": args.distance, "networks": weights}  # fmt: skip
     return networks[order[0]], switch, description
@@ -258,7 +263,9 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=32, help="samples to average over (the paper: 32)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--metrics", default="cheap",
-                        help="'cheap' (jsd, entropy, cosine), 'all' (adds the singular-value ranks) or a comma list")
+                        help="'cheap' (jsd, entropy, cosine), 'all' (adds the singular-value ranks) or a comma list of "
+                             "those words and metrics, e.g. all,recovery_rank_16,recovery_pooled_16 (the premise: how "
+                             "much of A·V a rank-16 or pooled 16-mediator map recovers; full attention only)")  # fmt: skip
     parser.add_argument("--jsd-pairs", default="2048",
                         help="query pairs per map for the JSD score, drawn per map ('all' for the exact mean; all "
                              "pairs anyway up to 64 tokens at 2048). Fewer pairs record faster: see README")  # fmt: skip
@@ -276,7 +283,8 @@ def run_record(args: argparse.Namespace) -> int:
     from .collect import CollectionConfig, collect_redundancy, write_table
     from .metrics import ALL_METRICS, CHEAP_METRICS
 
-    metrics = {"cheap": CHEAP_METRICS, "all": ALL_METRICS}.get(args.metrics) or tuple(m for m in args.metrics.split(",") if m)
+    named = {"cheap": CHEAP_METRICS, "all": ALL_METRICS}
+    metrics = tuple(dict.fromkeys(m for part in args.metrics.split(",") if part for m in named.get(part, (part,))))
     keep = [_step_layer(pair) for pair in args.keep_maps]
     out = Path(args.out)
     if out.suffix not in (".parquet", ".csv"):
@@ -354,9 +362,14 @@ def _configure_schedule(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("table", help="redundancy table from `attnmed record` (.parquet or .csv) of a full-attention model")
     parser.add_argument("--counts", nargs="+", required=True, metavar="N",
                         help="the networks at hand: mediator counts and/or 'full', e.g. 4 16 64 full")
-    parser.add_argument("--rule", choices=("energy-rank", "jsd", "budget"), default="energy-rank",
+    parser.add_argument("--rule", choices=("energy-rank", "jsd", "budget", "recovery"), default="energy-rank",
                         help="energy-rank: smallest count holding the maps' rank at --tau; jsd: --thresholds on the "
-                             "JSD score; budget: the rank rule lowered until it fits --budget-gflops")  # fmt: skip
+                             "JSD score; budget: the rank rule lowered until it fits --budget-gflops; recovery: the "
+                             "fewest mediators whose rank-n map keeps every layer's A·V within --epsilon (needs "
+                             "recovery_rank_N rows)")  # fmt: skip
+    parser.add_argument("--epsilon", type=float, default=0.1, help="recovery rule: largest relative error of A·V")
+    parser.add_argument("--recovery-kind", choices=("rank", "pooled"), default="rank",
+                        help="recovery rule: the truncated SVD of A, or the mediator form from pooled queries")
     parser.add_argument("--tau", type=float, default=0.9, help="energy fraction for the rank rules (0.9 or 0.99, as recorded)")
     parser.add_argument("--thresholds", type=float, nargs="*", default=(),
                         help="jsd rule: ascending JSD levels (bits), one per count after the first")
@@ -375,7 +388,7 @@ def run_schedule(args: argparse.Namespace) -> int:
     from mediator_models.config import ModelConfig
 
     from .collect import read_table
-    from .schedule import Rule, derive_schedule, schedule_within_budget, table_gflops
+    from .schedule import Rule, derive_recovery_schedule, derive_schedule, schedule_within_budget, table_gflops
 
     counts = [None if c == "full" else _positive_count(c) for c in args.counts]
     table = read_table(args.table)
@@ -396,6 +409,9 @@ def run_schedule(args: argparse.Namespace) -> int:
         if args.budget_gflops is None:
             raise ValueError("--rule budget needs --budget-gflops (GFLOPs per image)")
         schedule, cost = schedule_within_budget(full, counts, configs, args.budget_gflops, args.tau, args.aggregate)
+    elif args.rule == "recovery":
+        schedule = derive_recovery_schedule(full, counts, args.epsilon, args.recovery_kind)
+        cost = table_gflops(schedule, full, configs)
     else:
         rule = (Rule("energy_rank", tau=args.tau, aggregate=args.aggregate) if args.rule == "energy-rank"
                 else Rule("jsd", aggregate=args.aggregate, thresholds=tuple(args.thresholds)))  # fmt: skip
@@ -505,8 +521,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=("quick", "default"), default="default",
-                        help="quick: every stage at toy budgets (minutes); default: the demo (under 30 min on 2 cores)")
+    parser.add_argument("--preset", choices=("quick", "default", "paper-grid"), default="default",
+                        help="quick: every stage at toy budgets (minutes); default: the demo on an 8×8 token grid "
+                             "(about 45 min on 2 cores); paper-grid: the paper's 16×16 grid with its counts 4/16/64, "
+                             "ablations and adaptive diagnostics (about 90 min on 2 cores)")  # fmt: skip
     parser.add_argument("--runs", default="runs", help="folder for the run (resumable: rerun to continue)")
     parser.add_argument("--figures", default=None,
                         help="also publish the figures, tables and REPORT.md into this folder (e.g. figures, to "

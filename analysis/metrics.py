@@ -12,12 +12,18 @@ Singular values are computed in float64 (or float32 when asked), never in half p
 - `numerical_rank`: #{σ_i > rtol·σ₁}.
 - `energy_rank`: smallest k with Σ_{i≤k} σ_i² ≥ τ·Σσ².
 - `mean_cosine`: mean cosine similarity between distinct query rows.
+
+The premise of sizing mediators from redundancy, measured on the layer's output rather than its map
+(`recovery_errors`): how much of A·V a map of rank n keeps, as ‖(A − Â)·V‖_F / ‖A·V‖_F for Â the best rank-n
+approximation of A (truncated SVD), and for Â the mediator form built from the layer's own queries and keys
+(queries pooled to n mediators, no position biases: our construction, not a trained mediator layer).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Callable
 
 import torch
@@ -180,18 +186,72 @@ def energy_rank(sigma: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
     return torch.where(total[..., 0] > 0, rank, torch.zeros_like(rank))
 
 
+# ---- the premise: how much of the output a rank-n map recovers ------------------------------------------
+
+def rank_recovery_errors(maps: torch.Tensor, values: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """{n: ‖(A − A_n)·V‖_F / ‖A·V‖_F} for A_n the truncated SVD of A at rank n. maps (..., N, N), values (..., N, d).
+
+    With A = U·S·Wᵀ, (A − A_n)·V = Σ_{i>n} u_i·s_i·(w_iᵀV) and the u_i are orthonormal, so the error is the norm
+    of the rows i > n of S·WᵀV: one SVD per map serves every n. A rank at or above N recovers A·V exactly (0).
+    """
+    a, v = maps.double(), values.double()
+    _, s, wh = torch.linalg.svd(a, full_matrices=False)
+    row_energy = ((s[..., None] * (wh @ v)) ** 2).sum(-1)  # (..., K): ‖s_i·w_iᵀV‖²
+    tail = row_energy.flip(-1).cumsum(-1).flip(-1)  # tail[i] = Σ_{j≥i}
+    total = (a @ v).square().sum((-2, -1)).clamp_min(_TINY)
+    out = {}
+    for n in ranks:
+        left = tail[..., n] if n < tail.shape[-1] else torch.zeros_like(total)
+        out[n] = (left.clamp_min(0) / total).sqrt()
+    return out
+
+
+def pool_grid(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """Tokens (..., N, d) on a √N×√N grid, average-pooled to √count×√count (as mediators pool queries)."""
+    *lead, n, d = tokens.shape
+    side, grid = math.isqrt(count), math.isqrt(n)
+    if side * side != count or grid * grid != n:
+        raise ValueError(f"pooling needs square counts: {n} tokens to {count} mediators")
+    image = tokens.reshape(-1, grid, grid, d).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(image, side).permute(0, 2, 3, 1)
+    return pooled.reshape(*lead, count, d)
+
+
+def pooled_recovery_errors(maps: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           counts: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """{n: ‖(A − Â_n)·V‖_F / ‖A·V‖_F} for Â_n = softmax(s·Q·Tᵀ)·softmax(s·T·Kᵀ), T the queries pooled to n
+    mediators: the mediator form of this very layer, without training. maps (..., N, N); q, k, v (..., N, d)."""
+    q, k, v = queries.double(), keys.double(), values.double()
+    scale = q.shape[-1] ** -0.5
+    exact = maps.double() @ v
+    total = exact.square().sum((-2, -1)).clamp_min(_TINY)
+    out = {}
+    for n in counts:
+        mediators = pool_grid(q, n)
+        through = (scale * q @ mediators.transpose(-2, -1)).softmax(-1) @ ((scale * mediators @ k.transpose(-2, -1)).softmax(-1) @ v)
+        out[n] = ((through - exact).square().sum((-2, -1)) / total).sqrt()
+    return out
+
+
 # ---- metric sets the recorder applies --------------------------------------------------------------------
 
 CHEAP_METRICS = ("jsd", "entropy", "cosine")
 SPECTRAL_METRICS = ("effective_rank", "stable_rank", "numerical_rank", "energy_rank_0.9", "energy_rank_0.99")
 ALL_METRICS = CHEAP_METRICS + SPECTRAL_METRICS
+# The premise measures are named by their rank or mediator count: recovery_rank_16, recovery_pooled_16.
+_RECOVERY = re.compile(r"^recovery_(rank|pooled)_([1-9][0-9]*)$")
+
+
+def recovery_metrics(counts) -> tuple[str, ...]:
+    """The premise measures for these mediator counts: rank-n truncation and the pooled mediator form."""
+    return tuple(f"recovery_{kind}_{n}" for kind in ("rank", "pooled") for n in counts)
 
 
 def check_metric_names(metrics) -> None:
-    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    unknown = sorted(m for m in set(metrics) - set(ALL_METRICS) if not _RECOVERY.match(m))
     if unknown or not metrics:
         raise ValueError(f"unknown metrics {unknown or '(none named)'}; --metrics takes 'cheap', 'all' or a comma "
-                         f"list of {', '.join(ALL_METRICS)}")  # fmt: skip
+                         f"list of {', '.join(ALL_METRICS)}, recovery_rank_N, recovery_pooled_N")  # fmt: skip
 
 
 def check_maps(maps: torch.Tensor) -> None:
@@ -214,6 +274,9 @@ def measure(maps: torch.Tensor, metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd
             numerical_rtol: float = 1e-3, svd_dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """The named metrics of a batch of row-stochastic maps (..., N, M), each of shape (...)."""
     check_metric_names(metrics)
+    if not set(metrics) <= set(ALL_METRICS):
+        raise ValueError("the recovery measures need the layer's values too: use metric_reducer on AttentionMaps, "
+                         "or rank_recovery_errors / pooled_recovery_errors directly")  # fmt: skip
     check_maps(maps)
     out: dict[str, torch.Tensor] = {}
     rows = _entropy(_working_precision(maps)) if {"jsd", "entropy"} & set(metrics) else None
@@ -253,9 +316,24 @@ def metric_reducer(metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int |
     """
 
     check_metric_names(metrics)
+    on_maps = tuple(m for m in metrics if m in ALL_METRICS)
+    recovery = [_RECOVERY.match(m).groups() for m in metrics if m not in ALL_METRICS]
+    ranks = tuple(sorted({int(n) for kind, n in recovery if kind == "rank"}))
+    pooled = tuple(sorted({int(n) for kind, n in recovery if kind == "pooled"}))
 
     def reduce(maps) -> dict[str, torch.Tensor]:
-        return measure(maps.effective, metrics, jsd_pairs=jsd_pairs, **options)
+        out = measure(maps.effective, on_maps, jsd_pairs=jsd_pairs, **options) if on_maps else {}
+        if recovery and maps.values is None:
+            raise ValueError("the recovery measures need the layer's values; this attention module does not hand them over")
+        if ranks:
+            out.update({f"recovery_rank_{n}": e for n, e in rank_recovery_errors(maps.effective, maps.values, ranks).items()})
+        if pooled:
+            if maps.kind != "full":
+                raise ValueError("recovery_pooled_N builds the mediator form of a full-attention layer; record it on a "
+                                 "full-attention model")  # fmt: skip
+            errors = pooled_recovery_errors(maps.full, maps.queries, maps.keys, maps.values, pooled)
+            out.update({f"recovery_pooled_{n}": e for n, e in errors.items()})
+        return out
 
     reduce.metrics = tuple(metrics)  # type: ignore[attr-defined]
     return reduce

@@ -166,7 +166,7 @@ def tradeoff(results: pd.DataFrame, path=None, title: str = ""):
     sampling seeds and images when the table has one (summary rows: train_seed == "all")."""
     summary = results[results["train_seed"].astype(str) == "all"] if "train_seed" in results else results
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = dict(zip(sorted(summary["kind"].unique()), "osD^v"))
+    markers = dict(zip(sorted(summary["kind"].unique()), "osD^vP*Xph"))
     labelled: dict[tuple, int] = {}  # runs at the same point get their labels stacked, not overprinted
     for kind, part in summary.groupby("kind"):
         errors = None

@@ -29,13 +29,14 @@ from mediator_models.data import digits
 from mediator_models.runfolder import FolderLock, atomic_write, atomic_write_json, clean_stale_temporaries
 from mediator_models.sample import LoadedModel, load_for_sampling, sample_to_folder
 from mediator_models.sampling import ProcessConfig, SamplerConfig
-from mediator_models.switching import AdaptiveSwitch, MediatorSchedule, evaluation_levels
+from mediator_models.switching import AdaptiveSwitch, MediatorSchedule, count_label, evaluation_levels
 from mediator_models.train import TrainConfig, checkpoint_paths, train
 
 from .collect import CollectionConfig, collect_redundancy, read_table, write_table
 from .features import DigitsExtractor
-from .metrics import ALL_METRICS
-from .schedule import Rule, derive_schedule, per_step_statistic, schedule_gflops
+from .metrics import ALL_METRICS, recovery_metrics
+from .schedule import (Rule, derive_recovery_schedule, derive_schedule, per_step_statistic, schedule_gflops,
+                       schedule_within_budget)
 from .stats import LOWER_IS_BETTER, CellMetrics, Reference, all_metrics, paired_bootstrap, verdict
 
 
@@ -59,9 +60,36 @@ class StudyConfig:
     sample_seeds: tuple[int, ...] = (0, 1)  # each trained model is sampled once per seed (same noise for every run)
     bootstrap_replicates: int = 200
     kid_subset_size: int = 100
+    # Options of the paper-grid study (issue 11). While unset they leave the key as it was, so the run folders of
+    # studies made before they existed keep their names (see `key`).
+    ablations: tuple[str, ...] = ()  # ABLATIONS: mediators without the conv, full attention with it, the conv alone
+    adaptive_counts: tuple[int | None, ...] = ()  # the adaptive rule's networks, fewest first (empty: counts, then full)
+    adaptive_drift_ratios: tuple[tuple[float, ...], ...] = ()  # the rule on the drift (ours), at these ρ
+    time_matched_controls: bool = False  # each adaptive run beside a static schedule switching at its median steps
+    premise: bool = False  # record how much of A·V rank-n and pooled mediator maps recover (full attention)
+    recovery_thresholds: tuple[float, ...] = ()  # schedules from the premise: largest relative error allowed
+    budget_of: tuple[int, ...] = ()  # schedules from the rank rule within the GFLOPs of these static counts
+
+    def __post_init__(self) -> None:
+        networks = len(self.adaptive_counts) or len(self.mediator_counts) + 1
+        for ratios in (*self.adaptive_ratios, *self.adaptive_drift_ratios):
+            if len(ratios) != networks - 1:
+                raise ValueError(f"the adaptive rule switches between {networks} networks, so each ρ needs "
+                                 f"{networks - 1} values; got {ratios}")  # fmt: skip
+        unknown = set(self.ablations) - set(ABLATIONS)
+        if unknown:
+            raise ValueError(f"unknown ablations {sorted(unknown)}; choose from {sorted(ABLATIONS)}")
+        if self.time_matched_controls and not self.adaptive_ratios:
+            raise ValueError("time-matched controls copy adaptive runs: give adaptive_ratios too")
+        if self.recovery_thresholds and not self.premise:
+            raise ValueError("schedules from the premise (recovery_thresholds) need premise=True to record it")
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        data = dataclasses.asdict(self)
+        for name in _ADDED_LATER:
+            if data[name] == _UNSET[name]:
+                del data[name]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,6 +100,29 @@ class StudyConfig:
         return [(t, r) for t in self.train_seeds for r in self.sample_seeds]
 
 
+_ADDED_LATER = ("ablations", "adaptive_counts", "adaptive_drift_ratios", "time_matched_controls", "premise",
+                "recovery_thresholds", "budget_of")
+_UNSET = {field.name: field.default for field in dataclasses.fields(StudyConfig) if field.name in _ADDED_LATER}
+
+# The ablations that isolate the mediators from the depthwise conv of their block (at the middle count n).
+ABLATIONS = {
+    "noconv": "mediators without the depthwise conv",
+    "full-conv": "full attention with the mediators' depthwise conv",
+    "conv": "no attention: the depthwise conv alone",
+}
+
+
+def ablation_model(name: str, count: int) -> tuple[str, int | None, bool | None]:
+    """(attention, mediators, depthwise_conv) of an ablation variant (see ABLATIONS)."""
+    if name == "noconv":
+        return "mediator", count, False
+    if name == "full-conv":
+        return "full", None, True
+    if name == "conv":
+        return "conv", None, None
+    raise ValueError(f"unknown ablation {name!r}; choose from {sorted(ABLATIONS)}")
+
+
 PRESETS = {
     # Every stage at toy budgets: a smoke test of the pipeline (the tests run it), numbers meaningless.
     "quick": StudyConfig(train_steps=60, batch_size=16, sampler_steps=12, record_samples=4, fid_samples=64,
@@ -79,6 +130,16 @@ PRESETS = {
                          bootstrap_replicates=50, kid_subset_size=32),  # fmt: skip
     # The demo: three training seeds × two sampling seeds, sized to finish in about 40 minutes on 2 CPU cores.
     "default": StudyConfig(),
+    # The paper's token grid: 16×16 = 256 tokens (patch 1 on the 16-px digits), the paper's counts 4/16/64 and its
+    # adaptive trio, the ablations, time-matched controls, the rule on the drift, and schedules from the premise
+    # measure and from a FLOPs budget (no JSD quantiles: they cut any series into thirds). Two training seeds ×
+    # one sampling seed, 25 SDE steps, sized for about 90 minutes on 2 CPU cores.
+    "paper-grid": StudyConfig(model="SiT-T/1", mediator_counts=(4, 16, 64), train_steps=500, sampler_steps=25,
+                              record_samples=16, fid_samples=200, train_seeds=(0, 1), sample_seeds=(0,),
+                              adaptive_ratios=((1.0, 0.9), (0.9, 0.8), (0.8, 0.6)), jsd_quantiles=(),
+                              ablations=("noconv", "full-conv", "conv"), adaptive_counts=(4, 16, 64),
+                              adaptive_drift_ratios=((0.9, 0.8),), time_matched_controls=True, premise=True,
+                              recovery_thresholds=(0.1, 0.2), budget_of=(16,)),  # fmt: skip
 }
 
 
@@ -111,8 +172,35 @@ class Study:
         """Mediator counts, then None for full attention."""
         return [*self.config.mediator_counts, None]
 
+    @property
+    def ablation_count(self) -> int:
+        """The mediator count the ablations are built at: the middle one (16 of 4/16/64)."""
+        counts = self.config.mediator_counts
+        return counts[len(counts) // 2]
+
+    @property
+    def ablations(self) -> list[str]:
+        """The ablation variants' names (they key the models beside the counts)."""
+        names = {"noconv": f"med{self.ablation_count}-noconv", "full-conv": "full-conv", "conv": "conv"}
+        return [names[a] for a in self.config.ablations]
+
+    def ablation_model(self, name: str) -> tuple[str, int | None, bool | None]:
+        return ablation_model(name.removeprefix(f"med{self.ablation_count}-"), self.ablation_count)
+
+    @property
+    def trained(self) -> list[int | None | str]:
+        """Every trained variant: the counts, full attention, then the ablations."""
+        return [*self.variants, *self.ablations]
+
+    @property
+    def adaptive_order(self) -> list[int | None]:
+        """The adaptive rule's networks, fewest mediators first: the paper's trio where set."""
+        return list(self.config.adaptive_counts) or self.variants
+
     @staticmethod
-    def variant_name(count: int | None) -> str:
+    def variant_name(count: int | None | str) -> str:
+        if isinstance(count, str):
+            return count
         return "full" if count is None else f"med{count}"
 
     @property
@@ -123,19 +211,28 @@ class Study:
     def process(self) -> ProcessConfig:
         return ProcessConfig("SiT")
 
+    @property
+    def levels(self) -> list[float]:
+        """The noise level of each network evaluation of the study's sampler."""
+        return evaluation_levels(self.process, self.sampler)
+
     # ---- stage 1: train ---------------------------------------------------------------------------------------
     def train_all(self) -> dict[int, dict[int | None, Path]]:
         """Final checkpoints per training seed and variant."""
         paths: dict[int, dict[int | None, Path]] = {}
         for seed in self.config.train_seeds:
             paths[seed] = {}
-            for count in self.variants:
+            for count in self.trained:
                 out = self.run_dir / "train" / f"seed{seed}" / self.variant_name(count)
                 final = out / "checkpoints" / f"{self.config.train_steps:07d}.pt"
+                if isinstance(count, str):
+                    attention, mediators, conv = self.ablation_model(count)
+                else:
+                    attention, mediators, conv = ("full" if count is None else "mediator"), count, None
                 if not final.exists():
                     self.say(f"train {self.variant_name(count)} (seed {seed}) for {self.config.train_steps} steps")
-                    cfg = TrainConfig(model=self.config.model, attention="full" if count is None else "mediator",
-                                      mediators=count, data="digits", image_size=self.config.image_size,
+                    cfg = TrainConfig(model=self.config.model, attention=attention, mediators=mediators,
+                                      depthwise_conv=conv, data="digits", image_size=self.config.image_size,
                                       global_batch_size=self.config.batch_size, steps=self.config.train_steps,
                                       lr=self.config.lr, ema_decay=self.config.ema_decay, seed=seed, log_every=50,
                                       ckpt_every=max(50, self.config.train_steps // 4), out=str(out))  # fmt: skip
@@ -154,12 +251,16 @@ class Study:
         depth = next(iter(models.values())).model.config.depth
         last = self.config.sampler_steps - 1
         keep = [(step, depth // 2) for step in (0, last // 4, last // 2, last)]
-        for count, loaded in models.items():
+        for count in self.variants:
+            loaded = models[count]
             path = self.run_dir / "record" / f"{self.variant_name(count)}.parquet"
             if not path.exists():
                 self.say(f"record redundancy of {self.variant_name(count)} over {self.config.record_samples} samples")
+                metrics = ALL_METRICS
+                if self.config.premise and count is None:
+                    metrics += recovery_metrics(self.config.mediator_counts)
                 collection = CollectionConfig(samples=self.config.record_samples, batch_size=min(32, self.config.record_samples),
-                                              seed=self.config.sample_seeds[0], metrics=ALL_METRICS)  # fmt: skip
+                                              seed=self.config.sample_seeds[0], metrics=metrics)  # fmt: skip
                 table = collect_redundancy(loaded.model, loaded.process, self.sampler, collection,
                                            state_path=path.with_suffix(".state.pt"), keep_maps=keep,
                                            keep_dir=self.run_dir / "record" / "maps")  # fmt: skip
@@ -171,17 +272,30 @@ class Study:
         return pd.concat(tables, ignore_index=True)
 
     # ---- stage 3: schedules -----------------------------------------------------------------------------------
-    def schedules(self, table: pd.DataFrame) -> dict[str, MediatorSchedule]:
+    def schedules(self, table: pd.DataFrame, configs: dict) -> dict[str, MediatorSchedule]:
+        """Schedules derived from the full model's measurements: the rank rule; the premise rule (the fewest
+        mediators whose rank-n map keeps every layer's A·V within ε); the rank rule within the FLOPs of a static
+        count; and, for the default study only, JSD thresholds at the series' own quantiles (which cut any
+        series into equal thirds of steps, so they carry no information: kept to reproduce the first run)."""
         full = table[table["attention"] == "full"]
         available = self.variants
-        jsd = per_step_statistic(full, "jsd")["value"]
-        thresholds = tuple(float(jsd.quantile(q)) for q in self.config.jsd_quantiles)
         derived = {
             "derived-rank0.9": derive_schedule(full, available, Rule("energy_rank", tau=0.9), name="derived: rank τ=0.9"),
             "derived-rank0.99": derive_schedule(full, available, Rule("energy_rank", tau=0.99), name="derived: rank τ=0.99"),
-            "derived-jsd": derive_schedule(full, available, Rule("jsd", thresholds=thresholds[: len(available) - 1]),
-                                           name="derived: JSD quantiles"),  # fmt: skip
         }
+        if self.config.jsd_quantiles:
+            jsd = per_step_statistic(full, "jsd")["value"]
+            thresholds = tuple(float(jsd.quantile(q)) for q in self.config.jsd_quantiles)
+            derived["derived-jsd"] = derive_schedule(full, available, Rule("jsd", thresholds=thresholds[: len(available) - 1]),
+                                                     name="derived: JSD quantiles")  # fmt: skip
+        for epsilon in self.config.recovery_thresholds:
+            derived[f"derived-recovery{epsilon:g}"] = derive_recovery_schedule(full, available, epsilon)
+        levels = evaluation_levels(self.process, self.sampler)
+        for count in self.config.budget_of:
+            budget = schedule_gflops(MediatorSchedule.constant(count), levels, configs)
+            schedule, _ = schedule_within_budget(full, available, configs, budget, tau=0.99)
+            schedule.name = f"derived: rank τ=0.99 within static n={count}'s GFLOPs"
+            derived[f"derived-budget{count}"] = schedule
         folder = self.run_dir / "schedules"
         folder.mkdir(parents=True, exist_ok=True)
         for name, schedule in derived.items():
@@ -194,11 +308,22 @@ class Study:
         networks = {count: loaded.model for count, loaded in models.items()}
         runs = [{"name": self.variant_name(c), "kind": "static", "schedule": MediatorSchedule.constant(c).name,
                  "callback": None, "base": c} for c in self.variants]  # fmt: skip
-        ordered = [networks[c] for c in self.variants]  # fewest mediators first, full attention last
-        for ratios in self.config.adaptive_ratios:
-            label = "adaptive ρ=" + "/".join(f"{r:g}" for r in ratios)
-            runs.append({"name": "adaptive-" + "-".join(f"{r:g}" for r in ratios), "kind": "adaptive (paper's rule)",
-                         "schedule": label, "callback": AdaptiveSwitch(ordered, ratios), "base": self.variants[0]})  # fmt: skip
+        runs += [{"name": name, "kind": "ablation", "schedule": ABLATIONS[name.removeprefix(f"med{self.ablation_count}-")],
+                  "callback": None, "base": name} for name in self.ablations]  # fmt: skip
+        order = self.adaptive_order
+        trio = "/".join(map(count_label, order))
+        rules = [(ratios, "state") for ratios in self.config.adaptive_ratios]
+        rules += [(ratios, "drift") for ratios in self.config.adaptive_drift_ratios]
+        for ratios, statistic in rules:
+            rho = "/".join(f"{r:g}" for r in ratios)
+            name = ("adaptive-" if statistic == "state" else "adaptive-drift-") + "-".join(f"{r:g}" for r in ratios)
+            kind = "adaptive (paper's rule)" if statistic == "state" else "adaptive on the drift (ours)"
+            runs.append({"name": name, "kind": kind, "schedule": f"{'adaptive' if statistic == 'state' else 'drift-adaptive'} ρ={rho} ({trio})",
+                         "callback": AdaptiveSwitch([networks[c] for c in order], ratios, statistic=statistic),
+                         "base": order[0]})  # fmt: skip
+            if self.config.time_matched_controls and statistic == "state":
+                runs.append({"name": f"control-{name}", "kind": "time-matched control", "control_of": name,
+                             "schedule": f"static at the median switch steps of ρ={rho}", "base": order[0]})  # fmt: skip
         for name, schedule in derived.items():
             runs.append({"name": name, "kind": "derived from redundancy", "schedule": schedule.name,
                          "callback": schedule.callback(networks), "base": self.variants[0],
@@ -214,6 +339,11 @@ class Study:
         for train_seed, sample_seed in self.config.cells:
             for run in self.runs(models[train_seed], derived):
                 out = self.sample_folder((train_seed, sample_seed), run["name"])
+                if "control_of" in run:  # its switch steps come from the adaptive run sampled before it
+                    source = sidecars[(train_seed, sample_seed, run["control_of"])]
+                    schedule = time_matched_schedule(source, self.adaptive_order, self.levels, f"control of {run['control_of']}")
+                    run = {**run, "callback": schedule.callback({c: models[train_seed][c].model for c in self.adaptive_order}),
+                           "schedule_data": schedule.to_dict()}  # fmt: skip
                 if not (out / "samples.json").exists():
                     self.say(f"sample {self.config.fid_samples} images: {run['schedule']} (training seed {train_seed}, "
                              f"sampling seed {sample_seed})")  # fmt: skip
@@ -272,8 +402,20 @@ def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[
     cost = cells.groupby("run")["gflops_per_image"].mean()
     static = sorted((r["name"] for r in runs if r["kind"] == "static"), key=lambda s: cost[s])
     pairs = [(r["name"], {full: 1.0}, full, "quality vs full attention") for r in runs if r["name"] != full]
+    names = {r["name"] for r in runs}
+    for run in runs:  # what each component adds: the run with it against the run without it
+        if run["kind"] == "ablation" and run["name"].endswith("-noconv"):
+            with_conv = run["name"].removesuffix("-noconv")
+            pairs.append((with_conv, {run["name"]: 1.0}, run["name"], "the conv's part: mediators with vs without it"))
+        if run["kind"] == "ablation" and run["name"] == "conv":
+            for other in sorted(n for n in names if n.startswith("med") and n.endswith("-noconv")):
+                pairs.append((other.removesuffix("-noconv"), {"conv": 1.0}, "conv",
+                              "the mediators' part: mediators + conv vs the conv alone"))  # fmt: skip
+        if run["kind"] == "time-matched control":
+            pairs.append((run["control_of"], {run["name"]: 1.0}, run["name"],
+                          "per-sample switching vs the same switch steps for every sample"))  # fmt: skip
     for run in runs:
-        if run["kind"] == "static":
+        if run["kind"] in ("static", "ablation"):
             continue
         spent = cost[run["name"]]
         below = [s for s in static if cost[s] <= spent * (1 + 1e-9)]
@@ -288,6 +430,21 @@ def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[
             baseline, label = {nearest: 1.0}, nearest
         pairs.append((run["name"], baseline, label, "dynamic vs static frontier at equal FLOPs"))
     return pairs
+
+
+def time_matched_schedule(sidecar: dict, order: list[int | None], levels: list[float], name: str) -> MediatorSchedule:
+    """A static schedule that switches every sample where an adaptive run switched its median sample.
+
+    Move i happens at the median over samples of the evaluation index of their i-th move (a sample that never
+    made it counts as moving after the last step); the boundary sits halfway between that evaluation's level and
+    the previous one. Same networks, about the same cost: what is left of a difference is per-sample timing."""
+    samples = sidecar["per_sample"]
+    boundaries = []
+    for move in range(len(order) - 1):
+        steps = sorted(s["switch_steps"][move] if len(s["switch_steps"]) > move else len(levels) for s in samples)
+        step = steps[(len(steps) - 1) // 2]  # the lower median: a step the rule actually chose
+        boundaries.append(0.0 if step >= len(levels) else (levels[step - 1] + levels[step]) / 2)
+    return MediatorSchedule.from_boundaries(order, boundaries, name)
 
 
 def summarise(cells: pd.DataFrame, features: dict[str, dict[tuple[int, int], CellMetrics]], runs: list[dict], full: str,
@@ -344,13 +501,12 @@ def _run_study_locked(preset: str, config: StudyConfig, run_dir: Path, figures_d
     models = study.load(study.timed("train", study.train_all))
     first = models[config.train_seeds[0]]
     table = study.timed("record", study.record_all, first)
-    derived = study.schedules(table)
+    configs = {count: first[count].model.config for count in study.variants}
+    derived = study.schedules(table, configs)
     runs = study.runs(first, derived)
     sidecars = study.timed("sample", study.sample_all, models, derived)
     results, differences = study.timed("evaluate", study.evaluate_all, runs, sidecars)
-    levels = evaluation_levels(study.process, study.sampler)
-    configs = {count: loaded.model.config for count, loaded in first.items()}
-    expected = {name: schedule_gflops(s, levels, configs) for name, s in derived.items()}
+    expected = {name: schedule_gflops(s, study.levels, configs) for name, s in derived.items()}
     report = write_figures_and_report(study, first, table, derived, expected, results, differences, study.total_seconds())
     study.say(f"report: {report}")
     return report

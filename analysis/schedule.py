@@ -120,6 +120,47 @@ def derive_schedule(table: pd.DataFrame, available: Sequence[int | None], rule: 
     return monotone_intervals(steps["noise_level"].tolist(), counts, name or f"derived: {rule.describe()}")
 
 
+def recovery_curve(table: pd.DataFrame, kind: str = "rank") -> pd.DataFrame:
+    """The premise measure per step, layer and mediator count: the relative error of A·V through a rank-n map
+    ("rank": the truncated SVD of A; "pooled": the mediator form from the layer's own pooled queries), averaged
+    over heads and samples. Columns step, noise_level, layer, mediators, error; from noise to data."""
+    if kind not in ("rank", "pooled"):
+        raise ValueError(f"unknown recovery kind {kind!r}; choose 'rank' or 'pooled'")
+    prefix = f"recovery_{kind}_"
+    rows = table[table["metric"].str.startswith(prefix) & (table["head"] == -1)]
+    if rows.empty:
+        raise ValueError(f"the table has no {prefix}N rows; record a full-attention model with the premise measures "
+                         "(`attnmed record --metrics all,recovery` or a study with premise=True)")  # fmt: skip
+    curve = rows.assign(mediators=rows["metric"].str.removeprefix(prefix).astype(int), error=rows["mean"])
+    curve = curve[["step", "noise_level", "layer", "mediators", "error"]]
+    return curve.sort_values(["noise_level", "layer", "mediators"], ascending=[False, True, True], ignore_index=True)
+
+
+def derive_recovery_schedule(table: pd.DataFrame, available: Sequence[int | None], epsilon: float, kind: str = "rank",
+                             name: str | None = None) -> MediatorSchedule:
+    """At each step the fewest available mediators whose rank-n map keeps A·V within relative error `epsilon` in
+    every layer (the worst layer decides: the networks switch whole, not per layer); full attention where no count
+    does. Steps merge into monotone intervals as in `derive_schedule`. An absolute threshold: a step gets more
+    mediators only where the measured maps need them, not because it falls in some quantile of the series."""
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon is a relative error in (0, 1), got {epsilon}")
+    curve = recovery_curve(table, kind)
+    worst = curve.groupby(["step", "noise_level", "mediators"])["error"].max().reset_index()
+    counts = sorted(c for c in available if c is not None)
+    missing = sorted(set(counts) - set(worst["mediators"]))
+    if missing:
+        raise ValueError(f"the table has no recovery measure for n = {missing}; record it with those counts")
+    levels, chosen = [], []
+    for (step, level), part in worst.groupby(["step", "noise_level"]):
+        error = part.set_index("mediators")["error"]
+        fitting = [c for c in counts if error[c] <= epsilon]
+        levels.append(level)
+        chosen.append(fitting[0] if fitting else (None if None in available else counts[-1]))
+    order = sorted(range(len(levels)), key=lambda i: -levels[i])
+    label = name or f"derived: {kind}-n keeps A·V within {epsilon:g} in every layer"
+    return monotone_intervals([levels[i] for i in order], [chosen[i] for i in order], label)
+
+
 def schedule_gflops(schedule: MediatorSchedule, levels: Sequence[float], configs: dict, cfg: bool = False) -> float:
     """Expected GFLOPs per image of `schedule` over a sampler's evaluation levels; configs: count -> ModelConfig."""
     return schedule.expected_gflops(levels, {count: config_gmacs(c) for count, c in configs.items()}, cfg)

@@ -9,6 +9,7 @@ parameter names or outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -28,12 +29,19 @@ class AttentionMaps:
     Full attention fills `full` (B, heads, N, N). Mediator attention fills `query_to_mediator` (B, heads, N, n)
     and `mediator_to_key` (B, heads, n, N); their product is the N×N map (rank ≤ n) that replaces full
     attention, computed on demand because it costs N² memory.
+
+    `values` (B, heads, N, d) are what the map mixes, for measures of the output A·V (how much of it a
+    cheaper map recovers); full attention also hands over its `queries` and `keys` (B, heads, N, d), from which
+    the mediator form of the same layer can be built. Observers that only look at maps ignore them.
     """
 
     kind: str
     full: Optional[torch.Tensor] = None
     query_to_mediator: Optional[torch.Tensor] = None
     mediator_to_key: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    queries: Optional[torch.Tensor] = None
+    keys: Optional[torch.Tensor] = None
 
     @property
     def effective(self) -> torch.Tensor:
@@ -41,6 +49,17 @@ class AttentionMaps:
         if self.kind == "full":
             return self.full
         return self.query_to_mediator @ self.mediator_to_key
+
+    def select(self, rows: slice | list[int] = slice(None), heads: list[int] | None = None) -> "AttentionMaps":
+        """The same maps (and values, queries, keys) for some batch rows and heads."""
+
+        def pick(tensor):
+            if tensor is None:
+                return None
+            tensor = tensor[rows]
+            return tensor if heads is None else tensor[:, heads]
+
+        return AttentionMaps(self.kind, *(pick(getattr(self, f.name)) for f in dataclasses.fields(self)[1:]))
 
 
 MapObserver = Callable[[AttentionMaps], None]
@@ -110,7 +129,7 @@ class FullAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out, weights = softmax_attention(q, k, v, None, observe=self.map_observer is not None)
         if weights is not None:
-            self.map_observer(AttentionMaps(kind="full", full=weights))
+            self.map_observer(AttentionMaps(kind="full", full=weights, values=v, queries=q, keys=k))
         out = merge_heads(out)
         if self.grid_size is not None:
             out = out + depthwise_conv_on_values(self.dwc, merge_heads(v), self.grid_size)
@@ -226,7 +245,7 @@ class MediatorAttention(nn.Module):
         out, read_weights = softmax_attention(q_h, m_h, mediator_values, read_bias, observe)  # (B,h,N,d)
         if observe:
             self.map_observer(
-                AttentionMaps(kind="mediator", query_to_mediator=read_weights, mediator_to_key=gather_weights)
+                AttentionMaps(kind="mediator", query_to_mediator=read_weights, mediator_to_key=gather_weights, values=v_h)
             )
         out = merge_heads(out)
         if self.depthwise_conv:

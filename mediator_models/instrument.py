@@ -205,13 +205,13 @@ class AttentionRecorder:
         step = self.current.index
         batch = len(self.current.x)
         if self.heads is not None:
-            maps = _select_heads(maps, self.heads)
+            maps = maps.select(heads=self.heads)
         total = _batch_size(maps)
         halves = [("all", slice(None))]
         if total == 2 * batch:  # classifier-free guidance: the doubled batch's halves, in the pipeline's order
             halves = [(self.guided_halves[0], slice(0, batch)), (self.guided_halves[1], slice(batch, total))]
         for branch, rows in halves:
-            part = _select_batch(maps, rows)
+            part = maps.select(rows)
             for prefix, reducer in self.reducers.items():
                 for metric, values in reducer(part).items():
                     # The head average is tracked per sample too, so its std over samples is exact.
@@ -301,16 +301,3 @@ def _selection(values: Iterable[int], what: str, flag: str) -> list[int]:
 
 def _batch_size(maps: AttentionMaps) -> int:
     return len(maps.full if maps.kind == "full" else maps.query_to_mediator)
-
-
-def _select_batch(maps: AttentionMaps, rows: slice) -> AttentionMaps:
-    if maps.kind == "full":
-        return AttentionMaps("full", full=maps.full[rows])
-    return AttentionMaps("mediator", query_to_mediator=maps.query_to_mediator[rows], mediator_to_key=maps.mediator_to_key[rows])
-
-
-def _select_heads(maps: AttentionMaps, heads: list[int]) -> AttentionMaps:
-    if maps.kind == "full":
-        return AttentionMaps("full", full=maps.full[:, heads])
-    return AttentionMaps("mediator", query_to_mediator=maps.query_to_mediator[:, heads],
-                         mediator_to_key=maps.mediator_to_key[:, heads])  # fmt: skip

@@ -233,9 +233,13 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
             images = decode(vae, images)
         seconds = (time.perf_counter() - began) / len(indices)  # wall-clock per image on this machine
         switches = _switch_steps(callback, caller, len(indices))
+        traces = getattr(callback, "traces", None)
+        traces = traces if traces is not None and len(traces) == len(indices) else [None] * len(indices)
         with costs_path.open("a") as handle:  # costs first: an image is never left without its cost record
-            for i, gflops, steps in zip(indices, caller.gflops.tolist(), switches):
+            for i, gflops, steps, trace in zip(indices, caller.gflops.tolist(), switches, traces):
                 record = {"index": i, "nfe": caller.nfe, "gflops": gflops, "seconds": seconds, "switch_steps": steps}
+                if trace is not None:  # the adaptive rule's distances, per step: state, injected noise, drift
+                    record["distances"] = trace
                 handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
@@ -279,7 +283,8 @@ def finalize_folder(out: Path, num_samples: int, provenance: dict[str, Any]) -> 
         "npz": "samples.npz",
     }
     if provenance.get("schedule"):  # switching runs: what each sample did and spent
-        sidecar["per_sample"] = [{"index": i, "gflops": costs[i]["gflops"], "switch_steps": costs[i].get("switch_steps", [])}
+        sidecar["per_sample"] = [{"index": i, "gflops": costs[i]["gflops"], "switch_steps": costs[i].get("switch_steps", []),
+                                  **({"distances": costs[i]["distances"]} if "distances" in costs[i] else {})}
                                  for i in range(num_samples) if i in costs]  # fmt: skip
     atomic_write_json(out / "samples.json", sidecar)
     return sidecar

@@ -26,6 +26,9 @@ class StepInfo:
     model_time: torch.Tensor  # (B,) time as the network receives it (DiT: 0..999 integers; SiT: t in [0, 1])
     noise_level: float  # σ/(α+σ) on the common axis: 1 = pure noise, 0 = data
     x: torch.Tensor  # the state the network is about to see, (B, C, H, W)
+    # The random increment the sampler added to x since the previous evaluation (SDE Euler–Maruyama: √(2w)·dW),
+    # so a callback can tell the drift's part of a step from the noise's; None where nothing random was added.
+    injected: Optional[torch.Tensor] = None
 
 
 StepCallback = Callable[[StepInfo], Optional[ModelFn]]
@@ -76,13 +79,15 @@ class NetworkCaller:
     forward_passes: int = 0
     used: list = field(default_factory=list)  # the network used at each evaluation, in order
     gflops: torch.Tensor | None = None  # (B,) GFLOPs spent on each sample so far (networks with a config)
+    injected: torch.Tensor | None = None  # set by a stochastic sampler: the noise it added since the last evaluation
 
     def __call__(self, x: torch.Tensor, model_time: torch.Tensor, y: torch.Tensor, level: float) -> torch.Tensor:
         chosen = None
         if self.callback is not None:
             # Adaptive solvers may evaluate slightly past the end of time; the axis stays within [0, 1].
             level = min(max(float(level), 0.0), 1.0)
-            chosen = self.callback(StepInfo(self.nfe, model_time, level, x))
+            chosen = self.callback(StepInfo(self.nfe, model_time, level, x, self.injected))
+        self.injected = None
         network = self.model if chosen is None else chosen
         self.used.append(network)
         self.nfe += 1

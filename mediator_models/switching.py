@@ -188,6 +188,9 @@ class RoutedNetwork(torch.nn.Module):
         return costs[self.assignment.cpu()]
 
 
+STATISTICS = ("state", "drift")
+
+
 class AdaptiveSwitch:
     """The paper's step-wise switching between networks of increasing mediator count (REFERENCE §7).
 
@@ -196,16 +199,26 @@ class AdaptiveSwitch:
     d_2 … d_{K+1}, and from k = K+2 on the network moves from i to i+1 when d_k < ρ_i·μ (several moves may
     happen at one step). Works with samplers that evaluate the network once per step (SDE Euler–Maruyama,
     DDPM, DDIM, fixed-step Euler ODE).
+
+    `statistic="state"` is the paper's d_k on the states. Under the SDE most of a step is the injected noise
+    √(2w_t)·dW, whose size is fixed by the time grid, so the switch falls at nearly the same step for every
+    sample; `statistic="drift"` (ours, not the paper's) measures d_k on Δx minus that noise, the part the
+    network moved. Each sample's trace of both parts is kept in `traces` (per step k ≥ 2: d on the state, on
+    the injected noise, on the drift), for diagnosing what the rule responds to.
     """
 
     def __init__(self, networks: Sequence[torch.nn.Module], ratios: Sequence[float], warmup: int = 3,
-                 distance: str = "l1"):
+                 distance: str = "l1", statistic: str = "state"):
         if len(ratios) != len(networks) - 1:
             raise ValueError(f"{len(networks)} networks need {len(networks) - 1} ratios ρ_i, got {len(ratios)}")
         if distance not in ("l1", "l2"):
             raise ValueError(f"unknown distance {distance!r}; choose 'l1' (mean |Δx|) or 'l2' (mean Δx²)")
         if warmup < 1:
             raise ValueError("the warm-up needs at least one step")
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {statistic!r}; choose 'state' (the paper's d_k) or 'drift' (ours: d_k "
+                             "without the sampler's injected noise)")  # fmt: skip
+        self.statistic = statistic
         self.networks = list(networks)
         self.ratios = [float(r) for r in ratios]
         self.warmup = warmup
@@ -218,6 +231,7 @@ class AdaptiveSwitch:
         self.baseline: torch.Tensor | None = None
         self.assignment: torch.Tensor | None = None
         self.switch_steps: list[list[int]] = []  # per sample: the evaluation index of each move
+        self.traces: list[list[list[float]]] = []  # per sample, per step k ≥ 2: [d state, d noise, d drift]
 
     def _distance(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         diff = (x - previous).flatten(1)
@@ -230,9 +244,15 @@ class AdaptiveSwitch:
             self.assignment = torch.zeros(len(x), dtype=torch.long, device=x.device)
             self.baseline = torch.zeros(len(x), dtype=torch.float64, device=x.device)
             self.switch_steps = [[] for _ in range(len(x))]
+            self.traces = [[] for _ in range(len(x))]
         k = self.step  # x is x_k
         if k >= 2:
-            d = self._distance(x, self.previous).double()
+            noise = info.injected if info.injected is not None else torch.zeros_like(x)
+            parts = [self._distance(x, self.previous), self._distance(noise, torch.zeros_like(noise)),
+                     self._distance(x - noise, self.previous)]  # fmt: skip
+            for trace, values in zip(self.traces, torch.stack(parts, 1).tolist()):
+                trace.append(values)
+            d = (parts[0] if self.statistic == "state" else parts[2]).double()
             if k <= self.warmup + 1:
                 self.baseline += d / self.warmup
             else:

@@ -211,7 +211,9 @@ class Transport:
             dw = noise_fn(tuple(x.shape)) * math.sqrt(dt)
             w = self.diffusion_coefficient(t, diffusion_form, diffusion_norm)
             if method == "euler":
-                x = x + drift(x, t) * dt + math.sqrt(2 * w) * dw
+                injected = math.sqrt(2 * w) * dw
+                x = x + drift(x, t) * dt + injected
+                network.injected = injected  # the next evaluation's callback sees which part of Δx was noise
             else:
                 x_hat = x + math.sqrt(2 * w) * dw
                 k1 = drift(x_hat, t)
