@@ -1,7 +1,7 @@
 # Every target sets up its environment first (idempotent: a no-op once built).
 PY := .venv/bin/python
 
-.PHONY: venv demo test test-fast bench figures clean
+.PHONY: venv demo paper-grid test test-fast bench figures figures-paper-grid clean
 venv:
 	@bash scripts/ensure_venv.sh
 
@@ -24,6 +24,13 @@ bench: venv
 
 figures: venv
 	.venv/bin/attnmed reproduce --figures figures
+
+# The study on the paper's 16×16 token grid (about 90 minutes on 2 cores); figures/paper-grid holds its reference run.
+paper-grid: venv
+	.venv/bin/attnmed reproduce --preset paper-grid
+
+figures-paper-grid: venv
+	.venv/bin/attnmed reproduce --preset paper-grid --figures figures/paper-grid
 
 clean:
 	rm -rf .venv build *.egg-info

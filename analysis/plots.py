@@ -202,6 +202,72 @@ def sample_grid(images: np.ndarray, columns: int = 8, path=None, title: str = ""
     return fig
 
 
+def recovery_curves(curve: pd.DataFrame, kind: str = "rank", path=None, title: str = ""):
+    """The premise: relative error of A·V through a rank-n map against the noise level, one panel per layer,
+    one line per n (from `schedule.recovery_curve`). Low error at a step means n mediators could carry it."""
+    layers = sorted(curve["layer"].unique())
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), sharey=True, squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        part = curve[curve["layer"] == layer]
+        for n, line in part.groupby("mediators"):
+            ax.plot(line["noise_level"], line["error"], marker=".", label=f"n = {n}")
+        ax.set_xlim(1, 0)
+        ax.set_yscale("log")
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("noise level (1 = noise → 0 = data)")
+    axes[0][0].set_ylabel("‖(A − Â)V‖ / ‖AV‖")
+    axes[0][-1].legend(fontsize=8)
+    what = "rank-n truncation of A" if kind == "rank" else "pooled-query mediator form (ours)"
+    fig.suptitle(title or f"How much of the attention output a {what} keeps (full-attention model)")
+    save(fig, path)
+    return fig
+
+
+def switch_histograms(switches: pd.DataFrame, levels: Sequence[float], path=None, title: str = ""):
+    """Per adaptive run, the histogram over samples of the evaluation at which each move happened (one colour
+    per move; "never" at the right). A rule that reads each sample spreads its moves; one that reads the clock
+    stacks them on one step."""
+    runs = list(dict.fromkeys(switches["run"]))
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 1.6 * len(runs) + 0.8), sharex=True, squeeze=False)
+    never = len(levels)
+    for ax, run in zip(axes[:, 0], runs):
+        part = switches[switches["run"] == run]
+        for move, rows in part.groupby("move"):
+            steps = rows["step"].fillna(never)
+            ax.hist(steps, bins=np.arange(-0.5, never + 1.5), alpha=0.6, label=f"move {move + 1}")
+        ax.set_ylabel("samples")
+        ax.set_title(run, fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    ticks = list(range(0, never, max(1, never // 8))) + [never]
+    axes[-1, 0].set_xticks(ticks, [f"{k}\n{levels[k]:.2f}" for k in ticks[:-1]] + ["never"])
+    axes[-1, 0].set_xlabel("evaluation index (noise level below)")
+    fig.suptitle(title or "When each sample switched networks")
+    save(fig, path)
+    return fig
+
+
+def distance_traces(distances: pd.DataFrame, path=None, title: str = ""):
+    """The adaptive rule's step distance d_k against the noise level, split into the injected noise and the
+    drift (the network's move), median over samples with the 10–90% band: what the switch reacts to."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for part_name, colour in (("state", "black"), ("noise", "tab:blue"), ("drift", "tab:orange")):
+        grouped = distances.groupby("noise_level")[part_name]
+        levels = np.array(sorted(distances["noise_level"].unique(), reverse=True))
+        median = grouped.median().reindex(levels)
+        low, high = grouped.quantile(0.1).reindex(levels), grouped.quantile(0.9).reindex(levels)
+        label = {"state": "d_k on the state (the paper)", "noise": "injected noise √(2w)·dW",
+                 "drift": "drift part (ours)"}[part_name]  # fmt: skip
+        ax.plot(levels, median, color=colour, label=label)
+        ax.fill_between(levels, low, high, color=colour, alpha=0.15)
+    ax.set_xlim(1, 0)
+    ax.set_xlabel("noise level (1 = noise → 0 = data)")
+    ax.set_ylabel("mean |Δ| per element")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "What the adaptive rule's distance is made of (SDE sampler)")
+    save(fig, path)
+    return fig
+
+
 def network_label(attention: str, mediators) -> str:
     """File-name label of a model in a table: "full" or "med16"."""
     return "full" if attention == "full" else f"med{int(mediators)}"

@@ -11,8 +11,11 @@ import pandas as pd
 from mediator_models.flops import model_gmacs
 from mediator_models.runfolder import atomic_write, atomic_write_text
 
+from mediator_models.switching import count_label
+
 from . import plots
-from .rundata import load_kept_maps, sample_images, training_summary
+from .rundata import distance_table, load_kept_maps, read_sidecar, sample_images, switch_table, training_summary
+from .schedule import recovery_curve
 
 # Savings of 64 mediators in every layer (REFERENCE §2). The paper's wording is "speedup"; its figures match an
 # analytic FLOPs count, so they are most likely FLOPs reductions. Only SiT-B/2 has a published figure (from a
@@ -51,20 +54,34 @@ def redundancy_by_layer(table: pd.DataFrame) -> pd.DataFrame:
     difference's by their sum. A positive change means lower JSD (more redundancy) early, the paper's claim.
     """
     rows = table[(table["attention"] == "full") & (table["metric"] == "jsd") & (table["head"] == -1)]
+    return pd.DataFrame([{"layer": int(layer), **band_change(part)} for layer, part in rows.groupby("layer")])
+
+
+def band_change(rows: pd.DataFrame) -> dict:
+    """Early (noise ≥ 0.7) and late (≤ 0.3) means of one measure's per-step rows, the change late − early and its
+    conservative 95% interval (see `redundancy_by_layer`); verdict "holds" when the change is positive."""
+    bands = {}
+    for band, mask in (("early", rows["noise_level"] >= EARLY), ("late", rows["noise_level"] <= LATE)):
+        chosen = rows[mask]
+        bands[band] = (chosen["mean"].mean(), (chosen["std"] / np.sqrt(chosen["count"])).mean())
+    change = bands["late"][0] - bands["early"][0]
+    margin = 1.96 * (bands["early"][1] + bands["late"][1])
+    low, high = change - margin, change + margin
+    verdict = "holds" if low > 0 else ("reverses" if high < 0 else "unresolved")
+    return {"early": bands["early"][0], "late": bands["late"][0], "change": change, "low": low, "high": high,
+            "verdict": verdict}  # fmt: skip
+
+
+def premise_by_layer(table: pd.DataFrame) -> pd.DataFrame:
+    """Per recovery measure (rank-n and pooled n) and layer of the full model: the relative error of A·V early and
+    late in denoising. "holds" (late − early > 0) means n mediators lose less of the output at noisy steps, the
+    premise of using fewer of them there."""
+    rows = table[(table["attention"] == "full") & table["metric"].str.startswith("recovery_") & (table["head"] == -1)]
     out = []
-    for layer, part in rows.groupby("layer"):
-        bands = {}
-        for band, mask in (("early", part["noise_level"] >= EARLY), ("late", part["noise_level"] <= LATE)):
-            chosen = part[mask]
-            se = (chosen["std"] / np.sqrt(chosen["count"])).mean()
-            bands[band] = (chosen["mean"].mean(), se)
-        change = bands["late"][0] - bands["early"][0]
-        margin = 1.96 * (bands["early"][1] + bands["late"][1])
-        low, high = change - margin, change + margin
-        verdict = "holds" if low > 0 else ("reverses" if high < 0 else "unresolved")
-        out.append({"layer": int(layer), "early": bands["early"][0], "late": bands["late"][0], "change": change,
-                    "low": low, "high": high, "verdict": verdict})  # fmt: skip
-    return pd.DataFrame(out)
+    for (metric, layer), part in rows.groupby(["metric", "layer"]):
+        _, kind, n = metric.split("_")
+        out.append({"kind": kind, "mediators": int(n), "layer": int(layer), **band_change(part)})
+    return pd.DataFrame(out).sort_values(["kind", "mediators", "layer"], ignore_index=True)
 
 
 def write_figures_and_report(study, models, table, derived, expected_gflops, results: pd.DataFrame,
@@ -96,9 +113,46 @@ def write_figures_and_report(study, models, table, derived, expected_gflops, res
         atomic_write(data_dir / name, lambda handle, frame=frame: frame.to_csv(handle, index=False), binary=False)
     for name, schedule in derived.items():
         schedule.save(data_dir / f"schedule-{name}.json")
-    training = training_summary(study.run_dir, study.config.train_seeds, {study.variant_name(c): c for c in study.variants})
-    text = render_report(study, table, derived, expected_gflops, results, differences, training, seconds)
+    diagnostics = adaptive_diagnostics(study, results)
+    for name, frame in diagnostics.items():
+        atomic_write(data_dir / f"{name}.csv", lambda handle, frame=frame: frame.to_csv(handle, index=False), binary=False)
+    if not diagnostics["switches"].empty:
+        plots.switch_histograms(diagnostics["switches"], study.levels, path=fig_dir / "switch_steps",
+                                title=f"When each sample switched networks (all {len(study.config.cells)} cells)")  # fmt: skip
+    if not diagnostics["distances"].empty:  # runs sampled before the traces were kept have none
+        first = diagnostics["distances"]
+        first = first[first["run"] == first["run"].iloc[0]]
+        plots.distance_traces(first, path=fig_dir / "switch_distance",
+                              title=f"What d_k is made of ({first['run'].iloc[0]}, SDE sampler)")  # fmt: skip
+    premise = has_premise(table)
+    if premise:
+        for kind in ("rank", "pooled"):
+            plots.recovery_curves(recovery_curve(table[table["attention"] == "full"], kind), kind, path=fig_dir / f"recovery_{kind}")
+    training = training_summary(study.run_dir, study.config.train_seeds, {study.variant_name(c): c for c in study.trained})
+    text = render_report(study, table, derived, expected_gflops, results, differences, training, seconds, diagnostics)
     return atomic_write_text(fig_dir / "REPORT.md", text)
+
+
+def has_premise(table: pd.DataFrame) -> bool:
+    return bool(table["metric"].str.startswith("recovery_").any())
+
+
+def adaptive_diagnostics(study, results: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Switch steps (per sample and move) and the rule's distances (per sample and step) of every adaptive run in
+    every cell, from the sample folders' sidecars."""
+    summary = results[results["train_seed"].astype(str) == "all"]
+    adaptive = summary[summary["kind"].str.startswith("adaptive")]["run"].tolist()
+    moves = len(study.adaptive_order) - 1
+    switches, distances = [], []
+    for cell in study.config.cells:
+        for run in adaptive:
+            sidecar = read_sidecar(study.sample_folder(cell, run))
+            where = {"run": run, "train_seed": cell[0], "sample_seed": cell[1]}
+            switches.append(switch_table(sidecar, study.levels, moves).assign(**where))
+            distances.append(distance_table(sidecar, study.levels).assign(**where))
+    empty = pd.DataFrame(columns=["run", "train_seed", "sample_seed"])
+    return {"switches": pd.concat(switches, ignore_index=True) if switches else empty,
+            "distances": pd.concat(distances, ignore_index=True) if distances else empty}  # fmt: skip
 
 
 def _difference_text(differences: pd.DataFrame, run: str, baseline: str, metric: str) -> str:
@@ -124,9 +178,130 @@ def _verdict(differences: pd.DataFrame, run: str, baseline: str) -> str:
     return f"{main} on FID ({'; '.join(notes)})"
 
 
+def _difference_row(differences: pd.DataFrame, run: str, baseline: str) -> str:
+    part = differences[(differences["run"] == run) & (differences["baseline"] == baseline)]
+    cols = {m: part[part["metric"] == m].iloc[0] for m in ("fid", "kid", "precision", "recall")}
+    return " | ".join(f"{c['difference']:+.3g} [{c['low']:+.3g}, {c['high']:+.3g}]" for c in cols.values())
+
+
+def ablation_lines(differences: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """What the mediators and the depthwise conv each contribute, from the ablation comparisons."""
+    ablations = summary[summary["kind"] == "ablation"]
+    if ablations.empty:
+        return []
+    lines = ["", "## Ablations: the mediators apart from the depthwise conv", "",
+             "Every ablation is trained with the same seeds, steps, data and sampling noise as the mediator models. "
+             "Each row is the run with a component minus the run without it (FID, KID: negative = the component "
+             "helps; precision, recall: positive = it helps).", "",
+             "| comparison | run | baseline | FID | KID | precision | recall | FID verdict |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    wanted = differences[differences["claim"].str.contains("part:") |
+                         (differences["run"].isin(ablations.index) & (differences["baseline"] == "full"))]  # fmt: skip
+    for (run, baseline, claim), part in wanted.groupby(["run", "baseline", "claim"], sort=False):
+        what = claim if "part:" in claim else f"{summary.loc[run, 'schedule']} vs full attention"
+        verdict = part[part["metric"] == "fid"].iloc[0]["verdict"]
+        lines.append(f"| {what} | {run} | {baseline} | {_difference_row(differences, run, baseline)} | {verdict} |")
+    return lines
+
+
+def adaptive_lines(study, summary: pd.DataFrame, differences: pd.DataFrame, diagnostics: dict) -> list[str]:
+    """The adaptive rule diagnosed: when samples switch, what d_k responds to, and per-sample timing against a
+    static schedule with the same switch steps."""
+    switches, distances = diagnostics["switches"], diagnostics["distances"]
+    if switches.empty:
+        return []
+    levels = study.levels
+    order = "/".join(count_label(c) for c in study.adaptive_order)
+    lines = ["", "## The adaptive rule, diagnosed", "",
+             f"The rule switches between the networks {order}, fewest mediators first"
+             + (" (the paper's trio; full attention is not among them and is reported as its own static run)"
+                if tuple(study.adaptive_order) == (4, 16, 64) else "") + ". For each run: the evaluation at which samples made "
+             "each move (median [10th–90th percentile] over samples of all cells, and its noise level), the share of "
+             "samples that never made it, and the run against a time-matched control: the same networks switched at "
+             "the median steps for every sample. Equal images mean the rule chose the same steps for every sample.", "",
+             "| run | moves: step (noise level) [10–90%], never | GFLOPs / image | − its control: FID | − static frontier: FID |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for run, part in switches.groupby("run", sort=False):
+        moves = []
+        for move, rows in part.groupby("move"):
+            steps = rows["step"].dropna()
+            if steps.empty:
+                moves.append(f"{move + 1}: never")
+                continue
+            median = int(np.median(steps))
+            p10, p90 = np.percentile(steps, [10, 90])
+            moves.append(f"{move + 1}: {median} ({levels[median]:.2f}) [{p10:.0f}–{p90:.0f}], "
+                         f"{rows['step'].isna().mean():.0%} never")  # fmt: skip
+        control = differences[(differences["run"] == run) & (differences["claim"].str.startswith("per-sample"))
+                              & (differences["metric"] == "fid")]  # fmt: skip
+        frontier = differences[(differences["run"] == run) & (differences["claim"].str.startswith("dynamic"))
+                               & (differences["metric"] == "fid")]  # fmt: skip
+        cell = lambda rows: ("–" if rows.empty else  # noqa: E731
+                             f"{rows.iloc[0]['difference']:+.3g} [{rows.iloc[0]['low']:+.3g}, {rows.iloc[0]['high']:+.3g}] "
+                             f"({rows.iloc[0]['verdict']})")  # fmt: skip
+        lines.append(f"| {summary.loc[run, 'schedule']} | {'; '.join(moves)} | {summary.loc[run, 'gflops_per_image']:.3g} | "
+                     f"{cell(control)} | {cell(frontier)} |")  # fmt: skip
+    if not distances.empty:
+        paper = distances[~distances["run"].str.startswith("adaptive-drift")]
+        share = (paper["noise"] / paper["state"]).groupby(paper["step"]).median()
+        spread = {rule: _switch_spread(switches[switches["run"].str.startswith("adaptive-drift") == drift])
+                  for rule, drift in (("paper", False), ("drift", True))}  # fmt: skip
+        clock = spread["paper"] is not None and spread["paper"] <= 1
+        lines += ["", f"What d_k responds to (the paper's statistic, SDE sampler): the injected noise √(2w_t)·dW alone "
+                  f"has a mean |·| of {share.min():.0%}–{share.max():.0%} of d_k's (median over samples, range over the "
+                  f"{len(share)} steps after the first two); its size is set by the time grid, not by the sample. "
+                  + (f"Accordingly the samples' switch steps lie within {spread['paper']:.0f} step(s) of each other "
+                     "(10–90% range, widest move): the rule works as a clock. " if clock else
+                     f"The samples' switch steps spread over {spread['paper']:.0f} steps (10–90% range, widest move). "
+                     if spread["paper"] is not None else "")
+                  + "The drift variant (ours, not the paper's) takes d_k on Δx minus the injected noise, the part the "
+                  "network moved"
+                  + (f"; its switch steps spread over {spread['drift']:.0f} steps." if spread["drift"] is not None else "."),
+                  ""]  # fmt: skip
+    return lines
+
+
+def _switch_spread(switches: pd.DataFrame) -> float | None:
+    """The widest 10–90% range of switch steps over samples among a set of runs' moves (None: no moves made)."""
+    widths = [np.subtract(*np.percentile(rows["step"].dropna(), [90, 10]))
+              for _, rows in switches.groupby(["run", "move"]) if rows["step"].notna().any()]  # fmt: skip
+    return float(max(widths)) if widths else None
+
+
+def premise_lines(table: pd.DataFrame, derived: dict, expected: dict) -> list[str]:
+    """The premise measure: how much of A·V maps of rank n keep, early against late in denoising."""
+    if not has_premise(table):
+        return []
+    premise = premise_by_layer(table)
+    layers = sorted(premise["layer"].unique())
+    lines = ["", "## The premise: how much of the attention output n mediators could carry", "",
+             "Measured on the full-attention model at every sampling step: ‖(A − Â)·V‖_F / ‖A·V‖_F, the share of the "
+             "layer's output lost when its map A is replaced by Â, averaged over heads and the recorded samples. "
+             "*rank*: Â is A's best rank-n approximation (truncated SVD), a lower bound for any map of rank n in "
+             "Frobenius norm of A; *pooled*: Â is the mediator form built from the layer's own queries pooled to n "
+             "mediators (ours; an untrained mediator layer, no position biases). Cells: error early (noise ≥ "
+             f"{EARLY}) → late (≤ {LATE}), and whether the error is lower early (late − early > 0 with its "
+             "conservative 95% interval: *holds*).", "",
+             "| measure | " + " | ".join(f"layer {layer}" for layer in layers) + " |",
+             "|---|" + "---|" * len(layers)]  # fmt: skip
+    for (kind, n), part in premise.groupby(["kind", "mediators"]):
+        part = part.set_index("layer")
+        cells = [f"{part.loc[layer, 'early']:.3f} → {part.loc[layer, 'late']:.3f} ({part.loc[layer, 'verdict']})"
+                 for layer in layers]  # fmt: skip
+        lines.append(f"| {kind} n = {n} | " + " | ".join(cells) + " |")
+    recovery = {name: s for name, s in derived.items() if name.startswith("derived-recovery")}
+    if recovery:
+        lines += ["", "Schedules from the premise give each step the fewest mediators whose rank-n map keeps every "
+                  "layer's output within ε (absolute thresholds; the worst layer decides, since networks switch "
+                  "whole):", ""]  # fmt: skip
+        lines += [f"- `{name}`: {schedule} — expected {expected[name]:.3g} GFLOPs per image" for name, schedule in recovery.items()]
+    return lines
+
+
 def render_report(study, table, derived, expected_gflops, results: pd.DataFrame, differences: pd.DataFrame,
-                  training: list[dict], seconds: float) -> str:
+                  training: list[dict], seconds: float, diagnostics: dict | None = None) -> str:
     cfg = study.config
+    tokens = (cfg.image_size // int(cfg.model.rsplit("/", 1)[1])) ** 2
+    grid = int(round(tokens**0.5))
     summary = results[results["train_seed"].astype(str) == "all"].set_index("run")
     full = summary.loc["full"]
     extractor = results["extractor"].iloc[0]
@@ -136,9 +311,10 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
     holding = layers[layers["verdict"] == "holds"]["layer"].tolist()
 
     lines = [
-        "# attnmed reproduction report",
+        "# attnmed reproduction report" + ("" if study.preset == "default" else f" — preset {study.preset}"),
         "",
-        f"Preset: {cfg.model} on the embedded digits ({cfg.image_size}×{cfg.image_size}, 1438 training images), "
+        f"Preset: {cfg.model} on the embedded digits ({cfg.image_size}×{cfg.image_size}, 1438 training images; a "
+        f"{grid}×{grid} grid of {tokens} tokens), "
         f"{cfg.train_steps} training steps per model at batch {cfg.batch_size}, trained with {len(cfg.train_seeds)} "
         f"training seeds {list(cfg.train_seeds)}; each model sampled with {len(cfg.sample_seeds)} sampling seeds "
         f"{list(cfg.sample_seeds)} ({cells} cells), {cfg.fid_samples} samples per cell, SDE sampler with "
@@ -195,7 +371,7 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         lines.append(f"| Mediators cost fewer FLOPs (n = {count}, static) | {paper} | {row['gflops_per_image']:.3g} vs "
                      f"{full['gflops_per_image']:.3g} GFLOPs per image ({row['nfe']:.0f} evaluations; {saving:+.1%} "
                      f"saved, our count); {wall} | {'holds in FLOPs' if saving > 0 else 'fails'}"
-                     f"{'; yet slower in wall-clock at 64 tokens' if slower else ''} |")  # fmt: skip
+                     f"{f'; yet slower in wall-clock at {tokens} tokens' if slower else ''} |")  # fmt: skip
     dynamic = differences[differences["claim"] == "dynamic vs static frontier at equal FLOPs"]
     if not dynamic.empty:
         fid_rows = dynamic[dynamic["metric"] == "fid"]
@@ -235,6 +411,10 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
               "sampler's steps before sampling; the results hold what sampling actually spent.", ""]  # fmt: skip
     for name, schedule in derived.items():
         lines.append(f"- `{name}`: {schedule} — expected {expected_gflops[name]:.3g} GFLOPs per image")
+    summary_by_run = summary
+    lines += ablation_lines(differences, summary_by_run)
+    lines += adaptive_lines(study, summary_by_run, differences, diagnostics or {"switches": pd.DataFrame(), "distances": pd.DataFrame()})
+    lines += premise_lines(table, derived, expected_gflops)
     lines += ["", "## Training", "", "| model | seed | final loss | steps/s |", "|---|---|---|---|"]
     for row in training:
         lines.append(f"| {row['model']} | {row['seed']} | {_fmt(row['final_loss'])} | {_fmt(row['steps_per_sec'])} |")
@@ -260,20 +440,29 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         "![schedules](schedules.png)",
         "![FID against GFLOPs, 95% intervals](fid_vs_gflops.png)",
         "![samples, full attention](samples_full.png) ![samples, mediators (same noise)](samples_mediator.png)",
+        *([] if diagnostics is None or diagnostics["switches"].empty else ["![switch steps per sample](switch_steps.png)"]),
+        *([] if diagnostics is None or diagnostics["distances"].empty else ["![what d_k is made of](switch_distance.png)"]),
+        *(["![premise: rank-n truncation](recovery_rank.png)", "![premise: pooled mediator form](recovery_pooled.png)"]
+          if has_premise(table) else []),
         "",
         "## What this setting cannot say",
         "",
-        "- 64 tokens (an 8×8 grid) make attention a small part of the cost: the N² term that mediators remove "
-        "dominates only at hundreds to thousands of tokens, so FLOP savings here are small by construction, and at "
-        "this size the mediator block (pooling, two small attentions, a depthwise conv) runs slower on a CPU than "
-        "fused full attention. The analytic table above gives the savings at the paper's scales; mediators themselves "
-        "are tested only on a grid like the paper's 16×16 (256 tokens), which this preset is not.",
+        *(["- 64 tokens (an 8×8 grid) make attention a small part of the cost: the N² term that mediators remove "
+           "dominates only at hundreds to thousands of tokens, so FLOP savings here are small by construction, and at "
+           "this size the mediator block (pooling, two small attentions, a depthwise conv) runs slower on a CPU than "
+           "fused full attention. The analytic table above gives the savings at the paper's scales; mediators themselves "
+           "are tested on the paper's 16×16 grid (256 tokens) by the paper-grid preset (figures/paper-grid)."]
+          if tokens < 256 else
+          [f"- {tokens} tokens is the paper's grid for SiT-S/2 at 256 px, but the model is 4 layers and 128 wide and "
+           f"trained {cfg.train_steps} steps: the models are far from converged, so a quality difference here can "
+           "be a difference in how fast a variant learns rather than in what it can represent."]),
         "- A 4-layer, 128-wide model trained for minutes on 1438 digits is far from SiT-S/2 trained 400K steps on "
         "ImageNet; FID here uses a digits classifier's features and ranks runs only within this study.",
         f"- The adaptive rule's thresholds ρ are not public (the public code makes them required arguments and shows "
         f"only placeholders); the ρ tried here, {', '.join('/'.join(f'{r:g}' for r in rs) for rs in cfg.adaptive_ratios)}, "
-        "are a grid chosen here. The third network of the paper's trio (n = 64) does not exist on an 8×8 grid: full "
-        "attention takes its place.",
+        "are a grid chosen here."
+        + (" The third network of the paper's trio (n = 64) does not exist on an 8×8 grid: full attention takes its "
+           "place." if tuple(study.adaptive_order) != (4, 16, 64) else ""),
         f"- Redundancy is measured on one training seed's models; its intervals are over {cfg.record_samples} samples.",
         "",
         "## The same study at ImageNet scale",

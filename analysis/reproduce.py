@@ -148,6 +148,7 @@ class Study:
     config: StudyConfig
     run_dir: Path
     figures_dir: Path
+    preset: str = "default"
 
     def say(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -495,7 +496,7 @@ def run_study(preset: str = "default", run_root: str | Path = "runs", figures_di
 def _run_study_locked(preset: str, config: StudyConfig, run_dir: Path, figures_dir: Path) -> Path:
     from .report import write_figures_and_report
 
-    study = Study(config, run_dir, figures_dir)
+    study = Study(config, run_dir, figures_dir, preset)
     study.say(f"study {preset} in {run_dir}; figures and report into {figures_dir}")
     torch.manual_seed(0)
     models = study.load(study.timed("train", study.train_all))

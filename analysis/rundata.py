@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 
@@ -41,3 +42,51 @@ def training_summary(run_dir: Path, seeds, variants: dict[str, object]) -> list[
             rows.append({"model": name, "seed": seed, "final_loss": records[-1]["loss"] if records else None,
                          "steps_per_sec": float(np.mean([r["steps_per_sec"] for r in records])) if records else None})  # fmt: skip
     return rows
+
+
+def read_sidecar(sample_folder: Path) -> dict:
+    return json.loads((Path(sample_folder) / "samples.json").read_text())
+
+
+def switch_table(sidecar: dict, levels: list[float], moves: int) -> pd.DataFrame:
+    """One row per (sample, move) of a switching run: the evaluation index of the move and its noise level
+    (NaN where the sample never made that move)."""
+    rows = []
+    for sample in sidecar.get("per_sample", []):
+        for move in range(moves):
+            step = sample["switch_steps"][move] if len(sample["switch_steps"]) > move else None
+            rows.append({"index": sample["index"], "move": move, "step": step,
+                         "noise_level": levels[step] if step is not None else np.nan})  # fmt: skip
+    return pd.DataFrame(rows, columns=["index", "move", "step", "noise_level"])
+
+
+def distance_table(sidecar: dict, levels: list[float]) -> pd.DataFrame:
+    """One row per (sample, step) of an adaptive run: the rule's distance d_k on the state, the injected noise
+    and the drift (the trace starts at the third evaluation, the first with two differences behind it)."""
+    rows = []
+    for sample in sidecar.get("per_sample", []):
+        for offset, (state, noise, drift) in enumerate(sample.get("distances", [])):
+            step = offset + 2
+            rows.append({"index": sample["index"], "step": step, "noise_level": levels[step], "state": state,
+                         "noise": noise, "drift": drift})  # fmt: skip
+    return pd.DataFrame(rows, columns=["index", "step", "noise_level", "state", "noise", "drift"])
+
+
+REFERENCE_RUNS = {"default": "figures/data", "paper-grid": "figures/paper-grid/data"}  # the committed reference runs
+
+
+def notebook_data(data: str | Path | None, root: Path) -> Path:
+    """The data folder a notebook reads: `data` (a folder, or a reference run's name: "default" or "paper-grid"),
+    else the folder or name in the ATTNMED_DATA environment variable, else the default reference run."""
+    import os
+
+    chosen = data or os.environ.get("ATTNMED_DATA") or "default"
+    if str(chosen) in REFERENCE_RUNS:
+        return Path(root) / REFERENCE_RUNS[str(chosen)]
+    return Path(chosen)
+
+
+def study_of(data: Path) -> dict | None:
+    """The study configuration a data folder's redundancy table was made by (None for a table made elsewhere)."""
+    sidecar = Path(data) / "redundancy.parquet.json"
+    return json.loads(sidecar.read_text()).get("study") if sidecar.exists() else None

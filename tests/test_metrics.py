@@ -14,11 +14,16 @@ from analysis.metrics import (
     jsd_redundancy,
     mean_cosine,
     measure,
+    metric_reducer,
     normalized_entropy,
     numerical_rank,
+    pooled_recovery_errors,
+    rank_recovery_errors,
+    recovery_metrics,
     singular_values,
     stable_rank,
 )
+from mediator_models.attention import AttentionMaps
 
 N = 8
 
@@ -207,3 +212,76 @@ def test_rank_measures_of_a_zero_spectrum_are_zero():
     sigma = torch.zeros(2, 5, dtype=torch.float64)
     for rank in (effective_rank(sigma), stable_rank(sigma), energy_rank(sigma, 0.9), numerical_rank(sigma)):
         assert rank.tolist() == [0.0, 0.0]
+
+
+# ---- the premise: how much of A·V a rank-n map keeps ---------------------------------------------------------
+
+def maps_of_rank(rank: int, tokens: int = 64, seed: int = 0) -> torch.Tensor:
+    """Row-stochastic maps of rank `rank`: P (N×r) · Q (r×N), both row-stochastic (3 maps)."""
+    generator = torch.Generator().manual_seed(seed)
+    p = torch.rand(3, tokens, rank, generator=generator, dtype=torch.float64).softmax(-1)
+    q = torch.rand(3, rank, tokens, generator=generator, dtype=torch.float64) ** 4
+    return p @ (q / q.sum(-1, keepdim=True))
+
+
+def test_rank_recovery_is_exact_from_the_maps_rank_on_and_lossy_below():
+    maps = maps_of_rank(6)
+    values = torch.randn(3, 64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    errors = rank_recovery_errors(maps, values, (1, 2, 4, 6, 16, 64, 100))
+    assert all(float(errors[n].max()) < 1e-10 for n in (6, 16, 64, 100))
+    assert all(float(errors[n].min()) > 1e-4 for n in (1, 2, 4))
+    assert (errors[1] >= errors[2]).all() and (errors[2] >= errors[4]).all()  # more rank, less lost
+    # Equal to truncating the SVD by hand and measuring the output.
+    u, s, wh = torch.linalg.svd(maps)
+    truncated = (u[..., :2] * s[..., None, :2]) @ wh[..., :2, :]
+    by_hand = ((maps - truncated) @ values).norm(dim=(-2, -1)) / (maps @ values).norm(dim=(-2, -1))
+    torch.testing.assert_close(errors[2], by_hand)
+
+
+def test_pooled_mediators_recover_queries_that_are_alike_exactly():
+    generator = torch.Generator().manual_seed(2)
+    keys = torch.randn(2, 64, 8, generator=generator, dtype=torch.float64)
+    values = torch.randn(2, 64, 8, generator=generator, dtype=torch.float64)
+    same = torch.randn(2, 1, 8, generator=generator, dtype=torch.float64).expand(2, 64, 8)
+    maps = (same @ keys.transpose(-2, -1) / 8**0.5).softmax(-1)
+    errors = pooled_recovery_errors(maps, same, keys, values, (4, 16))
+    assert float(max(e.max() for e in errors.values())) < 1e-12  # every query reads alike: one mediator suffices
+    varied = torch.randn(2, 64, 8, generator=generator, dtype=torch.float64) * 3
+    maps = (varied @ keys.transpose(-2, -1) / 8**0.5).softmax(-1)
+    errors = pooled_recovery_errors(maps, varied, keys, values, (4, 64))
+    assert (errors[4] > 0.05).all() and (errors[64] < errors[4]).all()
+
+
+def test_the_recorder_reducer_measures_recovery_from_the_layers_values_and_refuses_without_them():
+    reducer = metric_reducer(("jsd", *recovery_metrics((4, 16))))
+    model_maps = maps_of_rank(4).float()[None]  # (1 batch, 3 heads, N, N)
+    values = torch.randn(1, 3, 64, 8)
+    queries = keys = torch.randn(1, 3, 64, 8)
+    out = reducer(AttentionMaps("full", full=model_maps, values=values, queries=queries, keys=keys))
+    assert set(out) == {"jsd", "recovery_rank_4", "recovery_rank_16", "recovery_pooled_4", "recovery_pooled_16"}
+    assert float(out["recovery_rank_4"].max()) < 1e-5 and out["recovery_pooled_4"].shape == (1, 3)
+    with pytest.raises(ValueError, match="need the layer's values"):
+        reducer(AttentionMaps("full", full=model_maps))
+    with pytest.raises(ValueError, match="unknown metrics"):
+        metric_reducer(("recovery_rank_x",))
+    with pytest.raises(ValueError, match="need the layer's values too"):
+        measure(model_maps, ("recovery_rank_4",))
+
+
+def test_full_attention_hands_its_values_queries_and_keys_to_observers():
+    from mediator_models.attention import FullAttention
+
+    torch.manual_seed(0)
+    layer = FullAttention(16, 2)
+    seen = []
+    layer.map_observer = seen.append
+    x = torch.randn(2, 9, 16)
+    out = layer(x)
+    maps = seen[0]
+    assert maps.values.shape == maps.queries.shape == maps.keys.shape == (2, 2, 9, 8)
+    torch.testing.assert_close(merge(maps.full @ maps.values) @ layer.proj.weight.T + layer.proj.bias, out)
+
+
+def merge(x):
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)

@@ -60,3 +60,86 @@ def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path, monkeypatch
     assert main(["reproduce", "--preset", "quick", "--runs", str(runs), "--figures", str(published)]) == 0
     assert (run_dir / "results.csv").stat().st_mtime_ns == stamp
     assert (published / "REPORT.md").read_text() == report and (published / "data" / "results.csv").exists()
+
+
+def test_the_default_study_keeps_its_run_folder_name_and_bad_paper_grid_options_are_refused():
+    from analysis.reproduce import PRESETS, StudyConfig
+
+    # Options added for the paper-grid study leave the key of a study that does not use them unchanged, so the
+    # committed reference run (figures/, made before they existed) still names its folder.
+    assert PRESETS["default"].key() == "65a1e1df79"
+    assert PRESETS["paper-grid"].key() != StudyConfig(**{**PRESETS["paper-grid"].to_dict(), "premise": False,
+                                                          "recovery_thresholds": ()}).key()  # fmt: skip
+    grid = PRESETS["paper-grid"]
+    assert grid.image_size // int(grid.model.rsplit("/", 1)[1]) == 16  # the paper's 16×16 token grid
+    assert grid.mediator_counts == grid.adaptive_counts == (4, 16, 64)
+    with pytest.raises(ValueError, match="each ρ needs 2 values"):
+        StudyConfig(adaptive_counts=(4, 16, 64), adaptive_ratios=((1.0,),))
+    with pytest.raises(ValueError, match="unknown ablations"):
+        StudyConfig(ablations=("no-mlp",))
+    with pytest.raises(ValueError, match="time-matched controls copy adaptive runs"):
+        StudyConfig(adaptive_ratios=(), time_matched_controls=True)
+    with pytest.raises(ValueError, match="need premise=True"):
+        StudyConfig(recovery_thresholds=(0.1,))
+
+
+def test_a_time_matched_control_switches_every_sample_at_the_adaptive_runs_median_steps():
+    from analysis.reproduce import time_matched_schedule
+
+    levels = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    sidecar = {"per_sample": [{"switch_steps": [5, 7]}, {"switch_steps": [5, 8]}, {"switch_steps": [6]},
+                              {"switch_steps": [4, 7]}, {"switch_steps": [5, 9]}]}  # fmt: skip
+    schedule = time_matched_schedule(sidecar, [4, 16, 64], levels, "control")
+    # Move 1: steps 4,5,5,5,6 -> 5 (between levels 0.6 and 0.5); move 2: 7,7,8,9,never -> 8 (0.3 | 0.2).
+    assert [(round(i.high, 2), round(i.low, 2), i.mediators) for i in schedule.intervals] == [
+        (1.0, 0.55, 4), (0.55, 0.25, 16), (0.25, 0.0, 64)]  # fmt: skip
+    never = time_matched_schedule({"per_sample": [{"switch_steps": []}] * 3}, [4, 16], levels, "control")
+    assert never.count_at(0.05) == 4  # nobody moved: the control never moves either
+
+
+def test_paper_grid_comparisons_isolate_the_conv_the_mediators_and_per_sample_timing():
+    from analysis.reproduce import comparisons
+
+    runs = [{"name": n, "kind": k} for n, k in (("med4", "static"), ("med16", "static"), ("full", "static"),
+            ("med16-noconv", "ablation"), ("full-conv", "ablation"), ("conv", "ablation"),
+            ("adaptive-1-0.9", "adaptive (paper's rule)"))]  # fmt: skip
+    runs.append({"name": "control-adaptive-1-0.9", "kind": "time-matched control", "control_of": "adaptive-1-0.9"})
+    cells = pd.DataFrame({"run": [r["name"] for r in runs], "gflops_per_image": [1, 2, 3, 2, 3, 0.5, 1.5, 1.5]})
+    pairs = {(run, label, claim) for run, _, label, claim in comparisons(runs, cells, "full")}
+    assert ("med16", "med16-noconv", "the conv's part: mediators with vs without it") in pairs
+    assert ("med16", "conv", "the mediators' part: mediators + conv vs the conv alone") in pairs
+    assert ("adaptive-1-0.9", "control-adaptive-1-0.9", "per-sample switching vs the same switch steps for every sample") in pairs
+    frontier = {run for run, _, claim in pairs if claim.startswith("dynamic")}
+    assert frontier == {"adaptive-1-0.9", "control-adaptive-1-0.9"}  # ablations are not schedules
+
+
+@pytest.mark.slow
+def test_a_paper_grid_study_in_miniature_reports_ablations_adaptive_diagnostics_and_the_premise(tmp_path):
+    from analysis.reproduce import StudyConfig, run_study
+
+    config = StudyConfig(model="SiT-T/2", mediator_counts=(4, 16), train_steps=10, batch_size=8, sampler_steps=8,
+                         record_samples=2, fid_samples=16, train_seeds=(0, 1), sample_seeds=(0,),
+                         adaptive_ratios=((1.0,),), jsd_quantiles=(), bootstrap_replicates=20, kid_subset_size=8,
+                         ablations=("noconv", "full-conv", "conv"), adaptive_counts=(4, 16),
+                         adaptive_drift_ratios=((0.9,),), time_matched_controls=True, premise=True,
+                         recovery_thresholds=(0.1,), budget_of=(4,))  # fmt: skip
+    report = run_study("miniature", tmp_path, config=config)
+    run_dir = report.parent.parent
+    summary = pd.read_csv(run_dir / "results.csv").query("train_seed == 'all'").set_index("run")
+    assert {"med16-noconv", "full-conv", "conv", "adaptive-1", "control-adaptive-1", "adaptive-drift-0.9",
+            "derived-recovery0.1", "derived-budget4"} <= set(summary.index)  # fmt: skip
+    assert "derived-jsd" not in summary.index  # no quantile thresholds where they are not asked for
+    assert summary.loc["conv", "gflops_per_image"] < summary.loc["med4", "gflops_per_image"]
+    assert (summary["seconds_per_image"] > 0).all()
+    text = report.read_text()
+    for heading in ("## Ablations", "## The adaptive rule, diagnosed", "## The premise"):
+        assert heading in text
+    switches = pd.read_csv(report.parent / "data" / "switches.csv")
+    distances = pd.read_csv(report.parent / "data" / "distances.csv")
+    assert set(switches["run"]) == set(distances["run"]) == {"adaptive-1", "adaptive-drift-0.9"}
+    assert (distances["noise"] > 0).all() and len(distances) == 2 * 2 * 16 * (8 - 2)  # runs × cells × samples × steps
+    for name in ("switch_steps", "switch_distance", "recovery_rank", "recovery_pooled"):
+        assert (report.parent / f"{name}.png").exists()
+    # The control switches every sample where the adaptive run's median sample did.
+    control = json.loads((run_dir / "samples" / "train0-sample0" / "control-adaptive-1" / "samples.json").read_text())
+    assert control["schedule"]["intervals"][0]["mediators"] == 4 and len(control["schedule"]["intervals"]) == 2

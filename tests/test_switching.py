@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.schedule import Rule, calibrate_adaptive, counts_per_step, derive_schedule, monotone_intervals, schedule_gflops
+from analysis.schedule import (Rule, calibrate_adaptive, counts_per_step, derive_recovery_schedule, derive_schedule,
+                               monotone_intervals, recovery_curve, schedule_gflops)
 from helpers import tiny_model
 from mediator_models import config_gmacs
 from mediator_models.sample import start_batch
@@ -148,3 +149,57 @@ def test_schedule_json_with_bad_counts_or_bounds_is_refused_naming_the_file(tmp_
     with pytest.raises(ValueError, match=f"schedule {path}: not a schedule: {message}"):
         MediatorSchedule.load(path)
     assert MediatorSchedule.from_dict({"intervals": [{"from": 1.0, "to": 0.0, "mediators": 16.0}]}).intervals[0].mediators == 16
+
+
+def recovery_table(errors_by_level):
+    """A table of recovery_rank_N rows: errors_by_level = [(level, {layer: {n: error}})]."""
+    rows = []
+    for step, (level, layers) in enumerate(errors_by_level):
+        for layer, by_count in layers.items():
+            for n, error in by_count.items():
+                rows.append({"step": step, "noise_level": level, "layer": layer, "head": -1, "branch": "all",
+                             "metric": f"recovery_rank_{n}", "mean": error})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_recovery_rule_takes_the_fewest_mediators_that_keep_every_layer_within_epsilon():
+    easy, hard = {4: 0.05, 16: 0.01, 64: 0.001}, {4: 0.3, 16: 0.15, 64: 0.08}
+    table = recovery_table([
+        (1.0, {0: easy, 1: easy}),
+        (0.6, {0: easy, 1: {4: 0.2, 16: 0.05, 64: 0.01}}),  # layer 1 needs 16: the worst layer decides
+        (0.3, {0: hard, 1: easy}),  # 64 within 0.1
+        (0.1, {0: {4: 0.5, 16: 0.4, 64: 0.3}, 1: easy}),  # nothing fits: full attention
+    ])  # fmt: skip
+    schedule = derive_recovery_schedule(table, [4, 16, 64, None], 0.1)
+    assert [i.mediators for i in schedule.intervals] == [4, 16, 64, None]
+    assert [round(i.low, 2) for i in schedule.intervals] == [0.8, 0.45, 0.2, 0.0]
+    # Absolute: a looser ε needs fewer mediators at every step; without full attention the largest count stands in.
+    loose = derive_recovery_schedule(table, [4, 16, 64], 0.35)
+    assert [i.mediators for i in loose.intervals] == [4, 64]
+    assert recovery_curve(table)["error"].max() == 0.5
+    with pytest.raises(ValueError, match="relative error in"):
+        derive_recovery_schedule(table, [4, 16], 1.5)
+    with pytest.raises(ValueError, match="no recovery measure for n = \\[8\\]"):
+        derive_recovery_schedule(table, [4, 8], 0.1)
+    with pytest.raises(ValueError, match="no recovery_rank_N rows"):
+        derive_recovery_schedule(table_with("jsd", [(1.0, 0.1)]), [4], 0.1)
+
+
+def test_the_sde_tells_the_callback_its_injected_noise_and_the_drift_rule_reads_the_rest(three_networks):
+    seen = []
+    x_T, y, noise = start_batch([0, 1], 0, three_networks[0].config, None, "cpu")
+    generate(three_networks[0], ProcessConfig("SiT"), SamplerConfig(kind="sde", steps=8), x_T, y,
+             callback=lambda info: seen.append((info.x, info.injected)), noise_fn=noise)  # fmt: skip
+    assert seen[0][1] is None and all(injected is not None for _, injected in seen[1:])
+    generate(three_networks[0], ProcessConfig("SiT"), SamplerConfig(kind="ode", method="euler", steps=4), x_T, y,
+             callback=lambda info: seen.append(info.injected))  # fmt: skip
+    assert seen[-4:] == [None] * 4  # deterministic samplers add nothing
+    # The trace splits d_k into the noise and the rest; the drift rule switches on the rest.
+    switch = AdaptiveSwitch(three_networks, (1.0, 0.6), statistic="drift")
+    _, caller = generate(three_networks[0], ProcessConfig("SiT"), SamplerConfig(kind="sde", steps=30), x_T, y,
+                         callback=switch, noise_fn=noise)  # fmt: skip
+    assert len(switch.traces) == 2 and len(switch.traces[0]) == caller.nfe - 2
+    state, injected, drift = torch.tensor(switch.traces[0]).T
+    assert (injected > 0).all() and (drift < state + injected).all()
+    with pytest.raises(ValueError, match="unknown statistic"):
+        AdaptiveSwitch(three_networks, (1.0, 0.6), statistic="clock")
