@@ -259,6 +259,11 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
                         help="instead of --ckpt: a local diffusers pipeline folder (DiT, PixArt, SD3), sampled by its "
                              "own scheduler with --steps and --cfg-scale")  # fmt: skip
     parser.add_argument("--prompt", nargs="+", default=None, help="--diffusers text pipelines: prompts, cycled per sample")
+    parser.add_argument("--embeddings", default=None, metavar="FILE.pt",
+                        help="--diffusers text pipelines without their text encoders: a torch file holding the "
+                             "pipeline's text inputs for one prompt (prompt_embeds, pooled_prompt_embeds, "
+                             "negative_prompt_embeds, ... with batch 1), given to every sample")  # fmt: skip
+    parser.add_argument("--size", type=int, default=None, help="--diffusers: image height and width in pixels")
     _add_sampler_args(parser)
     parser.add_argument("--samples", type=int, default=32, help="samples to average over (the paper: 32)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -323,6 +328,7 @@ def run_record(args: argparse.Namespace) -> int:
 
 def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
     """`attnmed record --diffusers FOLDER`: the pipeline's own scheduler loop, recorded into the same table."""
+    import json
     from pathlib import Path
 
     from mediator_models.runfolder import FolderLock
@@ -334,17 +340,38 @@ def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
         raise FileNotFoundError(f"{folder} is not a local diffusers pipeline folder (no model_index.json); nothing is downloaded")
     from diffusers import DiffusionPipeline
 
+    embeddings = _read_embeddings(args.embeddings) if args.embeddings else None
+    options = {"height": args.size, "width": args.size} if args.size else {}
     with FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock"):  # also refuses an unwritable --out
-        pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        # Components saved as absent (text encoders left out to be replaced by --embeddings) load as None.
+        index = json.loads((folder / "model_index.json").read_text())
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
+        pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **absent)
         pipeline.set_progress_bar_config(disable=True)
         table = collect_redundancy_diffusers(pipeline, collection, steps=args.steps, guidance_scale=args.cfg_scale,
-                                             prompts=args.prompt)  # fmt: skip
+                                             prompts=args.prompt, embeddings=embeddings, **options)  # fmt: skip
         write_table(table, out, {"diffusers": str(folder), "pipeline": type(pipeline).__name__,
                                  "scheduler": dict(pipeline.scheduler.config), "steps": args.steps,
-                                 "cfg_scale": args.cfg_scale, "prompts": args.prompt,
-                                 "collection": collection.to_dict()})  # fmt: skip
+                                 "cfg_scale": args.cfg_scale, "prompts": args.prompt, "embeddings": args.embeddings,
+                                 "size": args.size, "collection": collection.to_dict()})  # fmt: skip
     print(f"wrote {len(table)} rows to {out}")
     return 0
+
+
+def _read_embeddings(path: str) -> dict:
+    """A pipeline's precomputed text inputs: a torch file holding {name: tensor with batch 1}."""
+    import torch
+
+    try:
+        data = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--embeddings {path}: no such file") from None
+    except Exception as error:
+        raise ValueError(f"--embeddings {path} is not a torch file of tensors ({type(error).__name__}: {error})") from None
+    if not isinstance(data, dict) or not data or not all(torch.is_tensor(v) and v.ndim >= 1 and len(v) == 1 for v in data.values()):
+        raise ValueError(f"--embeddings {path} must hold {{name: tensor of batch 1}}, e.g. prompt_embeds and "
+                         "pooled_prompt_embeds for SD3 and Flux")  # fmt: skip
+    return data
 
 
 def _step_layer(text: str) -> tuple[int, int]:

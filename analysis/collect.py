@@ -120,11 +120,15 @@ def _table(recorder, model: str, attention: str, mediators: int) -> pd.DataFrame
 
 def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = CollectionConfig(), *, steps: int = 50,
                                  guidance_scale: float = 1.0, prompts: list[str] | None = None,
-                                 progress: bool = True) -> pd.DataFrame:
-    """The redundancy table of a diffusers pipeline (DiT, PixArt, SD3), sampled by the pipeline's own scheduler
-    loop with the recorder on its transformer: the same columns as `collect_redundancy`, so plots, schedules and
-    notebooks read it unchanged. Sample i draws its initial noise from its own generator (seed + i); class labels
-    (DiT) follow `collection.classes` or the seeded labels attnmed uses; text pipelines cycle `prompts`."""
+                                 embeddings: dict[str, torch.Tensor] | None = None, progress: bool = True,
+                                 **pipeline_options) -> pd.DataFrame:
+    """The redundancy table of a diffusers pipeline (DiT, PixArt, SD3, Flux), sampled by the pipeline's own
+    scheduler loop with the recorder on its transformer: the same columns as `collect_redundancy`, so plots,
+    schedules and notebooks read it unchanged. Sample i draws its initial noise from its own generator (seed + i);
+    class labels (DiT) follow `collection.classes` or the seeded labels attnmed uses; text pipelines cycle
+    `prompts`, or take `embeddings`: the pipeline's precomputed text inputs for one prompt (prompt_embeds,
+    pooled_prompt_embeds, negative_prompt_embeds, ... with batch 1), given to every sample. `pipeline_options` go
+    to every pipeline call (e.g. height and width)."""
     import inspect
 
     from mediator_models.diffusers_attention import PipelineSteps
@@ -132,10 +136,11 @@ def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = Collec
     from mediator_models.stepping import sample_seed
 
     name = type(pipeline).__name__.removesuffix("Pipeline")
-    guided = guidance_scale > 1
     text = "class_labels" not in inspect.signature(pipeline.__call__).parameters  # DiT takes labels, the rest prompts
-    if text and not prompts:
-        raise ValueError(f"{name} is conditioned on text: pass --prompt (one or more)")
+    if text and not prompts and not embeddings:
+        raise ValueError(f"{name} is conditioned on text: pass --prompt (one or more), or precomputed embeddings")
+    if prompts and embeddings:
+        raise ValueError("pass prompts or precomputed embeddings, not both")
     reducer = metric_reducer(tuple(collection.metrics), jsd_pairs=collection.jsd_pairs)
     halves = ("cond", "uncond") if not text else ("uncond", "cond")  # DiTPipeline: cond first; text pipelines: uncond
     bar = None
@@ -145,21 +150,25 @@ def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = Collec
         bar = tqdm(total=collection.samples, desc=f"record {name} ({steps} steps)", dynamic_ncols=True)
     with record_attention({name: pipeline.transformer}, reducer, layers=collection.layers, heads=collection.heads,
                           guided_halves=halves) as recorder:  # fmt: skip
-        tracker = PipelineSteps(pipeline, recorder.callback, guided)
+        tracker = PipelineSteps(pipeline, recorder.callback)
         try:
             for start in range(0, collection.samples, collection.batch_size):
                 indices = list(range(start, min(start + collection.batch_size, collection.samples)))
                 generators = [torch.Generator().manual_seed(sample_seed(collection.seed, i)) for i in indices]
-                tracker.reset()
+                tracker.reset(len(indices))
                 if text:
-                    pipeline(prompt=[prompts[i % len(prompts)] for i in indices], num_inference_steps=steps,
-                             guidance_scale=guidance_scale, generator=generators, output_type="latent")  # fmt: skip
+                    conditioning = ({"prompt": [prompts[i % len(prompts)] for i in indices]} if prompts else
+                                    {k: v.repeat(len(indices), *[1] * (v.ndim - 1)) for k, v in embeddings.items()})
+                    if "negative_prompt_embeds" in conditioning:  # PixArt defaults negative_prompt to "", not None
+                        conditioning["negative_prompt"] = None
+                    pipeline(**conditioning, num_inference_steps=steps, guidance_scale=guidance_scale,
+                             generator=generators, output_type="latent", **pipeline_options)  # fmt: skip
                 else:
                     classes = list(collection.classes) if collection.classes else None
                     num_classes = pipeline.transformer.config.num_embeds_ada_norm
                     labels = [sample_label(i, collection.seed, num_classes, classes) for i in indices]
                     pipeline(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance_scale,
-                             generator=generators, output_type="pt")  # fmt: skip
+                             generator=generators, output_type="pt", **pipeline_options)  # fmt: skip
                 if bar is not None:
                     bar.update(len(indices))
         finally:

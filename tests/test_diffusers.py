@@ -273,3 +273,134 @@ def test_a_pipeline_records_the_same_table_with_the_diffusers_dit_or_its_weights
     torch.testing.assert_close(torch.tensor(merged["mean_attnmed"].values), torch.tensor(merged["mean_diffusers"].values),
                                atol=1e-5, rtol=1e-4)  # fmt: skip
     torch.testing.assert_close(torch.tensor(merged["noise_level_attnmed"].values), torch.tensor(merged["noise_level_diffusers"].values))
+
+
+# ---- Flux, and PixArt / SD3 / Flux pipelines -------------------------------------------------------------------
+
+def flux():
+    from diffusers import FluxTransformer2DModel
+
+    return randomised(FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                             pooled_projection_dim=12, axes_dims_rope=(4, 6, 6)), seed=1)  # fmt: skip
+
+
+def flux_inputs(batch: int = 2, image: int = 16, text: int = 5):
+    torch.manual_seed(3)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(image / 4), indexing="ij"), -1)
+    return {"hidden_states": torch.randn(batch, image, 16), "encoder_hidden_states": torch.randn(batch, text, 24),
+            "pooled_projections": torch.randn(batch, 12), "timestep": torch.tensor([0.9, 0.3][:batch]),
+            "img_ids": img_ids.reshape(-1, 3), "txt_ids": torch.zeros(text, 3)}  # fmt: skip
+
+
+def test_flux_layers_are_recorded_with_their_rotary_embedding_and_outputs_stay_bit_for_bit(monkeypatch):
+    """The maps equal the image→image block of the joint softmax diffusers itself computes, captured by swapping
+    its attention kernel for an explicit one, in the double-stream (text first) and single-stream blocks."""
+    import diffusers.models.transformers.transformer_flux as flux_module
+
+    from mediator_models.instrument import record_attention
+    from mediator_models.stepping import StepInfo
+
+    model, inputs = flux(), flux_inputs()
+    with torch.no_grad():
+        plain = model(**inputs).sample
+        seen = []
+        with record_attention({"flux": model}, lambda maps: seen.append(maps.full) or {}) as recorder:
+            recorder.callback(StepInfo(0, inputs["timestep"], 0.5, inputs["hidden_states"]))
+            recorded = model(**inputs).sample
+        torch.testing.assert_close(recorded, plain, atol=0, rtol=0)
+        captured = []
+
+        def explicit(query, key, value, attn_mask=None, **_):  # (B, N, heads, d), as diffusers passes them
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+            weights = ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1)
+            captured.append(weights)
+            return (weights @ v).transpose(1, 2)
+
+        monkeypatch.setattr(flux_module, "dispatch_attention_fn", explicit)
+        torch.testing.assert_close(model(**inputs).sample, plain, atol=1e-5, rtol=1e-5)  # the kernel swap is faithful
+    assert len(seen) == len(captured) == 2  # one double-stream, one single-stream block
+    text = inputs["encoder_hidden_states"].shape[1]
+    for ours, theirs in zip(seen, captured):
+        block = theirs[..., text:, text:]
+        torch.testing.assert_close(ours, block / block.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+        assert ours.shape == (2, 2, 16, 16)
+
+
+def tiny_text_pipeline(kind: str, vae_path):
+    """A PixArt-α, SD3 or Flux pipeline with a tiny random transformer and no text encoders: it is driven by
+    precomputed prompt embeddings, so nothing needs downloading. Returns (pipeline, embeddings, call options,
+    what a direct call needs beside the embeddings)."""
+    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           PixArtAlphaPipeline, StableDiffusion3Pipeline)  # fmt: skip
+
+    vae = AutoencoderKL.from_pretrained(str(vae_path))
+    torch.manual_seed(4)
+    if kind == "PixArt":
+        pipeline = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=pixart(),
+                                       scheduler=DPMSolverMultistepScheduler())  # fmt: skip
+        embeddings = {"prompt_embeds": torch.randn(1, 7, 24), "prompt_attention_mask": torch.ones(1, 7, dtype=torch.long),
+                      "negative_prompt_embeds": torch.randn(1, 7, 24),
+                      "negative_prompt_attention_mask": torch.ones(1, 7, dtype=torch.long)}  # fmt: skip
+        return pipeline, embeddings, {"height": 64, "width": 64, "use_resolution_binning": False}, {"negative_prompt": None}
+    if kind == "SD3":
+        pipeline = StableDiffusion3Pipeline(transformer=sd3(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                            text_encoder_3=None, tokenizer_3=None)  # fmt: skip
+        embeddings = {"prompt_embeds": torch.randn(1, 7, 24), "pooled_prompt_embeds": torch.randn(1, 12),
+                      "negative_prompt_embeds": torch.randn(1, 7, 24), "negative_pooled_prompt_embeds": torch.randn(1, 12)}
+        return pipeline, embeddings, {"height": 64, "width": 64}, {}
+    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=flux())  # fmt: skip
+    embeddings = {"prompt_embeds": torch.randn(1, 5, 24), "pooled_prompt_embeds": torch.randn(1, 12)}
+    return pipeline, embeddings, {"height": 64, "width": 64}, {}
+
+
+@pytest.mark.parametrize("kind", ["PixArt", "SD3", "Flux"])
+def test_recording_a_text_pipeline_leaves_its_images_unchanged_and_tables_every_step(kind, tiny_vae_path):
+    from analysis.collect import CollectionConfig, collect_redundancy_diffusers
+
+    pipeline, embeddings, options, direct = tiny_text_pipeline(kind, tiny_vae_path)
+    pipeline.set_progress_bar_config(disable=True)
+    guidance = 1.0 if kind == "Flux" else 2.0  # Flux guides through an embedding: its batch is never doubled
+
+    def images():
+        batch = {k: v.repeat(2, *[1] * (v.ndim - 1)) for k, v in embeddings.items()}
+        return pipeline(**batch, num_inference_steps=3, guidance_scale=guidance, output_type="latent",
+                        generator=[torch.Generator().manual_seed(i) for i in (0, 1)], **options, **direct).images  # fmt: skip
+
+    plain = images()
+    table = collect_redundancy_diffusers(pipeline, CollectionConfig(samples=2, batch_size=2), steps=3,
+                                         guidance_scale=guidance, embeddings=embeddings, progress=False, **options)  # fmt: skip
+    torch.testing.assert_close(images(), plain, atol=0, rtol=0)  # recorded and detached: the same images
+    assert set(table["step"]) == {0, 1, 2} and set(table["layer"]) == {0, 1}
+    assert set(table["branch"]) == ({"all"} if kind == "Flux" else {"cond", "uncond"})
+    levels = table.groupby("step")["noise_level"].first().tolist()
+    assert all(a > b for a, b in zip(levels, levels[1:])) and 0 < levels[-1] and levels[0] <= 1
+    jsd = table[(table["metric"] == "jsd") & (table["head"] == -1)]["mean"]
+    assert ((jsd >= 0) & (jsd <= 1)).all() and (table["count"] == 2).all()
+    with pytest.raises(ValueError, match="conditioned on text"):
+        collect_redundancy_diffusers(pipeline, CollectionConfig(samples=1), steps=1, progress=False)
+
+
+def test_record_command_drives_a_saved_text_pipeline_with_precomputed_embeddings(tmp_path, tiny_vae_path, capsys):
+    import pandas as pd
+
+    from analysis.cli import main
+    from analysis.collect import CollectionConfig, collect_redundancy_diffusers
+
+    pipeline, embeddings, options, _ = tiny_text_pipeline("SD3", tiny_vae_path)
+    folder = tmp_path / "sd3"
+    pipeline.save_pretrained(str(folder))  # the text encoders are absent: the embeddings stand in for them
+    torch.save(embeddings, tmp_path / "embeddings.pt")
+    out = tmp_path / "sd3.parquet"
+    assert main(["record", "--diffusers", str(folder), "--embeddings", str(tmp_path / "embeddings.pt"), "--size", "64",
+                 "--steps", "3", "--samples", "2", "--cfg-scale", "2", "--out", str(out)]) == 0  # fmt: skip
+    pipeline.set_progress_bar_config(disable=True)
+    direct = collect_redundancy_diffusers(pipeline, CollectionConfig(samples=2, batch_size=8), steps=3, guidance_scale=2.0,
+                                          embeddings=embeddings, progress=False, **options)  # fmt: skip
+    written = pd.read_parquet(out)
+    torch.testing.assert_close(torch.tensor(written["mean"].values), torch.tensor(direct["mean"].values))
+    torch.save({"prompt_embeds": torch.randn(2, 7, 24)}, tmp_path / "two.pt")
+    assert main(["record", "--diffusers", str(folder), "--embeddings", str(tmp_path / "two.pt"), "--out", str(out)]) == 2
+    assert "must hold {name: tensor of batch 1}" in capsys.readouterr().err
