@@ -263,7 +263,8 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
                         help="--diffusers text pipelines without their text encoders: a torch file holding the "
                              "pipeline's text inputs for one prompt (prompt_embeds, pooled_prompt_embeds, "
                              "negative_prompt_embeds, ... with batch 1), given to every sample")  # fmt: skip
-    parser.add_argument("--size", type=int, default=None, help="--diffusers: image height and width in pixels")
+    parser.add_argument("--size", type=int, default=None,
+                        help="--diffusers: image height and width in pixels, exactly (no resolution binning)")
     _add_sampler_args(parser)
     parser.add_argument("--samples", type=int, default=32, help="samples to average over (the paper: 32)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -328,6 +329,7 @@ def run_record(args: argparse.Namespace) -> int:
 
 def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
     """`attnmed record --diffusers FOLDER`: the pipeline's own scheduler loop, recorded into the same table."""
+    import inspect
     import json
     from pathlib import Path
 
@@ -348,6 +350,8 @@ def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
         absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
         pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **absent)
         pipeline.set_progress_bar_config(disable=True)
+        if options and "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters:
+            options["use_resolution_binning"] = False  # PixArt would move --size to its nearest trained aspect bin
         table = collect_redundancy_diffusers(pipeline, collection, steps=args.steps, guidance_scale=args.cfg_scale,
                                              prompts=args.prompt, embeddings=embeddings, **options)  # fmt: skip
         write_table(table, out, {"diffusers": str(folder), "pipeline": type(pipeline).__name__,

@@ -404,3 +404,30 @@ def test_record_command_drives_a_saved_text_pipeline_with_precomputed_embeddings
     torch.save({"prompt_embeds": torch.randn(2, 7, 24)}, tmp_path / "two.pt")
     assert main(["record", "--diffusers", str(folder), "--embeddings", str(tmp_path / "two.pt"), "--out", str(out)]) == 2
     assert "must hold {name: tensor of batch 1}" in capsys.readouterr().err
+
+
+def test_record_command_encodes_prompts_with_the_pipelines_own_text_encoder(tmp_path, tiny_vae_path):
+    """A PixArt folder with a tiny T5 encoder and a word-level tokenizer made here: `--prompt` goes through them."""
+    import pandas as pd
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from analysis.cli import main
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "in", "snow"]
+    vocabulary = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocabulary.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocabulary, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_ff=32, num_layers=1, num_heads=2, d_kv=12))
+    pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=pixart(),
+                                   vae=AutoencoderKL.from_pretrained(str(tiny_vae_path)),
+                                   scheduler=DPMSolverMultistepScheduler())  # fmt: skip
+    folder = tmp_path / "pixart"
+    pipeline.save_pretrained(str(folder))
+    out = tmp_path / "pixart.parquet"
+    assert main(["record", "--diffusers", str(folder), "--prompt", "a red fox", "snow", "--size", "64", "--steps", "2",
+                 "--samples", "2", "--cfg-scale", "2", "--out", str(out)]) == 0  # fmt: skip
+    table = pd.read_parquet(out)
+    assert set(table["branch"]) == {"cond", "uncond"} and set(table["step"]) == {0, 1} and set(table["layer"]) == {0, 1}
