@@ -36,8 +36,12 @@ def save(fig, path: str | Path | None) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # No creation date in the PDF and no software stamp in the PNG: the same figure gives the same bytes, so a
+    # republished run changes only the files whose content changed.
+    stamps = {".pdf": {"CreationDate": None}, ".png": {"Software": None}}
     for suffix in (".png", ".pdf"):
-        atomic_write(path.with_suffix(suffix), lambda handle: fig.savefig(handle, format=suffix[1:], dpi=150, bbox_inches="tight"))
+        atomic_write(path.with_suffix(suffix), lambda handle: fig.savefig(handle, format=suffix[1:], dpi=150, bbox_inches="tight",
+                                                                          metadata=stamps[suffix]))  # fmt: skip
 
 
 def _head_average(table: pd.DataFrame, metric: str, branch: str | None = None) -> pd.DataFrame:

@@ -115,6 +115,8 @@ def write_figures_and_report(study, models, table, derived, expected_gflops, res
         schedule.save(data_dir / f"schedule-{name}.json")
     diagnostics = adaptive_diagnostics(study, results)
     for name, frame in diagnostics.items():
+        if frame.empty:  # runs sampled before per-sample records were kept have none
+            continue
         atomic_write(data_dir / f"{name}.csv", lambda handle, frame=frame: frame.to_csv(handle, index=False), binary=False)
     if not diagnostics["switches"].empty:
         plots.switch_histograms(diagnostics["switches"], study.levels, path=fig_dir / "switch_steps",
