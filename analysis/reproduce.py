@@ -312,14 +312,16 @@ class Study:
         runs += [{"name": name, "kind": "ablation", "schedule": ABLATIONS[name.removeprefix(f"med{self.ablation_count}-")],
                   "callback": None, "base": name} for name in self.ablations]  # fmt: skip
         order = self.adaptive_order
-        trio = "/".join(map(count_label, order))
+        # The networks are named where the study chose them (the paper's trio); the default study's labels stay
+        # as its committed run has them.
+        trio = f" ({'/'.join(map(count_label, order))})" if self.config.adaptive_counts else ""
         rules = [(ratios, "state") for ratios in self.config.adaptive_ratios]
         rules += [(ratios, "drift") for ratios in self.config.adaptive_drift_ratios]
         for ratios, statistic in rules:
             rho = "/".join(f"{r:g}" for r in ratios)
             name = ("adaptive-" if statistic == "state" else "adaptive-drift-") + "-".join(f"{r:g}" for r in ratios)
             kind = "adaptive (paper's rule)" if statistic == "state" else "adaptive on the drift (ours)"
-            runs.append({"name": name, "kind": kind, "schedule": f"{'adaptive' if statistic == 'state' else 'drift-adaptive'} ρ={rho} ({trio})",
+            runs.append({"name": name, "kind": kind, "schedule": f"{'adaptive' if statistic == 'state' else 'drift-adaptive'} ρ={rho}{trio}",
                          "callback": AdaptiveSwitch([networks[c] for c in order], ratios, statistic=statistic),
                          "base": order[0]})  # fmt: skip
             if self.config.time_matched_controls and statistic == "state":
