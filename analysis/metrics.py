@@ -206,28 +206,22 @@ def rank_recovery_errors(maps: torch.Tensor, values: torch.Tensor, ranks: tuple[
     return out
 
 
-def pool_grid(tokens: torch.Tensor, count: int) -> torch.Tensor:
-    """Tokens (..., N, d) on a √N×√N grid, average-pooled to √count×√count (as mediators pool queries)."""
-    *lead, n, d = tokens.shape
-    side, grid = math.isqrt(count), math.isqrt(n)
-    if side * side != count or grid * grid != n:
-        raise ValueError(f"pooling needs square counts: {n} tokens to {count} mediators")
-    image = tokens.reshape(-1, grid, grid, d).permute(0, 3, 1, 2)
-    pooled = torch.nn.functional.adaptive_avg_pool2d(image, side).permute(0, 2, 3, 1)
-    return pooled.reshape(*lead, count, d)
-
-
 def pooled_recovery_errors(maps: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                            counts: tuple[int, ...]) -> dict[int, torch.Tensor]:
     """{n: ‖(A − Â_n)·V‖_F / ‖A·V‖_F} for Â_n = softmax(s·Q·Tᵀ)·softmax(s·T·Kᵀ), T the queries pooled to n
     mediators: the mediator form of this very layer, without training. maps (..., N, N); q, k, v (..., N, d)."""
+    from mediator_models.attention import pool_tokens
+
     q, k, v = queries.double(), keys.double(), values.double()
-    scale = q.shape[-1] ** -0.5
+    tokens, scale = q.shape[-2], q.shape[-1] ** -0.5
     exact = maps.double() @ v
     total = exact.square().sum((-2, -1)).clamp_min(_TINY)
     out = {}
     for n in counts:
-        mediators = pool_grid(q, n)
+        side, grid = math.isqrt(n), math.isqrt(tokens)
+        if side * side != n or grid * grid != tokens:
+            raise ValueError(f"pooling needs square counts: {tokens} tokens to {n} mediators")
+        mediators = pool_tokens(q, grid, side)
         through = (scale * q @ mediators.transpose(-2, -1)).softmax(-1) @ ((scale * mediators @ k.transpose(-2, -1)).softmax(-1) @ v)
         out[n] = ((through - exact).square().sum((-2, -1)) / total).sqrt()
     return out

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mediator_models.config import make_config
 from mediator_models.flops import model_gmacs
 from mediator_models.runfolder import atomic_write, atomic_write_text
-
 from mediator_models.switching import count_label
 
 from . import plots
@@ -126,8 +126,7 @@ def write_figures_and_report(study, models, table, derived, expected_gflops, res
         first = first[first["run"] == first["run"].iloc[0]]
         plots.distance_traces(first, path=fig_dir / "switch_distance",
                               title=f"What d_k is made of ({first['run'].iloc[0]}, SDE sampler)")  # fmt: skip
-    premise = has_premise(table)
-    if premise:
+    if has_premise(table):
         for kind in ("rank", "pooled"):
             plots.recovery_curves(recovery_curve(table[table["attention"] == "full"], kind), kind, path=fig_dir / f"recovery_{kind}")
     training = training_summary(study.run_dir, study.config.train_seeds, {study.variant_name(c): c for c in study.trained})
@@ -267,11 +266,8 @@ def adaptive_lines(study, summary: pd.DataFrame, differences: pd.DataFrame, diag
                               & (differences["metric"] == "fid")]  # fmt: skip
         frontier = differences[(differences["run"] == run) & (differences["claim"].str.startswith("dynamic"))
                                & (differences["metric"] == "fid")]  # fmt: skip
-        cell = lambda rows: ("–" if rows.empty else  # noqa: E731
-                             f"{rows.iloc[0]['difference']:+.3g} [{rows.iloc[0]['low']:+.3g}, {rows.iloc[0]['high']:+.3g}] "
-                             f"({rows.iloc[0]['verdict']})")  # fmt: skip
         lines.append(f"| {summary.loc[run, 'schedule']} | {'; '.join(moves)} | {summary.loc[run, 'gflops_per_image']:.3g} | "
-                     f"{cell(control)} | {cell(frontier)} |")  # fmt: skip
+                     f"{_fid_cell(control)} | {_fid_cell(frontier)} |")  # fmt: skip
     if not distances.empty:
         paper = distances[~distances["run"].str.startswith("adaptive-drift")]
         share = (paper["noise"] / paper["state"]).groupby(paper["step"]).median()
@@ -290,6 +286,14 @@ def adaptive_lines(study, summary: pd.DataFrame, differences: pd.DataFrame, diag
                   + (f"; its switch steps spread over {spread['drift']:.0f} steps." if spread["drift"] is not None else "."),
                   ""]  # fmt: skip
     return lines
+
+
+def _fid_cell(rows: pd.DataFrame) -> str:
+    """A FID difference with its interval and verdict (the first row), or a dash where there is none."""
+    if rows.empty:
+        return "–"
+    row = rows.iloc[0]
+    return f"{row['difference']:+.3g} [{row['low']:+.3g}, {row['high']:+.3g}] ({row['verdict']})"
 
 
 def _switch_spread(switches: pd.DataFrame) -> float | None:
@@ -330,10 +334,10 @@ def premise_lines(table: pd.DataFrame, derived: dict, expected: dict) -> list[st
 
 
 def render_report(study, table, derived, expected_gflops, results: pd.DataFrame, differences: pd.DataFrame,
-                  training: list[dict], seconds: float, diagnostics: dict | None = None) -> str:
+                  training: list[dict], seconds: float, diagnostics: dict[str, pd.DataFrame]) -> str:
     cfg = study.config
-    tokens = (cfg.image_size // int(cfg.model.rsplit("/", 1)[1])) ** 2
-    grid = int(round(tokens**0.5))
+    model = make_config(cfg.model, input_size=cfg.image_size)
+    tokens, grid = model.num_tokens, model.grid_size
     summary = results[results["train_seed"].astype(str) == "all"].set_index("run")
     full = summary.loc["full"]
     extractor = results["extractor"].iloc[0]
@@ -449,9 +453,8 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
                   "applied to, so it always cuts the steps into thirds, whatever was measured: it is kept to reproduce "
                   "this committed run and carries no information. The paper-grid study replaces it with absolute "
                   "thresholds on the premise measure and a FLOPs budget."]  # fmt: skip
-    summary_by_run = summary
-    lines += ablation_lines(differences, summary_by_run)
-    lines += adaptive_lines(study, summary_by_run, differences, diagnostics or {"switches": pd.DataFrame(), "distances": pd.DataFrame()})
+    lines += ablation_lines(differences, summary)
+    lines += adaptive_lines(study, summary, differences, diagnostics)
     lines += premise_lines(table, derived, expected_gflops)
     lines += ["", "## Training", "", "| model | seed | final loss | steps/s |", "|---|---|---|---|"]
     for row in training:
@@ -478,8 +481,8 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         "![schedules](schedules.png)",
         "![FID against GFLOPs, 95% intervals](fid_vs_gflops.png)",
         "![samples, full attention](samples_full.png) ![samples, mediators (same noise)](samples_mediator.png)",
-        *([] if diagnostics is None or diagnostics["switches"].empty else ["![switch steps per sample](switch_steps.png)"]),
-        *([] if diagnostics is None or diagnostics["distances"].empty else ["![what d_k is made of](switch_distance.png)"]),
+        *([] if diagnostics["switches"].empty else ["![switch steps per sample](switch_steps.png)"]),
+        *([] if diagnostics["distances"].empty else ["![what d_k is made of](switch_distance.png)"]),
         *(["![premise: rank-n truncation](recovery_rank.png)", "![premise: pooled mediator form](recovery_pooled.png)"]
           if has_premise(table) else []),
         "",

@@ -14,6 +14,7 @@ study's configuration, and skipped when its outputs exist (so an interrupted run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -180,13 +181,10 @@ class Study:
         return counts[len(counts) // 2]
 
     @property
-    def ablations(self) -> list[str]:
-        """The ablation variants' names (they key the models beside the counts)."""
+    def ablations(self) -> dict[str, str]:
+        """The ablation variants: their names (which key the models beside the counts) -> their kind in ABLATIONS."""
         names = {"noconv": f"med{self.ablation_count}-noconv", "full-conv": "full-conv", "conv": "conv"}
-        return [names[a] for a in self.config.ablations]
-
-    def ablation_model(self, name: str) -> tuple[str, int | None, bool | None]:
-        return ablation_model(name.removeprefix(f"med{self.ablation_count}-"), self.ablation_count)
+        return {names[kind]: kind for kind in self.config.ablations}
 
     @property
     def trained(self) -> list[int | None | str]:
@@ -212,9 +210,9 @@ class Study:
     def process(self) -> ProcessConfig:
         return ProcessConfig("SiT")
 
-    @property
+    @functools.cached_property
     def levels(self) -> list[float]:
-        """The noise level of each network evaluation of the study's sampler."""
+        """The noise level of each network evaluation of the study's sampler (a dry run, made once)."""
         return evaluation_levels(self.process, self.sampler)
 
     # ---- stage 1: train ---------------------------------------------------------------------------------------
@@ -227,7 +225,7 @@ class Study:
                 out = self.run_dir / "train" / f"seed{seed}" / self.variant_name(count)
                 final = out / "checkpoints" / f"{self.config.train_steps:07d}.pt"
                 if isinstance(count, str):
-                    attention, mediators, conv = self.ablation_model(count)
+                    attention, mediators, conv = ablation_model(self.ablations[count], self.ablation_count)
                 else:
                     attention, mediators, conv = ("full" if count is None else "mediator"), count, None
                 if not final.exists():
@@ -291,9 +289,8 @@ class Study:
                                                      name="derived: JSD quantiles")  # fmt: skip
         for epsilon in self.config.recovery_thresholds:
             derived[f"derived-recovery{epsilon:g}"] = derive_recovery_schedule(full, available, epsilon)
-        levels = evaluation_levels(self.process, self.sampler)
         for count in self.config.budget_of:
-            budget = schedule_gflops(MediatorSchedule.constant(count), levels, configs)
+            budget = schedule_gflops(MediatorSchedule.constant(count), self.levels, configs)
             schedule, _ = schedule_within_budget(full, available, configs, budget, tau=0.99)
             schedule.name = f"derived: rank τ=0.99 within static n={count}'s GFLOPs"
             derived[f"derived-budget{count}"] = schedule
@@ -309,8 +306,8 @@ class Study:
         networks = {count: loaded.model for count, loaded in models.items()}
         runs = [{"name": self.variant_name(c), "kind": "static", "schedule": MediatorSchedule.constant(c).name,
                  "callback": None, "base": c} for c in self.variants]  # fmt: skip
-        runs += [{"name": name, "kind": "ablation", "schedule": ABLATIONS[name.removeprefix(f"med{self.ablation_count}-")],
-                  "callback": None, "base": name} for name in self.ablations]  # fmt: skip
+        runs += [{"name": name, "kind": "ablation", "schedule": ABLATIONS[kind], "callback": None, "base": name}
+                 for name, kind in self.ablations.items()]  # fmt: skip
         order = self.adaptive_order
         # The networks are named where the study chose them (the paper's trio); the default study's labels stay
         # as its committed run has them.

@@ -130,7 +130,7 @@ def recovery_curve(table: pd.DataFrame, kind: str = "rank") -> pd.DataFrame:
     rows = table[table["metric"].str.startswith(prefix) & (table["head"] == -1)]
     if rows.empty:
         raise ValueError(f"the table has no {prefix}N rows; record a full-attention model with the premise measures "
-                         "(`attnmed record --metrics all,recovery` or a study with premise=True)")  # fmt: skip
+                         "(`attnmed record --metrics all,recovery_rank_4,recovery_rank_16` or a study with premise=True)")  # fmt: skip
     curve = rows.assign(mediators=rows["metric"].str.removeprefix(prefix).astype(int), error=rows["mean"])
     curve = curve[["step", "noise_level", "layer", "mediators", "error"]]
     return curve.sort_values(["noise_level", "layer", "mediators"], ascending=[False, True, True], ignore_index=True)

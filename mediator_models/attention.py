@@ -105,6 +105,20 @@ def depthwise_conv_on_values(dwc: nn.Conv2d, v: torch.Tensor, grid_size: int) ->
     return dwc(v.reshape(b, grid_size, grid_size, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, n, c)
 
 
+def pool_tokens(tokens: torch.Tensor, grid_size: int, side: int) -> torch.Tensor:
+    """Tokens (..., N, C) seen as a g×g image, adaptively average-pooled to side×side -> (..., side², C): how
+    mediators are made from queries."""
+    *lead, _, c = tokens.shape
+    flat = tokens.reshape(-1, grid_size * grid_size, c)
+    b, g = len(flat), grid_size
+    if g % side == 0:  # equal windows: a reshaped mean, without transposing the tokens into an image
+        cell = g // side
+        pooled = flat.reshape(b, side, cell, side, cell, c).mean(dim=(2, 4)).reshape(b, side * side, c)
+    else:
+        pooled = F.adaptive_avg_pool2d(flat.transpose(1, 2).reshape(b, c, g, g), side).flatten(2).transpose(1, 2)
+    return pooled.reshape(*lead, side * side, c)
+
+
 class FullAttention(nn.Module):
     """Multi-head self-attention as timm's `Attention` (packed `qkv` with bias, then `proj`).
 
@@ -218,13 +232,7 @@ class MediatorAttention(nn.Module):
 
     def pool_queries(self, q: torch.Tensor) -> torch.Tensor:
         """Mediators: q (B, N, C) seen as a g×g image, adaptively average-pooled to √n×√n -> (B, n, C)."""
-        b, _, c = q.shape
-        g, side = self.grid_size, self.pool_size
-        if g % side == 0:  # equal windows: a reshaped mean, without transposing q into an image
-            cell = g // side
-            return q.reshape(b, side, cell, side, cell, c).mean(dim=(2, 4)).reshape(b, side * side, c)
-        image = q.transpose(1, 2).reshape(b, c, g, g)
-        return F.adaptive_avg_pool2d(image, side).flatten(2).transpose(1, 2)
+        return pool_tokens(q, self.grid_size, self.pool_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (B, N, C) -> (B, N, C), N = grid_size²

@@ -232,14 +232,10 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
 
             images = decode(vae, images)
         seconds = (time.perf_counter() - began) / len(indices)  # wall-clock per image on this machine
-        switches = _switch_steps(callback, caller, len(indices))
-        traces = getattr(callback, "traces", None)
-        traces = traces if traces is not None and len(traces) == len(indices) else [None] * len(indices)
+        switching = _switching_records(callback, caller, len(indices))
         with costs_path.open("a") as handle:  # costs first: an image is never left without its cost record
-            for i, gflops, steps, trace in zip(indices, caller.gflops.tolist(), switches, traces):
-                record = {"index": i, "nfe": caller.nfe, "gflops": gflops, "seconds": seconds, "switch_steps": steps}
-                if trace is not None:  # the adaptive rule's distances, per step: state, injected noise, drift
-                    record["distances"] = trace
+            for i, gflops, did in zip(indices, caller.gflops.tolist(), switching):
+                record = {"index": i, "nfe": caller.nfe, "gflops": gflops, "seconds": seconds, **did}
                 handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
@@ -251,13 +247,16 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
         bar.close()
 
 
-def _switch_steps(callback, caller, batch: int) -> list[list[int]]:
-    """Per sample, the evaluation indices at which it moved to another network: the adaptive rule's own record,
-    or, for one network per step, where the network used changed."""
+def _switching_records(callback, caller, batch: int) -> list[dict]:
+    """Per sample, what switching did: `switch_steps`, the evaluation indices at which it moved to another network
+    (the adaptive rule's own record, or, for one network per step, where the network used changed), and, from
+    the adaptive rule, `distances`, its d_k per step split into state, injected noise and drift."""
     if hasattr(callback, "switch_steps") and len(callback.switch_steps) == batch:
-        return [list(steps) for steps in callback.switch_steps]
+        traces = getattr(callback, "traces", None) or [None] * batch
+        return [{"switch_steps": list(steps), **({"distances": trace} if trace is not None else {})}
+                for steps, trace in zip(callback.switch_steps, traces)]  # fmt: skip
     changes = [k for k in range(1, len(caller.used)) if caller.used[k] is not caller.used[k - 1]]
-    return [changes] * batch
+    return [{"switch_steps": changes}] * batch
 
 
 def finalize_folder(out: Path, num_samples: int, provenance: dict[str, Any]) -> dict[str, Any]:
