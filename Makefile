@@ -1,7 +1,7 @@
 # Every target sets up its environment first (idempotent: a no-op once built).
 PY := .venv/bin/python
 
-.PHONY: venv demo paper-grid test test-fast bench figures figures-paper-grid clean
+.PHONY: venv demo paper-grid lint format test test-fast bench figures figures-paper-grid clean
 venv:
 	@bash scripts/ensure_venv.sh
 
@@ -10,6 +10,15 @@ venv:
 demo: venv
 	@echo "attnmed demo: writing into runs/ (figures/ holds the committed reference run; 'make figures' remakes it)"
 	.venv/bin/attnmed reproduce
+
+# ruff's formatter and linter, configured in pyproject.toml; `make format` applies what `make lint` asks for.
+lint: venv
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 test: venv
 	$(PY) -m pytest -m "slow or not slow"

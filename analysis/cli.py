@@ -22,12 +22,16 @@ def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentPar
 
 
 def _add_model_shape(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-size", type=int, default=32, help="spatial side of the model input (32 = 256 px latents)")
+    parser.add_argument(
+        "--input-size", type=int, default=32, help="spatial side of the model input (32 = 256 px latents)"
+    )
     _add_attention(parser, default="full")
 
 
 def _configure_models(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-size", type=int, default=32, help="spatial side of the model input (32 = 256 px latents)")
+    parser.add_argument(
+        "--input-size", type=int, default=32, help="spatial side of the model input (32 = 256 px latents)"
+    )
     parser.add_argument("--small", action="store_true", help="also list the small CPU configs")
 
 
@@ -42,7 +46,9 @@ def run_models(args: argparse.Namespace) -> int:
         cfg = model.config
         params = sum(p.numel() for p in model.parameters()) / 1e6
         gmacs = model_gmacs(name, input_size=args.input_size)
-        print(f"{name:<10} {cfg.depth:>5} {cfg.hidden_size:>6} {cfg.num_heads:>5} {cfg.num_tokens:>6} {params:>11.1f} {gmacs:>8.2f}")
+        print(
+            f"{name:<10} {cfg.depth:>5} {cfg.hidden_size:>6} {cfg.num_heads:>5} {cfg.num_tokens:>6} {params:>11.1f} {gmacs:>8.2f}"
+        )
     return 0
 
 
@@ -56,8 +62,13 @@ def _configure_flops(parser: argparse.ArgumentParser) -> None:
 def run_flops(args: argparse.Namespace) -> int:
     from mediator_models import macs_breakdown, make_config
 
-    config = make_config(args.name, input_size=args.input_size, attention=args.attention, mediators=args.mediators,
-                         depthwise_conv=args.depthwise_conv)  # fmt: skip
+    config = make_config(
+        args.name,
+        input_size=args.input_size,
+        attention=args.attention,
+        mediators=args.mediators,
+        depthwise_conv=args.depthwise_conv,
+    )
     parts = macs_breakdown(config)
     total = sum(parts.values()) / 1e9
     if args.breakdown:
@@ -77,42 +88,84 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels")
     parser.add_argument("--vae", default=None, help="local AutoencoderKL folder: train on latents encoded on the fly")
     parser.add_argument("--interpolant", choices=("linear", "gvp"), default=defaults.interpolant, help="SiT only")
-    parser.add_argument("--prediction", choices=("velocity", "noise", "score"), default=defaults.prediction,
-                        help="SiT only: what the network predicts")
-    parser.add_argument("--batch-size", dest="global_batch_size", type=int, default=defaults.global_batch_size,
-                        help="global batch, split across ranks under torchrun")
+    parser.add_argument(
+        "--prediction",
+        choices=("velocity", "noise", "score"),
+        default=defaults.prediction,
+        help="SiT only: what the network predicts",
+    )
+    parser.add_argument(
+        "--batch-size",
+        dest="global_batch_size",
+        type=int,
+        default=defaults.global_batch_size,
+        help="global batch, split across ranks under torchrun",
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps, help="total optimizer steps of the run")
-    parser.add_argument("--lr", type=float, default=defaults.lr,
-                        help="AdamW learning rate (may change on --resume, e.g. after a divergence)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=defaults.lr,
+        help="AdamW learning rate (may change on --resume, e.g. after a divergence)",
+    )
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
-    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
-                        help="EMA decay per step (0.9999 for 400K-step runs; 0.99 for a few thousand steps)")
-    parser.add_argument("--class-dropout", dest="class_dropout_prob", type=float, default=defaults.class_dropout_prob,
-                        help="probability of dropping a label to the null class (for classifier-free guidance)")
-    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
-                        help="micro-batches per step (the batch is split; same result, less memory)")
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=defaults.ema_decay,
+        help="EMA decay per step (0.9999 for 400K-step runs; 0.99 for a few thousand steps)",
+    )
+    parser.add_argument(
+        "--class-dropout",
+        dest="class_dropout_prob",
+        type=float,
+        default=defaults.class_dropout_prob,
+        help="probability of dropping a label to the null class (for classifier-free guidance)",
+    )
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        default=defaults.grad_accum,
+        help="micro-batches per step (the batch is split; same result, less memory)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                        help="random horizontal flips (default: on where the data allows, off for digits)")
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (default: on where the data allows, off for digits)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="training seed (data order, noise, init)")
     parser.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between log.jsonl records")
     parser.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every, help="steps between checkpoints")
-    parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints,
-                        help="keep the newest N checkpoints (at least 1)")
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=defaults.keep_checkpoints,
+        help="keep the newest N checkpoints (at least 1)",
+    )
     parser.add_argument("--out", default=defaults.out, help="run folder (checkpoints/, log.jsonl, config.json)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _add_attention(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    parser.add_argument("--attention", choices=("full", "mediator", "conv"), default=default,
-                        help="attention kind; conv: the ablation with the depthwise conv alone"
-                             + ("" if default else " (official files only; default full)"))  # fmt: skip
+    parser.add_argument(
+        "--attention",
+        choices=("full", "mediator", "conv"),
+        default=default,
+        help="attention kind; conv: the ablation with the depthwise conv alone"
+        + ("" if default else " (official files only; default full)"),
+    )
     parser.add_argument("--mediators", type=int, default=None, help="mediator count n (a perfect square)")
-    parser.add_argument("--depthwise-conv", action=argparse.BooleanOptionalAction, default=None,
-                        help="the mediator block's depthwise 3×3 conv on v (default: on for mediator and conv, off "
-                             "for full): --no-depthwise-conv isolates the mediators, --depthwise-conv with full "
-                             "attention isolates the conv")  # fmt: skip
+    parser.add_argument(
+        "--depthwise-conv",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the mediator block's depthwise 3×3 conv on v (default: on for mediator and conv, off "
+        "for full): --no-depthwise-conv isolates the mediators, --depthwise-conv with full "
+        "attention isolates the conv",
+    )
 
 
 @command("train", "train a model (single process, or under torchrun with DDP)", _configure_train)
@@ -130,19 +183,30 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser, several: bool = False, required: bool = True) -> None:
     if several:
-        parser.add_argument("--ckpt", required=True, action="append",
-                            help="attnmed training checkpoint, an official DiT/SiT file or a diffusers DiT folder; repeat it (one per mediator "
-                                 "count) to switch networks with --schedule or --adaptive")  # fmt: skip
+        parser.add_argument(
+            "--ckpt",
+            required=True,
+            action="append",
+            help="attnmed training checkpoint, an official DiT/SiT file or a diffusers DiT folder; repeat it (one per mediator "
+            "count) to switch networks with --schedule or --adaptive",
+        )
     else:
-        parser.add_argument("--ckpt", required=required,
-                            help="attnmed training checkpoint, an official DiT/SiT file or a diffusers DiT folder")
+        parser.add_argument(
+            "--ckpt",
+            required=required,
+            help="attnmed training checkpoint, an official DiT/SiT file or a diffusers DiT folder",
+        )
     parser.add_argument("--model", default=None, help="for official files only: the registry name, e.g. DiT-XL/2")
     parser.add_argument("--input-size", type=int, default=None, help="for official files only (default 32 = 256 px)")
     _add_attention(parser)
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--numerics", choices=("dit", "diffusers"), default="dit",
-                        help="diffusers DiT folders: compute as the original DiT (its weights were trained so) or "
-                             "exactly as diffusers' DiTTransformer2DModel does")  # fmt: skip
+    parser.add_argument(
+        "--numerics",
+        choices=("dit", "diffusers"),
+        default="dit",
+        help="diffusers DiT folders: compute as the original DiT (its weights were trained so) or "
+        "exactly as diffusers' DiTTransformer2DModel does",
+    )
 
 
 def _add_sampler_args(parser: argparse.ArgumentParser, steps: int = 250) -> None:
@@ -152,21 +216,35 @@ def _add_sampler_args(parser: argparse.ArgumentParser, steps: int = 250) -> None
     parser.add_argument("--cfg-scale", type=float, default=1.0)
     parser.add_argument("--guided-channels", type=int, default=None, help="3 reproduces the public code's guidance")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--classes", type=int, nargs="*", default=None, help="cycle through these labels (default: random)")
+    parser.add_argument(
+        "--classes", type=int, nargs="*", default=None, help="cycle through these labels (default: random)"
+    )
 
 
 def _load_from_args(args: argparse.Namespace, checkpoint: str | None = None):
     """(loaded model, sampler config) from the checkpoint and sampler arguments."""
     from mediator_models.sample import load_for_sampling
-    from mediator_models.sampling import default_sampler
-    from mediator_models.train import init_distributed
+    from mediator_models.sampling.generation import default_sampler
+    from mediator_models.storage.distributed import init_distributed
 
     env = init_distributed()
-    loaded = load_for_sampling(checkpoint or args.ckpt, model_name=args.model, input_size=args.input_size,
-                               use_ema=not args.raw_weights, attention=args.attention, mediators=args.mediators,
-                               depthwise_conv=args.depthwise_conv, device=env.device, numerics=args.numerics)  # fmt: skip
-    changes = {"steps": args.steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels,
-               "method": args.method}  # fmt: skip
+    loaded = load_for_sampling(
+        checkpoint or args.ckpt,
+        model_name=args.model,
+        input_size=args.input_size,
+        use_ema=not args.raw_weights,
+        attention=args.attention,
+        mediators=args.mediators,
+        depthwise_conv=args.depthwise_conv,
+        device=env.device,
+        numerics=args.numerics,
+    )
+    changes = {
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "guided_channels": args.guided_channels,
+        "method": args.method,
+    }
     if args.sampler:
         changes["kind"] = args.sampler
     sampler = default_sampler(loaded.process.family, **changes)
@@ -181,20 +259,32 @@ def _configure_sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward batch (per rank)")
     parser.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents")
     switching = parser.add_mutually_exclusive_group()
-    switching.add_argument("--schedule", default=None, help="schedule JSON (from `attnmed schedule`): the network of each step")
-    switching.add_argument("--adaptive", action="store_true",
-                           help="the paper's rule: move to the next network (fewest mediators first) when the step "
-                                "distance falls below ρ_i times its warm-up mean")  # fmt: skip
+    switching.add_argument(
+        "--schedule", default=None, help="schedule JSON (from `attnmed schedule`): the network of each step"
+    )
+    switching.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="the paper's rule: move to the next network (fewest mediators first) when the step "
+        "distance falls below ρ_i times its warm-up mean",
+    )
     parser.add_argument("--rho", type=float, nargs="+", default=None, help="--adaptive: ρ_1 … ρ_{m−1}, one per switch")
     parser.add_argument("--warmup", type=int, default=3, help="--adaptive: warm-up steps K (the public example: 3)")
     parser.add_argument("--distance", choices=("l1", "l2"), default="l1", help="--adaptive: step distance")
-    parser.add_argument("--statistic", choices=("state", "drift"), default="state",
-                        help="--adaptive: d_k on the states (the paper) or on the drift, without the SDE's injected "
-                             "noise (ours)")  # fmt: skip
+    parser.add_argument(
+        "--statistic",
+        choices=("state", "drift"),
+        default="state",
+        help="--adaptive: d_k on the states (the paper) or on the drift, without the SDE's injected noise (ours)",
+    )
     parser.add_argument("--out", required=True, help="folder for the PNGs, samples.npz and samples.json")
 
 
-@command("sample", "sample a checkpoint to PNGs + ADM-layout npz + JSON sidecar (restartable, torchrun-ready)", _configure_sample)
+@command(
+    "sample",
+    "sample a checkpoint to PNGs + ADM-layout npz + JSON sidecar (restartable, torchrun-ready)",
+    _configure_sample,
+)
 def run_sample(args: argparse.Namespace) -> int:
     from mediator_models.sample import sample_to_folder
 
@@ -207,15 +297,26 @@ def run_sample(args: argparse.Namespace) -> int:
     loaded, sampler = _load_from_args(args, args.ckpt[0])
     callback, schedule = None, None
     if len(args.ckpt) > 1:
-        loaded, callback, schedule = _switching(args, [loaded] + [_load_from_args(args, c)[0] for c in args.ckpt[1:]], sampler)
+        loaded, callback, schedule = _switching(
+            args, [loaded] + [_load_from_args(args, c)[0] for c in args.ckpt[1:]], sampler
+        )
     vae = None
     if args.vae:
         from mediator_models.data import load_vae
 
         vae = load_vae(args.vae, next(loaded.model.parameters()).device)
-    sidecar = sample_to_folder(loaded, args.out, num_samples=args.num_samples, sampler=sampler,
-                               batch_size=args.batch_size, seed=args.seed, classes=args.classes, vae=vae,
-                               callback=callback, schedule=schedule)  # fmt: skip
+    sidecar = sample_to_folder(
+        loaded,
+        args.out,
+        num_samples=args.num_samples,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        classes=args.classes,
+        vae=vae,
+        callback=callback,
+        schedule=schedule,
+    )
     if sidecar:
         print(f"wrote {args.num_samples} samples to {args.out} ({sidecar['gflops_per_image']:.3g} GFLOPs per image)")
     return 0
@@ -224,7 +325,7 @@ def run_sample(args: argparse.Namespace) -> int:
 def _switching(args: argparse.Namespace, loaded: list, sampler):
     """(base model, step callback, description) for sampling that switches between several networks."""
     from mediator_models.sample import switchable_networks
-    from mediator_models.switching import AdaptiveSwitch, MediatorSchedule, count_label
+    from mediator_models.sampling.switching import AdaptiveSwitch, MediatorSchedule, count_label
 
     networks = switchable_networks(loaded)
     order = sorted((c for c in networks if c is not None)) + ([None] if None in networks else [])
@@ -235,50 +336,91 @@ def _switching(args: argparse.Namespace, loaded: list, sampler):
         callback = schedule.callback({c: networks[c].model for c in order})
         return networks[order[0]], callback, {**schedule.to_dict(), "networks": weights}
     if sampler.adaptive or sampler.method == "heun":
-        raise ValueError("--adaptive measures the distance between consecutive steps, so it needs a sampler that "
-                         "evaluates the network once per step: the SDE (euler), DDPM, DDIM or the ODE with --method euler")  # fmt: skip
+        raise ValueError(
+            "--adaptive measures the distance between consecutive steps, so it needs a sampler that "
+            "evaluates the network once per step: the SDE (euler), DDPM, DDIM or the ODE with --method euler"
+        )
     if args.rho is None or len(args.rho) != len(order) - 1:
-        raise ValueError(f"--adaptive with {len(order)} networks ({', '.join(map(count_label, order))}) needs "
-                         f"{len(order) - 1} --rho values, one per switch")  # fmt: skip
+        raise ValueError(
+            f"--adaptive with {len(order)} networks ({', '.join(map(count_label, order))}) needs "
+            f"{len(order) - 1} --rho values, one per switch"
+        )
     if any(not r > 0 for r in args.rho):
         raise ValueError(f"--rho values must be positive, got {args.rho}")
     if args.warmup < 1:
         raise ValueError(f"--warmup must be at least 1, got {args.warmup}")
-    switch = AdaptiveSwitch([networks[c].model for c in order], args.rho, warmup=args.warmup, distance=args.distance,
-                            statistic=args.statistic)  # fmt: skip
+    switch = AdaptiveSwitch(
+        [networks[c].model for c in order],
+        args.rho,
+        warmup=args.warmup,
+        distance=args.distance,
+        statistic=args.statistic,
+    )
     rule = "paper (adaptive)" if args.statistic == "state" else "paper's rule on the drift (ours)"
-    description = {"name": "adaptive ρ=" + "/".join(f"{r:g}" for r in args.rho), "rule": rule, "statistic": args.statistic,
-                   "order": [count_label(c) for c in order], "rho": args.rho, "warmup": args.warmup,
-                   "distance": args.distance, "networks": weights}  # fmt: skip
+    description = {
+        "name": "adaptive ρ=" + "/".join(f"{r:g}" for r in args.rho),
+        "rule": rule,
+        "statistic": args.statistic,
+        "order": [count_label(c) for c in order],
+        "rho": args.rho,
+        "warmup": args.warmup,
+        "distance": args.distance,
+        "networks": weights,
+    }
     return networks[order[0]], switch, description
 
 
 def _configure_record(parser: argparse.ArgumentParser) -> None:
     _add_checkpoint_args(parser, required=False)
-    parser.add_argument("--diffusers", default=None, metavar="FOLDER",
-                        help="instead of --ckpt: a local diffusers pipeline folder (DiT, PixArt, SD3), sampled by its "
-                             "own scheduler with --steps and --cfg-scale")  # fmt: skip
-    parser.add_argument("--prompt", nargs="+", default=None, help="--diffusers text pipelines: prompts, cycled per sample")
-    parser.add_argument("--embeddings", default=None, metavar="FILE.pt",
-                        help="--diffusers text pipelines without their text encoders: a torch file holding the "
-                             "pipeline's text inputs for one prompt (prompt_embeds, pooled_prompt_embeds, "
-                             "negative_prompt_embeds, ... with batch 1), given to every sample")  # fmt: skip
-    parser.add_argument("--size", type=int, default=None,
-                        help="--diffusers: image height and width in pixels, exactly (no resolution binning)")
+    parser.add_argument(
+        "--diffusers",
+        default=None,
+        metavar="FOLDER",
+        help="instead of --ckpt: a local diffusers pipeline folder (DiT, PixArt, SD3), sampled by its "
+        "own scheduler with --steps and --cfg-scale",
+    )
+    parser.add_argument(
+        "--prompt", nargs="+", default=None, help="--diffusers text pipelines: prompts, cycled per sample"
+    )
+    parser.add_argument(
+        "--embeddings",
+        default=None,
+        metavar="FILE.pt",
+        help="--diffusers text pipelines without their text encoders: a torch file holding the "
+        "pipeline's text inputs for one prompt (prompt_embeds, pooled_prompt_embeds, "
+        "negative_prompt_embeds, ... with batch 1), given to every sample",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="--diffusers: image height and width in pixels, exactly (no resolution binning)",
+    )
     _add_sampler_args(parser)
     parser.add_argument("--samples", type=int, default=32, help="samples to average over (the paper: 32)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--metrics", default="cheap",
-                        help="'cheap' (jsd, entropy, cosine), 'all' (adds the singular-value ranks) or a comma list of "
-                             "those words and metrics, e.g. all,recovery_rank_16,recovery_pooled_16 (the premise: how "
-                             "much of A·V a rank-16 or pooled 16-mediator map recovers; full attention only)")  # fmt: skip
-    parser.add_argument("--jsd-pairs", default="2048",
-                        help="query pairs per map for the JSD score, drawn per map ('all' for the exact mean; all "
-                             "pairs anyway up to 64 tokens at 2048). Fewer pairs record faster: see README")  # fmt: skip
+    parser.add_argument(
+        "--metrics",
+        default="cheap",
+        help="'cheap' (jsd, entropy, cosine), 'all' (adds the singular-value ranks) or a comma list of "
+        "those words and metrics, e.g. all,recovery_rank_16,recovery_pooled_16 (the premise: how "
+        "much of A·V a rank-16 or pooled 16-mediator map recovers; full attention only)",
+    )
+    parser.add_argument(
+        "--jsd-pairs",
+        default="2048",
+        help="query pairs per map for the JSD score, drawn per map ('all' for the exact mean; all "
+        "pairs anyway up to 64 tokens at 2048). Fewer pairs record faster: see README",
+    )
     parser.add_argument("--layers", type=int, nargs="*", default=None, help="record only these layers")
     parser.add_argument("--heads", type=int, nargs="*", default=None, help="reduce only these heads")
-    parser.add_argument("--keep-maps", nargs="*", default=(), metavar="STEP:LAYER",
-                        help="also save the raw maps of these (step, layer) pairs beside the table")
+    parser.add_argument(
+        "--keep-maps",
+        nargs="*",
+        default=(),
+        metavar="STEP:LAYER",
+        help="also save the raw maps of these (step, layer) pairs beside the table",
+    )
     parser.add_argument("--out", required=True, help="table path (.parquet, or .csv)")
 
 
@@ -286,8 +428,8 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
 def run_record(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .collect import CollectionConfig, collect_redundancy, write_table
-    from .metrics import ALL_METRICS, CHEAP_METRICS
+    from analysis.collect import CollectionConfig, collect_redundancy, write_table
+    from analysis.metrics import ALL_METRICS, CHEAP_METRICS
 
     named = {"cheap": CHEAP_METRICS, "all": ALL_METRICS}
     metrics = tuple(dict.fromkeys(m for part in args.metrics.split(",") if part for m in named.get(part, (part,))))
@@ -299,28 +441,52 @@ def run_record(args: argparse.Namespace) -> int:
         jsd_pairs = None if args.jsd_pairs == "all" else int(args.jsd_pairs)
     except ValueError:
         raise ValueError(f"--jsd-pairs takes a number of pairs or 'all', got {args.jsd_pairs!r}") from None
-    collection = CollectionConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed, jsd_pairs=jsd_pairs,
-                                  metrics=tuple(metrics), layers=None if args.layers is None else tuple(args.layers),
-                                  heads=None if args.heads is None else tuple(args.heads),
-                                  classes=tuple(args.classes) if args.classes else None)  # fmt: skip
+    collection = CollectionConfig(
+        samples=args.samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        jsd_pairs=jsd_pairs,
+        metrics=tuple(metrics),
+        layers=None if args.layers is None else tuple(args.layers),
+        heads=None if args.heads is None else tuple(args.heads),
+        classes=tuple(args.classes) if args.classes else None,
+    )
     if (args.ckpt is None) == (args.diffusers is None):
-        raise ValueError("give either --ckpt (an attnmed, official or diffusers DiT checkpoint) or --diffusers (a pipeline folder)")
+        raise ValueError(
+            "give either --ckpt (an attnmed, official or diffusers DiT checkpoint) or --diffusers (a pipeline folder)"
+        )
     if args.diffusers:
         return _record_diffusers(args, collection, out)
-    from mediator_models.train import init_distributed, locked_folder
+    from mediator_models.storage.distributed import init_distributed, locked_folder
 
     env = init_distributed()
     with locked_folder(out.parent, "attnmed record", env, name=f".{out.name}.lock"):  # also refuses an unwritable --out
         loaded, sampler = _load_from_args(args)
         state = out.with_name(f".{out.name}.state.pt")
-        table = collect_redundancy(loaded.model, loaded.process, sampler, collection, state_path=state,
-                                   keep_maps=keep, keep_dir=out.with_suffix("").with_name(out.stem + "-maps"))  # fmt: skip
+        table = collect_redundancy(
+            loaded.model,
+            loaded.process,
+            sampler,
+            collection,
+            state_path=state,
+            keep_maps=keep,
+            keep_dir=out.with_suffix("").with_name(out.stem + "-maps"),
+        )
         if table is None:  # another rank of a torchrun job: rank 0 merges and writes
             return 0
-        write_table(table, out, {"checkpoint": loaded.source, "weights": loaded.weights,
-                                 "model": loaded.model.config.to_dict(), "process": loaded.process.to_dict(),
-                                 "sampler": sampler.to_dict(), "collection": collection.to_dict(),
-                                 "ranks": env.world_size})  # fmt: skip
+        write_table(
+            table,
+            out,
+            {
+                "checkpoint": loaded.source,
+                "weights": loaded.weights,
+                "model": loaded.model.config.to_dict(),
+                "process": loaded.process.to_dict(),
+                "sampler": sampler.to_dict(),
+                "collection": collection.to_dict(),
+                "ranks": env.world_size,
+            },
+        )
         for leftover in out.parent.glob(f".{out.name}.state.pt*"):
             leftover.unlink(missing_ok=True)
     print(f"wrote {len(table)} rows to {out}")
@@ -333,13 +499,14 @@ def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
     import json
     from pathlib import Path
 
-    from mediator_models.runfolder import FolderLock
-
-    from .collect import collect_redundancy_diffusers, write_table
+    from analysis.collect import collect_redundancy_diffusers, write_table
+    from mediator_models.storage.runfolder import FolderLock
 
     folder = Path(args.diffusers)
     if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(f"{folder} is not a local diffusers pipeline folder (no model_index.json); nothing is downloaded")
+        raise FileNotFoundError(
+            f"{folder} is not a local diffusers pipeline folder (no model_index.json); nothing is downloaded"
+        )
     from diffusers import DiffusionPipeline
 
     embeddings = _read_embeddings(args.embeddings) if args.embeddings else None
@@ -352,12 +519,30 @@ def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
         pipeline.set_progress_bar_config(disable=True)
         if options and "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters:
             options["use_resolution_binning"] = False  # PixArt would move --size to its nearest trained aspect bin
-        table = collect_redundancy_diffusers(pipeline, collection, steps=args.steps, guidance_scale=args.cfg_scale,
-                                             prompts=args.prompt, embeddings=embeddings, **options)  # fmt: skip
-        write_table(table, out, {"diffusers": str(folder), "pipeline": type(pipeline).__name__,
-                                 "scheduler": dict(pipeline.scheduler.config), "steps": args.steps,
-                                 "cfg_scale": args.cfg_scale, "prompts": args.prompt, "embeddings": args.embeddings,
-                                 "size": args.size, "collection": collection.to_dict()})  # fmt: skip
+        table = collect_redundancy_diffusers(
+            pipeline,
+            collection,
+            steps=args.steps,
+            guidance_scale=args.cfg_scale,
+            prompts=args.prompt,
+            embeddings=embeddings,
+            **options,
+        )
+        write_table(
+            table,
+            out,
+            {
+                "diffusers": str(folder),
+                "pipeline": type(pipeline).__name__,
+                "scheduler": dict(pipeline.scheduler.config),
+                "steps": args.steps,
+                "cfg_scale": args.cfg_scale,
+                "prompts": args.prompt,
+                "embeddings": args.embeddings,
+                "size": args.size,
+                "collection": collection.to_dict(),
+            },
+        )
     print(f"wrote {len(table)} rows to {out}")
     return 0
 
@@ -371,10 +556,18 @@ def _read_embeddings(path: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"--embeddings {path}: no such file") from None
     except Exception as error:
-        raise ValueError(f"--embeddings {path} is not a torch file of tensors ({type(error).__name__}: {error})") from None
-    if not isinstance(data, dict) or not data or not all(torch.is_tensor(v) and v.ndim >= 1 and len(v) == 1 for v in data.values()):
-        raise ValueError(f"--embeddings {path} must hold {{name: tensor of batch 1}}, e.g. prompt_embeds and "
-                         "pooled_prompt_embeds for SD3 and Flux")  # fmt: skip
+        raise ValueError(
+            f"--embeddings {path} is not a torch file of tensors ({type(error).__name__}: {error})"
+        ) from None
+    if (
+        not isinstance(data, dict)
+        or not data
+        or not all(torch.is_tensor(v) and v.ndim >= 1 and len(v) == 1 for v in data.values())
+    ):
+        raise ValueError(
+            f"--embeddings {path} must hold {{name: tensor of batch 1}}, e.g. prompt_embeds and "
+            "pooled_prompt_embeds for SD3 and Flux"
+        )
     return data
 
 
@@ -390,36 +583,65 @@ def _step_layer(text: str) -> tuple[int, int]:
 
 
 def _configure_schedule(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("table", help="redundancy table from `attnmed record` (.parquet or .csv) of a full-attention model")
-    parser.add_argument("--counts", nargs="+", required=True, metavar="N",
-                        help="the networks at hand: mediator counts and/or 'full', e.g. 4 16 64 full")
-    parser.add_argument("--rule", choices=("energy-rank", "jsd", "budget", "recovery"), default="energy-rank",
-                        help="energy-rank: smallest count holding the maps' rank at --tau; jsd: --thresholds on the "
-                             "JSD score; budget: the rank rule lowered until it fits --budget-gflops; recovery: the "
-                             "fewest mediators whose rank-n map keeps every layer's A·V within --epsilon (needs "
-                             "recovery_rank_N rows)")  # fmt: skip
+    parser.add_argument(
+        "table", help="redundancy table from `attnmed record` (.parquet or .csv) of a full-attention model"
+    )
+    parser.add_argument(
+        "--counts",
+        nargs="+",
+        required=True,
+        metavar="N",
+        help="the networks at hand: mediator counts and/or 'full', e.g. 4 16 64 full",
+    )
+    parser.add_argument(
+        "--rule",
+        choices=("energy-rank", "jsd", "budget", "recovery"),
+        default="energy-rank",
+        help="energy-rank: smallest count holding the maps' rank at --tau; jsd: --thresholds on the "
+        "JSD score; budget: the rank rule lowered until it fits --budget-gflops; recovery: the "
+        "fewest mediators whose rank-n map keeps every layer's A·V within --epsilon (needs "
+        "recovery_rank_N rows)",
+    )
     parser.add_argument("--epsilon", type=float, default=0.1, help="recovery rule: largest relative error of A·V")
-    parser.add_argument("--recovery-kind", choices=("rank", "pooled"), default="rank",
-                        help="recovery rule: the truncated SVD of A, or the mediator form from pooled queries")
-    parser.add_argument("--tau", type=float, default=0.9, help="energy fraction for the rank rules (0.9 or 0.99, as recorded)")
-    parser.add_argument("--thresholds", type=float, nargs="*", default=(),
-                        help="jsd rule: ascending JSD levels (bits), one per count after the first")
+    parser.add_argument(
+        "--recovery-kind",
+        choices=("rank", "pooled"),
+        default="rank",
+        help="recovery rule: the truncated SVD of A, or the mediator form from pooled queries",
+    )
+    parser.add_argument(
+        "--tau", type=float, default=0.9, help="energy fraction for the rank rules (0.9 or 0.99, as recorded)"
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="*",
+        default=(),
+        help="jsd rule: ascending JSD levels (bits), one per count after the first",
+    )
     parser.add_argument("--budget-gflops", type=float, default=None, help="budget rule: GFLOPs per image")
-    parser.add_argument("--aggregate", choices=("mean", "max", "quantile"), default="mean",
-                        help="how layers and heads are combined per step")
+    parser.add_argument(
+        "--aggregate",
+        choices=("mean", "max", "quantile"),
+        default="mean",
+        help="how layers and heads are combined per step",
+    )
     parser.add_argument("--name", default=None, help="the schedule's name (default: describes the rule)")
     parser.add_argument("--out", required=True, help="schedule JSON to write (for `attnmed sample --schedule`)")
 
 
-@command("schedule", "derive a mediator schedule from a recorded redundancy table and print its GFLOPs per image", _configure_schedule)
+@command(
+    "schedule",
+    "derive a mediator schedule from a recorded redundancy table and print its GFLOPs per image",
+    _configure_schedule,
+)
 def run_schedule(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from mediator_models.config import ModelConfig
-
-    from .collect import read_table
-    from .schedule import Rule, derive_recovery_schedule, derive_schedule, schedule_within_budget, table_gflops
+    from analysis.collect import read_table
+    from analysis.schedule import Rule, derive_recovery_schedule, derive_schedule, schedule_within_budget, table_gflops
+    from mediator_models.network.config import ModelConfig
 
     counts = [None if c == "full" else _positive_count(c) for c in args.counts]
     table = read_table(args.table)
@@ -427,13 +649,17 @@ def run_schedule(args: argparse.Namespace) -> int:
     if full.empty:
         raise ValueError(f"{args.table} holds no full-attention rows; schedules are derived from a full model's maps")
     if full["network"].nunique() > 1:
-        raise ValueError(f"{args.table} holds several full-attention networks ({sorted(full['network'].unique())}); "
-                         "record one model per table")  # fmt: skip
+        raise ValueError(
+            f"{args.table} holds several full-attention networks ({sorted(full['network'].unique())}); "
+            "record one model per table"
+        )
     sidecar = Path(str(args.table) + ".json")
     saved = json.loads(sidecar.read_text()).get("model") if sidecar.exists() else None
     if saved is None:
-        raise ValueError(f"{sidecar} (written by `attnmed record`) is missing, so the model's size is unknown; "
-                         "record the table with `attnmed record`")  # fmt: skip
+        raise ValueError(
+            f"{sidecar} (written by `attnmed record`) is missing, so the model's size is unknown; "
+            "record the table with `attnmed record`"
+        )
     base = ModelConfig.from_dict(saved)
     configs = {c: base.replace(attention="full" if c is None else "mediator", mediators=c) for c in counts}
     if args.rule == "budget":
@@ -444,11 +670,16 @@ def run_schedule(args: argparse.Namespace) -> int:
         schedule = derive_recovery_schedule(full, counts, args.epsilon, args.recovery_kind)
         cost = table_gflops(schedule, full, configs)
     else:
-        rule = (Rule("energy_rank", tau=args.tau, aggregate=args.aggregate) if args.rule == "energy-rank"
-                else Rule("jsd", aggregate=args.aggregate, thresholds=tuple(args.thresholds)))  # fmt: skip
+        rule = (
+            Rule("energy_rank", tau=args.tau, aggregate=args.aggregate)
+            if args.rule == "energy-rank"
+            else Rule("jsd", aggregate=args.aggregate, thresholds=tuple(args.thresholds))
+        )
         if rule.metric not in set(full["metric"]):
-            raise ValueError(f"{args.table} has no {rule.metric!r} rows; record it with --metrics all (or choose "
-                             "another --rule/--tau)")  # fmt: skip
+            raise ValueError(
+                f"{args.table} has no {rule.metric!r} rows; record it with --metrics all (or choose "
+                "another --rule/--tau)"
+            )
         schedule = derive_schedule(full, counts, rule)
         cost = table_gflops(schedule, full, configs)
     if args.name:
@@ -456,8 +687,10 @@ def run_schedule(args: argparse.Namespace) -> int:
     schedule.save(args.out)
     static = {c: table_gflops(type(schedule).constant(c), full, configs) for c in counts}
     print(schedule)
-    print(f"expected {cost:.4g} GFLOPs per image over the table's {full['step'].nunique()} steps "
-          f"(static: " + ", ".join(f"{'full' if c is None else f'n={c}'} {g:.4g}" for c, g in static.items()) + ")")
+    print(
+        f"expected {cost:.4g} GFLOPs per image over the table's {full['step'].nunique()} steps "
+        f"(static: " + ", ".join(f"{'full' if c is None else f'n={c}'} {g:.4g}" for c, g in static.items()) + ")"
+    )
     print(f"wrote {args.out}")
     return 0
 
@@ -480,10 +713,9 @@ def _configure_plot(parser: argparse.ArgumentParser) -> None:
 
 @command("plot", "draw the paper-style redundancy figures of any recorded table", _configure_plot)
 def run_plot(args: argparse.Namespace) -> int:
-    from mediator_models.runfolder import check_writable
-
-    from . import plots
-    from .collect import read_table
+    from analysis import plots
+    from analysis.collect import read_table
+    from mediator_models.storage.runfolder import check_writable
 
     table = read_table(args.table)
     if args.metric not in set(table["metric"]):
@@ -502,7 +734,11 @@ def _configure_cache_latents(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True)
 
 
-@command("cache-latents", "encode an ImageFolder once (and its mirror images) so training skips the VAE", _configure_cache_latents)
+@command(
+    "cache-latents",
+    "encode an ImageFolder once (and its mirror images) so training skips the VAE",
+    _configure_cache_latents,
+)
 def run_cache_latents(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -517,31 +753,40 @@ def run_cache_latents(args: argparse.Namespace) -> int:
 
 def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("samples", help="sample folder or .npz (arr_0, uint8 NHWC)")
-    parser.add_argument("--reference", default="digits-heldout",
-                        help="'digits-heldout', an image folder, an .npz of images, or an ADM reference .npz (mu/sigma)")
+    parser.add_argument(
+        "--reference",
+        default="digits-heldout",
+        help="'digits-heldout', an image folder, an .npz of images, or an ADM reference .npz (mu/sigma)",
+    )
     parser.add_argument("--extractor", choices=("digits", "inception"), default="digits")
     parser.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception .pth")
     parser.add_argument("--image-size", type=int, default=16, help="digits only: the size the classifier works at")
-    parser.add_argument("--adm", action="store_true",
-                        help="the ADM evaluator's five metrics (FID, sFID, Inception Score, precision, recall) against "
-                             "an ADM reference batch .npz given as --reference; needs --inception-weights")  # fmt: skip
+    parser.add_argument(
+        "--adm",
+        action="store_true",
+        help="the ADM evaluator's five metrics (FID, sFID, Inception Score, precision, recall) against "
+        "an ADM reference batch .npz given as --reference; needs --inception-weights",
+    )
 
 
 @command("evaluate", "FID / KID / precision / recall of samples against a reference", _configure_evaluate)
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate import Extractor, compute_metrics, load_images
+    from analysis.quality.evaluate import Extractor, compute_metrics
+    from analysis.quality.images import load_images
 
     if args.adm:
-        from .adm import AdmInception, adm_metrics
+        from analysis.quality.adm import AdmInception, adm_metrics
 
         if args.inception_weights is None:
             raise ValueError("--adm needs --inception-weights (the local torch-fidelity InceptionV3 .pth)")
         images = load_images(args.samples).images.permute(0, 2, 3, 1).numpy()
         print(json.dumps(adm_metrics(images, args.reference, AdmInception(args.inception_weights)), indent=2))
         return 0
-    extractor = Extractor.digits(args.image_size) if args.extractor == "digits" else Extractor.inception(args.inception_weights)
+    extractor = (
+        Extractor.digits(args.image_size) if args.extractor == "digits" else Extractor.inception(args.inception_weights)
+    )
     reference = args.reference
     if reference == "digits-heldout":
         from mediator_models.data import digits
@@ -552,19 +797,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=("quick", "default", "paper-grid"), default="default",
-                        help="quick: every stage at toy budgets (minutes); default: the demo on an 8×8 token grid "
-                             "(about 45 min on 2 cores); paper-grid: the paper's 16×16 grid with its counts 4/16/64, "
-                             "ablations and adaptive diagnostics (about 90 min on 2 cores)")  # fmt: skip
+    parser.add_argument(
+        "--preset",
+        choices=("quick", "default", "paper-grid"),
+        default="default",
+        help="quick: every stage at toy budgets (minutes); default: the demo on an 8×8 token grid "
+        "(about 45 min on 2 cores); paper-grid: the paper's 16×16 grid with its counts 4/16/64, "
+        "ablations and adaptive diagnostics (about 90 min on 2 cores)",
+    )
     parser.add_argument("--runs", default="runs", help="folder for the run (resumable: rerun to continue)")
-    parser.add_argument("--figures", default=None,
-                        help="also publish the figures, tables and REPORT.md into this folder (e.g. figures, to "
-                             "remake the committed reference run); by default they stay in the run folder")
+    parser.add_argument(
+        "--figures",
+        default=None,
+        help="also publish the figures, tables and REPORT.md into this folder (e.g. figures, to "
+        "remake the committed reference run); by default they stay in the run folder",
+    )
 
 
-@command("reproduce", "the whole study on the embedded digits: train, record, schedule, sample, evaluate, report", _configure_reproduce)
+@command(
+    "reproduce",
+    "the whole study on the embedded digits: train, record, schedule, sample, evaluate, report",
+    _configure_reproduce,
+)
 def run_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import run_study
+    from analysis.study.reproduce import run_study
 
     report = run_study(args.preset, args.runs, args.figures)
     print(f"done: {report}")
@@ -578,11 +834,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnmed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, configure, run) in COMMANDS.items():
-        configure(sub.add_parser(name, help=help_text, description=help_text,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter))  # fmt: skip
+        configure(
+            sub.add_parser(
+                name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            )
+        )
     args = parser.parse_args(argv)
-    from mediator_models.checkpoint import CheckpointError
-    from mediator_models.runfolder import FolderBusyError
+    from mediator_models.storage.checkpoints import CheckpointError
+    from mediator_models.storage.runfolder import FolderBusyError
     from mediator_models.train import TrainingDiverged, TrainingInterrupted
 
     def terminate(signum, frame):  # what cluster schedulers send before a kill: unwind like Ctrl-C
@@ -590,7 +849,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, terminate)
-    resume_hint = "add --resume to the same command to continue" if args.command == "train" else "run the same command again to continue"
+    resume_hint = (
+        "add --resume to the same command to continue"
+        if args.command == "train"
+        else "run the same command again to continue"
+    )
     try:
         return COMMANDS[args.command][2](args)
     except (ValueError, FileNotFoundError, CheckpointError, FolderBusyError) as error:

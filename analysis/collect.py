@@ -16,18 +16,31 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mediator_models.checkpoint import atomic_save
-from mediator_models.instrument import record_attention
-from mediator_models.sample import start_batch
-from mediator_models.runfolder import atomic_write, atomic_write_json
-from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
-from mediator_models.switching import evaluation_levels
-from mediator_models.train import init_distributed
+from analysis.metrics import CHEAP_METRICS, RECORDING_JSD_PAIRS, check_metric_names, metric_reducer
+from mediator_models.recording.recorder import record_attention
+from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
+from mediator_models.sampling.steps import start_batch
+from mediator_models.sampling.switching import evaluation_levels
+from mediator_models.storage.checkpoints import atomic_save
+from mediator_models.storage.distributed import init_distributed
+from mediator_models.storage.runfolder import atomic_write, atomic_write_json
 
-from .metrics import CHEAP_METRICS, RECORDING_JSD_PAIRS, check_metric_names, metric_reducer
-
-COLUMNS = ["model", "attention", "mediators", "network", "step", "noise_level", "model_time", "layer", "head",
-           "branch", "metric", "mean", "std", "count"]  # fmt: skip
+COLUMNS = [
+    "model",
+    "attention",
+    "mediators",
+    "network",
+    "step",
+    "noise_level",
+    "model_time",
+    "layer",
+    "head",
+    "branch",
+    "metric",
+    "mean",
+    "std",
+    "count",
+]
 
 
 @dataclass(frozen=True)
@@ -53,9 +66,17 @@ class CollectionConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, collection: CollectionConfig = CollectionConfig(),
-                       *, state_path: str | Path | None = None, keep_maps=None, keep_dir=None,
-                       progress: bool = True) -> pd.DataFrame | None:
+def collect_redundancy(
+    model,
+    process: ProcessConfig,
+    sampler: SamplerConfig,
+    collection: CollectionConfig = CollectionConfig(),
+    *,
+    state_path: str | Path | None = None,
+    keep_maps=None,
+    keep_dir=None,
+    progress: bool = True,
+) -> pd.DataFrame | None:
     """Sample `collection.samples` images with the recorder on and return the redundancy table.
 
     `state_path` (optional) is where progress is saved after each batch; an existing state with the same
@@ -68,8 +89,13 @@ def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, co
     config = model.config
     device = next(model.parameters()).device
     check_recordable(process, sampler, keep_maps)
-    identity = {"model": config.to_dict(), "process": process.to_dict(), "sampler": sampler.to_dict(),
-                "collection": collection.to_dict(), "world_size": env.world_size}  # fmt: skip
+    identity = {
+        "model": config.to_dict(),
+        "process": process.to_dict(),
+        "sampler": sampler.to_dict(),
+        "collection": collection.to_dict(),
+        "world_size": env.world_size,
+    }
     if state_path is not None and env.world_size > 1:
         state_path = Path(state_path).with_name(f"{Path(state_path).name}.rank{env.rank}")
     state = _load_state(state_path, identity)
@@ -77,8 +103,9 @@ def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, co
     classes = list(collection.classes) if collection.classes else None
     mine = list(range(env.rank, collection.samples, env.world_size))
     bar = None
-    with record_attention(model, reducer, layers=collection.layers, heads=collection.heads, keep_maps=keep_maps,
-                          keep_dir=keep_dir) as recorder:  # fmt: skip
+    with record_attention(
+        model, reducer, layers=collection.layers, heads=collection.heads, keep_maps=keep_maps, keep_dir=keep_dir
+    ) as recorder:
         done = 0  # how many of this rank's samples are recorded
         if state is not None:
             recorder.load_state_dict(state["recorder"])
@@ -86,8 +113,9 @@ def collect_redundancy(model, process: ProcessConfig, sampler: SamplerConfig, co
         if progress and env.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(mine), initial=done, desc=f"record {config.label} {sampler.describe()}",
-                       dynamic_ncols=True)  # fmt: skip
+            bar = tqdm(
+                total=len(mine), initial=done, desc=f"record {config.label} {sampler.describe()}", dynamic_ncols=True
+            )
         while done < len(mine):
             indices = mine[done : done + collection.batch_size]
             x_T, y, noise = start_batch(indices, collection.seed, config, classes, device)
@@ -118,10 +146,17 @@ def _table(recorder, model: str, attention: str, mediators: int) -> pd.DataFrame
     return table[COLUMNS]
 
 
-def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = CollectionConfig(), *, steps: int = 50,
-                                 guidance_scale: float = 1.0, prompts: list[str] | None = None,
-                                 embeddings: dict[str, torch.Tensor] | None = None, progress: bool = True,
-                                 **pipeline_options) -> pd.DataFrame:
+def collect_redundancy_diffusers(
+    pipeline,
+    collection: CollectionConfig = CollectionConfig(),
+    *,
+    steps: int = 50,
+    guidance_scale: float = 1.0,
+    prompts: list[str] | None = None,
+    embeddings: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    **pipeline_options,
+) -> pd.DataFrame:
     """The redundancy table of a diffusers pipeline (DiT, PixArt, SD3, Flux), sampled by the pipeline's own
     scheduler loop with the recorder on its transformer: the same columns as `collect_redundancy`, so plots,
     schedules and notebooks read it unchanged. Sample i draws its initial noise from its own generator (seed + i);
@@ -131,9 +166,8 @@ def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = Collec
     to every pipeline call (e.g. height and width)."""
     import inspect
 
-    from mediator_models.diffusers_attention import PipelineSteps
-    from mediator_models.sample import sample_label
-    from mediator_models.stepping import sample_seed
+    from mediator_models.recording.diffusers import PipelineSteps
+    from mediator_models.sampling.steps import sample_label, sample_seed
 
     name = type(pipeline).__name__.removesuffix("Pipeline")
     text = "class_labels" not in inspect.signature(pipeline.__call__).parameters  # DiT takes labels, the rest prompts
@@ -148,8 +182,9 @@ def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = Collec
         from tqdm.auto import tqdm
 
         bar = tqdm(total=collection.samples, desc=f"record {name} ({steps} steps)", dynamic_ncols=True)
-    with record_attention({name: pipeline.transformer}, reducer, layers=collection.layers, heads=collection.heads,
-                          guided_halves=halves) as recorder:  # fmt: skip
+    with record_attention(
+        {name: pipeline.transformer}, reducer, layers=collection.layers, heads=collection.heads, guided_halves=halves
+    ) as recorder:
         tracker = PipelineSteps(pipeline, recorder.callback)
         try:
             for start in range(0, collection.samples, collection.batch_size):
@@ -157,18 +192,33 @@ def collect_redundancy_diffusers(pipeline, collection: CollectionConfig = Collec
                 generators = [torch.Generator().manual_seed(sample_seed(collection.seed, i)) for i in indices]
                 tracker.reset(len(indices))
                 if text:
-                    conditioning = ({"prompt": [prompts[i % len(prompts)] for i in indices]} if prompts else
-                                    {k: v.repeat(len(indices), *[1] * (v.ndim - 1)) for k, v in embeddings.items()})
+                    conditioning = (
+                        {"prompt": [prompts[i % len(prompts)] for i in indices]}
+                        if prompts
+                        else {k: v.repeat(len(indices), *[1] * (v.ndim - 1)) for k, v in embeddings.items()}
+                    )
                     if "negative_prompt_embeds" in conditioning:  # PixArt defaults negative_prompt to "", not None
                         conditioning["negative_prompt"] = None
-                    pipeline(**conditioning, num_inference_steps=steps, guidance_scale=guidance_scale,
-                             generator=generators, output_type="latent", **pipeline_options)  # fmt: skip
+                    pipeline(
+                        **conditioning,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance_scale,
+                        generator=generators,
+                        output_type="latent",
+                        **pipeline_options,
+                    )
                 else:
                     classes = list(collection.classes) if collection.classes else None
                     num_classes = pipeline.transformer.config.num_embeds_ada_norm
                     labels = [sample_label(i, collection.seed, num_classes, classes) for i in indices]
-                    pipeline(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance_scale,
-                             generator=generators, output_type="pt", **pipeline_options)  # fmt: skip
+                    pipeline(
+                        class_labels=labels,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance_scale,
+                        generator=generators,
+                        output_type="pt",
+                        **pipeline_options,
+                    )
                 if bar is not None:
                     bar.update(len(indices))
         finally:
@@ -182,8 +232,10 @@ def check_recordable(process: ProcessConfig, sampler: SamplerConfig, keep_maps=N
     """Refuse adaptive solvers (their evaluations fall at other noise levels in every batch, so a row would mix
     levels) and kept-map steps the sampler never reaches."""
     if sampler.adaptive:
-        raise ValueError("the recorder needs a fixed-step sampler (each table row is one noise level); dopri5 picks "
-                         "its steps per batch. Use the SDE, or the ODE with --method euler or heun")  # fmt: skip
+        raise ValueError(
+            "the recorder needs a fixed-step sampler (each table row is one noise level); dopri5 picks "
+            "its steps per batch. Use the SDE, or the ODE with --method euler or heun"
+        )
     if not keep_maps:
         return
     steps = len(evaluation_levels(process, sampler))  # a dry run, needed only to check the kept steps
@@ -197,7 +249,9 @@ def _load_state(state_path, identity) -> dict | None:
         return None
     state = torch.load(state_path, weights_only=False)
     if state["identity"] != identity:
-        raise ValueError(f"{state_path} holds a collection with another configuration; delete it or choose another path")
+        raise ValueError(
+            f"{state_path} holds a collection with another configuration; delete it or choose another path"
+        )
     return state
 
 

@@ -4,7 +4,7 @@ Every function takes row-stochastic maps P of shape (..., N, M) (row i is query 
 M = N for full attention and for the mediator product map) and returns one number per map, shape (...).
 Singular values are computed in float64 (or float32 when asked), never in half precision.
 
-- `jsd_redundancy`: the paper's score (REFERENCE §8), mean Jensen–Shannon divergence between the rows,
+- `jsd_redundancy`: the paper's score (docs/reference.md §8), mean Jensen–Shannon divergence between the rows,
   in bits: 0 when every query attends alike (redundant), 1 when their supports are disjoint.
 - `normalized_entropy`: mean over queries of H(P_i) / log M: 1 = uniform attention, 0 = one key.
 - `effective_rank`: exp(H(σ/Σσ)) (Roy & Vetterli 2007).
@@ -63,8 +63,13 @@ def _pair_indices(n: int, max_pairs: int | None, device) -> tuple[torch.Tensor, 
     return i.to(device), j.to(device)
 
 
-def jsd_redundancy(maps: torch.Tensor, max_pairs: int | None = 8192, chunk_elements: int = 2**19,
-                   row_entropy: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+def jsd_redundancy(
+    maps: torch.Tensor,
+    max_pairs: int | None = 8192,
+    chunk_elements: int = 2**19,
+    row_entropy: torch.Tensor | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
     """Mean JSD(P_i ‖ P_j) over unordered pairs of rows, in bits. maps (..., N, M) -> (...).
 
     JSD(p, q) = H((p + q)/2) − (H(p) + H(q))/2. Pairs are processed in chunks of about `chunk_elements`
@@ -104,8 +109,9 @@ def _content_seed(p: torch.Tensor) -> int:
     return int(abs(probe) * 1e9) % (2**62)
 
 
-def _sampled_jsd(p: torch.Tensor, row_entropy: torch.Tensor, pairs: int, chunk_elements: int,
-                 seed: int | None) -> torch.Tensor:
+def _sampled_jsd(
+    p: torch.Tensor, row_entropy: torch.Tensor, pairs: int, chunk_elements: int, seed: int | None
+) -> torch.Tensor:
     """The mean JSD over `pairs` pairs drawn independently for each map."""
     lead, (n, m) = p.shape[:-2], p.shape[-2:]
     flat, entropy = p.reshape(-1, n, m), row_entropy.reshape(-1, n)
@@ -138,7 +144,6 @@ def normalized_entropy(maps: torch.Tensor, row_entropy: torch.Tensor | None = No
     if row_entropy is None:
         row_entropy = _entropy(_working_precision(maps))
     return row_entropy.double().mean(-1) / math.log(maps.shape[-1])
-
 
 
 def mean_cosine(maps: torch.Tensor) -> torch.Tensor:
@@ -188,6 +193,7 @@ def energy_rank(sigma: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
 
 # ---- the premise: how much of the output a rank-n map recovers ------------------------------------------
 
+
 def rank_recovery_errors(maps: torch.Tensor, values: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, torch.Tensor]:
     """{n: ‖(A − A_n)·V‖_F / ‖A·V‖_F} for A_n the truncated SVD of A at rank n. maps (..., N, N), values (..., N, d).
 
@@ -206,11 +212,12 @@ def rank_recovery_errors(maps: torch.Tensor, values: torch.Tensor, ranks: tuple[
     return out
 
 
-def pooled_recovery_errors(maps: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                           counts: tuple[int, ...]) -> dict[int, torch.Tensor]:
+def pooled_recovery_errors(
+    maps: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, counts: tuple[int, ...]
+) -> dict[int, torch.Tensor]:
     """{n: ‖(A − Â_n)·V‖_F / ‖A·V‖_F} for Â_n = softmax(s·Q·Tᵀ)·softmax(s·T·Kᵀ), T the queries pooled to n
     mediators: the mediator form of this very layer, without training. maps (..., N, N); q, k, v (..., N, d)."""
-    from mediator_models.attention import pool_tokens
+    from mediator_models.network.attention import pool_tokens
 
     q, k, v = queries.double(), keys.double(), values.double()
     tokens, scale = q.shape[-2], q.shape[-1] ** -0.5
@@ -222,7 +229,9 @@ def pooled_recovery_errors(maps: torch.Tensor, queries: torch.Tensor, keys: torc
         if side * side != n or grid * grid != tokens:
             raise ValueError(f"pooling needs square counts: {tokens} tokens to {n} mediators")
         mediators = pool_tokens(q, grid, side)
-        through = (scale * q @ mediators.transpose(-2, -1)).softmax(-1) @ ((scale * mediators @ k.transpose(-2, -1)).softmax(-1) @ v)
+        through = (scale * q @ mediators.transpose(-2, -1)).softmax(-1) @ (
+            (scale * mediators @ k.transpose(-2, -1)).softmax(-1) @ v
+        )
         out[n] = ((through - exact).square().sum((-2, -1)) / total).sqrt()
     return out
 
@@ -244,8 +253,10 @@ def recovery_metrics(counts) -> tuple[str, ...]:
 def check_metric_names(metrics) -> None:
     unknown = sorted(m for m in set(metrics) - set(ALL_METRICS) if not _RECOVERY.match(m))
     if unknown or not metrics:
-        raise ValueError(f"unknown metrics {unknown or '(none named)'}; --metrics takes 'cheap', 'all' or a comma "
-                         f"list of {', '.join(ALL_METRICS)}, recovery_rank_N, recovery_pooled_N")  # fmt: skip
+        raise ValueError(
+            f"unknown metrics {unknown or '(none named)'}; --metrics takes 'cheap', 'all' or a comma "
+            f"list of {', '.join(ALL_METRICS)}, recovery_rank_N, recovery_pooled_N"
+        )
 
 
 def check_maps(maps: torch.Tensor) -> None:
@@ -255,22 +266,34 @@ def check_maps(maps: torch.Tensor) -> None:
         raise ValueError(f"attention maps have shape (..., queries, keys); got {tuple(maps.shape)}")
     if not torch.isfinite(maps).all():
         bad = (~torch.isfinite(maps)).sum().item()
-        raise ValueError(f"attention maps hold {bad} NaN or infinite entries (did the model diverge?); refusing to "
-                         "average them into the statistics")  # fmt: skip
+        raise ValueError(
+            f"attention maps hold {bad} NaN or infinite entries (did the model diverge?); refusing to "
+            "average them into the statistics"
+        )
     rows = maps.double().sum(-1)
     if (maps < 0).any() or not torch.allclose(rows, torch.ones_like(rows), atol=1e-3):
         worst = float((rows - 1).abs().max())
-        raise ValueError(f"attention maps must be row-stochastic (non-negative rows summing to 1; the worst row is "
-                         f"off by {worst:.3g}): pass post-softmax maps")  # fmt: skip
+        raise ValueError(
+            f"attention maps must be row-stochastic (non-negative rows summing to 1; the worst row is "
+            f"off by {worst:.3g}): pass post-softmax maps"
+        )
 
 
-def measure(maps: torch.Tensor, metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int | None = 8192,
-            numerical_rtol: float = 1e-3, svd_dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+def measure(
+    maps: torch.Tensor,
+    metrics: tuple[str, ...] = CHEAP_METRICS,
+    *,
+    jsd_pairs: int | None = 8192,
+    numerical_rtol: float = 1e-3,
+    svd_dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
     """The named metrics of a batch of row-stochastic maps (..., N, M), each of shape (...)."""
     check_metric_names(metrics)
     if not set(metrics) <= set(ALL_METRICS):
-        raise ValueError("the recovery measures need the layer's values too: use metric_reducer on AttentionMaps, "
-                         "or rank_recovery_errors / pooled_recovery_errors directly")  # fmt: skip
+        raise ValueError(
+            "the recovery measures need the layer's values too: use metric_reducer on AttentionMaps, "
+            "or rank_recovery_errors / pooled_recovery_errors directly"
+        )
     check_maps(maps)
     out: dict[str, torch.Tensor] = {}
     rows = _entropy(_working_precision(maps)) if {"jsd", "entropy"} & set(metrics) else None
@@ -296,8 +319,9 @@ def measure(maps: torch.Tensor, metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd
 RECORDING_JSD_PAIRS = 2048
 
 
-def metric_reducer(metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int | None = RECORDING_JSD_PAIRS,
-                   **options) -> Callable:
+def metric_reducer(
+    metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int | None = RECORDING_JSD_PAIRS, **options
+) -> Callable:
     """A reducer for the recorder: `AttentionMaps` -> {metric: (B, heads)}, on the effective N×N map
     (full attention's map, or the mediator product softmax(q·Tᵀ)·softmax(T·kᵀ)).
 
@@ -318,13 +342,19 @@ def metric_reducer(metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int |
     def reduce(maps) -> dict[str, torch.Tensor]:
         out = measure(maps.effective, on_maps, jsd_pairs=jsd_pairs, **options) if on_maps else {}
         if recovery and maps.values is None:
-            raise ValueError("the recovery measures need the layer's values; this attention module does not hand them over")
+            raise ValueError(
+                "the recovery measures need the layer's values; this attention module does not hand them over"
+            )
         if ranks:
-            out.update({f"recovery_rank_{n}": e for n, e in rank_recovery_errors(maps.effective, maps.values, ranks).items()})
+            out.update(
+                {f"recovery_rank_{n}": e for n, e in rank_recovery_errors(maps.effective, maps.values, ranks).items()}
+            )
         if pooled:
             if maps.kind != "full":
-                raise ValueError("recovery_pooled_N builds the mediator form of a full-attention layer; record it on a "
-                                 "full-attention model")  # fmt: skip
+                raise ValueError(
+                    "recovery_pooled_N builds the mediator form of a full-attention layer; record it on a "
+                    "full-attention model"
+                )
             errors = pooled_recovery_errors(maps.full, maps.queries, maps.keys, maps.values, pooled)
             out.update({f"recovery_pooled_{n}": e for n, e in errors.items()})
         return out

@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from mediator_models.runfolder import atomic_write  # noqa: E402
-from mediator_models.switching import MediatorSchedule, count_label  # noqa: E402
+from mediator_models.sampling.switching import MediatorSchedule, count_label  # noqa: E402
+from mediator_models.storage.runfolder import atomic_write  # noqa: E402
 
 METRIC_LABELS = {
     "jsd": "JSD between query rows (bits)",
@@ -40,8 +40,12 @@ def save(fig, path: str | Path | None) -> None:
     # republished run changes only the files whose content changed.
     stamps = {".pdf": {"CreationDate": None}, ".png": {"Software": None}}
     for suffix in (".png", ".pdf"):
-        atomic_write(path.with_suffix(suffix), lambda handle: fig.savefig(handle, format=suffix[1:], dpi=150, bbox_inches="tight",
-                                                                          metadata=stamps[suffix]))  # fmt: skip
+        atomic_write(
+            path.with_suffix(suffix),
+            lambda handle: fig.savefig(
+                handle, format=suffix[1:], dpi=150, bbox_inches="tight", metadata=stamps[suffix]
+            ),
+        )
 
 
 def _head_average(table: pd.DataFrame, metric: str, branch: str | None = None) -> pd.DataFrame:
@@ -53,15 +57,18 @@ def _head_average(table: pd.DataFrame, metric: str, branch: str | None = None) -
     return rows
 
 
-def redundancy_heatmap(table: pd.DataFrame, metric: str = "jsd", title: str = "", path=None,
-                       limits: tuple[float, float] | None = None):
+def redundancy_heatmap(
+    table: pd.DataFrame, metric: str = "jsd", title: str = "", path=None, limits: tuple[float, float] | None = None
+):
     """The paper's view: the head-averaged score per layer (rows) and sampling step (columns, noise → data).
     `limits` fixes the colour scale, so heat maps of several models can be read against each other."""
     rows = _head_average(table, metric)
     grid = rows.pivot_table(index="layer", columns="step", values="mean", aggfunc="mean").sort_index()
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(grid) + 1.8))
     vmin, vmax = limits if limits is not None else (None, None)
-    sns.heatmap(grid, ax=ax, cmap="viridis", vmin=vmin, vmax=vmax, cbar_kws={"label": METRIC_LABELS.get(metric, metric)})
+    sns.heatmap(
+        grid, ax=ax, cmap="viridis", vmin=vmin, vmax=vmax, cbar_kws={"label": METRIC_LABELS.get(metric, metric)}
+    )
     steps = grid.columns.to_numpy()
     ticks = np.linspace(0, len(steps) - 1, min(6, len(steps))).round().astype(int)
     ax.set_xticks(ticks + 0.5, [str(steps[t]) for t in ticks], rotation=0)
@@ -85,8 +92,14 @@ def redundancy_curves(table: pd.DataFrame, metric: str = "jsd", title: str = "",
     for colour, layer in zip(palette, layers):
         part = rows[rows["layer"] == layer].groupby("noise_level")[["mean", "std"]].mean().sort_index()
         ax.plot(part.index, part["mean"], color=colour, label=f"layer {layer}")
-        ax.fill_between(part.index, part["mean"] - part["std"], part["mean"] + part["std"], color=colour, alpha=0.12,
-                        label="±1 std over samples" if layer == layers[0] else None)  # fmt: skip
+        ax.fill_between(
+            part.index,
+            part["mean"] - part["std"],
+            part["mean"] + part["std"],
+            color=colour,
+            alpha=0.12,
+            label="±1 std over samples" if layer == layers[0] else None,
+        )
     ax.set_xlim(1, 0)
     ax.set_xlabel("noise level σ/(α+σ)  (1 = pure noise → 0 = data)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
@@ -96,8 +109,12 @@ def redundancy_curves(table: pd.DataFrame, metric: str = "jsd", title: str = "",
     return fig
 
 
-def measure_panels(table: pd.DataFrame, metrics: Sequence[str] = ("entropy", "effective_rank", "energy_rank_0.9"),
-                   title: str = "", path=None):
+def measure_panels(
+    table: pd.DataFrame,
+    metrics: Sequence[str] = ("entropy", "effective_rank", "energy_rank_0.9"),
+    title: str = "",
+    path=None,
+):
     """Small multiples: each measure (layer-averaged, per model) against the noise level."""
     available = [m for m in metrics if m in set(table["metric"])]
     if not available:
@@ -137,26 +154,45 @@ def attention_grid(maps: Sequence[dict], head: int = 0, path=None, title: str = 
             ax.set_yticks([])
         kind = "product map" if row[0]["kind"] == "mediator" else "full map"
         row_axes[0].set_ylabel(f"{row[0]['network']}\n{kind}", fontsize=8)
-    fig.suptitle(title or f"attention maps of layer {maps[0]['layer']}, head {head}: rows of each map are queries, columns keys")
+    fig.suptitle(
+        title or f"attention maps of layer {maps[0]['layer']}, head {head}: rows of each map are queries, columns keys"
+    )
     fig.tight_layout()
     save(fig, path)
     return fig
 
 
-def schedule_diagram(schedules: Sequence[MediatorSchedule], gflops: Sequence[float] | None = None, path=None,
-                     title: str = ""):
+def schedule_diagram(
+    schedules: Sequence[MediatorSchedule], gflops: Sequence[float] | None = None, path=None, title: str = ""
+):
     """Each schedule as a bar over the noise level, coloured by mediator count."""
-    counts = sorted({i.mediators for s in schedules for i in s.intervals}, key=lambda c: float("inf") if c is None else c)
+    counts = sorted(
+        {i.mediators for s in schedules for i in s.intervals}, key=lambda c: float("inf") if c is None else c
+    )
     colours = dict(zip(counts, sns.color_palette("crest", len(counts))))
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(schedules) + 1.4))
     for row, schedule in enumerate(schedules):
         for interval in schedule.intervals:
-            ax.barh(row, interval.high - interval.low, left=interval.low, color=colours[interval.mediators],
-                    edgecolor="white")  # fmt: skip
-            ax.text((interval.high + interval.low) / 2, row, count_label(interval.mediators), ha="center",
-                    va="center", fontsize=7, color="white")  # fmt: skip
-    labels = [s.name + (f"  ({g:.3g} GFLOPs)" if gflops is not None else "") for s, g in
-              zip(schedules, gflops if gflops is not None else [None] * len(schedules))]  # fmt: skip
+            ax.barh(
+                row,
+                interval.high - interval.low,
+                left=interval.low,
+                color=colours[interval.mediators],
+                edgecolor="white",
+            )
+            ax.text(
+                (interval.high + interval.low) / 2,
+                row,
+                count_label(interval.mediators),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white",
+            )
+    labels = [
+        s.name + (f"  ({g:.3g} GFLOPs)" if gflops is not None else "")
+        for s, g in zip(schedules, gflops if gflops is not None else [None] * len(schedules))
+    ]
     ax.set_yticks(range(len(schedules)), labels, fontsize=8)
     ax.set_xlim(1, 0)
     ax.set_xlabel("noise level (1 = pure noise → 0 = data)")
@@ -181,12 +217,21 @@ def tradeoff(results: pd.DataFrame, path=None, title: str = ""):
             spot = (round(row["gflops_per_image"], 3), round(row["fid"], 1))
             stacked = labelled.get(spot, 0)
             labelled[spot] = stacked + 1
-            ax.annotate(row["schedule"], (row["gflops_per_image"], row["fid"]), fontsize=8,
-                        xytext=(5, 4 - 10 * stacked), textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                row["schedule"],
+                (row["gflops_per_image"], row["fid"]),
+                fontsize=8,
+                xytext=(5, 4 - 10 * stacked),
+                textcoords="offset points",
+            )
     ax.set_xlabel("GFLOPs per image (forward MACs × network evaluations)")
     ax.set_ylabel(f"FID (digits features, {int(summary['num_samples'].iloc[0])} samples per cell)")
-    ax.set_title(title or "quality against cost (lower left is better)\nbars: each run's own 95% interval; paired "
-                 "differences between runs are much tighter (REPORT.md)", fontsize=10)  # fmt: skip
+    ax.set_title(
+        title
+        or "quality against cost (lower left is better)\nbars: each run's own 95% interval; paired "
+        "differences between runs are much tighter (REPORT.md)",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     save(fig, path)
     return fig
@@ -259,8 +304,11 @@ def distance_traces(distances: pd.DataFrame, path=None, title: str = ""):
         levels = np.array(sorted(distances["noise_level"].unique(), reverse=True))
         median = grouped.median().reindex(levels)
         low, high = grouped.quantile(0.1).reindex(levels), grouped.quantile(0.9).reindex(levels)
-        label = {"state": "d_k on the state (the paper)", "noise": "injected noise √(2w)·dW",
-                 "drift": "drift part (ours)"}[part_name]  # fmt: skip
+        label = {
+            "state": "d_k on the state (the paper)",
+            "noise": "injected noise √(2w)·dW",
+            "drift": "drift part (ours)",
+        }[part_name]
         ax.plot(levels, median, color=colour, label=label)
         ax.fill_between(levels, low, high, color=colour, alpha=0.15)
     ax.set_xlim(1, 0)
@@ -290,8 +338,13 @@ def redundancy_figures(table: pd.DataFrame, out_dir: str | Path, metric: str = "
         what = "JSD between queries" if attention == "full" else "JSD of the product map"
         name = f"{model} {'full attention' if attention == 'full' else f'mediators n={int(mediators)}'}"
         path = out_dir / f"redundancy_heatmap_{label}"
-        redundancy_heatmap(part, metric, f"{name}: {what} per layer and step (low = redundant; shared colour scale)",
-                           path, limits=limits)  # fmt: skip
+        redundancy_heatmap(
+            part,
+            metric,
+            f"{name}: {what} per layer and step (low = redundant; shared colour scale)",
+            path,
+            limits=limits,
+        )
         written.append(path.with_suffix(".png"))
         if attention == "full":
             path = out_dir / f"redundancy_curves_{label}"
@@ -304,4 +357,3 @@ def redundancy_figures(table: pd.DataFrame, out_dir: str | Path, metric: str = "
         written.append(path.with_suffix(".png"))
     plt.close("all")
     return written
-

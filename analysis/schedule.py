@@ -17,16 +17,17 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from mediator_models.flops import config_gmacs
-from mediator_models.sample import start_batch
-from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
-from mediator_models.switching import AdaptiveSwitch, Interval, MediatorSchedule, count_label
+from mediator_models.network.flops import config_gmacs
+from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
+from mediator_models.sampling.steps import start_batch
+from mediator_models.sampling.switching import AdaptiveSwitch, Interval, MediatorSchedule, count_label
 
 AGGREGATES = ("mean", "max", "quantile")
 
 
-def per_step_statistic(table: pd.DataFrame, metric: str, aggregate: str = "mean", quantile: float = 0.9,
-                       branch: str | None = None) -> pd.DataFrame:
+def per_step_statistic(
+    table: pd.DataFrame, metric: str, aggregate: str = "mean", quantile: float = 0.9, branch: str | None = None
+) -> pd.DataFrame:
     """One value per step: `metric`'s sample mean, aggregated over layers and heads (head rows only).
 
     Returns columns step, noise_level, value, sorted from noise to data.
@@ -84,7 +85,9 @@ def counts_per_step(values: Sequence[float], available: Sequence[int | None], ru
         elif rule.kind == "jsd":
             choices = ordered + ([None] if has_full else [])
             if len(rule.thresholds) != len(choices) - 1:
-                raise ValueError(f"{len(choices)} choices need {len(choices) - 1} JSD thresholds, got {len(rule.thresholds)}")
+                raise ValueError(
+                    f"{len(choices)} choices need {len(choices) - 1} JSD thresholds, got {len(rule.thresholds)}"
+                )
             index = next((i for i, t in enumerate(rule.thresholds) if value < t), len(rule.thresholds))
             out.append(choices[index])
         else:
@@ -112,8 +115,9 @@ def monotone_intervals(levels: Sequence[float], counts: Sequence[int | None], na
     return MediatorSchedule([Interval(edges[i], edges[i + 1], m[0]) for i, m in enumerate(merged)], name)
 
 
-def derive_schedule(table: pd.DataFrame, available: Sequence[int | None], rule: Rule = Rule(),
-                    name: str | None = None) -> MediatorSchedule:
+def derive_schedule(
+    table: pd.DataFrame, available: Sequence[int | None], rule: Rule = Rule(), name: str | None = None
+) -> MediatorSchedule:
     """A schedule from a redundancy table recorded on a full-attention model (see module docstring)."""
     steps = per_step_statistic(table, rule.metric, rule.aggregate)
     counts = counts_per_step(steps["value"].tolist(), available, rule)
@@ -129,15 +133,18 @@ def recovery_curve(table: pd.DataFrame, kind: str = "rank") -> pd.DataFrame:
     prefix = f"recovery_{kind}_"
     rows = table[table["metric"].str.startswith(prefix) & (table["head"] == -1)]
     if rows.empty:
-        raise ValueError(f"the table has no {prefix}N rows; record a full-attention model with the premise measures "
-                         "(`attnmed record --metrics all,recovery_rank_4,recovery_rank_16` or a study with premise=True)")  # fmt: skip
+        raise ValueError(
+            f"the table has no {prefix}N rows; record a full-attention model with the premise measures "
+            "(`attnmed record --metrics all,recovery_rank_4,recovery_rank_16` or a study with premise=True)"
+        )
     curve = rows.assign(mediators=rows["metric"].str.removeprefix(prefix).astype(int), error=rows["mean"])
     curve = curve[["step", "noise_level", "layer", "mediators", "error"]]
     return curve.sort_values(["noise_level", "layer", "mediators"], ascending=[False, True, True], ignore_index=True)
 
 
-def derive_recovery_schedule(table: pd.DataFrame, available: Sequence[int | None], epsilon: float, kind: str = "rank",
-                             name: str | None = None) -> MediatorSchedule:
+def derive_recovery_schedule(
+    table: pd.DataFrame, available: Sequence[int | None], epsilon: float, kind: str = "rank", name: str | None = None
+) -> MediatorSchedule:
     """At each step the fewest available mediators whose rank-n map keeps A·V within relative error `epsilon` in
     every layer (the worst layer decides: the networks switch whole, not per layer); full attention where no count
     does. Steps merge into monotone intervals as in `derive_schedule`. An absolute threshold: a step gets more
@@ -174,8 +181,14 @@ def table_gflops(schedule: MediatorSchedule, table: pd.DataFrame, configs: dict)
     return schedule_gflops(schedule, levels, configs, cfg=guided)
 
 
-def schedule_within_budget(table: pd.DataFrame, available: Sequence[int | None], configs: dict, budget_gflops: float,
-                           tau: float = 0.99, aggregate: str = "mean") -> tuple[MediatorSchedule, float]:
+def schedule_within_budget(
+    table: pd.DataFrame,
+    available: Sequence[int | None],
+    configs: dict,
+    budget_gflops: float,
+    tau: float = 0.99,
+    aggregate: str = "mean",
+) -> tuple[MediatorSchedule, float]:
     """A monotone schedule within a FLOPs budget that keeps the maps' rank where it can.
 
     Starts from the energy-rank rule at τ (each step gets the smallest count that fits its measured rank), then,
@@ -201,8 +214,10 @@ def schedule_within_budget(table: pd.DataFrame, available: Sequence[int | None],
         candidates = [k for k in range(len(index)) if index[k] > 0 and (k == 0 or index[k - 1] < index[k])]
         if not candidates:
             floor = factor * gmacs[choices[0]] * len(index)
-            raise ValueError(f"no schedule of {[count_label(c) for c in choices]} fits {budget_gflops:.4g} GFLOPs per "
-                             f"image; the cheapest (n={choices[0]} throughout) costs {floor:.4g}")  # fmt: skip
+            raise ValueError(
+                f"no schedule of {[count_label(c) for c in choices]} fits {budget_gflops:.4g} GFLOPs per "
+                f"image; the cheapest (n={choices[0]} throughout) costs {floor:.4g}"
+            )
         k = min(candidates, key=lambda k: (deficit(k, index[k] - 1) - deficit(k, index[k]), -levels[k]))
         cost -= factor * (gmacs[choices[index[k]]] - gmacs[choices[index[k] - 1]])
         index[k] -= 1
@@ -210,20 +225,35 @@ def schedule_within_budget(table: pd.DataFrame, available: Sequence[int | None],
     return monotone_intervals(levels, [choices[i] for i in index], name), cost
 
 
-def adaptive_gflops(networks: Sequence[torch.nn.Module], ratios: Sequence[float], process: ProcessConfig,
-                    sampler: SamplerConfig, samples: int = 8, seed: int = 0, warmup: int = 3,
-                    distance: str = "l1") -> tuple[float, list[list[int]]]:
+def adaptive_gflops(
+    networks: Sequence[torch.nn.Module],
+    ratios: Sequence[float],
+    process: ProcessConfig,
+    sampler: SamplerConfig,
+    samples: int = 8,
+    seed: int = 0,
+    warmup: int = 3,
+    distance: str = "l1",
+) -> tuple[float, list[list[int]]]:
     """Mean GFLOPs per image of the paper's rule with `ratios`, measured on `samples` trajectories, and the
     evaluation index of each sample's switches."""
     switch = AdaptiveSwitch(networks, ratios, warmup=warmup, distance=distance)
-    x_T, y, noise = start_batch(list(range(samples)), seed, networks[0].config, None, next(networks[0].parameters()).device)
+    x_T, y, noise = start_batch(
+        list(range(samples)), seed, networks[0].config, None, next(networks[0].parameters()).device
+    )
     _, caller = generate(networks[0], process, sampler, x_T, y, callback=switch, noise_fn=noise)
     return float(caller.gflops.mean()), [list(s) for s in switch.switch_steps]
 
 
-def calibrate_adaptive(networks: Sequence[torch.nn.Module], process: ProcessConfig, sampler: SamplerConfig,
-                       budget_gflops: float, grid: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2),
-                       samples: int = 8, seed: int = 0) -> dict:
+def calibrate_adaptive(
+    networks: Sequence[torch.nn.Module],
+    process: ProcessConfig,
+    sampler: SamplerConfig,
+    budget_gflops: float,
+    grid: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2),
+    samples: int = 8,
+    seed: int = 0,
+) -> dict:
     """The ratios ρ (non-increasing, from `grid`) whose measured cost is the highest within `budget_gflops`:
     as many mediators as the budget allows. Returns {"ratios", "gflops", "candidates"}."""
     candidates = []
@@ -235,8 +265,9 @@ def calibrate_adaptive(networks: Sequence[torch.nn.Module], process: ProcessConf
     within = [c for c in candidates if c["gflops"] <= budget_gflops + 1e-9]
     if not within:
         cheapest = min(candidates, key=lambda c: c["gflops"])
-        raise ValueError(f"no ratios in the grid meet {budget_gflops:.4g} GFLOPs per image; the cheapest costs "
-                         f"{cheapest['gflops']:.4g} with ρ = {cheapest['ratios']}")  # fmt: skip
+        raise ValueError(
+            f"no ratios in the grid meet {budget_gflops:.4g} GFLOPs per image; the cheapest costs "
+            f"{cheapest['gflops']:.4g} with ρ = {cheapest['ratios']}"
+        )
     best = max(within, key=lambda c: (c["gflops"], c["ratios"]))
     return {**best, "candidates": candidates}
-

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, markdown_table, write_section  # noqa: E402
 
-from mediator_models.attention import FullAttention, MediatorAttention  # noqa: E402
+from mediator_models.network.attention import FullAttention, MediatorAttention  # noqa: E402
 
 WIDTH, HEADS = 384, 6
 EXPLICIT_MAP_LIMIT_BYTES = 4 * 2**30  # skip the explicit path when its N×N maps would not fit comfortably
@@ -64,12 +64,28 @@ def run(tokens_list: list[int], rounds: int, device: torch.device) -> str:
             speed_fwd = fwd["full SDPA"] / fwd[name]
             speed_bwd = bwd["full SDPA"] / bwd[name]
             rows.append(
-                [tokens, name, f"{fwd[name] * 1e3:.2f}", f"{bwd[name] * 1e3:.2f}", f"{flop_ratio:.2f}",
-                 f"{speed_fwd:.2f}", f"{speed_bwd:.2f}", f"{flop_ratio / speed_fwd:.2f}"]
-            )  # fmt: skip
+                [
+                    tokens,
+                    name,
+                    f"{fwd[name] * 1e3:.2f}",
+                    f"{bwd[name] * 1e3:.2f}",
+                    f"{flop_ratio:.2f}",
+                    f"{speed_fwd:.2f}",
+                    f"{speed_bwd:.2f}",
+                    f"{flop_ratio / speed_fwd:.2f}",
+                ]
+            )
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    header = ["tokens", "layer", "fwd ms", "fwd+bwd ms", "FLOP ratio vs SDPA", "fwd speed-up", "fwd+bwd speed-up",
-              "FLOP ratio / fwd speed-up"]  # fmt: skip
+    header = [
+        "tokens",
+        "layer",
+        "fwd ms",
+        "fwd+bwd ms",
+        "FLOP ratio vs SDPA",
+        "fwd speed-up",
+        "fwd+bwd speed-up",
+        "FLOP ratio / fwd speed-up",
+    ]
     return markdown_table(header, rows)
 
 

@@ -55,8 +55,14 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 def write_section(name: str, body: str) -> None:
     """Replace this benchmark's section of RESULTS.md (other benchmarks' sections are kept)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nLatest run of each script in benchmarks/.\n"
-    section = f"<!-- {name}:start -->\n## {name}\n\n_{date.today()}, {machine()}_\n\n{body.strip()}\n<!-- {name}:end -->"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nLatest run of each script in benchmarks/.\n"
+    )
+    section = (
+        f"<!-- {name}:start -->\n## {name}\n\n_{date.today()}, {machine()}_\n\n{body.strip()}\n<!-- {name}:end -->"
+    )
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     tmp = RESULTS.with_suffix(".md.tmp")

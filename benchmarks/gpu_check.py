@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.cli import main as attnmed  # noqa: E402
 from benchmarks.common import markdown_table, write_section  # noqa: E402
 from mediator_models import build_model  # noqa: E402
-from mediator_models.switching import MediatorSchedule  # noqa: E402
+from mediator_models.sampling.switching import MediatorSchedule  # noqa: E402
 
 
 def timed(args: list[str]) -> tuple[float, float]:
@@ -48,21 +48,54 @@ def run(tiny: bool, folder: Path) -> list[list[object]]:
         torch.manual_seed(0)
         model = build_model(name, input_size=size, attention=attention, mediators=count)
         checkpoints[label] = folder / f"{label}.pt"  # self-describing, as `attnmed train` writes them
-        torch.save({"model": model.state_dict(), "model_config": model.config.to_dict(),
-                    "process": {"family": "DiT"}}, checkpoints[label])  # fmt: skip
+        torch.save(
+            {"model": model.state_dict(), "model_config": model.config.to_dict(), "process": {"family": "DiT"}},
+            checkpoints[label],
+        )
         del model
     common = ["--steps", str(steps), "--cfg-scale", "1.5"]
     rows = []
-    seconds, peak = timed(["record", "--ckpt", str(checkpoints["full"]), *common, "--samples", str(samples),
-                           "--batch-size", str(batch), "--metrics", "all", "--out", str(folder / "table.parquet")])  # fmt: skip
+    seconds, peak = timed(
+        [
+            "record",
+            "--ckpt",
+            str(checkpoints["full"]),
+            *common,
+            "--samples",
+            str(samples),
+            "--batch-size",
+            str(batch),
+            "--metrics",
+            "all",
+            "--out",
+            str(folder / "table.parquet"),
+        ]
+    )
     rows.append([f"record {name} (all metrics, guided)", samples, steps, f"{seconds:.1f}", f"{peak:.1f}"])
     schedule = MediatorSchedule.from_boundaries([16 if tiny else 64, None], [0.5], name="n=64 then full")
     schedule.save(folder / "schedule.json")
-    seconds, peak = timed(["sample", "--ckpt", str(checkpoints["med64"]), "--ckpt", str(checkpoints["full"]), *common,
-                           "--num-samples", str(samples), "--batch-size", str(batch), "--schedule",
-                           str(folder / "schedule.json"), "--out", str(folder / "samples")])  # fmt: skip
+    seconds, peak = timed(
+        [
+            "sample",
+            "--ckpt",
+            str(checkpoints["med64"]),
+            "--ckpt",
+            str(checkpoints["full"]),
+            *common,
+            "--num-samples",
+            str(samples),
+            "--batch-size",
+            str(batch),
+            "--schedule",
+            str(folder / "schedule.json"),
+            "--out",
+            str(folder / "samples"),
+        ]
+    )
     gflops = json.loads((folder / "samples" / "samples.json").read_text())["gflops_per_image"]
-    rows.append([f"sample {name} with a schedule ({gflops:.0f} GFLOPs/image)", samples, steps, f"{seconds:.1f}", f"{peak:.1f}"])
+    rows.append(
+        [f"sample {name} with a schedule ({gflops:.0f} GFLOPs/image)", samples, steps, f"{seconds:.1f}", f"{peak:.1f}"]
+    )
     return rows
 
 

@@ -20,23 +20,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.metrics import RECORDING_JSD_PAIRS, jsd_redundancy, metric_reducer  # noqa: E402
 from benchmarks.common import markdown_table, write_section  # noqa: E402
-from mediator_models.instrument import record_attention  # noqa: E402
-from mediator_models.sample import load_for_sampling, start_batch  # noqa: E402
-from mediator_models.sampling import SamplerConfig, generate  # noqa: E402
+from mediator_models.recording.recorder import record_attention  # noqa: E402
+from mediator_models.sample import load_for_sampling
+from mediator_models.sampling.generation import SamplerConfig, generate  # noqa: E402
+from mediator_models.sampling.steps import start_batch  # noqa: E402
 from mediator_models.train import TrainConfig, train  # noqa: E402
 
 
 def main(steps: int = 300, samples: int = 8) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        run = train(TrainConfig(model="SiT-T/1", steps=steps, lr=1e-3, ema_decay=0.99, global_batch_size=32,
-                                ckpt_every=steps, out=str(Path(tmp) / "train"), progress=False))  # fmt: skip
+        run = train(
+            TrainConfig(
+                model="SiT-T/1",
+                steps=steps,
+                lr=1e-3,
+                ema_decay=0.99,
+                global_batch_size=32,
+                ckpt_every=steps,
+                out=str(Path(tmp) / "train"),
+                progress=False,
+            )
+        )
         loaded = load_for_sampling(run / "checkpoints" / f"{steps:07d}.pt")
         sampler = SamplerConfig(kind="sde", steps=20)
         depth = loaded.model.config.depth
         keep = [(step, layer) for step in (0, 6, 12, 19) for layer in range(depth)]
         x_T, y, noise = start_batch(list(range(samples)), 0, loaded.model.config, None, "cpu")
-        with record_attention(loaded.model, metric_reducer(("entropy",)), keep_maps=keep, keep_dir=Path(tmp) / "maps") as recorder:
+        with record_attention(
+            loaded.model, metric_reducer(("entropy",)), keep_maps=keep, keep_dir=Path(tmp) / "maps"
+        ) as recorder:
             generate(loaded.model, loaded.process, sampler, x_T, y, callback=recorder.callback, noise_fn=noise)
         rows, per_map = [], []
         for path in sorted((Path(tmp) / "maps").glob("*.pt")):
@@ -46,17 +59,31 @@ def main(steps: int = 300, samples: int = 8) -> None:
             estimate = jsd_redundancy(maps, max_pairs=RECORDING_JSD_PAIRS)
             relative = ((estimate - exact).abs() / exact).flatten()
             per_map.append(relative)
-            rows.append([payload["step"], payload["layer"], f"{payload['noise_level']:.2f}", f"{float(exact.mean()):.4f}",
-                         f"{float(estimate.mean()):.4f}", f"{abs(float(estimate.mean() / exact.mean()) - 1):.3%}",
-                         f"{float(relative.max()):.2%}"])  # fmt: skip
+            rows.append(
+                [
+                    payload["step"],
+                    payload["layer"],
+                    f"{payload['noise_level']:.2f}",
+                    f"{float(exact.mean()):.4f}",
+                    f"{float(estimate.mean()):.4f}",
+                    f"{abs(float(estimate.mean() / exact.mean()) - 1):.3%}",
+                    f"{float(relative.max()):.2%}",
+                ]
+            )
     errors = torch.cat(per_map).numpy()
-    summary = (f"Per map ({len(errors)} maps of 256 tokens): median error {np.median(errors):.2%}, 95th percentile "
-               f"{np.percentile(errors, 95):.2%}, max {errors.max():.2%}. Mean over the {samples}×heads maps of a (step, "
-               f"layer), what a table row holds: max error {max(float(r[5].rstrip('%')) for r in rows):.3f}%.")
-    table = markdown_table(["step", "layer", "noise", "exact JSD", f"{RECORDING_JSD_PAIRS}-pair JSD", "error of the mean",
-                            "worst map"], rows)  # fmt: skip
-    body = (f"SiT-T/1 trained {steps} steps on the digits at 16×16 (256 tokens), SDE 20 steps, {samples} samples; "
-            f"maps kept at four steps in every layer. {summary}\n\n{table}")
+    summary = (
+        f"Per map ({len(errors)} maps of 256 tokens): median error {np.median(errors):.2%}, 95th percentile "
+        f"{np.percentile(errors, 95):.2%}, max {errors.max():.2%}. Mean over the {samples}×heads maps of a (step, "
+        f"layer), what a table row holds: max error {max(float(r[5].rstrip('%')) for r in rows):.3f}%."
+    )
+    table = markdown_table(
+        ["step", "layer", "noise", "exact JSD", f"{RECORDING_JSD_PAIRS}-pair JSD", "error of the mean", "worst map"],
+        rows,
+    )
+    body = (
+        f"SiT-T/1 trained {steps} steps on the digits at 16×16 (256 tokens), SDE 20 steps, {samples} samples; "
+        f"maps kept at four steps in every layer. {summary}\n\n{table}"
+    )
     print(body)
     write_section("jsd_accuracy", body)
 

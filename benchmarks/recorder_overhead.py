@@ -23,17 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, markdown_table, write_section  # noqa: E402
 
 from analysis.metrics import ALL_METRICS, CHEAP_METRICS, metric_reducer  # noqa: E402
-from mediator_models.attention import AttentionMaps  # noqa: E402
 from mediator_models import build_model  # noqa: E402
-from mediator_models.instrument import record_attention  # noqa: E402
-from mediator_models.sample import start_batch  # noqa: E402
-from mediator_models.sampling import ProcessConfig, SamplerConfig, generate  # noqa: E402
+from mediator_models.network.attention import AttentionMaps  # noqa: E402
+from mediator_models.recording.recorder import record_attention  # noqa: E402
+from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate  # noqa: E402
+from mediator_models.sampling.steps import start_batch  # noqa: E402
 
 
 def sampling_ratios(rounds: int, batch: int) -> list[list[object]]:
     rows = []
     for attention, n in (("full", None), ("mediator", 16)):
-        model = build_model("SiT-T/2", input_size=16, in_channels=1, num_classes=10, attention=attention, mediators=n).eval()
+        model = build_model(
+            "SiT-T/2", input_size=16, in_channels=1, num_classes=10, attention=attention, mediators=n
+        ).eval()
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "adaLN" in name or "final_layer.linear" in name:
@@ -48,11 +50,22 @@ def sampling_ratios(rounds: int, batch: int) -> list[list[object]]:
             def run():
                 with record_attention(model, metric_reducer(metrics)) as recorder:
                     generate(model, ProcessConfig("SiT"), sampler, x_T, y, callback=recorder.callback)
+
             return run
 
-        times = interleaved_medians({"none": plain, "cheap": recorded(CHEAP_METRICS), "all": recorded(ALL_METRICS)}, rounds)
+        times = interleaved_medians(
+            {"none": plain, "cheap": recorded(CHEAP_METRICS), "all": recorded(ALL_METRICS)}, rounds
+        )
         for key in ("none", "cheap", "all"):
-            rows.append([model.config.label, f"SDE 50 steps, batch {batch}", key, f"{times[key]:.2f}", f"{times[key] / times['none']:.2f}"])
+            rows.append(
+                [
+                    model.config.label,
+                    f"SDE 50 steps, batch {batch}",
+                    key,
+                    f"{times[key]:.2f}",
+                    f"{times[key] / times['none']:.2f}",
+                ]
+            )
             print(" | ".join(map(str, rows[-1])), flush=True)
     return rows
 
@@ -77,15 +90,21 @@ def xl_estimate(batch: int = 8, samples: int = 32, steps: int = 250) -> str:
         per_layer[label] = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     batches = samples // batch
-    lines = [f"DiT-XL/2 at 256 px on this machine, batch {batch}: one forward {forward:.1f} s; one layer's maps "
-             f"through the metrics: cheap {per_layer['cheap']:.2f} s, all {per_layer['all']:.2f} s."]  # fmt: skip
+    lines = [
+        f"DiT-XL/2 at 256 px on this machine, batch {batch}: one forward {forward:.1f} s; one layer's maps "
+        f"through the metrics: cheap {per_layer['cheap']:.2f} s, all {per_layer['all']:.2f} s."
+    ]
     for label in ("cheap", "all"):
         per_step = forward + 28 * per_layer[label]
         hours = per_step * steps * batches / 3600
-        lines.append(f"- {samples} samples × {steps} steps, {label} metrics, no guidance: about {hours:.1f} h "
-                     f"({per_step:.1f} s per step and batch); with guidance about {2 * hours:.1f} h.")  # fmt: skip
-    lines.append(f"- Peak resident memory of this measurement: {peak_gb:.1f} GB (weights 2.7 GB; one layer's maps "
-                 f"at batch {batch} are {batch * 16 * 256 * 256 * 4 / 2**20:.0f} MB, reduced in the hook).")  # fmt: skip
+        lines.append(
+            f"- {samples} samples × {steps} steps, {label} metrics, no guidance: about {hours:.1f} h "
+            f"({per_step:.1f} s per step and batch); with guidance about {2 * hours:.1f} h."
+        )
+    lines.append(
+        f"- Peak resident memory of this measurement: {peak_gb:.1f} GB (weights 2.7 GB; one layer's maps "
+        f"at batch {batch} are {batch * 16 * 256 * 256 * 4 / 2**20:.0f} MB, reduced in the hook)."
+    )
     return "\n".join(lines)
 
 
@@ -96,8 +115,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = sampling_ratios(args.rounds, 8) + sampling_ratios(args.rounds, 32)
-    body = ("Sampling seconds (median of interleaved rounds) and the ratio to unrecorded sampling.\n\n"
-            + markdown_table(["model", "run", "recorder", "seconds", "ratio"], rows))  # fmt: skip
+    body = "Sampling seconds (median of interleaved rounds) and the ratio to unrecorded sampling.\n\n" + markdown_table(
+        ["model", "run", "recorder", "seconds", "ratio"], rows
+    )
     if not args.skip_xl:
         estimate = xl_estimate()
         print(estimate)

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, markdown_table, write_section  # noqa: E402
 
 from mediator_models import build_model, config_gmacs  # noqa: E402
-from mediator_models.attention import MediatorAttention  # noqa: E402
-from mediator_models.sampling import ProcessConfig  # noqa: E402
+from mediator_models.network.attention import MediatorAttention  # noqa: E402
+from mediator_models.sampling.generation import ProcessConfig  # noqa: E402
 from mediator_models.train import backward_on_batch  # noqa: E402
 
 
@@ -51,15 +51,28 @@ def model_rows(cases, batch: int, rounds: int, device) -> list[list[object]]:
             grid = input_size // int(name.split("/")[1])
             if n is not None and n > grid * grid:
                 continue
-            model = build_model(name, input_size=input_size, in_channels=channels, num_classes=10,
-                                attention=attention, mediators=n).to(device).train()  # fmt: skip
+            model = (
+                build_model(
+                    name, input_size=input_size, in_channels=channels, num_classes=10, attention=attention, mediators=n
+                )
+                .to(device)
+                .train()
+            )
             label = "full" if n is None else f"mediator n={n}"
             steps[label], models[label] = training_step(model, batch, device), model
         times = interleaved_medians(steps, rounds)
         for label, seconds in times.items():
             gmacs = config_gmacs(models[label].config)
-            rows.append([f"{name} @{input_size}x{input_size}x{channels}", label, batch, f"{gmacs:.3f}",
-                         f"{batch / seconds:.1f}", f"{times['full'] / seconds:.2f}"])  # fmt: skip
+            rows.append(
+                [
+                    f"{name} @{input_size}x{input_size}x{channels}",
+                    label,
+                    batch,
+                    f"{gmacs:.3f}",
+                    f"{batch / seconds:.1f}",
+                    f"{times['full'] / seconds:.2f}",
+                ]
+            )
             print(" | ".join(map(str, rows[-1])), flush=True)
     return rows
 
@@ -78,8 +91,16 @@ def public_attention_rows(path: str, rounds: int, device) -> list[list[object]]:
         with torch.no_grad():
             difference = (ours(x) - theirs(x)).abs().max().item()
             times = interleaved_medians({"ours": lambda: ours(x), "public": lambda: theirs(x)}, rounds)
-        rows.append([grid * grid, n, f"{difference:.1e}", f"{times['public'] * 1e3:.1f}", f"{times['ours'] * 1e3:.1f}",
-                     f"{times['public'] / times['ours']:.2f}"])  # fmt: skip
+        rows.append(
+            [
+                grid * grid,
+                n,
+                f"{difference:.1e}",
+                f"{times['public'] * 1e3:.1f}",
+                f"{times['ours'] * 1e3:.1f}",
+                f"{times['public'] / times['ours']:.2f}",
+            ]
+        )
         print(" | ".join(map(str, rows[-1])), flush=True)
     return rows
 
@@ -97,15 +118,20 @@ def main() -> None:
     else:
         cases = [("SiT-T/2", 16, 1), ("SiT-T/2", 32, 4)]
     rows = model_rows(cases, args.batch, args.rounds, device)
-    body = ("Training step (forward, backward, AdamW) at batch %d, median of interleaved rounds; GFLOPs are "
-            "forward MACs per image (the papers' convention).\n\n" % args.batch)
+    body = (
+        "Training step (forward, backward, AdamW) at batch %d, median of interleaved rounds; GFLOPs are "
+        "forward MACs per image (the papers' convention).\n\n" % args.batch
+    )
     body += markdown_table(["model", "attention", "batch", "GFLOPs/img", "images/s", "speed vs full"], rows)
     if args.public_models:
         public = public_attention_rows(args.public_models, args.rounds, device)
-        body += ("\n\nThe public AttentionWithMediators (its models.py, run from a local copy outside the "
-                 "repository) against ours: one layer, width 384, 6 heads, batch 8, forward, same weights.\n\n")
-        body += markdown_table(["tokens", "mediators", "max abs(ours − public)", "public ms", "ours ms",
-                                "our speed-up"], public)  # fmt: skip
+        body += (
+            "\n\nThe public AttentionWithMediators (its models.py, run from a local copy outside the "
+            "repository) against ours: one layer, width 384, 6 heads, batch 8, forward, same weights.\n\n"
+        )
+        body += markdown_table(
+            ["tokens", "mediators", "max abs(ours − public)", "public ms", "ours ms", "our speed-up"], public
+        )
     write_section(f"train_throughput ({device.type})", body)
     print(body)
 

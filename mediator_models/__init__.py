@@ -3,11 +3,11 @@
 Nothing here imports `analysis`: measurements reach the models only as callables handed in by the caller.
 """
 
-from .attention import AttentionMaps, FullAttention, MediatorAttention
-from .checkpoint import CheckpointMismatchError, atomic_save, load_checkpoint
-from .config import ModelConfig, make_config, registry_names
-from .dit import DiffusionTransformer, build_model, model_from_config
-from .flops import config_gmacs, macs_breakdown, measured_macs, model_gmacs
+from mediator_models.network.attention import AttentionMaps, FullAttention, MediatorAttention
+from mediator_models.network.config import ModelConfig, make_config, registry_names
+from mediator_models.network.dit import DiffusionTransformer, build_model, model_from_config
+from mediator_models.network.flops import config_gmacs, macs_breakdown, measured_macs, model_gmacs
+from mediator_models.storage.checkpoints import CheckpointMismatchError, atomic_save, load_checkpoint
 
 __all__ = [
     "AttentionMaps",

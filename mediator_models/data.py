@@ -2,7 +2,7 @@
 
 Every source is an indexable set of (image or latent in model units, label) pairs, so the training loop can
 draw any batch by index: that is what makes resumed runs exact. Images are scaled to [−1, 1]; latents are
-SD-VAE latents times 0.18215 (REFERENCE §1).
+SD-VAE latents times 0.18215 (docs/reference.md §1).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_save
+from mediator_models.storage.checkpoints import atomic_save
 
 LATENT_SCALE = 0.18215
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -121,7 +121,9 @@ class ImageFolderSource:
         self.files, self.labels_list, self.classes = list_image_folder(root)
         self.image_size = image_size
         self.num_classes = len(self.classes)
-        self.description = f"ImageFolder {root} ({len(self.files)} images, {self.num_classes} classes) at {image_size}px"
+        self.description = (
+            f"ImageFolder {root} ({len(self.files)} images, {self.num_classes} classes) at {image_size}px"
+        )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -179,8 +181,9 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / LATENT_SCALE).sample.clamp(-1, 1)
 
 
-def cache_latents(source: ImageFolderSource, vae, out_dir: str | Path, batch_size: int = 32, seed: int = 0,
-                  progress=None) -> Path:
+def cache_latents(
+    source: ImageFolderSource, vae, out_dir: str | Path, batch_size: int = 32, seed: int = 0, progress=None
+) -> Path:
     """One pass of the VAE over a folder, storing the latents of each image and of its mirror image, so that
     training with flips never runs the VAE. Written in chunks and resumable; finished by `meta.json`."""
     out_dir = Path(out_dir)
@@ -199,8 +202,14 @@ def cache_latents(source: ImageFolderSource, vae, out_dir: str | Path, batch_siz
         mirrored = encode(vae, images.flip(-1).to(device), generator)
         chunk = {"latents": torch.stack([plain, mirrored], dim=1).cpu(), "labels": labels}
         atomic_save(chunk, out_dir / f"chunk-{start:09d}.pt")
-    meta = {"num_images": len(source), "num_classes": source.num_classes, "classes": source.classes,
-            "image_size": source.image_size, "scale": LATENT_SCALE, "description": source.description}  # fmt: skip
+    meta = {
+        "num_images": len(source),
+        "num_classes": source.num_classes,
+        "classes": source.classes,
+        "image_size": source.image_size,
+        "scale": LATENT_SCALE,
+        "description": source.description,
+    }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return out_dir
 
@@ -210,7 +219,9 @@ def load_latent_cache(path: str | Path) -> TensorSource:
     path = Path(path)
     meta_path = path / "meta.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{path} is not a finished latent cache (no meta.json); run `attnmed cache-latents` again")
+        raise FileNotFoundError(
+            f"{path} is not a finished latent cache (no meta.json); run `attnmed cache-latents` again"
+        )
     meta = json.loads(meta_path.read_text())
     chunks = [torch.load(c) for c in sorted(path.glob("chunk-*.pt"))]
     latents = torch.cat([c["latents"] for c in chunks])  # (N, 2, C, h, w): plain and mirrored

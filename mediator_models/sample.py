@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import extract_state_dict, load_checkpoint, read_checkpoint, weights_digest
-from .config import ModelConfig
-from .dit import DiffusionTransformer, build_model
-from .sampling import ProcessConfig, SamplerConfig, generate
-from .stepping import PerSampleNoise, sample_seed
-from .runfolder import atomic_write, atomic_write_json, claim_identity, clean_stale_temporaries
-from .train import init_distributed, locked_folder
+from mediator_models.network.config import ModelConfig
+from mediator_models.network.dit import DiffusionTransformer, build_model
+from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
+from mediator_models.sampling.steps import start_batch
+from mediator_models.storage.checkpoints import extract_state_dict, load_checkpoint, read_checkpoint, weights_digest
+from mediator_models.storage.distributed import init_distributed, locked_folder
+from mediator_models.storage.runfolder import atomic_write, atomic_write_json, claim_identity, clean_stale_temporaries
 
 
 @dataclass
@@ -33,43 +33,67 @@ class LoadedModel:
     weights: str = ""  # digest of the weights sampled from: what a sample folder's identity names
 
 
-def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None = None, input_size: int | None = None,
-                      num_classes: int = 1000, use_ema: bool = True, attention: str | None = None,
-                      mediators: int | None = None, device: torch.device | str = "cpu", numerics: str = "dit",
-                      depthwise_conv: bool | None = None) -> LoadedModel:
+def load_for_sampling(
+    checkpoint: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    input_size: int | None = None,
+    num_classes: int = 1000,
+    use_ema: bool = True,
+    attention: str | None = None,
+    mediators: int | None = None,
+    device: torch.device | str = "cpu",
+    numerics: str = "dit",
+    depthwise_conv: bool | None = None,
+) -> LoadedModel:
     """A model ready to sample: attnmed checkpoints describe themselves (a `model_name`, `input_size`,
     `attention` or `mediators` that disagrees with the checkpoint is refused); official DiT/SiT files (plain
     state dicts) need `model_name` (and the input size, default 32, and attention they were trained with). A
     diffusers DiT folder (a DiTTransformer2DModel, or a pipeline folder holding one) converts onto our DiT and
     computes as the original DiT, or exactly as diffusers does with `numerics="diffusers"`."""
-    from .diffusers_dit import config_from_diffusers, read_diffusers_folder
+    from mediator_models.storage.diffusers_weights import config_from_diffusers, read_diffusers_folder
 
     if Path(checkpoint).is_dir():  # a diffusers DiT (read_diffusers_folder refuses any other folder)
         weights, diffusers_config = read_diffusers_folder(checkpoint)
         config = config_from_diffusers(diffusers_config, weights, numerics)
         conflicts = _conflicting_flags(config, model_name, input_size, attention, mediators, depthwise_conv)
         if conflicts:
-            raise ValueError(f"{checkpoint} is a diffusers DiT ({config.label}); it disagrees with {', '.join(conflicts)}")
+            raise ValueError(
+                f"{checkpoint} is a diffusers DiT ({config.label}); it disagrees with {', '.join(conflicts)}"
+            )
         model = DiffusionTransformer(config)
         load_checkpoint(model, weights)
         return LoadedModel(model.to(device).eval(), ProcessConfig("DiT"), str(checkpoint), weights_digest(weights))
     if numerics != "dit":
-        raise ValueError("--numerics applies to diffusers models only; attnmed and official DiT/SiT files compute as DiT")
+        raise ValueError(
+            "--numerics applies to diffusers models only; attnmed and official DiT/SiT files compute as DiT"
+        )
     state = read_checkpoint(checkpoint)
     if "model_config" in state:
         config = ModelConfig.from_dict(state["model_config"])
         conflicts = _conflicting_flags(config, model_name, input_size, attention, mediators, depthwise_conv)
         if conflicts:
-            raise ValueError(f"{checkpoint} is an attnmed checkpoint that says which model it holds; it disagrees with "
-                             + ", ".join(conflicts) + ". Drop these flags (they are for official DiT/SiT files only)")  # fmt: skip
+            raise ValueError(
+                f"{checkpoint} is an attnmed checkpoint that says which model it holds; it disagrees with "
+                + ", ".join(conflicts)
+                + ". Drop these flags (they are for official DiT/SiT files only)"
+            )
         process = ProcessConfig(**state.get("process", {"family": config.family}))
         model = DiffusionTransformer(config)
     else:
         if model_name is None:
-            raise ValueError(f"{checkpoint} does not say which model it holds; pass --model (e.g. DiT-XL/2) "
-                             "and --input-size (32 for 256 px)")  # fmt: skip
-        model = build_model(model_name, input_size=32 if input_size is None else input_size, num_classes=num_classes,
-                            attention=attention or "full", mediators=mediators, depthwise_conv=depthwise_conv)  # fmt: skip
+            raise ValueError(
+                f"{checkpoint} does not say which model it holds; pass --model (e.g. DiT-XL/2) "
+                "and --input-size (32 for 256 px)"
+            )
+        model = build_model(
+            model_name,
+            input_size=32 if input_size is None else input_size,
+            num_classes=num_classes,
+            attention=attention or "full",
+            mediators=mediators,
+            depthwise_conv=depthwise_conv,
+        )
         process = ProcessConfig(model.config.family)
     weights = extract_state_dict(state, use_ema=use_ema)
     load_checkpoint(model, weights)
@@ -78,16 +102,34 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, model_name: str | None =
 
 def _conflicting_flags(config: ModelConfig, model_name, input_size, attention, mediators, depthwise_conv) -> list[str]:
     """The model flags given on the command line that a self-describing checkpoint contradicts."""
-    given = {"--model": (model_name, config.name), "--input-size": (input_size, config.input_size),
-             "--attention": (attention, config.attention), "--mediators": (mediators, config.mediators),
-             "--depthwise-conv": (depthwise_conv, config.uses_depthwise_conv)}  # fmt: skip
-    return [f"{flag} {value} (the checkpoint holds {saved})" for flag, (value, saved) in given.items()
-            if value is not None and value != saved]  # fmt: skip
+    given = {
+        "--model": (model_name, config.name),
+        "--input-size": (input_size, config.input_size),
+        "--attention": (attention, config.attention),
+        "--mediators": (mediators, config.mediators),
+        "--depthwise-conv": (depthwise_conv, config.uses_depthwise_conv),
+    }
+    return [
+        f"{flag} {value} (the checkpoint holds {saved})"
+        for flag, (value, saved) in given.items()
+        if value is not None and value != saved
+    ]
 
 
 # What networks switched within one sampling run must share: everything but the attention.
-SWITCHABLE_FIELDS = ("family", "size", "depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels",
-                     "num_classes", "learn_sigma", "class_dropout_prob")  # fmt: skip
+SWITCHABLE_FIELDS = (
+    "family",
+    "size",
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "patch_size",
+    "input_size",
+    "in_channels",
+    "num_classes",
+    "learn_sigma",
+    "class_dropout_prob",
+)
 
 
 def switchable_networks(loaded: list[LoadedModel]) -> dict[int | None, LoadedModel]:
@@ -97,16 +139,23 @@ def switchable_networks(loaded: list[LoadedModel]) -> dict[int | None, LoadedMod
     networks: dict[int | None, LoadedModel] = {}
     for other in loaded:
         a, b = first.model.config, other.model.config
-        differing = [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in SWITCHABLE_FIELDS if getattr(a, f) != getattr(b, f)]
+        differing = [
+            f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in SWITCHABLE_FIELDS if getattr(a, f) != getattr(b, f)
+        ]
         if other.process != first.process:
             differing.append(f"process: {first.process.to_dict()} vs {other.process.to_dict()}")
         if differing:
-            raise ValueError(f"{other.source} cannot be switched with {first.source}: " + "; ".join(differing)
-                             + ". Networks switched within one run differ only in their attention")  # fmt: skip
+            raise ValueError(
+                f"{other.source} cannot be switched with {first.source}: "
+                + "; ".join(differing)
+                + ". Networks switched within one run differ only in their attention"
+            )
         count = b.mediators if b.attention == "mediator" else None
         if count in networks:
-            raise ValueError(f"{other.source} and {networks[count].source} both hold "
-                             f"{'full attention' if count is None else f'{count} mediators'}; give one network per count")  # fmt: skip
+            raise ValueError(
+                f"{other.source} and {networks[count].source} both hold "
+                f"{'full attention' if count is None else f'{count} mediators'}; give one network per count"
+            )
         networks[count] = other
     return networks
 
@@ -117,30 +166,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
 
 
-def sample_label(index: int, seed: int, num_classes: int, classes: list[int] | None) -> int:
-    if classes:
-        return classes[index % len(classes)]
-    return int(np.random.default_rng([seed, index, 1]).integers(num_classes))
-
-
-def start_batch(indices: list[int], seed: int, config: ModelConfig, classes: list[int] | None,
-                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, PerSampleNoise]:
-    """Initial noise, labels and the per-sample noise stream of samples `indices` of a run seeded `seed`;
-    each depends only on its own index, so any batching draws the same samples."""
-    noise = PerSampleNoise([sample_seed(seed, i) for i in indices], device)
-    x_T = noise((len(indices), config.in_channels, config.input_size, config.input_size))
-    y = torch.tensor([sample_label(i, seed, config.num_classes, classes) for i in indices], device=device)
-    return x_T, y, noise
-
-
 def write_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
 
 
-def check_sampling_request(config: ModelConfig, sampler: SamplerConfig, num_samples: int, batch_size: int,
-                           classes: list[int] | None) -> None:
+def check_sampling_request(
+    config: ModelConfig, sampler: SamplerConfig, num_samples: int, batch_size: int, classes: list[int] | None
+) -> None:
     """Refuse, before any work, requests that cannot be sampled; each message names its flag."""
     sampler.check(config.family, config.in_channels)
     for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
@@ -154,9 +188,20 @@ def check_sampling_request(config: ModelConfig, sampler: SamplerConfig, num_samp
             raise ValueError(f"--classes {wrong} out of range: the model knows labels 0..{config.num_classes - 1}")
 
 
-def sample_to_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, num_samples: int, sampler: SamplerConfig,
-                     batch_size: int = 16, seed: int = 0, classes: list[int] | None = None, vae=None,
-                     callback=None, schedule: dict | None = None, progress: bool = True) -> dict[str, Any]:
+def sample_to_folder(
+    loaded: LoadedModel,
+    out_dir: str | os.PathLike,
+    *,
+    num_samples: int,
+    sampler: SamplerConfig,
+    batch_size: int = 16,
+    seed: int = 0,
+    classes: list[int] | None = None,
+    vae=None,
+    callback=None,
+    schedule: dict | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write samples 0..num_samples−1 as PNGs (skipping those already there), then `samples.npz` (`arr_0`,
     uint8 NHWC) and `samples.json` (what made them and what they cost). Returns the sidecar dict.
 
@@ -165,14 +210,22 @@ def sample_to_folder(loaded: LoadedModel, out_dir: str | os.PathLike, *, num_sam
     setting that differs, and a second concurrent run into the folder is refused by its lock.
     `callback` is the sampler's step callback (a mediator schedule or the adaptive rule, which may hand
     steps to other networks); `schedule` describes it in the sidecar. Costs are counted per sample."""
-    model, config = loaded.model, loaded.model.config
+    config = loaded.model.config
     check_sampling_request(config, sampler, num_samples, batch_size, classes)  # before any work or folder
     env = init_distributed()
     out = Path(out_dir)
     with locked_folder(out, "attnmed sample", env):
-        provenance = {"checkpoint": loaded.source, "weights": loaded.weights, "model": config.to_dict(),
-                      "process": loaded.process.to_dict(), "sampler": sampler.to_dict(), "seed": seed,
-                      "classes": classes, "decoded_with_vae": vae is not None, "schedule": schedule}  # fmt: skip
+        provenance = {
+            "checkpoint": loaded.source,
+            "weights": loaded.weights,
+            "model": config.to_dict(),
+            "process": loaded.process.to_dict(),
+            "sampler": sampler.to_dict(),
+            "seed": seed,
+            "classes": classes,
+            "decoded_with_vae": vae is not None,
+            "schedule": schedule,
+        }
         if sampler.adaptive:  # dopri5 shares its step size across the batch: batching changes the images
             provenance.update(batch_size=batch_size, world_size=env.world_size)
         if env.is_main:
@@ -189,10 +242,14 @@ def _claim_sample_folder(out: Path, provenance: dict[str, Any]) -> None:
     if not identity.exists():
         strays = sorted(out.glob("[0-9]*.png"))
         if strays:
-            raise ValueError(f"{out} already holds {len(strays)} images (e.g. {strays[0].name}) but no sampling.json "
-                             "saying what made them; sample into another --out, or move them away first")  # fmt: skip
-    fix = ("To continue that sampling, repeat its settings; to sample this configuration, choose another --out "
-           "(or delete the folder).")
+            raise ValueError(
+                f"{out} already holds {len(strays)} images (e.g. {strays[0].name}) but no sampling.json "
+                "saying what made them; sample into another --out, or move them away first"
+            )
+    fix = (
+        "To continue that sampling, repeat its settings; to sample this configuration, choose another --out "
+        "(or delete the folder)."
+    )
     claim_identity(identity, provenance, what="samples", fix=fix, ignore=("checkpoint",))
 
 
@@ -214,8 +271,9 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
     device = next(model.parameters()).device
     costs = _recorded_costs(out)
     # A sample is done when both its image and its cost record exist (a kill can fall between the two).
-    todo = [i for i in range(env.rank, num_samples, env.world_size)
-            if not (out / f"{i:06d}.png").exists() or i not in costs]  # fmt: skip
+    todo = [
+        i for i in range(env.rank, num_samples, env.world_size) if not (out / f"{i:06d}.png").exists() or i not in costs
+    ]
     costs_path = out / f"costs-rank{env.rank}.jsonl"
     bar = None
     if progress and env.is_main:
@@ -228,7 +286,7 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
         x_T, y, noise = start_batch(indices, seed, config, classes, device)
         images, caller = generate(model, loaded.process, sampler, x_T, y, callback=callback, noise_fn=noise)
         if vae is not None:
-            from .data import decode
+            from mediator_models.data import decode
 
             images = decode(vae, images)
         seconds = (time.perf_counter() - began) / len(indices)  # wall-clock per image on this machine
@@ -253,8 +311,10 @@ def _switching_records(callback, caller, batch: int) -> list[dict]:
     the adaptive rule, `distances`, its d_k per step split into state, injected noise and drift."""
     if hasattr(callback, "switch_steps") and len(callback.switch_steps) == batch:
         traces = getattr(callback, "traces", None) or [None] * batch
-        return [{"switch_steps": list(steps), **({"distances": trace} if trace is not None else {})}
-                for steps, trace in zip(callback.switch_steps, traces)]  # fmt: skip
+        return [
+            {"switch_steps": list(steps), **({"distances": trace} if trace is not None else {})}
+            for steps, trace in zip(callback.switch_steps, traces)
+        ]
     changes = [k for k in range(1, len(caller.used)) if caller.used[k] is not caller.used[k - 1]]
     return [{"switch_steps": changes}] * batch
 
@@ -282,8 +342,15 @@ def finalize_folder(out: Path, num_samples: int, provenance: dict[str, Any]) -> 
         "npz": "samples.npz",
     }
     if provenance.get("schedule"):  # switching runs: what each sample did and spent
-        sidecar["per_sample"] = [{"index": i, "gflops": costs[i]["gflops"], "switch_steps": costs[i].get("switch_steps", []),
-                                  **({"distances": costs[i]["distances"]} if "distances" in costs[i] else {})}
-                                 for i in range(num_samples) if i in costs]  # fmt: skip
+        sidecar["per_sample"] = [
+            {
+                "index": i,
+                "gflops": costs[i]["gflops"],
+                "switch_steps": costs[i].get("switch_steps", []),
+                **({"distances": costs[i]["distances"]} if "distances" in costs[i] else {}),
+            }
+            for i in range(num_samples)
+            if i in costs
+        ]
     atomic_write_json(out / "samples.json", sidecar)
     return sidecar

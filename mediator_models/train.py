@@ -27,12 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import atomic_save, checkpoint_checksum, read_checkpoint
-from .config import ModelConfig, make_config, parse_name
-from .data import ImageFolderSource, encode, load_vae, open_source
-from .dit import DiffusionTransformer
-from .runfolder import FolderLock, atomic_write_json, atomic_write_text, clean_stale_temporaries
-from .sampling import ProcessConfig
+from mediator_models.data import ImageFolderSource, encode, load_vae, open_source
+from mediator_models.network.config import ModelConfig, make_config, parse_name
+from mediator_models.network.dit import DiffusionTransformer
+from mediator_models.sampling.generation import ProcessConfig
+from mediator_models.storage.checkpoints import atomic_save, checkpoint_checksum, read_checkpoint
+from mediator_models.storage.distributed import DistEnv, all_ranks_agree, init_distributed, locked_folder
+from mediator_models.storage.runfolder import atomic_write_json, atomic_write_text, clean_stale_temporaries
 
 # Fields that may change between a run and its resumption: bookkeeping, and the learning rate (the way out
 # of a divergence: resume the last good checkpoint with a lower --lr). Changes are recorded in log.jsonl and
@@ -89,25 +90,41 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse settings that cannot make a run, naming the command-line flag of each."""
-        at_least_one = {"--steps": self.steps, "--batch-size": self.global_batch_size, "--log-every": self.log_every,
-                        "--ckpt-every": self.ckpt_every, "--grad-accum": self.grad_accum, "--image-size": self.image_size}  # fmt: skip
+        at_least_one = {
+            "--steps": self.steps,
+            "--batch-size": self.global_batch_size,
+            "--log-every": self.log_every,
+            "--ckpt-every": self.ckpt_every,
+            "--grad-accum": self.grad_accum,
+            "--image-size": self.image_size,
+        }
         for flag, value in at_least_one.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{flag} must be a whole number of at least 1, got {value!r}")
-        if self.keep_checkpoints is not None and (not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1):
-            raise ValueError(f"--keep-checkpoints must be at least 1 (the newest checkpoint is always kept), got "
-                             f"{self.keep_checkpoints!r}; omit it to keep the default of 2")  # fmt: skip
+        if self.keep_checkpoints is not None and (
+            not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1
+        ):
+            raise ValueError(
+                f"--keep-checkpoints must be at least 1 (the newest checkpoint is always kept), got "
+                f"{self.keep_checkpoints!r}; omit it to keep the default of 2"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be 0 or positive, got {self.weight_decay!r}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must lie in [0, 1) (the papers use 0.9999; 0.99 for short runs), got {self.ema_decay!r}")
+            raise ValueError(
+                f"--ema-decay must lie in [0, 1) (the papers use 0.9999; 0.99 for short runs), got {self.ema_decay!r}"
+            )
         if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"--class-dropout must lie in [0, 1) (the papers use 0.1), got {self.class_dropout_prob!r}")
+            raise ValueError(
+                f"--class-dropout must lie in [0, 1) (the papers use 0.1), got {self.class_dropout_prob!r}"
+            )
         if self.vae is not None and self.data == "digits":
-            raise ValueError("--vae encodes an ImageFolder into SD-VAE latents; the digits are trained on as pixels, "
-                             "so drop --vae (or pass --data with an ImageFolder tree)")  # fmt: skip
+            raise ValueError(
+                "--vae encodes an ImageFolder into SD-VAE latents; the digits are trained on as pixels, "
+                "so drop --vae (or pass --data with an ImageFolder tree)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,66 +140,6 @@ class TrainConfig:
 
     def process_config(self) -> ProcessConfig:
         return ProcessConfig(self.family, self.interpolant, self.prediction)
-
-
-# ---- distributed set-up ------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def all_ranks_agree(ok: bool) -> bool:
-    """True on every rank when `ok` is True on every rank (a plain `ok` outside torchrun)."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-@contextlib.contextmanager
-def locked_folder(folder: Path, what: str, env: DistEnv, flag: str = "--out", name: str = ".lock"):
-    """Hold `folder`'s lock for the whole job (taken by rank 0; every rank fails together if it is busy)."""
-    lock = FolderLock(folder, what, flag, name) if env.is_main else None
-    error = None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except Exception as caught:  # tell the other ranks before raising
-            error = caught
-    if not all_ranks_agree(error is None):
-        if lock is not None:
-            lock.release()
-        raise error if error is not None else RuntimeError(f"rank 0 could not take {folder}; see its message")
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def init_distributed() -> DistEnv:
-    """Under torchrun, join the process group (NCCL on GPUs, Gloo on CPUs); else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return DistEnv(rank, world, device)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -209,9 +166,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         ema_param.mul_(decay).add_(param.detach(), alpha=1 - decay)
 
 
-def backward_on_batch(model: nn.Module, process, x: torch.Tensor, y: torch.Tensor, grad_accum: int = 1,
-                      autocast: bool = False, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None) -> torch.Tensor:
+def backward_on_batch(
+    model: nn.Module,
+    process,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_accum: int = 1,
+    autocast: bool = False,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean loss over the batch and its gradients, in `grad_accum` micro-batches (under DDP, gradients are
     synchronised only on the last one). `t` and `noise` may be given to make the step deterministic."""
     if len(x) % grad_accum:
@@ -224,8 +188,9 @@ def backward_on_batch(model: nn.Module, process, x: torch.Tensor, y: torch.Tenso
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         cast = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with sync, cast:
-            terms = process.training_loss(model, x[part], y[part],
-                                          t=None if t is None else t[part], noise=None if noise is None else noise[part])  # fmt: skip
+            terms = process.training_loss(
+                model, x[part], y[part], t=None if t is None else t[part], noise=None if noise is None else noise[part]
+            )
             loss = terms["loss"].float().mean() / grad_accum
         loss.backward()
         total += loss.detach()
@@ -249,15 +214,27 @@ def check_resume_config(saved: dict[str, Any], current: TrainConfig) -> dict[str
     ]
     if differences:
         raise ValueError(
-            "cannot resume: the run was started with another configuration:\n  " + "\n  ".join(differences)
+            "cannot resume: the run was started with another configuration:\n  "
+            + "\n  ".join(differences)
             + "\nUse the original settings, or a new --out folder to start a new run."
         )
-    return {key: (saved[key], value) for key, value in current.to_dict().items()
-            if key in RESUMABLE_CHANGES - {"progress", "out"} and key in saved and saved[key] != value}  # fmt: skip
+    return {
+        key: (saved[key], value)
+        for key, value in current.to_dict().items()
+        if key in RESUMABLE_CHANGES - {"progress", "out"} and key in saved and saved[key] != value
+    }
 
 
-def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, opt, cfg: TrainConfig,
-                             model_config: ModelConfig, loss_floor: float | None = None) -> Path:
+def save_training_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    ema: nn.Module,
+    opt,
+    cfg: TrainConfig,
+    model_config: ModelConfig,
+    loss_floor: float | None = None,
+) -> Path:
     """Write checkpoint `step` atomically, with a checksum of what it holds (pruning is `prune_checkpoints`)."""
     state = {
         "model": model.state_dict(),
@@ -355,11 +332,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     """
     env = init_distributed()
     if cfg.global_batch_size % env.world_size:
-        raise ValueError(f"global batch {cfg.global_batch_size} does not divide across {env.world_size} ranks; "
-                         f"use a multiple of {env.world_size}")  # fmt: skip
+        raise ValueError(
+            f"global batch {cfg.global_batch_size} does not divide across {env.world_size} ranks; "
+            f"use a multiple of {env.world_size}"
+        )
     if (cfg.global_batch_size // env.world_size) % cfg.grad_accum:
-        raise ValueError(f"the per-rank batch of {cfg.global_batch_size // env.world_size} does not split into "
-                         f"{cfg.grad_accum} accumulation steps")  # fmt: skip
+        raise ValueError(
+            f"the per-rank batch of {cfg.global_batch_size // env.world_size} does not split into "
+            f"{cfg.grad_accum} accumulation steps"
+        )
     run_dir = Path(cfg.out)
     with locked_folder(run_dir, "attnmed train", env):
         return _train_locked(cfg, env, run_dir, resume)
@@ -374,10 +355,16 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
     source = open_source(cfg.data, cfg.image_size, cfg.vae)
     in_channels, input_size = _data_shape(source, cfg)
     flip = source.flippable if cfg.flip is None else cfg.flip
-    model_config = make_config(cfg.model, input_size=input_size, in_channels=in_channels,
-                               num_classes=source.num_classes, class_dropout_prob=cfg.class_dropout_prob,
-                               attention=cfg.attention, mediators=cfg.mediators,
-                               depthwise_conv=cfg.depthwise_conv)  # fmt: skip
+    model_config = make_config(
+        cfg.model,
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=source.num_classes,
+        class_dropout_prob=cfg.class_dropout_prob,
+        attention=cfg.attention,
+        mediators=cfg.mediators,
+        depthwise_conv=cfg.depthwise_conv,
+    )
     torch.manual_seed(cfg.seed)
     model = DiffusionTransformer(model_config).to(env.device)
     ema = deepcopy(model).requires_grad_(False).eval()
@@ -425,12 +412,16 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
                 if vae is not None:
                     x = encode(vae, x)
                 opt.zero_grad(set_to_none=True)
-                loss = backward_on_batch(net, process, x, y, cfg.grad_accum, autocast=cfg.bf16 and env.device.type == "cuda")
+                loss = backward_on_batch(
+                    net, process, x, y, cfg.grad_accum, autocast=cfg.bf16 and env.device.type == "cuda"
+                )
                 if env.world_size > 1:
                     dist.all_reduce(loss)
                     loss /= env.world_size
                 loss_value = float(loss)
-                if not math.isfinite(loss_value) or (loss_floor is not None and loss_value > DIVERGENCE_FACTOR * loss_floor):
+                if not math.isfinite(loss_value) or (
+                    loss_floor is not None and loss_value > DIVERGENCE_FACTOR * loss_floor
+                ):
                     raise _diverged(run_dir, step, loss_value, loss_floor, env.is_main)
                 if unproven and env.is_main:  # the weights of the newest checkpoint gave a normal loss
                     prune_checkpoints(run_dir, cfg.keep_checkpoints)
@@ -445,8 +436,13 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
                     bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     elapsed = time.perf_counter() - window_start
-                    record = {"step": step, "loss": float(np.mean(window_losses)), "steps_per_sec": len(window_losses) / elapsed,
-                              "lr": opt.param_groups[0]["lr"], "time": time.time()}  # fmt: skip
+                    record = {
+                        "step": step,
+                        "loss": float(np.mean(window_losses)),
+                        "steps_per_sec": len(window_losses) / elapsed,
+                        "lr": opt.param_groups[0]["lr"],
+                        "time": time.time(),
+                    }
                     loss_floor = min(loss_floor, record["loss"])
                     if log is not None:
                         log.write(json.dumps(record) + "\n")
@@ -483,7 +479,11 @@ def _diverged(run_dir: Path, step: int, loss: float, floor: float | None, is_mai
     """Set aside the checkpoints holding weights that produced the abnormal loss, and say how to go on."""
     moved = set_aside_diverged(run_dir, step) if is_main else []
     last = checkpoint_paths(run_dir)
-    how = "non-finite" if not math.isfinite(loss) else f"{loss:.3g}, over {DIVERGENCE_FACTOR:g}× the run's lowest ({floor:.3g})"
+    how = (
+        "non-finite"
+        if not math.isfinite(loss)
+        else f"{loss:.3g}, over {DIVERGENCE_FACTOR:g}× the run's lowest ({floor:.3g})"
+    )
     aside = f" Checkpoints from step {step} on were moved to {run_dir / 'checkpoints' / 'diverged'}." if moved else ""
     if last:
         advice = f"Last good checkpoint: {last[-1]}; continue from it with a lower learning rate: the same command with --resume --lr <lower>."
@@ -492,8 +492,9 @@ def _diverged(run_dir: Path, step: int, loss: float, floor: float | None, is_mai
     return TrainingDiverged(f"the loss left its normal range at step {step} ({how}); stopped.{aside} {advice}")
 
 
-def _write_run_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, data: Any, step: int,
-                      changed: dict[str, dict[str, Any]]) -> None:
+def _write_run_config(
+    run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, data: Any, step: int, changed: dict[str, dict[str, Any]]
+) -> None:
     """config.json: the configuration in force, and a history of the settings changed at each resume."""
     path = run_dir / "config.json"
     history = []

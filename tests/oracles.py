@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mediator_models.diffusion import linear_betas
-from mediator_models.transport import Transport
+from mediator_models.sampling.diffusion import linear_betas
+from mediator_models.sampling.transport import Transport
 
 SHAPE = (1, 2, 2)  # one channel, 2×2: a 4-dimensional Gaussian in image layout
 

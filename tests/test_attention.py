@@ -1,4 +1,4 @@
-"""Attention modules equal REFERENCE §6 written out head by head; observed maps are exact and change nothing."""
+"""Attention modules equal docs/reference.md §6 written out head by head; observed maps are exact and change nothing."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-
 from helpers import tiny_inputs, tiny_model
+
 from mediator_models import build_model
-from mediator_models.attention import AttentionMaps, FullAttention, MediatorAttention
+from mediator_models.network.attention import AttentionMaps, FullAttention, MediatorAttention
 
 
 def bilinear_resize_reference(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -37,7 +37,7 @@ def depthwise3x3_reference(image: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 def mediator_attention_reference(module: MediatorAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """REFERENCE §6 step by step, one head at a time. Returns the output and the N×N product map."""
+    """docs/reference.md §6 step by step, one head at a time. Returns the output and the N×N product map."""
     b, n_tok, c = x.shape
     g, heads, n = module.grid_size, module.num_heads, module.mediators
     d, side = c // heads, math.isqrt(n)
@@ -173,8 +173,9 @@ def test_cached_position_biases_follow_parameter_updates_and_training_gets_gradi
 
 # ---- the ablations that isolate the mediators from the depthwise conv ---------------------------------------
 
+
 def test_ablations_compute_what_their_names_say():
-    from mediator_models.attention import ConvMixing, FullAttention, MediatorAttention, depthwise_conv_on_values
+    from mediator_models.network.attention import ConvMixing, FullAttention, MediatorAttention, depthwise_conv_on_values
 
     torch.manual_seed(0)
     x = torch.randn(2, 16, 32)
@@ -188,7 +189,9 @@ def test_ablations_compute_what_their_names_say():
         torch.testing.assert_close(bare(x), mediated(x))  # without the conv = with a conv that adds nothing
     full = FullAttention(32, 4)
     with_conv = FullAttention(32, 4, grid_size=4)
-    with_conv.load_state_dict({**full.state_dict(), **{k: v for k, v in with_conv.state_dict().items() if k.startswith("dwc.")}})
+    with_conv.load_state_dict(
+        {**full.state_dict(), **{k: v for k, v in with_conv.state_dict().items() if k.startswith("dwc.")}}
+    )
     with torch.no_grad():
         v = with_conv.qkv(x)[..., 64:]
         expected = with_conv.proj(full_attention_core(full, x) + depthwise_conv_on_values(with_conv.dwc, v, 4))
@@ -207,14 +210,17 @@ def full_attention_core(module, x):
     return (weights @ v).transpose(1, 2).reshape(b, n, c)
 
 
-@pytest.mark.parametrize("attention,mediators,conv,label", [
-    ("full", None, True, "full + conv"),
-    ("mediator", 4, False, "mediator n=4, no conv"),
-    ("conv", None, None, "conv only"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "attention,mediators,conv,label",
+    [
+        ("full", None, True, "full + conv"),
+        ("mediator", 4, False, "mediator n=4, no conv"),
+        ("conv", None, None, "conv only"),
+    ],
+)
 def test_ablation_models_build_train_and_reload_strictly(tmp_path, attention, mediators, conv, label):
     from mediator_models import load_checkpoint
-    from mediator_models.checkpoint import CheckpointMismatchError
+    from mediator_models.storage.checkpoints import CheckpointMismatchError
 
     model = build_model("SiT-T/2", input_size=8, attention=attention, mediators=mediators, depthwise_conv=conv)
     assert model.config.label == f"SiT-T/2 ({label}) @8"
@@ -229,7 +235,7 @@ def test_ablation_models_build_train_and_reload_strictly(tmp_path, attention, me
 
 def test_a_conv_only_block_without_its_conv_and_recording_it_are_refused():
     from analysis.metrics import metric_reducer
-    from mediator_models.instrument import record_attention
+    from mediator_models.recording.recorder import record_attention
 
     with pytest.raises(ValueError, match="without it the block mixes no tokens"):
         build_model("SiT-T/2", input_size=8, attention="conv", depthwise_conv=False)

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_inputs, tiny_model
+
 from mediator_models import CheckpointMismatchError, atomic_save, build_model, load_checkpoint
-from mediator_models.checkpoint import CheckpointError
-from mediator_models.layers import sincos_pos_embed_2d
+from mediator_models.network.layers import sincos_pos_embed_2d
+from mediator_models.storage.checkpoints import CheckpointError
 
 
 def outputs(model):
@@ -63,9 +63,13 @@ def test_wrong_mediator_count_and_wrong_attention_kind_are_diagnosed():
     four = build_model("SiT-T/2", input_size=8, num_classes=10, attention="mediator", mediators=4)
     sixteen = build_model("SiT-T/2", input_size=8, num_classes=10, attention="mediator", mediators=16)
     full = build_model("SiT-T/2", input_size=8, num_classes=10)
-    with pytest.raises(CheckpointMismatchError, match="attention: checkpoint has mediator n=4, model has mediator n=16"):
+    with pytest.raises(
+        CheckpointMismatchError, match="attention: checkpoint has mediator n=4, model has mediator n=16"
+    ):
         load_checkpoint(sixteen, four.state_dict())
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(32\)(.|\n)*attention: checkpoint has mediator"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"unexpected keys \(32\)(.|\n)*attention: checkpoint has mediator"
+    ):
         load_checkpoint(full, four.state_dict())
 
 
@@ -73,7 +77,9 @@ def test_wrong_patch_and_resolution_are_diagnosed():
     base = build_model("DiT-T/2", input_size=8, num_classes=10)
     with pytest.raises(CheckpointMismatchError, match="patch_size: checkpoint has 2, model has 4"):
         load_checkpoint(build_model("DiT-T/4", input_size=8, num_classes=10), base.state_dict())
-    with pytest.raises(CheckpointMismatchError, match="num_tokens: checkpoint has 16, model has 64(.|\n)*adapt_resolution"):
+    with pytest.raises(
+        CheckpointMismatchError, match="num_tokens: checkpoint has 16, model has 64(.|\n)*adapt_resolution"
+    ):
         load_checkpoint(build_model("DiT-T/2", input_size=16, num_classes=10), base.state_dict())
 
 
@@ -121,7 +127,10 @@ def test_official_files_without_a_checksum_load_as_before(tmp_path):
     model = tiny_model()
     path = tmp_path / "official.pt"
     torch.save(model.state_dict(), path)
-    load_checkpoint(tiny_model(), path)
+    torch.manual_seed(1)  # a fresh model with other weights, so equality below is the load's doing
+    loaded = load_checkpoint(tiny_model(), path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
 def test_resolution_adaptation_recomputes_positions_and_resizes_mediator_tables():

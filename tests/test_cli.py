@@ -32,7 +32,9 @@ def test_checkpoint_that_does_not_match_the_model_is_one_clear_error(tmp_path, c
 
     official = tmp_path / "official.pt"
     torch.save(build_model("DiT-T/2", input_size=8).state_dict(), official)
-    code = main(["sample", "--ckpt", str(official), "--model", "DiT-T/4", "--input-size", "8", "--out", str(tmp_path / "s")])
+    code = main(
+        ["sample", "--ckpt", str(official), "--model", "DiT-T/4", "--input-size", "8", "--out", str(tmp_path / "s")]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("attnmed sample: error: checkpoint does not match DiT-T/4") and "patch_size" in err
@@ -53,15 +55,32 @@ def _recorded_table(tmp_path):
     torch.manual_seed(0)
     torch.save(build_model("SiT-T/2", input_size=8).state_dict(), checkpoint)
     table = tmp_path / "table.parquet"
-    args = ["record", "--ckpt", str(checkpoint), "--model", "SiT-T/2", "--input-size", "8", "--steps", "6",
-            "--samples", "2", "--batch-size", "2", "--metrics", "all", "--out", str(table)]  # fmt: skip
+    args = [
+        "record",
+        "--ckpt",
+        str(checkpoint),
+        "--model",
+        "SiT-T/2",
+        "--input-size",
+        "8",
+        "--steps",
+        "6",
+        "--samples",
+        "2",
+        "--batch-size",
+        "2",
+        "--metrics",
+        "all",
+        "--out",
+        str(table),
+    ]
     assert main(args) == 0
     return table
 
 
 def test_schedule_command_derives_from_any_table_and_prints_the_cost(tmp_path, capsys):
     from mediator_models import make_config, model_gmacs
-    from mediator_models.switching import MediatorSchedule
+    from mediator_models.sampling.switching import MediatorSchedule
 
     table = _recorded_table(tmp_path)
     capsys.readouterr()
@@ -75,12 +94,45 @@ def test_schedule_command_derives_from_any_table_and_prints_the_cost(tmp_path, c
     low = 6 * model_gmacs("SiT-T/2", input_size=8, attention="mediator", mediators=1)
     high = 6 * model_gmacs("SiT-T/2", input_size=8)
     budget = (low + high) / 2
-    assert main(["schedule", str(table), "--counts", "1", "4", "full", "--rule", "budget", "--budget-gflops",
-                 str(budget), "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "schedule",
+                str(table),
+                "--counts",
+                "1",
+                "4",
+                "full",
+                "--rule",
+                "budget",
+                "--budget-gflops",
+                str(budget),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cost = float(capsys.readouterr().out.split("expected ")[1].split(" GFLOPs")[0])
     assert cost <= budget
-    assert main(["schedule", str(table), "--counts", "1", "full", "--rule", "budget", "--budget-gflops", "0.0001",
-                 "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "schedule",
+                str(table),
+                "--counts",
+                "1",
+                "full",
+                "--rule",
+                "budget",
+                "--budget-gflops",
+                "0.0001",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "no schedule of" in capsys.readouterr().err
     assert make_config("SiT-T/2", input_size=8).num_tokens == 16
 
@@ -90,8 +142,11 @@ def test_plot_command_draws_the_figures_of_any_table(tmp_path, capsys):
     capsys.readouterr()
     assert main(["plot", str(table), "--out", str(tmp_path / "figures")]) == 0
     written = capsys.readouterr().out.split()
-    assert {p.rsplit("/", 1)[1] for p in written} == {"redundancy_heatmap_full.png", "redundancy_curves_full.png",
-                                                       "measures_by_noise.png"}  # fmt: skip
+    assert {p.rsplit("/", 1)[1] for p in written} == {
+        "redundancy_heatmap_full.png",
+        "redundancy_curves_full.png",
+        "measures_by_noise.png",
+    }
     assert main(["plot", str(table), "--metric", "gini", "--out", str(tmp_path / "f2")]) == 2
 
 
@@ -100,7 +155,10 @@ def test_flops_of_the_ablations_from_the_command_line(capsys):
     assert main(["flops", "SiT-S/2", "--depthwise-conv"]) == 0
     assert main(["flops", "SiT-S/2", "--attention", "conv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(" @")[0] for line in lines] == ["SiT-S/2 (mediator n=16, no conv)", "SiT-S/2 (full + conv)",
-                                                       "SiT-S/2 (conv only)"]  # fmt: skip
+    assert [line.split(" @")[0] for line in lines] == [
+        "SiT-S/2 (mediator n=16, no conv)",
+        "SiT-S/2 (full + conv)",
+        "SiT-S/2 (conv only)",
+    ]
     assert main(["flops", "SiT-S/2", "--attention", "conv", "--no-depthwise-conv"]) == 2
     assert "mixes no tokens" in capsys.readouterr().err

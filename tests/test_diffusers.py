@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from mediator_models import build_model, load_checkpoint, make_config
-from mediator_models.dit import DiffusionTransformer
-from mediator_models.checkpoint import CheckpointMismatchError
-from mediator_models.diffusers_dit import config_from_diffusers, save_diffusers
+from mediator_models.network.dit import DiffusionTransformer
 from mediator_models.sample import load_for_sampling
+from mediator_models.storage.checkpoints import CheckpointMismatchError
+from mediator_models.storage.diffusers_weights import config_from_diffusers, save_diffusers
 
 
 def tiny_diffusers_dit(seed: int = 0):
@@ -19,8 +19,16 @@ def tiny_diffusers_dit(seed: int = 0):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8,
-                                  num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10)  # fmt: skip
+    model = DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.normal_(0, 0.05)  # no zero-initialised layer, so every path changes the output
@@ -104,9 +112,19 @@ def test_embedder_copies_that_disagree_are_refused(tmp_path):
 
 def test_a_diffusers_state_dict_loads_into_a_matching_dit_and_a_mismatch_is_named():
     state = tiny_diffusers_dit().state_dict()
-    config = config_from_diffusers({"num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 4,
-                                    "out_channels": 8, "num_layers": 4, "sample_size": 8, "patch_size": 2,
-                                    "num_embeds_ada_norm": 10}, state)  # fmt: skip
+    config = config_from_diffusers(
+        {
+            "num_attention_heads": 4,
+            "attention_head_dim": 32,
+            "in_channels": 4,
+            "out_channels": 8,
+            "num_layers": 4,
+            "sample_size": 8,
+            "patch_size": 2,
+            "num_embeds_ada_norm": 10,
+        },
+        state,
+    )
     assert config.name == "DiT-T/2" and config.learn_sigma and config.class_dropout_prob == 0.1
     load_checkpoint(build_model("DiT-T/2", input_size=8, num_classes=10), state)
     with pytest.raises(CheckpointMismatchError, match="patch_size"):
@@ -119,13 +137,30 @@ def test_sample_command_takes_a_diffusers_folder(tmp_path, saved):
     from analysis.cli import main
 
     out = tmp_path / "samples"
-    assert main(["sample", "--ckpt", str(saved.parent), "--numerics", "diffusers", "--steps", "3",
-                 "--num-samples", "2", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                str(saved.parent),
+                "--numerics",
+                "diffusers",
+                "--steps",
+                "3",
+                "--num-samples",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     sidecar = json.loads((out / "samples.json").read_text())
     assert sidecar["model"]["timestep_freq_shift"] == 1 and sidecar["sampler"]["kind"] == "ddpm"
 
 
 # ---- the recorder on diffusers transformers ---------------------------------------------------------------
+
 
 def randomised(model, seed: int = 0):
     torch.manual_seed(seed)
@@ -138,17 +173,40 @@ def randomised(model, seed: int = 0):
 def pixart():
     from diffusers import PixArtTransformer2DModel
 
-    return randomised(PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                               num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
-                                               caption_channels=24, norm_num_groups=1))  # fmt: skip
+    return randomised(
+        PixArtTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            cross_attention_dim=32,
+            caption_channels=24,
+            norm_num_groups=1,
+        )
+    )
 
 
 def sd3():
     from diffusers import SD3Transformer2DModel
 
-    return randomised(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
-                                            num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
-                                            pooled_projection_dim=12, out_channels=4, pos_embed_max_size=8))  # fmt: skip
+    return randomised(
+        SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            caption_projection_dim=32,
+            pooled_projection_dim=12,
+            out_channels=4,
+            pos_embed_max_size=8,
+        )
+    )
 
 
 def call(model, x, t):
@@ -157,18 +215,21 @@ def call(model, x, t):
     name = type(model).__name__
     if name.startswith("PixArt"):
         text = torch.randn(len(x), 7, 24)
-        return model(x, encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return model(
+            x, encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}
+        ).sample
     if name.startswith("SD3"):
-        return model(x, encoder_hidden_states=torch.randn(len(x), 7, 24), pooled_projections=torch.randn(len(x), 12),
-                     timestep=t).sample  # fmt: skip
+        return model(
+            x, encoder_hidden_states=torch.randn(len(x), 7, 24), pooled_projections=torch.randn(len(x), 12), timestep=t
+        ).sample
     return model(x, timestep=t, class_labels=torch.tensor([3, 7, 0])[: len(x)]).sample
 
 
 @pytest.mark.parametrize("make", [tiny_diffusers_dit, pixart, sd3], ids=["DiT", "PixArt", "SD3"])
 def test_recording_a_diffusers_transformer_leaves_its_output_bit_for_bit_and_records_every_layer(make):
     from analysis.metrics import metric_reducer
-    from mediator_models.instrument import record_attention
-    from mediator_models.stepping import StepInfo
+    from mediator_models.recording.recorder import record_attention
+    from mediator_models.sampling.steps import StepInfo
 
     model = make()
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([10.0, 500.0, 900.0])
@@ -188,8 +249,8 @@ def test_recording_a_diffusers_transformer_leaves_its_output_bit_for_bit_and_rec
 
 def test_recorded_maps_of_a_diffusers_dit_equal_those_of_the_same_weights_in_attnmed(saved):
     from analysis.metrics import metric_reducer
-    from mediator_models.instrument import record_attention
-    from mediator_models.stepping import StepInfo
+    from mediator_models.recording.recorder import record_attention
+    from mediator_models.sampling.steps import StepInfo
 
     theirs = tiny_diffusers_dit()
     ours = load_for_sampling(saved, numerics="diffusers").model
@@ -211,14 +272,24 @@ def dit_pipeline_folder(tmp_path_factory, tiny_vae_path):
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
-    transformer = randomised(DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=32, in_channels=4,
-                                                   out_channels=8, num_layers=4, sample_size=4, patch_size=2,
-                                                   num_embeds_ada_norm=1000))  # fmt: skip
+    transformer = randomised(
+        DiTTransformer2DModel(
+            num_attention_heads=4,
+            attention_head_dim=32,
+            in_channels=4,
+            out_channels=8,
+            num_layers=4,
+            sample_size=4,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+        )
+    )
     first = transformer.transformer_blocks[0].norm1.emb
     for block in transformer.transformer_blocks[1:]:
         block.norm1.emb.load_state_dict(first.state_dict())
-    pipeline = DiTPipeline(transformer=transformer, vae=AutoencoderKL.from_pretrained(str(tiny_vae_path)),
-                           scheduler=DDIMScheduler())  # fmt: skip
+    pipeline = DiTPipeline(
+        transformer=transformer, vae=AutoencoderKL.from_pretrained(str(tiny_vae_path)), scheduler=DDIMScheduler()
+    )
     folder = tmp_path_factory.mktemp("pipeline") / "dit"
     pipeline.save_pretrained(str(folder))
     return folder
@@ -233,19 +304,49 @@ def test_record_command_runs_a_diffusers_pipeline_and_leaves_its_images_unchange
 
     pipeline = DiffusionPipeline.from_pretrained(str(dit_pipeline_folder), local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
-    plain = pipeline(class_labels=[1, 2], num_inference_steps=4, guidance_scale=1.5,
-                     generator=[torch.Generator().manual_seed(i) for i in (0, 1)], output_type="pt").images
-    table = collect_redundancy_diffusers(pipeline, CollectionConfig(samples=2, batch_size=2, classes=(1, 2)), steps=4,
-                                         guidance_scale=1.5, progress=False)  # fmt: skip
-    recorded = pipeline(class_labels=[1, 2], num_inference_steps=4, guidance_scale=1.5,
-                        generator=[torch.Generator().manual_seed(i) for i in (0, 1)], output_type="pt").images
+    plain = pipeline(
+        class_labels=[1, 2],
+        num_inference_steps=4,
+        guidance_scale=1.5,
+        generator=[torch.Generator().manual_seed(i) for i in (0, 1)],
+        output_type="pt",
+    ).images
+    table = collect_redundancy_diffusers(
+        pipeline, CollectionConfig(samples=2, batch_size=2, classes=(1, 2)), steps=4, guidance_scale=1.5, progress=False
+    )
+    recorded = pipeline(
+        class_labels=[1, 2],
+        num_inference_steps=4,
+        guidance_scale=1.5,
+        generator=[torch.Generator().manual_seed(i) for i in (0, 1)],
+        output_type="pt",
+    ).images
     torch.testing.assert_close(recorded, plain, atol=0, rtol=0)  # and the recorder is detached afterwards
     assert set(table["branch"]) == {"cond", "uncond"} and set(table["step"]) == {0, 1, 2, 3}
     levels = table.groupby("step")["noise_level"].first().tolist()
     assert all(a > b for a, b in zip(levels, levels[1:])) and 0 < levels[-1] < levels[0] <= 1
     out = tmp_path / "table.parquet"
-    assert main(["record", "--diffusers", str(dit_pipeline_folder), "--steps", "4", "--samples", "2", "--cfg-scale",
-                 "1.5", "--classes", "1", "2", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "record",
+                "--diffusers",
+                str(dit_pipeline_folder),
+                "--steps",
+                "4",
+                "--samples",
+                "2",
+                "--cfg-scale",
+                "1.5",
+                "--classes",
+                "1",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     written = pd.read_parquet(out)
     assert len(written) == len(table)
     torch.testing.assert_close(torch.tensor(written["mean"].values), torch.tensor(table["mean"].values))
@@ -258,7 +359,7 @@ def test_a_pipeline_records_the_same_table_with_the_diffusers_dit_or_its_weights
     from diffusers import DiffusionPipeline, DiTPipeline
 
     from analysis.collect import CollectionConfig, collect_redundancy_diffusers
-    from mediator_models.diffusers_dit import AsDiffusersTransformer
+    from mediator_models.storage.diffusers_weights import AsDiffusersTransformer
 
     pipeline = DiffusionPipeline.from_pretrained(str(dit_pipeline_folder), local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
@@ -266,31 +367,54 @@ def test_a_pipeline_records_the_same_table_with_the_diffusers_dit_or_its_weights
     twin = DiTPipeline(transformer=AsDiffusersTransformer(ours), vae=pipeline.vae, scheduler=pipeline.scheduler)
     twin.set_progress_bar_config(disable=True)
     collection = CollectionConfig(samples=2, batch_size=2, metrics=("jsd", "entropy", "cosine"), classes=(4, 9))
-    tables = [collect_redundancy_diffusers(p, collection, steps=4, guidance_scale=1.5, progress=False) for p in (pipeline, twin)]
+    tables = [
+        collect_redundancy_diffusers(p, collection, steps=4, guidance_scale=1.5, progress=False)
+        for p in (pipeline, twin)
+    ]
     keys = ["step", "layer", "head", "branch", "metric"]
     merged = tables[0].merge(tables[1], on=keys, suffixes=("_diffusers", "_attnmed"))
     assert len(merged) == len(tables[0]) == len(tables[1])
-    torch.testing.assert_close(torch.tensor(merged["mean_attnmed"].values), torch.tensor(merged["mean_diffusers"].values),
-                               atol=1e-5, rtol=1e-4)  # fmt: skip
-    torch.testing.assert_close(torch.tensor(merged["noise_level_attnmed"].values), torch.tensor(merged["noise_level_diffusers"].values))
+    torch.testing.assert_close(
+        torch.tensor(merged["mean_attnmed"].values), torch.tensor(merged["mean_diffusers"].values), atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        torch.tensor(merged["noise_level_attnmed"].values), torch.tensor(merged["noise_level_diffusers"].values)
+    )
 
 
 # ---- Flux, and PixArt / SD3 / Flux pipelines -------------------------------------------------------------------
 
+
 def flux():
     from diffusers import FluxTransformer2DModel
 
-    return randomised(FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
-                                             pooled_projection_dim=12, axes_dims_rope=(4, 6, 6)), seed=1)  # fmt: skip
+    return randomised(
+        FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            pooled_projection_dim=12,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        seed=1,
+    )
 
 
 def flux_inputs(batch: int = 2, image: int = 16, text: int = 5):
     torch.manual_seed(3)
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(image / 4), indexing="ij"), -1)
-    return {"hidden_states": torch.randn(batch, image, 16), "encoder_hidden_states": torch.randn(batch, text, 24),
-            "pooled_projections": torch.randn(batch, 12), "timestep": torch.tensor([0.9, 0.3][:batch]),
-            "img_ids": img_ids.reshape(-1, 3), "txt_ids": torch.zeros(text, 3)}  # fmt: skip
+    return {
+        "hidden_states": torch.randn(batch, image, 16),
+        "encoder_hidden_states": torch.randn(batch, text, 24),
+        "pooled_projections": torch.randn(batch, 12),
+        "timestep": torch.tensor([0.9, 0.3][:batch]),
+        "img_ids": img_ids.reshape(-1, 3),
+        "txt_ids": torch.zeros(text, 3),
+    }
 
 
 def test_flux_layers_are_recorded_with_their_rotary_embedding_and_outputs_stay_bit_for_bit(monkeypatch):
@@ -298,8 +422,8 @@ def test_flux_layers_are_recorded_with_their_rotary_embedding_and_outputs_stay_b
     its attention kernel for an explicit one, in the double-stream (text first) and single-stream blocks."""
     import diffusers.models.transformers.transformer_flux as flux_module
 
-    from mediator_models.instrument import record_attention
-    from mediator_models.stepping import StepInfo
+    from mediator_models.recording.recorder import record_attention
+    from mediator_models.sampling.steps import StepInfo
 
     model, inputs = flux(), flux_inputs()
     with torch.no_grad():
@@ -331,27 +455,61 @@ def tiny_text_pipeline(kind: str, vae_path):
     """A PixArt-α, SD3 or Flux pipeline with a tiny random transformer and no text encoders: it is driven by
     precomputed prompt embeddings, so nothing needs downloading. Returns (pipeline, embeddings, call options,
     what a direct call needs beside the embeddings)."""
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                           PixArtAlphaPipeline, StableDiffusion3Pipeline)  # fmt: skip
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        PixArtAlphaPipeline,
+        StableDiffusion3Pipeline,
+    )
 
     vae = AutoencoderKL.from_pretrained(str(vae_path))
     torch.manual_seed(4)
     if kind == "PixArt":
-        pipeline = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=pixart(),
-                                       scheduler=DPMSolverMultistepScheduler())  # fmt: skip
-        embeddings = {"prompt_embeds": torch.randn(1, 7, 24), "prompt_attention_mask": torch.ones(1, 7, dtype=torch.long),
-                      "negative_prompt_embeds": torch.randn(1, 7, 24),
-                      "negative_prompt_attention_mask": torch.ones(1, 7, dtype=torch.long)}  # fmt: skip
-        return pipeline, embeddings, {"height": 64, "width": 64, "use_resolution_binning": False}, {"negative_prompt": None}
+        pipeline = PixArtAlphaPipeline(
+            tokenizer=None, text_encoder=None, vae=vae, transformer=pixart(), scheduler=DPMSolverMultistepScheduler()
+        )
+        embeddings = {
+            "prompt_embeds": torch.randn(1, 7, 24),
+            "prompt_attention_mask": torch.ones(1, 7, dtype=torch.long),
+            "negative_prompt_embeds": torch.randn(1, 7, 24),
+            "negative_prompt_attention_mask": torch.ones(1, 7, dtype=torch.long),
+        }
+        return (
+            pipeline,
+            embeddings,
+            {"height": 64, "width": 64, "use_resolution_binning": False},
+            {"negative_prompt": None},
+        )
     if kind == "SD3":
-        pipeline = StableDiffusion3Pipeline(transformer=sd3(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                            text_encoder_3=None, tokenizer_3=None)  # fmt: skip
-        embeddings = {"prompt_embeds": torch.randn(1, 7, 24), "pooled_prompt_embeds": torch.randn(1, 12),
-                      "negative_prompt_embeds": torch.randn(1, 7, 24), "negative_pooled_prompt_embeds": torch.randn(1, 12)}
+        pipeline = StableDiffusion3Pipeline(
+            transformer=sd3(),
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+        embeddings = {
+            "prompt_embeds": torch.randn(1, 7, 24),
+            "pooled_prompt_embeds": torch.randn(1, 12),
+            "negative_prompt_embeds": torch.randn(1, 7, 24),
+            "negative_pooled_prompt_embeds": torch.randn(1, 12),
+        }
         return pipeline, embeddings, {"height": 64, "width": 64}, {}
-    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                            text_encoder_2=None, tokenizer_2=None, transformer=flux())  # fmt: skip
+    pipeline = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=flux(),
+    )
     embeddings = {"prompt_embeds": torch.randn(1, 5, 24), "pooled_prompt_embeds": torch.randn(1, 12)}
     return pipeline, embeddings, {"height": 64, "width": 64}, {}
 
@@ -366,12 +524,26 @@ def test_recording_a_text_pipeline_leaves_its_images_unchanged_and_tables_every_
 
     def images():
         batch = {k: v.repeat(2, *[1] * (v.ndim - 1)) for k, v in embeddings.items()}
-        return pipeline(**batch, num_inference_steps=3, guidance_scale=guidance, output_type="latent",
-                        generator=[torch.Generator().manual_seed(i) for i in (0, 1)], **options, **direct).images  # fmt: skip
+        return pipeline(
+            **batch,
+            num_inference_steps=3,
+            guidance_scale=guidance,
+            output_type="latent",
+            generator=[torch.Generator().manual_seed(i) for i in (0, 1)],
+            **options,
+            **direct,
+        ).images
 
     plain = images()
-    table = collect_redundancy_diffusers(pipeline, CollectionConfig(samples=2, batch_size=2), steps=3,
-                                         guidance_scale=guidance, embeddings=embeddings, progress=False, **options)  # fmt: skip
+    table = collect_redundancy_diffusers(
+        pipeline,
+        CollectionConfig(samples=2, batch_size=2),
+        steps=3,
+        guidance_scale=guidance,
+        embeddings=embeddings,
+        progress=False,
+        **options,
+    )
     torch.testing.assert_close(images(), plain, atol=0, rtol=0)  # recorded and detached: the same images
     assert set(table["step"]) == {0, 1, 2} and set(table["layer"]) == {0, 1}
     assert set(table["branch"]) == ({"all"} if kind == "Flux" else {"cond", "uncond"})
@@ -394,15 +566,44 @@ def test_record_command_drives_a_saved_text_pipeline_with_precomputed_embeddings
     pipeline.save_pretrained(str(folder))  # the text encoders are absent: the embeddings stand in for them
     torch.save(embeddings, tmp_path / "embeddings.pt")
     out = tmp_path / "sd3.parquet"
-    assert main(["record", "--diffusers", str(folder), "--embeddings", str(tmp_path / "embeddings.pt"), "--size", "64",
-                 "--steps", "3", "--samples", "2", "--cfg-scale", "2", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "record",
+                "--diffusers",
+                str(folder),
+                "--embeddings",
+                str(tmp_path / "embeddings.pt"),
+                "--size",
+                "64",
+                "--steps",
+                "3",
+                "--samples",
+                "2",
+                "--cfg-scale",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     pipeline.set_progress_bar_config(disable=True)
-    direct = collect_redundancy_diffusers(pipeline, CollectionConfig(samples=2, batch_size=8), steps=3, guidance_scale=2.0,
-                                          embeddings=embeddings, progress=False, **options)  # fmt: skip
+    direct = collect_redundancy_diffusers(
+        pipeline,
+        CollectionConfig(samples=2, batch_size=8),
+        steps=3,
+        guidance_scale=2.0,
+        embeddings=embeddings,
+        progress=False,
+        **options,
+    )
     written = pd.read_parquet(out)
     torch.testing.assert_close(torch.tensor(written["mean"].values), torch.tensor(direct["mean"].values))
     torch.save({"prompt_embeds": torch.randn(2, 7, 24)}, tmp_path / "two.pt")
-    assert main(["record", "--diffusers", str(folder), "--embeddings", str(tmp_path / "two.pt"), "--out", str(out)]) == 2
+    assert (
+        main(["record", "--diffusers", str(folder), "--embeddings", str(tmp_path / "two.pt"), "--out", str(out)]) == 2
+    )
     assert "must hold {name: tensor of batch 1}" in capsys.readouterr().err
 
 
@@ -418,16 +619,43 @@ def test_record_command_encodes_prompts_with_the_pipelines_own_text_encoder(tmp_
     words = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "in", "snow"]
     vocabulary = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     vocabulary.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocabulary, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=vocabulary, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
     encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_ff=32, num_layers=1, num_heads=2, d_kv=12))
-    pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=pixart(),
-                                   vae=AutoencoderKL.from_pretrained(str(tiny_vae_path)),
-                                   scheduler=DPMSolverMultistepScheduler())  # fmt: skip
+    pipeline = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        transformer=pixart(),
+        vae=AutoencoderKL.from_pretrained(str(tiny_vae_path)),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
     folder = tmp_path / "pixart"
     pipeline.save_pretrained(str(folder))
     out = tmp_path / "pixart.parquet"
-    assert main(["record", "--diffusers", str(folder), "--prompt", "a red fox", "snow", "--size", "64", "--steps", "2",
-                 "--samples", "2", "--cfg-scale", "2", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "record",
+                "--diffusers",
+                str(folder),
+                "--prompt",
+                "a red fox",
+                "snow",
+                "--size",
+                "64",
+                "--steps",
+                "2",
+                "--samples",
+                "2",
+                "--cfg-scale",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = pd.read_parquet(out)
     assert set(table["branch"]) == {"cond", "uncond"} and set(table["step"]) == {0, 1} and set(table["layer"]) == {0, 1}

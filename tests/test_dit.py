@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_inputs, tiny_model
-from mediator_models import build_model, registry_names
-from mediator_models.config import SIZES
-from mediator_models.layers import TimestepEmbedder, sincos_pos_embed_2d
 
-# ---- parameter layout, written out from the public DiT / mediator code's module tree (REFERENCE §1, §6) ----
+from mediator_models import build_model, registry_names
+from mediator_models.network.config import SIZES
+from mediator_models.network.layers import TimestepEmbedder, sincos_pos_embed_2d
+
+# ---- parameter layout, written out from the public DiT / mediator code's module tree (docs/reference.md §1, §6) ----
 
 
 def expected_state_shapes(depth, d, heads, p, c_in=4, classes=1000, grid=16, learn_sigma=True, mediators=None):

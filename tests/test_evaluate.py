@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.evaluate import Extractor, compute_metrics, load_images
+from analysis.quality.evaluate import Extractor, compute_metrics
+from analysis.quality.images import load_images
 from mediator_models.data import digits
 
 
@@ -39,8 +40,10 @@ def test_folder_npz_and_tensor_inputs_agree(tmp_path, extractor):
     for i, image in enumerate(nhwc):
         Image.fromarray(image).save(tmp_path / "folder" / f"{i:04d}.png")
     reference = digits("train")
-    values = [compute_metrics(source, reference, extractor, kid=False, prc=False)["fid"]
-              for source in (tmp_path / "s.npz", tmp_path / "folder", torch.from_numpy(nhwc))]  # fmt: skip
+    values = [
+        compute_metrics(source, reference, extractor, kid=False, prc=False)["fid"]
+        for source in (tmp_path / "s.npz", tmp_path / "folder", torch.from_numpy(nhwc))
+    ]
     assert values[0] == pytest.approx(values[1]) == pytest.approx(values[2])
 
 
@@ -48,7 +51,9 @@ def test_reference_statistics_npz_gives_the_same_fid(tmp_path, extractor):
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     reference = load_images(digits("heldout"))
-    fe = create_feature_extractor(extractor.name, ["features"], cuda=False, feature_extractor_weights_path=extractor.weights_path)
+    fe = create_feature_extractor(
+        extractor.name, ["features"], cuda=False, feature_extractor_weights_path=extractor.weights_path
+    )
     features = get_featuresdict_from_dataset(reference, fe, 64, False, True, False)["features"].double().numpy()
     np.savez(tmp_path / "ref.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))
     samples = digits("train")

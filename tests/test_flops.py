@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import tiny_model
 from mediator_models import config_gmacs, macs_breakdown, make_config, measured_macs, model_gmacs
-from mediator_models.attention import FullAttention, MediatorAttention
-from mediator_models.flops import _register_cpu_sdpa_formulas
+from mediator_models.network.attention import FullAttention, MediatorAttention
+from mediator_models.network.flops import _register_cpu_sdpa_formulas
 
-# REFERENCE §2: DiT paper, full attention at 256 px (32×32 latents).
+# docs/reference.md §2: DiT paper, full attention at 256 px (32×32 latents).
 DIT_TABLE = {
-    "S/2": 6.06, "S/4": 1.41, "S/8": 0.36,
-    "B/2": 23.01, "B/4": 5.56, "B/8": 1.42,
-    "L/2": 80.71, "L/4": 19.70, "L/8": 5.01,
-    "XL/2": 118.64, "XL/4": 29.05, "XL/8": 7.39,
-}  # fmt: skip
+    "S/2": 6.06,
+    "S/4": 1.41,
+    "S/8": 0.36,
+    "B/2": 23.01,
+    "B/4": 5.56,
+    "B/8": 1.42,
+    "L/2": 80.71,
+    "L/4": 19.70,
+    "L/8": 5.01,
+    "XL/2": 118.64,
+    "XL/4": 29.05,
+    "XL/8": 7.39,
+}
 
 
 @pytest.mark.parametrize("family", ["DiT", "SiT"])
@@ -27,7 +35,7 @@ def test_full_attention_gflops_match_the_dit_paper(family, size_patch, published
 
 
 def test_dit_xl2_at_512px_is_the_faithful_count_next_to_the_printed_figure():
-    # REFERENCE §2: the printed 524.6 is rounded and may come from another counting tool; a faithful count
+    # docs/reference.md §2: the printed 524.6 is rounded and may come from another counting tool; a faithful count
     # gives about 524.5. We assert the faithful count and that it sits a rounding-sized step from the print.
     count = model_gmacs("DiT-XL/2", input_size=64)
     assert count == pytest.approx(524.54, abs=0.01)
@@ -41,7 +49,13 @@ def test_mediator_sit_s2_gflops_match_the_paper_ablation(mediators, published):
 
 @pytest.mark.parametrize(
     "name,input_size,saving",
-    [("SiT-B/2", 64, 0.158), ("SiT-B/2", 128, 0.455), ("SiT-XL/2", 32, 0.017), ("SiT-XL/2", 64, 0.11), ("SiT-XL/2", 128, 0.36)],
+    [
+        ("SiT-B/2", 64, 0.158),
+        ("SiT-B/2", 128, 0.455),
+        ("SiT-XL/2", 32, 0.017),
+        ("SiT-XL/2", 64, 0.11),
+        ("SiT-XL/2", 128, 0.36),
+    ],
 )
 def test_savings_of_64_mediators_at_high_resolution_match_the_paper(name, input_size, saving):
     full = model_gmacs(name, input_size=input_size)
@@ -119,10 +133,12 @@ def test_ablation_counts_by_hand():
     assert conv_only == pytest.approx(full - depth * (per_block_full - per_block_conv), abs=1e-12)
 
 
-@pytest.mark.parametrize("attention,mediators,conv", [("full", None, True), ("mediator", 4, False), ("conv", None, None)])
+@pytest.mark.parametrize(
+    "attention,mediators,conv", [("full", None, True), ("mediator", 4, False), ("conv", None, None)]
+)
 def test_ablation_counts_match_the_measured_count(attention, mediators, conv):
     from mediator_models import build_model, config_gmacs
-    from mediator_models.flops import measured_macs
+    from mediator_models.network.flops import measured_macs
 
     model = build_model("SiT-T/2", input_size=8, attention=attention, mediators=mediators, depthwise_conv=conv)
     pooling = model.config.num_tokens * model.config.hidden_size * model.config.depth if attention == "mediator" else 0

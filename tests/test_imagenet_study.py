@@ -17,22 +17,44 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_imagenet_recipe_runs_every_stage_on_stand_ins(tmp_path, tiny_vae_path, random_inception):
-    from analysis.adm import AdmInception, write_reference_batch
+    from analysis.quality.adm import AdmInception, write_reference_batch
 
     rng = np.random.default_rng(0)
     for label in ("cat", "dog"):
         (tmp_path / "data" / label).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
-    reference = write_reference_batch(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
-                                      AdmInception(random_inception, "cpu"), tmp_path / "ref.npz")  # fmt: skip
-    env = {**os.environ, "DATA": str(tmp_path / "data"), "VAE": str(tiny_vae_path), "REF": str(reference),
-           "INCEPTION": str(random_inception), "OUT": str(tmp_path / "study"), "MODEL": "SiT-T/2", "IMAGE_SIZE": "32",
-           "COUNTS": "1 4", "TRAIN_STEPS": "2", "BATCH": "4", "RECORD_SAMPLES": "2", "STEPS": "4", "CFG": "1.5",
-           "FID_SAMPLES": "6", "SAMPLE_BATCH": "6", "RHO": "0.9", "ATTNMED": str(Path(sys.executable).parent / "attnmed"),
-           "PYTHON": sys.executable}  # fmt: skip
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "imagenet_study.sh")], env=env, capture_output=True, text=True,
-                          timeout=1200)  # fmt: skip
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / label / f"{i}.png"
+            )
+    reference = write_reference_batch(
+        rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+        AdmInception(random_inception, "cpu"),
+        tmp_path / "ref.npz",
+    )
+    env = {
+        **os.environ,
+        "DATA": str(tmp_path / "data"),
+        "VAE": str(tiny_vae_path),
+        "REF": str(reference),
+        "INCEPTION": str(random_inception),
+        "OUT": str(tmp_path / "study"),
+        "MODEL": "SiT-T/2",
+        "IMAGE_SIZE": "32",
+        "COUNTS": "1 4",
+        "TRAIN_STEPS": "2",
+        "BATCH": "4",
+        "RECORD_SAMPLES": "2",
+        "STEPS": "4",
+        "CFG": "1.5",
+        "FID_SAMPLES": "6",
+        "SAMPLE_BATCH": "6",
+        "RHO": "0.9",
+        "ATTNMED": str(Path(sys.executable).parent / "attnmed"),
+        "PYTHON": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "imagenet_study.sh")], env=env, capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "study" / "RESULTS.md").read_text().splitlines()
     runs = {line.split("|")[1].strip() for line in table[2:]}
@@ -42,6 +64,7 @@ def test_the_imagenet_recipe_runs_every_stage_on_stand_ins(tmp_path, tiny_vae_pa
         assert all(np.isfinite(float(v)) for v in cells[1:])
     assert (tmp_path / "study" / "figures" / "redundancy_heatmap_full.png").exists()
     # A rerun finds every stage done.
-    again = subprocess.run(["bash", str(ROOT / "scripts" / "imagenet_study.sh")], env=env, capture_output=True,
-                           text=True, timeout=600)  # fmt: skip
+    again = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "imagenet_study.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0 and "train " not in again.stderr

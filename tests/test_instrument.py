@@ -6,13 +6,13 @@ import re
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from analysis.collect import collect_redundancy
 from analysis.metrics import metric_reducer
-from helpers import tiny_model
-from mediator_models.instrument import record_attention
-from mediator_models.sample import start_batch
-from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
+from mediator_models.recording.recorder import record_attention
+from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
+from mediator_models.sampling.steps import start_batch
 
 CASES = [
     ("DiT-T/2", "full", None, SamplerConfig(kind="ddpm", steps=6)),
@@ -67,8 +67,9 @@ def test_head_average_row_is_the_mean_of_the_head_rows():
 
 def test_layer_and_head_selection_and_kept_maps(tmp_path):
     model = tiny_model("SiT-T/2", attention="mediator", mediators=4)
-    with record_attention(model, metric_reducer(("jsd",)), layers=[1, 3], heads=[0, 2], keep_maps=[(1, 3)],
-                          keep_dir=tmp_path) as recorder:  # fmt: skip
+    with record_attention(
+        model, metric_reducer(("jsd",)), layers=[1, 3], heads=[0, 2], keep_maps=[(1, 3)], keep_dir=tmp_path
+    ) as recorder:
         run(model, SamplerConfig(kind="sde", steps=3), recorder.callback, batch=2)
     rows = recorder.rows()
     assert {r["layer"] for r in rows} == {1, 3} and {r["head"] for r in rows} == {0, 2, -1}
@@ -114,31 +115,43 @@ def test_collection_is_independent_of_batching_and_resumes_after_interruption(tm
     state = tmp_path / "state.pt"
     monkeypatch.setattr(collect_module, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        collect_redundancy(model, process, sampler, CollectionConfig(samples=4, batch_size=2), state_path=state, progress=False)
+        collect_redundancy(
+            model, process, sampler, CollectionConfig(samples=4, batch_size=2), state_path=state, progress=False
+        )
     monkeypatch.setattr(collect_module, "generate", real_generate)
     assert torch.load(state, weights_only=False)["done"] == 2
-    resumed = collect_redundancy(model, process, sampler, CollectionConfig(samples=4, batch_size=2), state_path=state,
-                                 progress=False)  # fmt: skip
+    resumed = collect_redundancy(
+        model, process, sampler, CollectionConfig(samples=4, batch_size=2), state_path=state, progress=False
+    )
     assert len(resumed) == len(one_go) == 3 * 4 * 5 * 3
     for column in ("mean", "std"):
         # Equal up to float rounding: kernels may sum in another order for another batch size.
-        torch.testing.assert_close(torch.tensor(resumed[column].values), torch.tensor(one_go[column].values),
-                                   atol=1e-7, rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor(resumed[column].values), torch.tensor(one_go[column].values), atol=1e-7, rtol=1e-5
+        )
     assert set(resumed["count"]) == {4}
     with pytest.raises(ValueError, match="another configuration"):
-        collect_redundancy(model, process, sampler, CollectionConfig(samples=8, batch_size=2), state_path=state, progress=False)
+        collect_redundancy(
+            model, process, sampler, CollectionConfig(samples=8, batch_size=2), state_path=state, progress=False
+        )
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"layers": [-9]}, r"--layers takes indices from 0 up, got \[-9\]"),
-    ({"layers": [7]}, r"--layers \[7\] do not exist in .*: it has layers 0..3"),
-    ({"layers": []}, "--layers was given without values"),
-    ({"heads": [99]}, r"--heads \[99\] do not exist in .*: it has heads 0..3"),
-    ({"heads": [-1]}, "−1 is the head average"),
-    ({"heads": [1, 1]}, r"--heads names \[1\] more than once"),
-    ({"keep_maps": [(1, 2, 3)], "keep_dir": "x"}, r"keep_maps takes \(step, layer\) pairs"),
-    ({"layers": [0], "keep_maps": [(0, 2)], "keep_dir": "x"}, r"--keep-maps \[\(0, 2\)\]: those layers are not recorded"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"layers": [-9]}, r"--layers takes indices from 0 up, got \[-9\]"),
+        ({"layers": [7]}, r"--layers \[7\] do not exist in .*: it has layers 0..3"),
+        ({"layers": []}, "--layers was given without values"),
+        ({"heads": [99]}, r"--heads \[99\] do not exist in .*: it has heads 0..3"),
+        ({"heads": [-1]}, "−1 is the head average"),
+        ({"heads": [1, 1]}, r"--heads names \[1\] more than once"),
+        ({"keep_maps": [(1, 2, 3)], "keep_dir": "x"}, r"keep_maps takes \(step, layer\) pairs"),
+        (
+            {"layers": [0], "keep_maps": [(0, 2)], "keep_dir": "x"},
+            r"--keep-maps \[\(0, 2\)\]: those layers are not recorded",
+        ),
+    ],
+)
 def test_bad_selections_are_refused_when_the_recorder_attaches_before_any_sampling(options, message):
     model = tiny_model("SiT-T/2")
     with pytest.raises(ValueError, match=message):
@@ -152,8 +165,9 @@ def test_adaptive_solvers_are_refused_so_every_row_is_one_noise_level():
 
     model = tiny_model("SiT-T/2")
     with pytest.raises(ValueError, match="needs a fixed-step sampler .* --method euler or heun"):
-        collect_redundancy(model, ProcessConfig("SiT"), SamplerConfig(kind="ode", steps=4), CollectionConfig(samples=2),
-                           progress=False)  # fmt: skip
+        collect_redundancy(
+            model, ProcessConfig("SiT"), SamplerConfig(kind="ode", steps=4), CollectionConfig(samples=2), progress=False
+        )
     # Through the Python API the recorder itself notices a second batch evaluated at other levels.
     with record_attention(model, metric_reducer(("entropy",))) as recorder:
         run(model, SamplerConfig(kind="sde", steps=4), recorder.callback)
@@ -168,20 +182,22 @@ def test_noise_levels_seen_by_callbacks_stay_within_zero_and_one_for_dopri5():
     assert levels and min(levels) >= 0.0 and max(levels) <= 1.0
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--keep-maps", "1:2:3"], "--keep-maps takes STEP:LAYER pairs such as 0:3, got '1:2:3'"),
-    (["--keep-maps", "999:1"], r"--keep-maps \[\(999, 1\)\]: this sampler evaluates steps 0..2 only"),
-    (["--samples", "0"], "--samples must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--metrics", "bogus"], r"unknown metrics \['bogus'\]"),
-    (["--heads", "99"], r"--heads \[99\] do not exist"),
-    (["--layers"], "--layers was given without values"),
-    (["--sampler", "ode"], "needs a fixed-step sampler"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--keep-maps", "1:2:3"], "--keep-maps takes STEP:LAYER pairs such as 0:3, got '1:2:3'"),
+        (["--keep-maps", "999:1"], r"--keep-maps \[\(999, 1\)\]: this sampler evaluates steps 0..2 only"),
+        (["--samples", "0"], "--samples must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--metrics", "bogus"], r"unknown metrics \['bogus'\]"),
+        (["--heads", "99"], r"--heads \[99\] do not exist"),
+        (["--layers"], "--layers was given without values"),
+        (["--sampler", "ode"], "needs a fixed-step sampler"),
+    ],
+)
 def test_bad_record_flags_fail_before_sampling_with_one_line(tmp_path, capsys, monkeypatch, flags, message):
     from analysis import collect as collect_module
     from analysis.cli import main
-
     from mediator_models import build_model
 
     checkpoint = tmp_path / "sit.pt"
@@ -197,15 +213,30 @@ def test_bad_record_flags_fail_before_sampling_with_one_line(tmp_path, capsys, m
 def test_record_under_two_ranks_gives_the_single_process_table(tmp_path):
     """`attnmed record` under two Gloo ranks (torchrun's environment): ranks split the samples, rank 0 merges."""
     import pandas as pd
+    from helpers import run_two_gloo_ranks
 
     from analysis.cli import main
-    from helpers import run_two_gloo_ranks
     from mediator_models import build_model
 
     checkpoint = tmp_path / "sit.pt"
     torch.save(build_model("SiT-T/2", input_size=8).state_dict(), checkpoint)
-    args = ["record", "--ckpt", str(checkpoint), "--model", "SiT-T/2", "--input-size", "8", "--steps", "4",
-            "--samples", "6", "--batch-size", "2", "--metrics", "all"]  # fmt: skip
+    args = [
+        "record",
+        "--ckpt",
+        str(checkpoint),
+        "--model",
+        "SiT-T/2",
+        "--input-size",
+        "8",
+        "--steps",
+        "4",
+        "--samples",
+        "6",
+        "--batch-size",
+        "2",
+        "--metrics",
+        "all",
+    ]
     assert main([*args, "--out", str(tmp_path / "one.parquet")]) == 0
     code = f"import sys; from analysis.cli import main; sys.exit(main({[*args, '--out', str(tmp_path / 'two.parquet')]!r}))"
     assert run_two_gloo_ranks(code) == [0, 0]
@@ -214,8 +245,10 @@ def test_record_under_two_ranks_gives_the_single_process_table(tmp_path):
     keys = ["network", "step", "layer", "head", "branch", "metric"]
     merged = one.merge(two, on=keys, suffixes=("_one", "_two"))
     assert len(merged) == len(one)
-    torch.testing.assert_close(torch.tensor(merged["mean_two"].values), torch.tensor(merged["mean_one"].values),
-                               atol=1e-6, rtol=1e-5)  # fmt: skip
-    torch.testing.assert_close(torch.tensor(merged["std_two"].values), torch.tensor(merged["std_one"].values),
-                               atol=1e-6, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(merged["mean_two"].values), torch.tensor(merged["mean_one"].values), atol=1e-6, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.tensor(merged["std_two"].values), torch.tensor(merged["std_one"].values), atol=1e-6, rtol=1e-4
+    )
     assert not list(tmp_path.glob(".two.parquet.state.pt*"))

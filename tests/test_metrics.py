@@ -23,7 +23,7 @@ from analysis.metrics import (
     singular_values,
     stable_rank,
 )
-from mediator_models.attention import AttentionMaps
+from mediator_models.network.attention import AttentionMaps
 
 N = 8
 
@@ -216,6 +216,7 @@ def test_rank_measures_of_a_zero_spectrum_are_zero():
 
 # ---- the premise: how much of A·V a rank-n map keeps ---------------------------------------------------------
 
+
 def maps_of_rank(rank: int, tokens: int = 64, seed: int = 0) -> torch.Tensor:
     """Row-stochastic maps of rank `rank`: P (N×r) · Q (r×N), both row-stochastic (3 maps)."""
     generator = torch.Generator().manual_seed(seed)
@@ -269,7 +270,7 @@ def test_the_recorder_reducer_measures_recovery_from_the_layers_values_and_refus
 
 
 def test_full_attention_hands_its_values_queries_and_keys_to_observers():
-    from mediator_models.attention import FullAttention
+    from mediator_models.network.attention import FullAttention
 
     torch.manual_seed(0)
     layer = FullAttention(16, 2)

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from analysis.rundata import REFERENCE_RUNS, notebook_data
+from analysis.study.rundata import REFERENCE_RUNS, notebook_data
 
 ROOT = Path(__file__).resolve().parent.parent
 

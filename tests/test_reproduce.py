@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from analysis.cli import main
-from mediator_models.switching import MediatorSchedule
+from mediator_models.sampling.switching import MediatorSchedule
 
 
 @pytest.mark.slow
@@ -42,8 +42,15 @@ def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path, monkeypatch
     for path in (run_dir / "schedules").glob("*.json"):
         schedule = MediatorSchedule.load(path)  # validates that the intervals tile [0, 1]
         assert schedule.intervals[0].high == 1.0 and schedule.intervals[-1].low == 0.0
-    for name in ("redundancy_heatmap_full", "redundancy_curves_full", "measures_by_noise", "attention_maps",
-                 "schedules", "fid_vs_gflops", "samples_full"):  # fmt: skip
+    for name in (
+        "redundancy_heatmap_full",
+        "redundancy_curves_full",
+        "measures_by_noise",
+        "attention_maps",
+        "schedules",
+        "fid_vs_gflops",
+        "samples_full",
+    ):
         with Image.open(figures / f"{name}.png") as image:
             assert image.size[0] > 200 and image.size[1] > 100
             low, high = image.convert("L").getextrema()
@@ -63,13 +70,15 @@ def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path, monkeypatch
 
 
 def test_the_default_study_keeps_its_run_folder_name_and_bad_paper_grid_options_are_refused():
-    from analysis.reproduce import PRESETS, StudyConfig
+    from analysis.study.reproduce import PRESETS, StudyConfig
 
     # Options added for the paper-grid study leave the key of a study that does not use them unchanged, so the
     # committed reference run (figures/, made before they existed) still names its folder.
     assert PRESETS["default"].key() == "65a1e1df79"
-    assert PRESETS["paper-grid"].key() != StudyConfig(**{**PRESETS["paper-grid"].to_dict(), "premise": False,
-                                                          "recovery_thresholds": ()}).key()  # fmt: skip
+    assert (
+        PRESETS["paper-grid"].key()
+        != StudyConfig(**{**PRESETS["paper-grid"].to_dict(), "premise": False, "recovery_thresholds": ()}).key()
+    )
     grid = PRESETS["paper-grid"]
     assert grid.image_size // int(grid.model.rsplit("/", 1)[1]) == 16  # the paper's 16×16 token grid
     assert grid.mediator_counts == grid.adaptive_counts == (4, 16, 64)
@@ -84,50 +93,97 @@ def test_the_default_study_keeps_its_run_folder_name_and_bad_paper_grid_options_
 
 
 def test_a_time_matched_control_switches_every_sample_at_the_adaptive_runs_median_steps():
-    from analysis.reproduce import time_matched_schedule
+    from analysis.study.reproduce import time_matched_schedule
 
     levels = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
-    sidecar = {"per_sample": [{"switch_steps": [5, 7]}, {"switch_steps": [5, 8]}, {"switch_steps": [6]},
-                              {"switch_steps": [4, 7]}, {"switch_steps": [5, 9]}]}  # fmt: skip
+    sidecar = {
+        "per_sample": [
+            {"switch_steps": [5, 7]},
+            {"switch_steps": [5, 8]},
+            {"switch_steps": [6]},
+            {"switch_steps": [4, 7]},
+            {"switch_steps": [5, 9]},
+        ]
+    }
     schedule = time_matched_schedule(sidecar, [4, 16, 64], levels, "control")
     # Move 1: steps 4,5,5,5,6 -> 5 (between levels 0.6 and 0.5); move 2: 7,7,8,9,never -> 8 (0.3 | 0.2).
     assert [(round(i.high, 2), round(i.low, 2), i.mediators) for i in schedule.intervals] == [
-        (1.0, 0.55, 4), (0.55, 0.25, 16), (0.25, 0.0, 64)]  # fmt: skip
+        (1.0, 0.55, 4),
+        (0.55, 0.25, 16),
+        (0.25, 0.0, 64),
+    ]
     never = time_matched_schedule({"per_sample": [{"switch_steps": []}] * 3}, [4, 16], levels, "control")
     assert never.count_at(0.05) == 4  # nobody moved: the control never moves either
 
 
 def test_paper_grid_comparisons_isolate_the_conv_the_mediators_and_per_sample_timing():
-    from analysis.reproduce import comparisons
+    from analysis.study.reproduce import comparisons
 
-    runs = [{"name": n, "kind": k} for n, k in (("med4", "static"), ("med16", "static"), ("full", "static"),
-            ("med16-noconv", "ablation"), ("full-conv", "ablation"), ("conv", "ablation"),
-            ("adaptive-1-0.9", "adaptive (paper's rule)"))]  # fmt: skip
+    runs = [
+        {"name": n, "kind": k}
+        for n, k in (
+            ("med4", "static"),
+            ("med16", "static"),
+            ("full", "static"),
+            ("med16-noconv", "ablation"),
+            ("full-conv", "ablation"),
+            ("conv", "ablation"),
+            ("adaptive-1-0.9", "adaptive (paper's rule)"),
+        )
+    ]
     runs.append({"name": "control-adaptive-1-0.9", "kind": "time-matched control", "control_of": "adaptive-1-0.9"})
     cells = pd.DataFrame({"run": [r["name"] for r in runs], "gflops_per_image": [1, 2, 3, 2, 3, 0.5, 1.5, 1.5]})
     pairs = {(run, label, claim) for run, _, label, claim in comparisons(runs, cells, "full")}
     assert ("med16", "med16-noconv", "the conv's part: mediators with vs without it") in pairs
     assert ("med16", "conv", "the mediators' part: mediators + conv vs the conv alone") in pairs
-    assert ("adaptive-1-0.9", "control-adaptive-1-0.9", "per-sample switching vs the same switch steps for every sample") in pairs
+    assert (
+        "adaptive-1-0.9",
+        "control-adaptive-1-0.9",
+        "per-sample switching vs the same switch steps for every sample",
+    ) in pairs
     frontier = {run for run, _, claim in pairs if claim.startswith("dynamic")}
     assert frontier == {"adaptive-1-0.9", "control-adaptive-1-0.9"}  # ablations are not schedules
 
 
 @pytest.mark.slow
 def test_a_paper_grid_study_in_miniature_reports_ablations_adaptive_diagnostics_and_the_premise(tmp_path):
-    from analysis.reproduce import StudyConfig, run_study
+    from analysis.study.reproduce import StudyConfig, run_study
 
-    config = StudyConfig(model="SiT-T/2", mediator_counts=(4, 16), train_steps=10, batch_size=8, sampler_steps=8,
-                         record_samples=2, fid_samples=16, train_seeds=(0, 1), sample_seeds=(0,),
-                         adaptive_ratios=((1.0,),), jsd_quantiles=(), bootstrap_replicates=20, kid_subset_size=8,
-                         ablations=("noconv", "full-conv", "conv"), adaptive_counts=(4, 16),
-                         adaptive_drift_ratios=((0.9,),), time_matched_controls=True, premise=True,
-                         recovery_thresholds=(0.1,), budget_of=(4,))  # fmt: skip
+    config = StudyConfig(
+        model="SiT-T/2",
+        mediator_counts=(4, 16),
+        train_steps=10,
+        batch_size=8,
+        sampler_steps=8,
+        record_samples=2,
+        fid_samples=16,
+        train_seeds=(0, 1),
+        sample_seeds=(0,),
+        adaptive_ratios=((1.0,),),
+        jsd_quantiles=(),
+        bootstrap_replicates=20,
+        kid_subset_size=8,
+        ablations=("noconv", "full-conv", "conv"),
+        adaptive_counts=(4, 16),
+        adaptive_drift_ratios=((0.9,),),
+        time_matched_controls=True,
+        premise=True,
+        recovery_thresholds=(0.1,),
+        budget_of=(4,),
+    )
     report = run_study("miniature", tmp_path, config=config)
     run_dir = report.parent.parent
     summary = pd.read_csv(run_dir / "results.csv").query("train_seed == 'all'").set_index("run")
-    assert {"med16-noconv", "full-conv", "conv", "adaptive-1", "control-adaptive-1", "adaptive-drift-0.9",
-            "derived-recovery0.1", "derived-budget4"} <= set(summary.index)  # fmt: skip
+    assert {
+        "med16-noconv",
+        "full-conv",
+        "conv",
+        "adaptive-1",
+        "control-adaptive-1",
+        "adaptive-drift-0.9",
+        "derived-recovery0.1",
+        "derived-budget4",
+    } <= set(summary.index)
     assert "derived-jsd" not in summary.index  # no quantile thresholds where they are not asked for
     assert summary.loc["conv", "gflops_per_image"] < summary.loc["med4", "gflops_per_image"]
     assert (summary["seconds_per_image"] > 0).all()

@@ -13,13 +13,19 @@ import time
 import pytest
 import torch
 
-from mediator_models.checkpoint import atomic_save
-from mediator_models.runfolder import (ConfigurationMismatchError, FolderBusyError, FolderLock, check_writable,
-                                       claim_identity, clean_stale_temporaries)  # fmt: skip
+from mediator_models.storage.checkpoints import atomic_save
+from mediator_models.storage.runfolder import (
+    ConfigurationMismatchError,
+    FolderBusyError,
+    FolderLock,
+    check_writable,
+    claim_identity,
+    clean_stale_temporaries,
+)
 
 HOLD_LOCK = """
 import sys, time
-from mediator_models.runfolder import FolderLock
+from mediator_models.storage.runfolder import FolderLock
 FolderLock(sys.argv[1], "a test holder").acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -48,8 +54,12 @@ def test_a_second_writer_is_refused_and_a_killed_holder_releases_the_folder(tmp_
 def test_identity_resumes_the_same_configuration_and_names_each_difference(tmp_path):
     path = tmp_path / "sampling.json"
     assert claim_identity(path, {"seed": 0, "steps": 8, "checkpoint": "a.pt"}, what="samples", fix="fix it") is False
-    assert claim_identity(path, {"seed": 0, "steps": 8, "checkpoint": "b.pt"}, what="samples", fix="fix it",
-                          ignore=["checkpoint"]) is True  # fmt: skip
+    assert (
+        claim_identity(
+            path, {"seed": 0, "steps": 8, "checkpoint": "b.pt"}, what="samples", fix="fix it", ignore=["checkpoint"]
+        )
+        is True
+    )
     with pytest.raises(ConfigurationMismatchError) as caught:
         claim_identity(path, {"seed": 1, "steps": 8, "cfg": 2.0}, what="samples", fix="choose another --out")
     message = str(caught.value)
@@ -74,7 +84,9 @@ def test_a_full_disk_keeps_the_last_good_file_and_says_so(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match="no space left on the device while writing .*ckpt.pt; the previous version is kept"):
+    with pytest.raises(
+        OSError, match="no space left on the device while writing .*ckpt.pt; the previous version is kept"
+    ):
         atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
@@ -88,6 +100,7 @@ def test_unwritable_folders_are_refused_before_any_work(tmp_path, monkeypatch):
     import tempfile
 
     for code, reason in ((errno.EROFS, "the file system is read-only"), (errno.ENOSPC, "the disk is full")):
+
         def refuse(*args, code=code, **kwargs):
             raise OSError(code, os.strerror(code))
 

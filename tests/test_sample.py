@@ -13,7 +13,7 @@ from PIL import Image
 from analysis.cli import main
 from mediator_models import CheckpointMismatchError, build_model
 from mediator_models.sample import load_for_sampling, sample_to_folder
-from mediator_models.sampling import SamplerConfig, default_sampler
+from mediator_models.sampling.generation import SamplerConfig, default_sampler
 from mediator_models.train import TrainConfig, train
 
 
@@ -84,7 +84,13 @@ def test_unknown_sampler_fails_before_any_work(tmp_path, trained, capsys):
 def test_sample_command_writes_the_folder(tmp_path, trained):
     assert main(["sample", "--ckpt", str(trained), "--steps", "3", "--num-samples", "2", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
-        "000000.png", "000001.png", "costs-rank0.jsonl", "samples.json", "samples.npz", "sampling.json"]  # fmt: skip
+        "000000.png",
+        "000001.png",
+        "costs-rank0.jsonl",
+        "samples.json",
+        "samples.npz",
+        "sampling.json",
+    ]
 
 
 @pytest.mark.slow
@@ -96,7 +102,10 @@ def test_two_rank_sampling_writes_the_same_images_as_one_process(tmp_path, train
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     code = f"import sys; from analysis.cli import main; sys.exit(main({[*args, '--out', str(tmp_path / 'two')]!r}))"
     assert run_two_gloo_ranks(code) == [0, 0]
-    assert sorted(p.name for p in (tmp_path / "two").glob("costs-rank*.jsonl")) == ["costs-rank0.jsonl", "costs-rank1.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").glob("costs-rank*.jsonl")) == [
+        "costs-rank0.jsonl",
+        "costs-rank1.jsonl",
+    ]
     for name, image in pngs(tmp_path / "one").items():
         np.testing.assert_array_equal(image, pngs(tmp_path / "two")[name])
     assert json.loads((tmp_path / "two" / "samples.json").read_text())["num_samples"] == 5
@@ -107,17 +116,26 @@ def test_a_restart_with_another_configuration_is_refused_naming_the_setting(tmp_
     sampler = SamplerConfig(kind="sde", steps=3)
     sample_to_folder(loaded, tmp_path, num_samples=2, sampler=sampler, progress=False)
     before = pngs(tmp_path)
-    for changes, setting in (({"seed": 1}, "seed: folder has 0, this run has 1"),
-                             ({"sampler": SamplerConfig(kind="sde", steps=4)}, "sampler: folder has"),
-                             ({"classes": [3]}, r"classes: folder has null, this run has \[3\]")):  # fmt: skip
+    for changes, setting in (
+        ({"seed": 1}, "seed: folder has 0, this run has 1"),
+        ({"sampler": SamplerConfig(kind="sde", steps=4)}, "sampler: folder has"),
+        ({"classes": [3]}, r"classes: folder has null, this run has \[3\]"),
+    ):
         arguments = {"num_samples": 2, "sampler": sampler, "progress": False, **changes}
         with pytest.raises(ValueError, match=setting) as caught:
             sample_to_folder(loaded, tmp_path, **arguments)
         assert "choose another --out" in str(caught.value)
-    other = train(TrainConfig(model="SiT-T/4", steps=1, global_batch_size=8, out=str(tmp_path / "other"), progress=False))
+    other = train(
+        TrainConfig(model="SiT-T/4", steps=1, global_batch_size=8, out=str(tmp_path / "other"), progress=False)
+    )
     with pytest.raises(ValueError, match="weights: folder has"):
-        sample_to_folder(load_for_sampling(other / "checkpoints/0000001.pt"), tmp_path, num_samples=2, sampler=sampler,
-                         progress=False)  # fmt: skip
+        sample_to_folder(
+            load_for_sampling(other / "checkpoints/0000001.pt"),
+            tmp_path,
+            num_samples=2,
+            sampler=sampler,
+            progress=False,
+        )
     after = pngs(tmp_path)
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in after)
     # The same configuration asking for more samples resumes, keeping what exists.
@@ -125,18 +143,21 @@ def test_a_restart_with_another_configuration_is_refused_naming_the_setting(tmp_
 
 
 def test_a_concurrent_sampling_into_the_same_folder_is_refused(tmp_path, trained):
-    from mediator_models.runfolder import FolderBusyError, FolderLock
+    from mediator_models.storage.runfolder import FolderBusyError, FolderLock
 
     with FolderLock(tmp_path, "attnmed sample"):
         with pytest.raises(FolderBusyError, match="in use by another run"):
-            sample_to_folder(load_for_sampling(trained), tmp_path, num_samples=2, sampler=SamplerConfig(steps=2),
-                             progress=False)  # fmt: skip
+            sample_to_folder(
+                load_for_sampling(trained), tmp_path, num_samples=2, sampler=SamplerConfig(steps=2), progress=False
+            )
 
 
 def test_images_of_unknown_origin_are_not_mixed_in(tmp_path, trained):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "000000.png")
     with pytest.raises(ValueError, match="already holds 1 images .* but no sampling.json"):
-        sample_to_folder(load_for_sampling(trained), tmp_path, num_samples=2, sampler=SamplerConfig(steps=2), progress=False)
+        sample_to_folder(
+            load_for_sampling(trained), tmp_path, num_samples=2, sampler=SamplerConfig(steps=2), progress=False
+        )
 
 
 def test_a_kill_between_cost_records_and_images_is_redone_not_a_type_error(tmp_path, trained):
@@ -168,7 +189,10 @@ BAD_SAMPLE_FLAGS = [
     (["--classes", "-1"], r"--classes \[-1\] out of range"),
     (["--cfg-scale", "2", "--guided-channels", "9"], r"--guided-channels must lie in 1..1"),
     (["--model", "SiT-S/2"], r"disagrees with --model SiT-S/2 \(the checkpoint holds SiT-T/4\)"),
-    (["--attention", "mediator", "--mediators", "4"], r"--attention mediator \(the checkpoint holds full\), --mediators 4"),
+    (
+        ["--attention", "mediator", "--mediators", "4"],
+        r"--attention mediator \(the checkpoint holds full\), --mediators 4",
+    ),
     (["--steps", "0"], "--steps must be at least 1"),
 ]
 
@@ -201,19 +225,41 @@ def trio(tmp_path_factory):
     out = tmp_path_factory.mktemp("trio")
     paths = {}
     for name, attention, count in (("med1", "mediator", 1), ("med4", "mediator", 4), ("full", "full", None)):
-        config = TrainConfig(model="SiT-T/4", attention=attention, mediators=count, steps=1, global_batch_size=8,
-                             out=str(out / name), progress=False)  # fmt: skip
+        config = TrainConfig(
+            model="SiT-T/4",
+            attention=attention,
+            mediators=count,
+            steps=1,
+            global_batch_size=8,
+            out=str(out / name),
+            progress=False,
+        )
         paths[name] = train(config) / "checkpoints/0000001.pt"
     return paths
 
 
 def test_sampling_with_a_schedule_switches_networks_and_records_what_each_sample_spent(tmp_path, trio):
     from mediator_models import config_gmacs
-    from mediator_models.switching import MediatorSchedule
+    from mediator_models.sampling.switching import MediatorSchedule
 
     schedule = MediatorSchedule.from_boundaries([1, 4, None], [0.7, 0.3], name="demo").save(tmp_path / "s.json")
-    args = ["sample", "--ckpt", str(trio["full"]), "--ckpt", str(trio["med1"]), "--ckpt", str(trio["med4"]),
-            "--steps", "10", "--num-samples", "3", "--schedule", str(schedule), "--out", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        "sample",
+        "--ckpt",
+        str(trio["full"]),
+        "--ckpt",
+        str(trio["med1"]),
+        "--ckpt",
+        str(trio["med4"]),
+        "--steps",
+        "10",
+        "--num-samples",
+        "3",
+        "--schedule",
+        str(schedule),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     sidecar = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert sidecar["schedule"]["name"] == "demo" and set(sidecar["schedule"]["networks"]) == {"n=1", "n=4", "full"}
@@ -225,8 +271,24 @@ def test_sampling_with_a_schedule_switches_networks_and_records_what_each_sample
 
 
 def test_adaptive_sampling_switches_per_sample_one_way(tmp_path, trio):
-    args = ["sample", "--ckpt", str(trio["med1"]), "--ckpt", str(trio["full"]), "--steps", "12", "--num-samples", "4",
-            "--batch-size", "2", "--adaptive", "--rho", "1.5", "--out", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        "sample",
+        "--ckpt",
+        str(trio["med1"]),
+        "--ckpt",
+        str(trio["full"]),
+        "--steps",
+        "12",
+        "--num-samples",
+        "4",
+        "--batch-size",
+        "2",
+        "--adaptive",
+        "--rho",
+        "1.5",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     sidecar = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert sidecar["schedule"]["order"] == ["n=1", "full"] and sidecar["schedule"]["rho"] == [1.5]
@@ -234,26 +296,63 @@ def test_adaptive_sampling_switches_per_sample_one_way(tmp_path, trio):
         assert len(entry["switch_steps"]) <= 1 and all(step >= 5 for step in entry["switch_steps"])  # after warm-up
 
 
-@pytest.mark.parametrize("extra,message", [
-    ([], "several --ckpt need --schedule FILE or --adaptive"),
-    (["--adaptive"], r"needs 1 --rho values"),
-    (["--adaptive", "--rho", "0.5", "--sampler", "ode"], "evaluates the network once per step"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ([], "several --ckpt need --schedule FILE or --adaptive"),
+        (["--adaptive"], r"needs 1 --rho values"),
+        (["--adaptive", "--rho", "0.5", "--sampler", "ode"], "evaluates the network once per step"),
+    ],
+)
 def test_switching_flags_are_checked(tmp_path, trio, capsys, extra, message):
-    args = ["sample", "--ckpt", str(trio["med1"]), "--ckpt", str(trio["full"]), "--steps", "4", *extra,
-            "--out", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        "sample",
+        "--ckpt",
+        str(trio["med1"]),
+        "--ckpt",
+        str(trio["full"]),
+        "--steps",
+        "4",
+        *extra,
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 2
     assert re.search(message, capsys.readouterr().err)
 
 
 def test_networks_that_cannot_be_switched_between_are_refused(tmp_path, trio, capsys):
     other = train(TrainConfig(model="SiT-T/2", steps=1, global_batch_size=8, out=str(tmp_path / "t2"), progress=False))
-    args = ["sample", "--ckpt", str(trio["med1"]), "--ckpt", str(other / "checkpoints/0000001.pt"), "--adaptive",
-            "--rho", "0.5", "--steps", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        "sample",
+        "--ckpt",
+        str(trio["med1"]),
+        "--ckpt",
+        str(other / "checkpoints/0000001.pt"),
+        "--adaptive",
+        "--rho",
+        "0.5",
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "cannot be switched with" in err and "patch_size: 4 vs 2" in err
-    args = ["sample", "--ckpt", str(trio["full"]), "--ckpt", str(trio["full"]), "--adaptive", "--rho", "0.5",
-            "--steps", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        "sample",
+        "--ckpt",
+        str(trio["full"]),
+        "--ckpt",
+        str(trio["full"]),
+        "--adaptive",
+        "--rho",
+        "0.5",
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 2
     assert "both hold full attention" in capsys.readouterr().err

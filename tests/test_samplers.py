@@ -10,12 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_model
-from mediator_models.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl, space_timesteps
-from mediator_models.stepping import NetworkCaller, PerSampleNoise, StepInfo
-from mediator_models.transport import Transport
 from oracles import SHAPE, DDPMOracle, TransportOracle, gaussian_data, sample_stats
+
+from mediator_models.sampling.diffusion import (
+    GaussianDiffusion,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    space_timesteps,
+)
+from mediator_models.sampling.steps import NetworkCaller, PerSampleNoise, StepInfo
+from mediator_models.sampling.transport import Transport
 
 N_SAMPLES = 4000
 MEAN_TOL, COV_TOL = 0.05, 0.04

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.stats import (CellMetrics, Interval, Reference, fid, kid, mmd2_unbiased, paired_bootstrap,
-                            precision_indicators, recall, verdict)  # fmt: skip
+from analysis.quality.scores import Reference, fid, kid, mmd2_unbiased, precision_indicators, recall
+from analysis.quality.stats import CellMetrics, ConfidenceInterval, paired_bootstrap, verdict
 
 
 def features(n, d=16, shift=0.0, scale=1.0, seed=0):
@@ -18,8 +18,9 @@ def test_fid_equals_torch_fidelity_on_the_same_features():
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
     a, b = features(300, shift=0.3, seed=1), features(200, seed=2)
-    theirs = fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(a)),
-                                      fid_features_to_statistics(torch.from_numpy(b)), verbose=False)  # fmt: skip
+    theirs = fid_statistics_to_metric(
+        fid_features_to_statistics(torch.from_numpy(a)), fid_features_to_statistics(torch.from_numpy(b)), verbose=False
+    )
     assert fid(a, Reference.from_features(b)) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
 
 
@@ -92,6 +93,6 @@ def test_unpaired_inputs_are_refused():
 
 
 def test_a_worse_point_estimate_is_never_called_a_tie():
-    interval = Interval(point=0.4, low=-0.2, high=1.0, replicates=100)
+    interval = ConfidenceInterval(point=0.4, low=-0.2, high=1.0, replicates=100)
     assert verdict(interval, "fid") == "not reproduced here"
     assert "tie" not in verdict(interval, "fid", claims_improvement=False)

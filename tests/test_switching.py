@@ -5,14 +5,22 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-
-from analysis.schedule import (Rule, calibrate_adaptive, counts_per_step, derive_recovery_schedule, derive_schedule,
-                               monotone_intervals, recovery_curve, schedule_gflops)
 from helpers import tiny_model
+
+from analysis.schedule import (
+    Rule,
+    calibrate_adaptive,
+    counts_per_step,
+    derive_recovery_schedule,
+    derive_schedule,
+    monotone_intervals,
+    recovery_curve,
+    schedule_gflops,
+)
 from mediator_models import config_gmacs
-from mediator_models.sample import start_batch
-from mediator_models.sampling import ProcessConfig, SamplerConfig, generate
-from mediator_models.switching import AdaptiveSwitch, Interval, MediatorSchedule, evaluation_levels
+from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
+from mediator_models.sampling.steps import start_batch
+from mediator_models.sampling.switching import AdaptiveSwitch, Interval, MediatorSchedule, evaluation_levels
 
 
 def test_schedule_round_trips_through_json_and_prints_readably(tmp_path):
@@ -35,8 +43,10 @@ def test_schedules_that_do_not_tile_or_use_missing_counts_are_refused():
 
 
 def test_static_schedule_picks_the_network_of_each_step_and_costs_follow():
-    nets = {4: tiny_model("SiT-T/2", attention="mediator", mediators=4),
-            16: tiny_model("SiT-T/2", attention="mediator", mediators=16)}  # fmt: skip
+    nets = {
+        4: tiny_model("SiT-T/2", attention="mediator", mediators=4),
+        16: tiny_model("SiT-T/2", attention="mediator", mediators=16),
+    }
     schedule = MediatorSchedule.from_boundaries([4, 16], [0.5])
     sampler = SamplerConfig(kind="ode", method="euler", steps=10)
     x_T, y, _ = start_batch([0, 1], 0, nets[4].config, None, "cpu")
@@ -51,8 +61,9 @@ def test_static_schedule_picks_the_network_of_each_step_and_costs_follow():
 def adaptive_run(networks, indices, ratios=(1.0, 0.6)):
     switch = AdaptiveSwitch(networks, ratios, warmup=3)
     x_T, y, noise = start_batch(indices, 0, networks[0].config, None, "cpu")
-    out, caller = generate(networks[0], ProcessConfig("SiT"), SamplerConfig(kind="sde", steps=30), x_T, y,
-                           callback=switch, noise_fn=noise)  # fmt: skip
+    out, caller = generate(
+        networks[0], ProcessConfig("SiT"), SamplerConfig(kind="sde", steps=30), x_T, y, callback=switch, noise_fn=noise
+    )
     return out, switch.switch_steps, caller
 
 
@@ -88,8 +99,15 @@ def test_adaptive_rule_follows_the_public_warmup_and_one_way_moves(three_network
 def test_adaptive_rule_with_guidance_routes_both_halves(three_networks):
     switch = AdaptiveSwitch(three_networks, (1.0, 0.6))
     x_T, y, noise = start_batch([0, 1], 0, three_networks[0].config, None, "cpu")
-    out, caller = generate(three_networks[0], ProcessConfig("SiT"), SamplerConfig(kind="sde", steps=12, cfg_scale=2.0),
-                           x_T, y, callback=switch, noise_fn=noise)  # fmt: skip
+    out, caller = generate(
+        three_networks[0],
+        ProcessConfig("SiT"),
+        SamplerConfig(kind="sde", steps=12, cfg_scale=2.0),
+        x_T,
+        y,
+        callback=switch,
+        noise_fn=noise,
+    )
     assert torch.isfinite(out).all() and caller.forward_passes == 2 * caller.nfe
 
 
@@ -98,8 +116,17 @@ def table_with(metric, values_by_level):
     for step, (level, value) in enumerate(values_by_level):
         for layer in range(2):
             for head in range(2):
-                rows.append({"step": step, "noise_level": level, "layer": layer, "head": head, "branch": "all",
-                             "metric": metric, "mean": value})  # fmt: skip
+                rows.append(
+                    {
+                        "step": step,
+                        "noise_level": level,
+                        "layer": layer,
+                        "head": head,
+                        "branch": "all",
+                        "metric": metric,
+                        "mean": value,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -110,7 +137,10 @@ def test_energy_rank_rule_takes_the_smallest_count_that_fits_and_stays_monotone(
     schedule = derive_schedule(table, [4, 16, None], name="derived")
     # 4, 4, 16, (16: never fewer at a less noisy step), full, full
     assert [(round(i.high, 2), round(i.low, 2), i.mediators) for i in schedule.intervals] == [
-        (1.0, 0.7, 4), (0.7, 0.3, 16), (0.3, 0.0, None)]  # fmt: skip
+        (1.0, 0.7, 4),
+        (0.7, 0.3, 16),
+        (0.3, 0.0, None),
+    ]
 
 
 def test_jsd_rule_uses_fewer_mediators_where_queries_attend_alike():
@@ -134,13 +164,16 @@ def test_calibration_meets_the_budget_with_the_most_mediators_it_allows(three_ne
         calibrate_adaptive(three_networks, process, sampler, cheapest / 2, grid=(0.5,), samples=1)
 
 
-@pytest.mark.parametrize("interval,message", [
-    ({"from": 1.0, "to": 0.0, "mediators": 4.9}, "mediators must be a positive whole number"),
-    ({"from": 1.0, "to": 0.0, "mediators": True}, "mediators must be a positive whole number"),
-    ({"from": 1.0, "to": 0.0, "mediators": 0}, "mediators must be a positive whole number"),
-    ({"from": float("nan"), "to": 0.0, "mediators": 4}, r"'from' must be a noise level in \[0, 1\], got NaN"),
-    ({"from": 1.0, "to": -0.5, "mediators": 4}, r"'to' must be a noise level in \[0, 1\]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "interval,message",
+    [
+        ({"from": 1.0, "to": 0.0, "mediators": 4.9}, "mediators must be a positive whole number"),
+        ({"from": 1.0, "to": 0.0, "mediators": True}, "mediators must be a positive whole number"),
+        ({"from": 1.0, "to": 0.0, "mediators": 0}, "mediators must be a positive whole number"),
+        ({"from": float("nan"), "to": 0.0, "mediators": 4}, r"'from' must be a noise level in \[0, 1\], got NaN"),
+        ({"from": 1.0, "to": -0.5, "mediators": 4}, r"'to' must be a noise level in \[0, 1\]"),
+    ],
+)
 def test_schedule_json_with_bad_counts_or_bounds_is_refused_naming_the_file(tmp_path, interval, message):
     import json
 
@@ -148,7 +181,10 @@ def test_schedule_json_with_bad_counts_or_bounds_is_refused_naming_the_file(tmp_
     path.write_text(json.dumps({"intervals": [interval]}))
     with pytest.raises(ValueError, match=f"schedule {path}: not a schedule: {message}"):
         MediatorSchedule.load(path)
-    assert MediatorSchedule.from_dict({"intervals": [{"from": 1.0, "to": 0.0, "mediators": 16.0}]}).intervals[0].mediators == 16
+    assert (
+        MediatorSchedule.from_dict({"intervals": [{"from": 1.0, "to": 0.0, "mediators": 16.0}]}).intervals[0].mediators
+        == 16
+    )
 
 
 def recovery_table(errors_by_level):
@@ -157,19 +193,30 @@ def recovery_table(errors_by_level):
     for step, (level, layers) in enumerate(errors_by_level):
         for layer, by_count in layers.items():
             for n, error in by_count.items():
-                rows.append({"step": step, "noise_level": level, "layer": layer, "head": -1, "branch": "all",
-                             "metric": f"recovery_rank_{n}", "mean": error})  # fmt: skip
+                rows.append(
+                    {
+                        "step": step,
+                        "noise_level": level,
+                        "layer": layer,
+                        "head": -1,
+                        "branch": "all",
+                        "metric": f"recovery_rank_{n}",
+                        "mean": error,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def test_recovery_rule_takes_the_fewest_mediators_that_keep_every_layer_within_epsilon():
     easy, hard = {4: 0.05, 16: 0.01, 64: 0.001}, {4: 0.3, 16: 0.15, 64: 0.08}
-    table = recovery_table([
-        (1.0, {0: easy, 1: easy}),
-        (0.6, {0: easy, 1: {4: 0.2, 16: 0.05, 64: 0.01}}),  # layer 1 needs 16: the worst layer decides
-        (0.3, {0: hard, 1: easy}),  # 64 within 0.1
-        (0.1, {0: {4: 0.5, 16: 0.4, 64: 0.3}, 1: easy}),  # nothing fits: full attention
-    ])  # fmt: skip
+    table = recovery_table(
+        [
+            (1.0, {0: easy, 1: easy}),
+            (0.6, {0: easy, 1: {4: 0.2, 16: 0.05, 64: 0.01}}),  # layer 1 needs 16: the worst layer decides
+            (0.3, {0: hard, 1: easy}),  # 64 within 0.1
+            (0.1, {0: {4: 0.5, 16: 0.4, 64: 0.3}, 1: easy}),  # nothing fits: full attention
+        ]
+    )
     schedule = derive_recovery_schedule(table, [4, 16, 64, None], 0.1)
     assert [i.mediators for i in schedule.intervals] == [4, 16, 64, None]
     assert [round(i.low, 2) for i in schedule.intervals] == [0.8, 0.45, 0.2, 0.0]
@@ -188,16 +235,36 @@ def test_recovery_rule_takes_the_fewest_mediators_that_keep_every_layer_within_e
 def test_the_sde_tells_the_callback_its_injected_noise_and_the_drift_rule_reads_the_rest(three_networks):
     seen = []
     x_T, y, noise = start_batch([0, 1], 0, three_networks[0].config, None, "cpu")
-    generate(three_networks[0], ProcessConfig("SiT"), SamplerConfig(kind="sde", steps=8), x_T, y,
-             callback=lambda info: seen.append((info.x, info.injected)), noise_fn=noise)  # fmt: skip
+    generate(
+        three_networks[0],
+        ProcessConfig("SiT"),
+        SamplerConfig(kind="sde", steps=8),
+        x_T,
+        y,
+        callback=lambda info: seen.append((info.x, info.injected)),
+        noise_fn=noise,
+    )
     assert seen[0][1] is None and all(injected is not None for _, injected in seen[1:])
-    generate(three_networks[0], ProcessConfig("SiT"), SamplerConfig(kind="ode", method="euler", steps=4), x_T, y,
-             callback=lambda info: seen.append(info.injected))  # fmt: skip
+    generate(
+        three_networks[0],
+        ProcessConfig("SiT"),
+        SamplerConfig(kind="ode", method="euler", steps=4),
+        x_T,
+        y,
+        callback=lambda info: seen.append(info.injected),
+    )
     assert seen[-4:] == [None] * 4  # deterministic samplers add nothing
     # The trace splits d_k into the noise and the rest; the drift rule switches on the rest.
     switch = AdaptiveSwitch(three_networks, (1.0, 0.6), statistic="drift")
-    _, caller = generate(three_networks[0], ProcessConfig("SiT"), SamplerConfig(kind="sde", steps=30), x_T, y,
-                         callback=switch, noise_fn=noise)  # fmt: skip
+    _, caller = generate(
+        three_networks[0],
+        ProcessConfig("SiT"),
+        SamplerConfig(kind="sde", steps=30),
+        x_T,
+        y,
+        callback=switch,
+        noise_fn=noise,
+    )
     assert len(switch.traces) == 2 and len(switch.traces[0]) == caller.nfe - 2
     state, injected, drift = torch.tensor(switch.traces[0]).T
     assert (injected > 0).all() and (drift < state + injected).all()

@@ -12,14 +12,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mediator_models import build_model
-from mediator_models.checkpoint import read_checkpoint
-from mediator_models.sampling import ProcessConfig
+from mediator_models.sampling.generation import ProcessConfig
+from mediator_models.storage.checkpoints import read_checkpoint
 from mediator_models.train import TrainConfig, TrainingDiverged, backward_on_batch, batch_indices, train
 
 
 def tiny_config(out, **changes) -> TrainConfig:
-    base = dict(model="SiT-T/4", data="digits", image_size=16, global_batch_size=8, steps=6, lr=1e-3,
-                ema_decay=0.9, log_every=2, ckpt_every=3, keep_checkpoints=None, out=str(out), progress=False)  # fmt: skip
+    base = dict(
+        model="SiT-T/4",
+        data="digits",
+        image_size=16,
+        global_batch_size=8,
+        steps=6,
+        lr=1e-3,
+        ema_decay=0.9,
+        log_every=2,
+        ckpt_every=3,
+        keep_checkpoints=None,
+        out=str(out),
+        progress=False,
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -36,7 +48,9 @@ def test_killed_and_resumed_run_reaches_the_same_weights(tmp_path, model, attent
     straight = train(tiny_config(tmp_path / "a", model=model, attention=attention, mediators=mediators))
     train(tiny_config(tmp_path / "b", model=model, attention=attention, mediators=mediators, steps=3))
     resumed = train(tiny_config(tmp_path / "b", model=model, attention=attention, mediators=mediators), resume=True)
-    states_equal(read_checkpoint(straight / "checkpoints/0000006.pt"), read_checkpoint(resumed / "checkpoints/0000006.pt"))
+    states_equal(
+        read_checkpoint(straight / "checkpoints/0000006.pt"), read_checkpoint(resumed / "checkpoints/0000006.pt")
+    )
     records = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "event" not in r] == [2, 3, 4, 6]  # the first run logs its last step
     (event,) = [r for r in records if "event" in r]
@@ -61,7 +75,7 @@ def test_starting_over_an_existing_run_or_resuming_with_other_settings_is_refuse
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from mediator_models import transport
+    from mediator_models.sampling import transport
 
     original = transport.Transport.training_loss
     calls = {"n": 0}
@@ -74,7 +88,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return terms
 
     monkeypatch.setattr(transport.Transport, "training_loss", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"normal range at step 4 \(non-finite\)(.|\n)*0000003.pt(.|\n)*--resume --lr"):
+    with pytest.raises(
+        TrainingDiverged, match=r"normal range at step 4 \(non-finite\)(.|\n)*0000003.pt(.|\n)*--resume --lr"
+    ):
         train(tiny_config(tmp_path))
     assert read_checkpoint(tmp_path / "checkpoints/0000003.pt")["step"] == 3
     assert not (tmp_path / "checkpoints/0000006.pt").exists()
@@ -121,7 +137,9 @@ def _ddp_worker(rank: int, init_file: str, data: dict, out_file: str) -> None:
     net = torch.nn.parallel.DistributedDataParallel(model)
     half = slice(rank * 4, (rank + 1) * 4)
     process = ProcessConfig("DiT").build()
-    backward_on_batch(net, process, data["x"][half], data["y"][half], grad_accum=2, t=data["t"][half], noise=data["noise"][half])
+    backward_on_batch(
+        net, process, data["x"][half], data["y"][half], grad_accum=2, t=data["t"][half], noise=data["noise"][half]
+    )
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out_file)
     dist.destroy_process_group()
@@ -134,8 +152,13 @@ def test_two_gloo_processes_compute_the_gradient_of_one_process_on_the_full_batc
         for name, p in model.named_parameters():
             if "adaLN" in name or "final_layer" in name:
                 p.normal_(0, 0.05)
-    data = {"state": model.state_dict(), "x": torch.randn(8, 1, 16, 16), "y": torch.randint(0, 10, (8,)),
-            "t": torch.randint(0, 1000, (8,)), "noise": torch.randn(8, 1, 16, 16)}  # fmt: skip
+    data = {
+        "state": model.state_dict(),
+        "x": torch.randn(8, 1, 16, 16),
+        "y": torch.randint(0, 10, (8,)),
+        "t": torch.randint(0, 1000, (8,)),
+        "noise": torch.randn(8, 1, 16, 16),
+    }
     backward_on_batch(model, ProcessConfig("DiT").build(), data["x"], data["y"], t=data["t"], noise=data["noise"])
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     out_file = str(tmp_path / "grads.pt")
@@ -160,15 +183,19 @@ def test_torchrun_style_two_rank_training_run(tmp_path):
 
 
 def test_training_on_cached_latents_and_on_the_fly_vae(tmp_path, tiny_vae_path):
-    from mediator_models.data import ImageFolderSource, cache_latents, load_vae
     from test_data import make_folder
+
+    from mediator_models.data import ImageFolderSource, cache_latents, load_vae
 
     folder = make_folder(tmp_path / "images", sizes=((40, 40),) * 4)
     cache = cache_latents(ImageFolderSource(folder, 32), load_vae(str(tiny_vae_path)), tmp_path / "latents")
     run = train(tiny_config(tmp_path / "cached", model="SiT-T/2", data=str(cache), image_size=32, steps=2))
     assert read_checkpoint(run / "checkpoints/0000002.pt")["model_config"]["in_channels"] == 4
-    run = train(tiny_config(tmp_path / "online", model="DiT-T/2", data=str(folder), image_size=32,
-                            vae=str(tiny_vae_path), steps=2))  # fmt: skip
+    run = train(
+        tiny_config(
+            tmp_path / "online", model="DiT-T/2", data=str(folder), image_size=32, vae=str(tiny_vae_path), steps=2
+        )
+    )
     config = read_checkpoint(run / "checkpoints/0000002.pt")["model_config"]
     assert (config["in_channels"], config["input_size"], config["num_classes"]) == (4, 4, 2)
 
@@ -183,7 +210,7 @@ def test_global_batch_that_does_not_divide_across_ranks_fails_before_work(tmp_pa
 
 
 def test_a_second_run_into_the_same_folder_is_refused_at_start(tmp_path):
-    from mediator_models.runfolder import FolderBusyError, FolderLock
+    from mediator_models.storage.runfolder import FolderBusyError, FolderLock
 
     with FolderLock(tmp_path, "attnmed train"):  # a first run, still training
         with pytest.raises(FolderBusyError, match="in use by another run"):
@@ -192,7 +219,9 @@ def test_a_second_run_into_the_same_folder_is_refused_at_start(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_between_optimizer_and_ema_updates_stops_at_a_whole_step_and_resumes_exactly(tmp_path, monkeypatch, signum):
+def test_a_signal_between_optimizer_and_ema_updates_stops_at_a_whole_step_and_resumes_exactly(
+    tmp_path, monkeypatch, signum
+):
     from mediator_models import train as train_module
     from mediator_models.train import TrainingInterrupted
 
@@ -213,7 +242,9 @@ def test_a_signal_between_optimizer_and_ema_updates_stops_at_a_whole_step_and_re
     assert caught.value.signum == signum and caught.value.checkpoint.name == "0000003.pt"
     assert read_checkpoint(caught.value.checkpoint)["step"] == 3
     resumed = train(tiny_config(tmp_path / "b", ckpt_every=100), resume=True)
-    states_equal(read_checkpoint(straight / "checkpoints/0000006.pt"), read_checkpoint(resumed / "checkpoints/0000006.pt"))
+    states_equal(
+        read_checkpoint(straight / "checkpoints/0000006.pt"), read_checkpoint(resumed / "checkpoints/0000006.pt")
+    )
 
 
 def test_sigterm_through_the_cli_saves_and_exits_143_and_the_resume_is_exact(tmp_path):
@@ -221,8 +252,24 @@ def test_sigterm_through_the_cli_saves_and_exits_143_and_the_resume_is_exact(tmp
     import sys
     import time
 
-    args = ["train", "--model", "SiT-T/4", "--batch-size", "8", "--steps", "400", "--ckpt-every", "1000",
-            "--log-every", "1", "--lr", "1e-3", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    args = [
+        "train",
+        "--model",
+        "SiT-T/4",
+        "--batch-size",
+        "8",
+        "--steps",
+        "400",
+        "--ckpt-every",
+        "1000",
+        "--log-every",
+        "1",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.Popen([sys.executable, "-m", "analysis.cli", *args], stderr=subprocess.PIPE, text=True)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 120
@@ -239,8 +286,22 @@ def test_sigterm_through_the_cli_saves_and_exits_143_and_the_resume_is_exact(tmp
 def test_divergence_keeps_the_checkpoint_before_it_and_a_resume_with_lower_lr_continues(tmp_path, capsys):
     from analysis.cli import main
 
-    base = ["train", "--model", "SiT-T/4", "--batch-size", "8", "--ckpt-every", "1", "--keep-checkpoints", "1",
-            "--log-every", "1", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    base = [
+        "train",
+        "--model",
+        "SiT-T/4",
+        "--batch-size",
+        "8",
+        "--ckpt-every",
+        "1",
+        "--keep-checkpoints",
+        "1",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert main([*base, "--steps", "4", "--lr", "1e-3"]) == 0
     assert main([*base, "--steps", "8", "--lr", "1e9", "--resume"]) == 1
     err = capsys.readouterr().err
@@ -307,5 +368,5 @@ def test_train_help_gives_every_flag_a_description_and_default(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out.split("options:")[1]
     for flag in ("--steps", "--lr", "--ema-decay", "--class-dropout", "--grad-accum", "--keep-checkpoints", "--seed"):
-        block = out[out.index(flag):].split("\n  -")[0]
+        block = out[out.index(flag) :].split("\n  -")[0]
         assert "(default:" in block, f"{flag} lacks a default in --help"

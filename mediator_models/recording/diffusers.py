@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attention import AttentionMaps
+from mediator_models.network.attention import AttentionMaps
 
 Observer = Callable[[AttentionMaps], None]
 
@@ -72,7 +72,10 @@ class RecordingProcessor:
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         query, key, _, text_query, text_key, _ = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query, key = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim))), attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        query, key = (
+            attn.norm_q(query.unflatten(-1, (-1, attn.head_dim))),
+            attn.norm_k(key.unflatten(-1, (-1, attn.head_dim))),
+        )
         text = 0
         if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
             text_query = attn.norm_added_q(text_query.unflatten(-1, (-1, attn.head_dim)))
@@ -108,7 +111,6 @@ class RecordingProcessor:
 def recordable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(name, attention module, kind) of every layer the recorder measures, in network order."""
     from diffusers.models.attention_processor import Attention
-
     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
     layers = []
@@ -116,9 +118,13 @@ def recordable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
         processor = type(getattr(module, "processor", None))
         if isinstance(module, FluxAttention):
             if processor is not FluxAttnProcessor and processor is not RecordingProcessor:
-                raise ValueError(f"{name} uses {processor.__name__}, which the recorder does not reproduce (it "
-                                 "reproduces FluxAttnProcessor)")  # fmt: skip
-            layers.append((name, module, "flux-single" if name.startswith("single_transformer_blocks") else "flux-joint"))
+                raise ValueError(
+                    f"{name} uses {processor.__name__}, which the recorder does not reproduce (it "
+                    "reproduces FluxAttnProcessor)"
+                )
+            layers.append(
+                (name, module, "flux-single" if name.startswith("single_transformer_blocks") else "flux-joint")
+            )
             continue
         if not isinstance(module, Attention):
             continue
@@ -130,12 +136,16 @@ def recordable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
                 raise ValueError(f"{name} uses {processor.__name__}, which the recorder does not reproduce")
             layers.append((name, module, "joint"))
     if not layers:
-        raise ValueError(f"no recordable self-attention found in {type(model).__name__} (DiT, PixArt, SD3 and Flux "
-                         "transformers are supported)")  # fmt: skip
+        raise ValueError(
+            f"no recordable self-attention found in {type(model).__name__} (DiT, PixArt, SD3 and Flux "
+            "transformers are supported)"
+        )
     return layers
 
 
-def attach(model: nn.Module, observer_for: Callable[[int], Observer], layers: list[int] | None = None) -> Callable[[], None]:
+def attach(
+    model: nn.Module, observer_for: Callable[[int], Observer], layers: list[int] | None = None
+) -> Callable[[], None]:
     """Install recording processors on the chosen layers (all by default); returns the function that restores
     the original processors."""
     found = recordable_layers(model)
@@ -146,8 +156,11 @@ def attach(model: nn.Module, observer_for: Callable[[int], Observer], layers: li
     def remember_image(module, args, kwargs):
         image["tokens"] = (args[0] if args else kwargs["hidden_states"]).shape[1]
 
-    hook = model.register_forward_pre_hook(remember_image, with_kwargs=True) if any(
-        kind == "flux-single" for _, _, kind in found) else None  # fmt: skip
+    hook = (
+        model.register_forward_pre_hook(remember_image, with_kwargs=True)
+        if any(kind == "flux-single" for _, _, kind in found)
+        else None
+    )
     for index in chosen:
         if index >= len(found):
             raise ValueError(f"--layers {index} does not exist: the model has {len(found)} recordable layers")
@@ -185,7 +198,9 @@ def noise_level_of(scheduler, timestep: torch.Tensor) -> float:
     if hasattr(scheduler, "config") and "shift" in scheduler.config:  # FlowMatchEulerDiscreteScheduler
         index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
         return min(max(float(scheduler.sigmas[index]), 0.0), 1.0)
-    raise ValueError(f"no noise level known for {type(scheduler).__name__}; use a DDPM-family or flow-matching scheduler")
+    raise ValueError(
+        f"no noise level known for {type(scheduler).__name__}; use a DDPM-family or flow-matching scheduler"
+    )
 
 
 class PipelineSteps:
@@ -195,7 +210,7 @@ class PipelineSteps:
     callback is shown one half, so the recorder splits the maps. Flux's guidance is an embedding: no doubling."""
 
     def __init__(self, pipeline, callback):
-        from .stepping import StepInfo
+        from mediator_models.sampling.steps import StepInfo
 
         self.pipeline, self.callback, self.index, self.batch = pipeline, callback, 0, None
         self._step_info = StepInfo

@@ -26,19 +26,25 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.collect import CollectionConfig, collect_redundancy, read_table, write_table
+from analysis.metrics import ALL_METRICS, recovery_metrics
+from analysis.quality.features import DigitsExtractor
+from analysis.quality.scores import LOWER_IS_BETTER, Reference, all_metrics
+from analysis.quality.stats import CellMetrics, paired_bootstrap, verdict
+from analysis.schedule import (
+    Rule,
+    derive_recovery_schedule,
+    derive_schedule,
+    per_step_statistic,
+    schedule_gflops,
+    schedule_within_budget,
+)
 from mediator_models.data import digits
-from mediator_models.runfolder import FolderLock, atomic_write, atomic_write_json, clean_stale_temporaries
 from mediator_models.sample import LoadedModel, load_for_sampling, sample_to_folder
-from mediator_models.sampling import ProcessConfig, SamplerConfig
-from mediator_models.switching import AdaptiveSwitch, MediatorSchedule, count_label, evaluation_levels
+from mediator_models.sampling.generation import ProcessConfig, SamplerConfig
+from mediator_models.sampling.switching import AdaptiveSwitch, MediatorSchedule, count_label, evaluation_levels
+from mediator_models.storage.runfolder import FolderLock, atomic_write, atomic_write_json, clean_stale_temporaries
 from mediator_models.train import TrainConfig, checkpoint_paths, train
-
-from .collect import CollectionConfig, collect_redundancy, read_table, write_table
-from .features import DigitsExtractor
-from .metrics import ALL_METRICS, recovery_metrics
-from .schedule import (Rule, derive_recovery_schedule, derive_schedule, per_step_statistic, schedule_gflops,
-                       schedule_within_budget)
-from .stats import LOWER_IS_BETTER, CellMetrics, Reference, all_metrics, paired_bootstrap, verdict
 
 
 @dataclass(frozen=True)
@@ -61,10 +67,11 @@ class StudyConfig:
     sample_seeds: tuple[int, ...] = (0, 1)  # each trained model is sampled once per seed (same noise for every run)
     bootstrap_replicates: int = 200
     kid_subset_size: int = 100
-    # Options of the paper-grid study (issue 11). While unset they leave the key as it was, so the run folders of
-    # studies made before they existed keep their names (see `key`).
+    # Options of the paper-grid study (ablations, the adaptive trio, controls, the premise). While unset they
+    # leave the key as it was, so the run folders of studies made before they existed keep their names (see `key`).
     ablations: tuple[str, ...] = ()  # ABLATIONS: mediators without the conv, full attention with it, the conv alone
-    adaptive_counts: tuple[int | None, ...] = ()  # the adaptive rule's networks, fewest first (empty: counts, then full)
+    # the adaptive rule's networks, fewest first (empty: counts, then full)
+    adaptive_counts: tuple[int | None, ...] = ()
     adaptive_drift_ratios: tuple[tuple[float, ...], ...] = ()  # the rule on the drift (ours), at these ρ
     time_matched_controls: bool = False  # each adaptive run beside a static schedule switching at its median steps
     premise: bool = False  # record how much of A·V rank-n and pooled mediator maps recover (full attention)
@@ -75,8 +82,10 @@ class StudyConfig:
         networks = len(self.adaptive_counts) or len(self.mediator_counts) + 1
         for ratios in (*self.adaptive_ratios, *self.adaptive_drift_ratios):
             if len(ratios) != networks - 1:
-                raise ValueError(f"the adaptive rule switches between {networks} networks, so each ρ needs "
-                                 f"{networks - 1} values; got {ratios}")  # fmt: skip
+                raise ValueError(
+                    f"the adaptive rule switches between {networks} networks, so each ρ needs "
+                    f"{networks - 1} values; got {ratios}"
+                )
         unknown = set(self.ablations) - set(ABLATIONS)
         if unknown:
             raise ValueError(f"unknown ablations {sorted(unknown)}; choose from {sorted(ABLATIONS)}")
@@ -101,8 +110,15 @@ class StudyConfig:
         return [(t, r) for t in self.train_seeds for r in self.sample_seeds]
 
 
-_ADDED_LATER = ("ablations", "adaptive_counts", "adaptive_drift_ratios", "time_matched_controls", "premise",
-                "recovery_thresholds", "budget_of")
+_ADDED_LATER = (
+    "ablations",
+    "adaptive_counts",
+    "adaptive_drift_ratios",
+    "time_matched_controls",
+    "premise",
+    "recovery_thresholds",
+    "budget_of",
+)
 _UNSET = {field.name: field.default for field in dataclasses.fields(StudyConfig) if field.name in _ADDED_LATER}
 
 # The ablations that isolate the mediators from the depthwise conv of their block (at the middle count n).
@@ -126,21 +142,43 @@ def ablation_model(name: str, count: int) -> tuple[str, int | None, bool | None]
 
 PRESETS = {
     # Every stage at toy budgets: a smoke test of the pipeline (the tests run it), numbers meaningless.
-    "quick": StudyConfig(train_steps=60, batch_size=16, sampler_steps=12, record_samples=4, fid_samples=64,
-                         adaptive_ratios=((1.0, 0.7),), train_seeds=(0, 1), sample_seeds=(0,),
-                         bootstrap_replicates=50, kid_subset_size=32),  # fmt: skip
+    "quick": StudyConfig(
+        train_steps=60,
+        batch_size=16,
+        sampler_steps=12,
+        record_samples=4,
+        fid_samples=64,
+        adaptive_ratios=((1.0, 0.7),),
+        train_seeds=(0, 1),
+        sample_seeds=(0,),
+        bootstrap_replicates=50,
+        kid_subset_size=32,
+    ),
     # The demo: three training seeds × two sampling seeds, sized to finish in about 40 minutes on 2 CPU cores.
     "default": StudyConfig(),
     # The paper's token grid: 16×16 = 256 tokens (patch 1 on the 16-px digits), the paper's counts 4/16/64 and its
     # adaptive trio, the ablations, time-matched controls, the rule on the drift, and schedules from the premise
     # measure and from a FLOPs budget (no JSD quantiles: they cut any series into thirds). Two training seeds ×
     # one sampling seed, 25 SDE steps, sized for about 90 minutes on 2 CPU cores.
-    "paper-grid": StudyConfig(model="SiT-T/1", mediator_counts=(4, 16, 64), train_steps=500, sampler_steps=25,
-                              record_samples=16, fid_samples=200, train_seeds=(0, 1), sample_seeds=(0,),
-                              adaptive_ratios=((1.0, 0.9), (0.9, 0.8), (0.8, 0.6)), jsd_quantiles=(),
-                              ablations=("noconv", "full-conv", "conv"), adaptive_counts=(4, 16, 64),
-                              adaptive_drift_ratios=((0.9, 0.8),), time_matched_controls=True, premise=True,
-                              recovery_thresholds=(0.1, 0.2), budget_of=(16,)),  # fmt: skip
+    "paper-grid": StudyConfig(
+        model="SiT-T/1",
+        mediator_counts=(4, 16, 64),
+        train_steps=500,
+        sampler_steps=25,
+        record_samples=16,
+        fid_samples=200,
+        train_seeds=(0, 1),
+        sample_seeds=(0,),
+        adaptive_ratios=((1.0, 0.9), (0.9, 0.8), (0.8, 0.6)),
+        jsd_quantiles=(),
+        ablations=("noconv", "full-conv", "conv"),
+        adaptive_counts=(4, 16, 64),
+        adaptive_drift_ratios=((0.9, 0.8),),
+        time_matched_controls=True,
+        premise=True,
+        recovery_thresholds=(0.1, 0.2),
+        budget_of=(16,),
+    ),
 }
 
 
@@ -230,18 +268,31 @@ class Study:
                     attention, mediators, conv = ("full" if count is None else "mediator"), count, None
                 if not final.exists():
                     self.say(f"train {self.variant_name(count)} (seed {seed}) for {self.config.train_steps} steps")
-                    cfg = TrainConfig(model=self.config.model, attention=attention, mediators=mediators,
-                                      depthwise_conv=conv, data="digits", image_size=self.config.image_size,
-                                      global_batch_size=self.config.batch_size, steps=self.config.train_steps,
-                                      lr=self.config.lr, ema_decay=self.config.ema_decay, seed=seed, log_every=50,
-                                      ckpt_every=max(50, self.config.train_steps // 4), out=str(out))  # fmt: skip
+                    cfg = TrainConfig(
+                        model=self.config.model,
+                        attention=attention,
+                        mediators=mediators,
+                        depthwise_conv=conv,
+                        data="digits",
+                        image_size=self.config.image_size,
+                        global_batch_size=self.config.batch_size,
+                        steps=self.config.train_steps,
+                        lr=self.config.lr,
+                        ema_decay=self.config.ema_decay,
+                        seed=seed,
+                        log_every=50,
+                        ckpt_every=max(50, self.config.train_steps // 4),
+                        out=str(out),
+                    )
                     train(cfg, resume=bool(checkpoint_paths(out)))
                 paths[seed][count] = final
         return paths
 
     def load(self, checkpoints: dict[int, dict[int | None, Path]]) -> dict[int, dict[int | None, LoadedModel]]:
-        return {seed: {count: load_for_sampling(path) for count, path in by_count.items()}
-                for seed, by_count in checkpoints.items()}  # fmt: skip
+        return {
+            seed: {count: load_for_sampling(path) for count, path in by_count.items()}
+            for seed, by_count in checkpoints.items()
+        }
 
     # ---- stage 2: record --------------------------------------------------------------------------------------
     def record_all(self, models: dict[int | None, LoadedModel]) -> pd.DataFrame:
@@ -258,14 +309,33 @@ class Study:
                 metrics = ALL_METRICS
                 if self.config.premise and count is None:
                     metrics += recovery_metrics(self.config.mediator_counts)
-                collection = CollectionConfig(samples=self.config.record_samples, batch_size=min(32, self.config.record_samples),
-                                              seed=self.config.sample_seeds[0], metrics=metrics)  # fmt: skip
-                table = collect_redundancy(loaded.model, loaded.process, self.sampler, collection,
-                                           state_path=path.with_suffix(".state.pt"), keep_maps=keep,
-                                           keep_dir=self.run_dir / "record" / "maps")  # fmt: skip
-                write_table(table, path, {"checkpoint": loaded.source, "weights": loaded.weights,
-                                          "model": loaded.model.config.to_dict(), "process": loaded.process.to_dict(),
-                                          "collection": collection.to_dict(), "sampler": self.sampler.to_dict()})  # fmt: skip
+                collection = CollectionConfig(
+                    samples=self.config.record_samples,
+                    batch_size=min(32, self.config.record_samples),
+                    seed=self.config.sample_seeds[0],
+                    metrics=metrics,
+                )
+                table = collect_redundancy(
+                    loaded.model,
+                    loaded.process,
+                    self.sampler,
+                    collection,
+                    state_path=path.with_suffix(".state.pt"),
+                    keep_maps=keep,
+                    keep_dir=self.run_dir / "record" / "maps",
+                )
+                write_table(
+                    table,
+                    path,
+                    {
+                        "checkpoint": loaded.source,
+                        "weights": loaded.weights,
+                        "model": loaded.model.config.to_dict(),
+                        "process": loaded.process.to_dict(),
+                        "collection": collection.to_dict(),
+                        "sampler": self.sampler.to_dict(),
+                    },
+                )
                 path.with_suffix(".state.pt").unlink(missing_ok=True)
             tables.append(read_table(path))
         return pd.concat(tables, ignore_index=True)
@@ -279,14 +349,19 @@ class Study:
         full = table[table["attention"] == "full"]
         available = self.variants
         derived = {
-            "derived-rank0.9": derive_schedule(full, available, Rule("energy_rank", tau=0.9), name="derived: rank τ=0.9"),
-            "derived-rank0.99": derive_schedule(full, available, Rule("energy_rank", tau=0.99), name="derived: rank τ=0.99"),
+            "derived-rank0.9": derive_schedule(
+                full, available, Rule("energy_rank", tau=0.9), name="derived: rank τ=0.9"
+            ),
+            "derived-rank0.99": derive_schedule(
+                full, available, Rule("energy_rank", tau=0.99), name="derived: rank τ=0.99"
+            ),
         }
         if self.config.jsd_quantiles:
             jsd = per_step_statistic(full, "jsd")["value"]
             thresholds = tuple(float(jsd.quantile(q)) for q in self.config.jsd_quantiles)
-            derived["derived-jsd"] = derive_schedule(full, available, Rule("jsd", thresholds=thresholds[: len(available) - 1]),
-                                                     name="derived: JSD quantiles")  # fmt: skip
+            derived["derived-jsd"] = derive_schedule(
+                full, available, Rule("jsd", thresholds=thresholds[: len(available) - 1]), name="derived: JSD quantiles"
+            )
         for epsilon in self.config.recovery_thresholds:
             derived[f"derived-recovery{epsilon:g}"] = derive_recovery_schedule(full, available, epsilon)
         for count in self.config.budget_of:
@@ -304,10 +379,20 @@ class Study:
     def runs(self, models: dict[int | None, LoadedModel], derived: dict[str, MediatorSchedule]) -> list[dict[str, Any]]:
         """Every sampling run of the study for one training seed's models: name, kind, step callback, base model."""
         networks = {count: loaded.model for count, loaded in models.items()}
-        runs = [{"name": self.variant_name(c), "kind": "static", "schedule": MediatorSchedule.constant(c).name,
-                 "callback": None, "base": c} for c in self.variants]  # fmt: skip
-        runs += [{"name": name, "kind": "ablation", "schedule": ABLATIONS[kind], "callback": None, "base": name}
-                 for name, kind in self.ablations.items()]  # fmt: skip
+        runs = [
+            {
+                "name": self.variant_name(c),
+                "kind": "static",
+                "schedule": MediatorSchedule.constant(c).name,
+                "callback": None,
+                "base": c,
+            }
+            for c in self.variants
+        ]
+        runs += [
+            {"name": name, "kind": "ablation", "schedule": ABLATIONS[kind], "callback": None, "base": name}
+            for name, kind in self.ablations.items()
+        ]
         order = self.adaptive_order
         # The networks are named where the study chose them (the paper's trio); the default study's labels stay
         # as its committed run has them.
@@ -318,16 +403,36 @@ class Study:
             rho = "/".join(f"{r:g}" for r in ratios)
             name = ("adaptive-" if statistic == "state" else "adaptive-drift-") + "-".join(f"{r:g}" for r in ratios)
             kind = "adaptive (paper's rule)" if statistic == "state" else "adaptive on the drift (ours)"
-            runs.append({"name": name, "kind": kind, "schedule": f"{'adaptive' if statistic == 'state' else 'drift-adaptive'} ρ={rho}{trio}",
-                         "callback": AdaptiveSwitch([networks[c] for c in order], ratios, statistic=statistic),
-                         "base": order[0]})  # fmt: skip
+            runs.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "schedule": f"{'adaptive' if statistic == 'state' else 'drift-adaptive'} ρ={rho}{trio}",
+                    "callback": AdaptiveSwitch([networks[c] for c in order], ratios, statistic=statistic),
+                    "base": order[0],
+                }
+            )
             if self.config.time_matched_controls and statistic == "state":
-                runs.append({"name": f"control-{name}", "kind": "time-matched control", "control_of": name,
-                             "schedule": f"static at the median switch steps of ρ={rho}", "base": order[0]})  # fmt: skip
+                runs.append(
+                    {
+                        "name": f"control-{name}",
+                        "kind": "time-matched control",
+                        "control_of": name,
+                        "schedule": f"static at the median switch steps of ρ={rho}",
+                        "base": order[0],
+                    }
+                )
         for name, schedule in derived.items():
-            runs.append({"name": name, "kind": "derived from redundancy", "schedule": schedule.name,
-                         "callback": schedule.callback(networks), "base": self.variants[0],
-                         "schedule_data": schedule.to_dict()})  # fmt: skip
+            runs.append(
+                {
+                    "name": name,
+                    "kind": "derived from redundancy",
+                    "schedule": schedule.name,
+                    "callback": schedule.callback(networks),
+                    "base": self.variants[0],
+                    "schedule_data": schedule.to_dict(),
+                }
+            )
         return runs
 
     def sample_folder(self, cell: tuple[int, int], name: str) -> Path:
@@ -341,15 +446,29 @@ class Study:
                 out = self.sample_folder((train_seed, sample_seed), run["name"])
                 if "control_of" in run:  # its switch steps come from the adaptive run sampled before it
                     source = sidecars[(train_seed, sample_seed, run["control_of"])]
-                    schedule = time_matched_schedule(source, self.adaptive_order, self.levels, f"control of {run['control_of']}")
-                    run = {**run, "callback": schedule.callback({c: models[train_seed][c].model for c in self.adaptive_order}),
-                           "schedule_data": schedule.to_dict()}  # fmt: skip
+                    schedule = time_matched_schedule(
+                        source, self.adaptive_order, self.levels, f"control of {run['control_of']}"
+                    )
+                    run = {
+                        **run,
+                        "callback": schedule.callback({c: models[train_seed][c].model for c in self.adaptive_order}),
+                        "schedule_data": schedule.to_dict(),
+                    }
                 if not (out / "samples.json").exists():
-                    self.say(f"sample {self.config.fid_samples} images: {run['schedule']} (training seed {train_seed}, "
-                             f"sampling seed {sample_seed})")  # fmt: skip
-                    sample_to_folder(models[train_seed][run["base"]], out, num_samples=self.config.fid_samples,
-                                     sampler=self.sampler, batch_size=125, seed=sample_seed, callback=run["callback"],
-                                     schedule={"name": run["schedule"], **run.get("schedule_data", {})})  # fmt: skip
+                    self.say(
+                        f"sample {self.config.fid_samples} images: {run['schedule']} (training seed {train_seed}, "
+                        f"sampling seed {sample_seed})"
+                    )
+                    sample_to_folder(
+                        models[train_seed][run["base"]],
+                        out,
+                        num_samples=self.config.fid_samples,
+                        sampler=self.sampler,
+                        batch_size=125,
+                        seed=sample_seed,
+                        callback=run["callback"],
+                        schedule={"name": run["schedule"], **run.get("schedule_data", {})},
+                    )
                 sidecars[(train_seed, sample_seed, run["name"])] = json.loads((out / "samples.json").read_text())
         return sidecars
 
@@ -377,15 +496,32 @@ class Study:
                 own = self.features(self.sample_folder(cell, run["name"]), extractor)
                 features[run["name"]][cell] = CellMetrics(own, reference)
                 sidecar = sidecars[(*cell, run["name"])]
-                rows.append({"run": run["name"], "schedule": run["schedule"], "kind": run["kind"], "train_seed": cell[0],
-                             "sample_seed": cell[1], **all_metrics(own, reference, self.config.kid_subset_size),
-                             "gflops_per_image": sidecar["gflops_per_image"], "nfe": sidecar["nfe_per_image"],
-                             "seconds_per_image": sidecar.get("seconds_per_image"), "num_samples": sidecar["num_samples"]})  # fmt: skip
+                rows.append(
+                    {
+                        "run": run["name"],
+                        "schedule": run["schedule"],
+                        "kind": run["kind"],
+                        "train_seed": cell[0],
+                        "sample_seed": cell[1],
+                        **all_metrics(own, reference, self.config.kid_subset_size),
+                        "gflops_per_image": sidecar["gflops_per_image"],
+                        "nfe": sidecar["nfe_per_image"],
+                        "seconds_per_image": sidecar.get("seconds_per_image"),
+                        "num_samples": sidecar["num_samples"],
+                    }
+                )
         cells = pd.DataFrame(rows)
-        summary, differences = summarise(cells, features, runs, self.variant_name(None), self.config.bootstrap_replicates)
-        common = {"model": self.config.model, "sampler": f"SDE Euler–Maruyama, {self.config.sampler_steps} steps",
-                  "cfg": 1.0, "extractor": extractor.label, "extractor_sha256": extractor.sha256,
-                  "num_reference": len(reference.features)}  # fmt: skip
+        summary, differences = summarise(
+            cells, features, runs, self.variant_name(None), self.config.bootstrap_replicates
+        )
+        common = {
+            "model": self.config.model,
+            "sampler": f"SDE Euler–Maruyama, {self.config.sampler_steps} steps",
+            "cfg": 1.0,
+            "extractor": extractor.label,
+            "extractor_sha256": extractor.sha256,
+            "num_reference": len(reference.features),
+        }
         results = pd.concat([cells, summary], ignore_index=True).assign(**common)
         atomic_write(results_path, lambda handle: results.to_csv(handle, index=False), binary=False)
         atomic_write(differences_path, lambda handle: differences.to_csv(handle, index=False), binary=False)
@@ -409,11 +545,23 @@ def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[
             pairs.append((with_conv, {run["name"]: 1.0}, run["name"], "the conv's part: mediators with vs without it"))
         if run["kind"] == "ablation" and run["name"] == "conv":
             for other in sorted(n for n in names if n.startswith("med") and n.endswith("-noconv")):
-                pairs.append((other.removesuffix("-noconv"), {"conv": 1.0}, "conv",
-                              "the mediators' part: mediators + conv vs the conv alone"))  # fmt: skip
+                pairs.append(
+                    (
+                        other.removesuffix("-noconv"),
+                        {"conv": 1.0},
+                        "conv",
+                        "the mediators' part: mediators + conv vs the conv alone",
+                    )
+                )
         if run["kind"] == "time-matched control":
-            pairs.append((run["control_of"], {run["name"]: 1.0}, run["name"],
-                          "per-sample switching vs the same switch steps for every sample"))  # fmt: skip
+            pairs.append(
+                (
+                    run["control_of"],
+                    {run["name"]: 1.0},
+                    run["name"],
+                    "per-sample switching vs the same switch steps for every sample",
+                )
+            )
     for run in runs:
         if run["kind"] in ("static", "ablation"):
             continue
@@ -447,17 +595,30 @@ def time_matched_schedule(sidecar: dict, order: list[int | None], levels: list[f
     return MediatorSchedule.from_boundaries(order, boundaries, name)
 
 
-def summarise(cells: pd.DataFrame, features: dict[str, dict[tuple[int, int], CellMetrics]], runs: list[dict], full: str,
-              replicates: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def summarise(
+    cells: pd.DataFrame,
+    features: dict[str, dict[tuple[int, int], CellMetrics]],
+    runs: list[dict],
+    full: str,
+    replicates: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One summary row per run (the mean over cells with a bootstrap interval per metric) and one row per paired
     comparison and metric (difference, interval, verdict)."""
     summary = []
     for run in runs:
         own = cells[cells["run"] == run["name"]]
-        row = {"run": run["name"], "schedule": run["schedule"], "kind": run["kind"], "train_seed": "all",
-               "sample_seed": "all", "gflops_per_image": own["gflops_per_image"].mean(), "nfe": own["nfe"].mean(),
-               "seconds_per_image": own["seconds_per_image"].mean(), "num_samples": int(own["num_samples"].iloc[0]),
-               "kid_std": own["kid_std"].mean()}  # fmt: skip
+        row = {
+            "run": run["name"],
+            "schedule": run["schedule"],
+            "kind": run["kind"],
+            "train_seed": "all",
+            "sample_seed": "all",
+            "gflops_per_image": own["gflops_per_image"].mean(),
+            "nfe": own["nfe"].mean(),
+            "seconds_per_image": own["seconds_per_image"].mean(),
+            "num_samples": int(own["num_samples"].iloc[0]),
+            "kid_std": own["kid_std"].mean(),
+        }
         for metric in LOWER_IS_BETTER:
             interval = paired_bootstrap(metric, features[run["name"]], None, replicates)
             row.update({metric: interval.point, f"{metric}_low": interval.low, f"{metric}_high": interval.high})
@@ -465,17 +626,33 @@ def summarise(cells: pd.DataFrame, features: dict[str, dict[tuple[int, int], Cel
     differences = []
     for name, weights, baseline, claim in comparisons(runs, cells, full):
         for metric in LOWER_IS_BETTER:
-            interval = paired_bootstrap(metric, features[name], [(w, features[b]) for b, w in weights.items()], replicates)
-            differences.append({"run": name, "baseline": baseline, "claim": claim, "metric": metric,
-                                "difference": interval.point, "low": interval.low, "high": interval.high,
-                                "verdict": verdict(interval, metric, claims_improvement=True),
-                                "detectable": interval.half_width, "replicates": interval.replicates,
-                                "cells": len(features[name])})  # fmt: skip
+            interval = paired_bootstrap(
+                metric, features[name], [(w, features[b]) for b, w in weights.items()], replicates
+            )
+            differences.append(
+                {
+                    "run": name,
+                    "baseline": baseline,
+                    "claim": claim,
+                    "metric": metric,
+                    "difference": interval.point,
+                    "low": interval.low,
+                    "high": interval.high,
+                    "verdict": verdict(interval, metric, claims_improvement=True),
+                    "detectable": interval.half_width,
+                    "replicates": interval.replicates,
+                    "cells": len(features[name]),
+                }
+            )
     return pd.DataFrame(summary), pd.DataFrame(differences)
 
 
-def run_study(preset: str = "default", run_root: str | Path = "runs", figures_dir: str | Path | None = None,
-              config: StudyConfig | None = None) -> Path:
+def run_study(
+    preset: str = "default",
+    run_root: str | Path = "runs",
+    figures_dir: str | Path | None = None,
+    config: StudyConfig | None = None,
+) -> Path:
     """Run (or resume) the whole study; returns the path of REPORT.md.
 
     Figures, tables and the report go to `<run folder>/report/`; `figures_dir` publishes them there instead
@@ -493,7 +670,7 @@ def run_study(preset: str = "default", run_root: str | Path = "runs", figures_di
 
 
 def _run_study_locked(preset: str, config: StudyConfig, run_dir: Path, figures_dir: Path) -> Path:
-    from .report import write_figures_and_report
+    from analysis.study.report import write_figures_and_report
 
     study = Study(config, run_dir, figures_dir, preset)
     study.say(f"study {preset} in {run_dir}; figures and report into {figures_dir}")
@@ -507,6 +684,8 @@ def _run_study_locked(preset: str, config: StudyConfig, run_dir: Path, figures_d
     sidecars = study.timed("sample", study.sample_all, models, derived)
     results, differences = study.timed("evaluate", study.evaluate_all, runs, sidecars)
     expected = {name: schedule_gflops(s, study.levels, configs) for name, s in derived.items()}
-    report = write_figures_and_report(study, first, table, derived, expected, results, differences, study.total_seconds())
+    report = write_figures_and_report(
+        study, first, table, derived, expected, results, differences, study.total_seconds()
+    )
     study.say(f"report: {report}")
     return report

@@ -4,9 +4,9 @@
   cache, or a path given with `weights_path` (this machine downloads nothing).
 - "digits": a small CNN trained on the embedded digits' training split, whose pooled last layer (128
   features) stands in for Inception on 16×16 digits, where Inception features mean little. Its weights ship
-  in the repository (analysis/assets/digits-cnn-16px.pt) and are pinned by their sha256, checked at every
+  in the repository (analysis/quality/assets/digits-cnn-16px.pt) and are pinned by their sha256, checked at every
   load, so FIDs are comparable across machines; every number states the extractor's hash and its held-out
-  accuracy. `python -m analysis.features` retrains it (deterministically) and prints the hash to pin.
+  accuracy. `python -m analysis.quality.features` retrains it (deterministically) and prints the hash to pin.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from analysis.quality.images import load_images
 
 DIGITS_EXTRACTOR = "attnmed-digits"
 FEATURE_NAME = "features"
@@ -37,11 +38,15 @@ class DigitsNet(nn.Module):
         super().__init__()
         self.image_size = image_size
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.GELU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.GELU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(128, 10)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,8 +111,10 @@ def digits_classifier(image_size: int = 16) -> tuple[DigitsNet, float, Path, str
         raise FileNotFoundError(f"the digits extractor {path} is missing from this checkout; restore it from git")
     digest = file_sha256(path)
     if digest != PINNED_DIGITS_SHA256:
-        raise ValueError(f"{path} has sha256 {digest[:12]}…, not the pinned {PINNED_DIGITS_SHA256[:12]}…: FIDs would "
-                         "not be comparable with the committed ones; restore the file from git")  # fmt: skip
+        raise ValueError(
+            f"{path} has sha256 {digest[:12]}…, not the pinned {PINNED_DIGITS_SHA256[:12]}…: FIDs would "
+            "not be comparable with the committed ones; restore the file from git"
+        )
     state = torch.load(path, weights_only=False)
     net = DigitsNet(state["image_size"])
     net.load_state_dict(state["weights"])
@@ -134,16 +141,17 @@ class DigitsExtractor:
 
     @torch.no_grad()
     def features_of(self, source, batch_size: int = 500) -> np.ndarray:
-        """(N, 128) float64 features of anything `analysis.evaluate.load_images` reads (folder, npz, split)."""
-        from .evaluate import load_images
-
+        """(N, 128) float64 features of anything `load_images` reads (folder, npz, split)."""
         images = load_images(source).images
-        parts = [self.net.features(_uint8_to_model(images[i : i + batch_size], self.net.image_size))
-                 for i in range(0, len(images), batch_size)]  # fmt: skip
+        parts = [
+            self.net.features(_uint8_to_model(images[i : i + batch_size], self.net.image_size))
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(parts).double().numpy()
 
 
-def _register_digits_extractor() -> None:
+def register_digits_extractor() -> None:
+    """Make the pinned digits classifier available to torch-fidelity under the name `DIGITS_EXTRACTOR`."""
     import torch_fidelity
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -184,13 +192,17 @@ def _register_digits_extractor() -> None:
 
 
 def _retrain_and_pin() -> None:
-    """Retrain the digits extractor into analysis/assets and print the hash to pin in this file."""
-    from mediator_models.checkpoint import atomic_save
+    """Retrain the digits extractor into analysis/quality/assets and print the hash to pin in this file."""
+    from mediator_models.storage.checkpoints import atomic_save
 
     net, accuracy = train_digits_classifier(16)
     if accuracy < MIN_ACCURACY:
         raise SystemExit(f"held-out accuracy {accuracy:.1%} is below {MIN_ACCURACY:.0%}; not written")
-    state = {"weights": {k: v.clone() for k, v in net.state_dict().items()}, "heldout_accuracy": accuracy, "image_size": 16}
+    state = {
+        "weights": {k: v.clone() for k, v in net.state_dict().items()},
+        "heldout_accuracy": accuracy,
+        "image_size": 16,
+    }
     atomic_save(state, PINNED_DIGITS_WEIGHTS)
     print(f"held-out accuracy {accuracy:.2%}; PINNED_DIGITS_SHA256 = {file_sha256(PINNED_DIGITS_WEIGHTS)!r}")
 

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from .diffusion import GaussianDiffusion
-from .stepping import ModelFn, NetworkCaller, StepCallback
-from .transport import ODE_METHODS, SDE_METHODS, Transport
+from mediator_models.sampling.diffusion import GaussianDiffusion
+from mediator_models.sampling.steps import ModelFn, NetworkCaller, StepCallback
+from mediator_models.sampling.transport import ODE_METHODS, SDE_METHODS, Transport
 
 SAMPLER_KINDS = {"DiT": ("ddpm", "ddim"), "SiT": ("sde", "ode")}
 
@@ -70,8 +70,10 @@ class SamplerConfig:
         if self.kind == "ode" and self.method not in (None, *ODE_METHODS):
             raise ValueError(f"unknown ODE --method {self.method!r}; choose one of {ODE_METHODS}")
         if self.kind in ("ddpm", "ddim") and self.method is not None:
-            raise ValueError(f"--method {self.method} applies to SiT's sde/ode samplers; DiT's {self.kind} has no "
-                             "method: drop --method")  # fmt: skip
+            raise ValueError(
+                f"--method {self.method} applies to SiT's sde/ode samplers; DiT's {self.kind} has no "
+                "method: drop --method"
+            )
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.steps!r}")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
@@ -81,8 +83,10 @@ class SamplerConfig:
                 raise ValueError("--guided-channels only matters with guidance: add --cfg-scale > 1, or drop it")
             upper = in_channels if in_channels is not None else self.guided_channels
             if not 1 <= self.guided_channels <= upper:
-                raise ValueError(f"--guided-channels must lie in 1..{upper} (the model's input channels; 3 "
-                                 f"reproduces the public code), got {self.guided_channels}")  # fmt: skip
+                raise ValueError(
+                    f"--guided-channels must lie in 1..{upper} (the model's input channels; 3 "
+                    f"reproduces the public code), got {self.guided_channels}"
+                )
 
     @property
     def adaptive(self) -> bool:
@@ -121,8 +125,13 @@ def generate(
     sampler.check(process.family)
     if null_class is None:
         null_class = getattr(getattr(model, "config", None), "num_classes", None)
-    network = NetworkCaller(model, callback=callback, cfg_scale=sampler.cfg_scale, null_class=null_class,
-                            guided_channels=sampler.guided_channels)  # fmt: skip
+    network = NetworkCaller(
+        model,
+        callback=callback,
+        cfg_scale=sampler.cfg_scale,
+        null_class=null_class,
+        guided_channels=sampler.guided_channels,
+    )
     with torch.no_grad():
         if process.family == "DiT":
             diffusion = process.build(spacing=sampler.steps)
@@ -133,11 +142,27 @@ def generate(
         else:
             transport = process.build()
             if sampler.kind == "sde":
-                out = transport.sample_sde(network, x_T, y, method=sampler.method or "euler", num_steps=sampler.steps,
-                                           diffusion_form=sampler.diffusion_form, last_step=sampler.last_step,
-                                           last_step_size=sampler.last_step_size, noise_fn=noise_fn,
-                                           progress=progress)  # fmt: skip
+                out = transport.sample_sde(
+                    network,
+                    x_T,
+                    y,
+                    method=sampler.method or "euler",
+                    num_steps=sampler.steps,
+                    diffusion_form=sampler.diffusion_form,
+                    last_step=sampler.last_step,
+                    last_step_size=sampler.last_step_size,
+                    noise_fn=noise_fn,
+                    progress=progress,
+                )
             else:
-                out = transport.sample_ode(network, x_T, y, method=sampler.method or "dopri5", num_steps=sampler.steps,
-                                           atol=sampler.atol, rtol=sampler.rtol, progress=progress)  # fmt: skip
+                out = transport.sample_ode(
+                    network,
+                    x_T,
+                    y,
+                    method=sampler.method or "dopri5",
+                    num_steps=sampler.steps,
+                    atol=sampler.atol,
+                    rtol=sampler.rtol,
+                    progress=progress,
+                )
     return out, network

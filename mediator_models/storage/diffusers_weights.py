@@ -23,8 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointMismatchError
-from .config import SIZES, ModelConfig
+from mediator_models.network.config import SIZES, ModelConfig
+from mediator_models.storage.errors import CheckpointError, CheckpointMismatchError
 
 EMBEDDER = "transformer_blocks.0.norm1.emb."
 NUMERICS = ("dit", "diffusers")
@@ -36,8 +36,11 @@ def is_diffusers_dit(state: Mapping[str, Any]) -> bool:
 
 def is_diffusers_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
-    return path.is_dir() and (path / "config.json").exists() and (
-        (path / "diffusion_pytorch_model.safetensors").exists() or (path / "diffusion_pytorch_model.bin").exists())
+    return (
+        path.is_dir()
+        and (path / "config.json").exists()
+        and ((path / "diffusion_pytorch_model.safetensors").exists() or (path / "diffusion_pytorch_model.bin").exists())
+    )
 
 
 def read_diffusers_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -47,11 +50,15 @@ def read_diffusers_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     if (path / "transformer" / "config.json").exists():
         path = path / "transformer"
     if not is_diffusers_folder(path):
-        raise CheckpointError(f"{path} is a folder but not a diffusers model folder (config.json and "
-                              "diffusion_pytorch_model.*); pass a checkpoint file or a diffusers DiT folder")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is a folder but not a diffusers model folder (config.json and "
+            "diffusion_pytorch_model.*); pass a checkpoint file or a diffusers DiT folder"
+        )
     config = json.loads((path / "config.json").read_text())
     if config.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
-        raise CheckpointError(f"{path} holds a {config['_class_name']}; only DiT transformers convert onto attnmed's DiT")
+        raise CheckpointError(
+            f"{path} holds a {config['_class_name']}; only DiT transformers convert onto attnmed's DiT"
+        )
     weights = path / "diffusion_pytorch_model.safetensors"
     if weights.exists():
         from safetensors.torch import load_file
@@ -68,7 +75,9 @@ def _size_name(depth: int, hidden: int, heads: int) -> str:
     raise CheckpointMismatchError(f"no attnmed size has depth {depth}, width {hidden}, {heads} heads (known: {known})")
 
 
-def config_from_diffusers(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], numerics: str = "dit") -> ModelConfig:
+def config_from_diffusers(
+    config: Mapping[str, Any], state: Mapping[str, torch.Tensor], numerics: str = "dit"
+) -> ModelConfig:
     """The attnmed ModelConfig of a diffusers DiT config (family DiT; learn_sigma when it outputs 2×C channels)."""
     if numerics not in NUMERICS:
         raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
@@ -78,12 +87,21 @@ def config_from_diffusers(config: Mapping[str, Any], state: Mapping[str, torch.T
     out_channels = config.get("out_channels") or in_channels
     num_classes = config.get("num_embeds_ada_norm", 1000)
     rows = state[EMBEDDER + "class_embedder.embedding_table.weight"].shape[0]
-    return ModelConfig(family="DiT", size=_size_name(depth, hidden, heads), depth=depth, hidden_size=hidden,
-                       num_heads=heads, patch_size=config.get("patch_size", 2), input_size=config.get("sample_size", 32),
-                       in_channels=in_channels, num_classes=num_classes, learn_sigma=out_channels == 2 * in_channels,
-                       class_dropout_prob=0.1 if rows == num_classes + 1 else 0.0,
-                       timestep_freq_shift=1 if numerics == "diffusers" else 0,
-                       mlp_norm_eps=config.get("norm_eps", 1e-5) if numerics == "diffusers" else 1e-6)  # fmt: skip
+    return ModelConfig(
+        family="DiT",
+        size=_size_name(depth, hidden, heads),
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=heads,
+        patch_size=config.get("patch_size", 2),
+        input_size=config.get("sample_size", 32),
+        in_channels=in_channels,
+        num_classes=num_classes,
+        learn_sigma=out_channels == 2 * in_channels,
+        class_dropout_prob=0.1 if rows == num_classes + 1 else 0.0,
+        timestep_freq_shift=1 if numerics == "diffusers" else 0,
+        mlp_norm_eps=config.get("norm_eps", 1e-5) if numerics == "diffusers" else 1e-6,
+    )
 
 
 def check_embedder_copies(state: Mapping[str, torch.Tensor]) -> None:
@@ -105,11 +123,12 @@ def check_embedder_copies(state: Mapping[str, torch.Tensor]) -> None:
 
 def state_from_diffusers(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """attnmed parameter names from a diffusers DiT state dict (pos_embed is recomputed from the grid)."""
-    from .layers import sincos_pos_embed_2d
+    from mediator_models.network.layers import sincos_pos_embed_2d
 
     check_embedder_copies(state)
     out = {
-        "x_embedder.proj.weight": state["pos_embed.proj.weight"], "x_embedder.proj.bias": state["pos_embed.proj.bias"],
+        "x_embedder.proj.weight": state["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": state["pos_embed.proj.bias"],
         "pos_embed": torch.from_numpy(sincos_pos_embed_2d(config.hidden_size, config.grid_size)).float()[None],
         "t_embedder.mlp.0.weight": state[EMBEDDER + "timestep_embedder.linear_1.weight"],
         "t_embedder.mlp.0.bias": state[EMBEDDER + "timestep_embedder.linear_1.bias"],
@@ -118,8 +137,9 @@ def state_from_diffusers(state: Mapping[str, torch.Tensor], config: ModelConfig)
         "y_embedder.embedding_table.weight": state[EMBEDDER + "class_embedder.embedding_table.weight"],
         "final_layer.adaLN_modulation.1.weight": state["proj_out_1.weight"],
         "final_layer.adaLN_modulation.1.bias": state["proj_out_1.bias"],
-        "final_layer.linear.weight": state["proj_out_2.weight"], "final_layer.linear.bias": state["proj_out_2.bias"],
-    }  # fmt: skip
+        "final_layer.linear.weight": state["proj_out_2.weight"],
+        "final_layer.linear.bias": state["proj_out_2.bias"],
+    }
     for i in range(config.depth):
         theirs, ours = f"transformer_blocks.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
@@ -136,28 +156,42 @@ def to_diffusers(model) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     copied into every block as diffusers expects."""
     config = model.config
     if config.attention != "full" or config.uses_depthwise_conv:
-        raise ValueError(f"diffusers' DiTTransformer2DModel has plain full attention only; {config.attention_label} "
-                         "does not convert (AsDiffusersTransformer runs it inside a pipeline instead)")  # fmt: skip
+        raise ValueError(
+            f"diffusers' DiTTransformer2DModel has plain full attention only; {config.attention_label} "
+            "does not convert (AsDiffusersTransformer runs it inside a pipeline instead)"
+        )
     if config.timestep_freq_shift not in (0, 1):
         raise ValueError(f"timestep_freq_shift {config.timestep_freq_shift} has no diffusers counterpart")
     # A model that computes as DiT converts to a diffusers model that computes differently (see the module
     # docstring); the config says what diffusers will compute, and the caller is told through this flag.
     ours = model.state_dict()
     diffusers_config = {
-        "_class_name": "DiTTransformer2DModel", "num_attention_heads": config.num_heads,
-        "attention_head_dim": config.hidden_size // config.num_heads, "in_channels": config.in_channels,
-        "out_channels": config.out_channels, "num_layers": config.depth, "sample_size": config.input_size,
-        "patch_size": config.patch_size, "num_embeds_ada_norm": config.num_classes, "norm_eps": config.mlp_norm_eps,
-    }  # fmt: skip
+        "_class_name": "DiTTransformer2DModel",
+        "num_attention_heads": config.num_heads,
+        "attention_head_dim": config.hidden_size // config.num_heads,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_layers": config.depth,
+        "sample_size": config.input_size,
+        "patch_size": config.patch_size,
+        "num_embeds_ada_norm": config.num_classes,
+        "norm_eps": config.mlp_norm_eps,
+    }
     embedder = {
-        "timestep_embedder.linear_1.weight": ours["t_embedder.mlp.0.weight"], "timestep_embedder.linear_1.bias": ours["t_embedder.mlp.0.bias"],
-        "timestep_embedder.linear_2.weight": ours["t_embedder.mlp.2.weight"], "timestep_embedder.linear_2.bias": ours["t_embedder.mlp.2.bias"],
+        "timestep_embedder.linear_1.weight": ours["t_embedder.mlp.0.weight"],
+        "timestep_embedder.linear_1.bias": ours["t_embedder.mlp.0.bias"],
+        "timestep_embedder.linear_2.weight": ours["t_embedder.mlp.2.weight"],
+        "timestep_embedder.linear_2.bias": ours["t_embedder.mlp.2.bias"],
         "class_embedder.embedding_table.weight": ours["y_embedder.embedding_table.weight"],
-    }  # fmt: skip
-    state = {"pos_embed.proj.weight": ours["x_embedder.proj.weight"], "pos_embed.proj.bias": ours["x_embedder.proj.bias"],
-             "proj_out_1.weight": ours["final_layer.adaLN_modulation.1.weight"],
-             "proj_out_1.bias": ours["final_layer.adaLN_modulation.1.bias"],
-             "proj_out_2.weight": ours["final_layer.linear.weight"], "proj_out_2.bias": ours["final_layer.linear.bias"]}  # fmt: skip
+    }
+    state = {
+        "pos_embed.proj.weight": ours["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": ours["x_embedder.proj.bias"],
+        "proj_out_1.weight": ours["final_layer.adaLN_modulation.1.weight"],
+        "proj_out_1.bias": ours["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": ours["final_layer.linear.weight"],
+        "proj_out_2.bias": ours["final_layer.linear.bias"],
+    }
     d = config.hidden_size
     for i in range(config.depth):
         theirs, mine = f"transformer_blocks.{i}.", f"blocks.{i}."
@@ -185,7 +219,9 @@ def save_diffusers(model, folder: str | os.PathLike):
     unexpected = [k for k in unexpected]
     missing = [k for k in missing if not k.endswith("pos_embed.pos_embed")]
     if missing or unexpected:
-        raise CheckpointMismatchError(f"conversion to diffusers left keys unmatched: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointMismatchError(
+            f"conversion to diffusers left keys unmatched: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     network.save_pretrained(str(folder))
     return network
 
@@ -202,9 +238,15 @@ class AsDiffusersTransformer(torch.nn.Module):
         self.model = model
         plain = model.config.attention == "full" and not model.config.uses_depthwise_conv
         config, _ = to_diffusers(model) if plain else (None, None)
-        self.config = FrozenDict(config or {"in_channels": model.config.in_channels, "sample_size": model.config.input_size,
-                                            "out_channels": model.config.out_channels,
-                                            "num_embeds_ada_norm": model.config.num_classes})  # fmt: skip
+        self.config = FrozenDict(
+            config
+            or {
+                "in_channels": model.config.in_channels,
+                "sample_size": model.config.input_size,
+                "out_channels": model.config.out_channels,
+                "num_embeds_ada_norm": model.config.num_classes,
+            }
+        )
 
     @property
     def dtype(self) -> torch.dtype:

@@ -8,9 +8,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import ConvMixing, FullAttention, MediatorAttention
-from .config import ModelConfig, make_config
-from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
+from mediator_models.network.attention import ConvMixing, FullAttention, MediatorAttention
+from mediator_models.network.config import ModelConfig, make_config
+from mediator_models.network.layers import (
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    modulate,
+    sincos_pos_embed_2d,
+)
 
 
 class DiTBlock(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_mediator_count
+from mediator_models.network.config import check_mediator_count
 
 
 @dataclass
@@ -100,8 +100,10 @@ def depthwise_conv_on_values(dwc: nn.Conv2d, v: torch.Tensor, grid_size: int) ->
     channels-last layout ((B, N, C) is already that, so nothing is copied). Returns (B, N, C)."""
     b, n, c = v.shape
     if n != grid_size * grid_size:
-        raise ValueError(f"this layer was built for a {grid_size}×{grid_size} grid ({grid_size ** 2} tokens) but got "
-                         f"{n} tokens; rebuild the model at the input size you run it at")  # fmt: skip
+        raise ValueError(
+            f"this layer was built for a {grid_size}×{grid_size} grid ({grid_size**2} tokens) but got "
+            f"{n} tokens; rebuild the model at the input size you run it at"
+        )
     return dwc(v.reshape(b, grid_size, grid_size, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, n, c)
 
 
@@ -166,7 +168,7 @@ class ConvMixing(nn.Module):
 
 
 class MediatorAttention(nn.Module):
-    """Attention through n mediator tokens (REFERENCE §6), computing what the public module computes.
+    """Attention through n mediator tokens (docs/reference.md §6), computing what the public module computes.
 
     Per head, with T the queries average-pooled to a √n×√n grid and s = head_dim^-1/2:
         V_m = softmax(s·T·Kᵀ + B_tk)·V            mediators gather from all keys   (n×N map)
@@ -253,7 +255,9 @@ class MediatorAttention(nn.Module):
         out, read_weights = softmax_attention(q_h, m_h, mediator_values, read_bias, observe)  # (B,h,N,d)
         if observe:
             self.map_observer(
-                AttentionMaps(kind="mediator", query_to_mediator=read_weights, mediator_to_key=gather_weights, values=v_h)
+                AttentionMaps(
+                    kind="mediator", query_to_mediator=read_weights, mediator_to_key=gather_weights, values=v_h
+                )
             )
         out = merge_heads(out)
         if self.depthwise_conv:

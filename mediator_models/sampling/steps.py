@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
+
+from mediator_models.network.config import ModelConfig
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -100,10 +103,9 @@ class NetworkCaller:
         self.forward_passes += 1
         return network(x, model_time, y)
 
-
     def _account(self, network, batch: int) -> None:
         """Add this evaluation's cost per sample: the network's forward GFLOPs, twice with guidance."""
-        from .flops import config_gmacs
+        from mediator_models.network.flops import config_gmacs
 
         if hasattr(network, "gmacs_per_sample"):
             cost = network.gmacs_per_sample().double()
@@ -138,3 +140,19 @@ def iterate_steps(items: Iterable, progress: Callable | None = None):
     """The sampler's step loop, wrapped in a progress bar (e.g. tqdm) when one is given."""
     return progress(list(items)) if progress is not None else items
 
+
+def sample_label(index: int, seed: int, num_classes: int, classes: list[int] | None) -> int:
+    if classes:
+        return classes[index % len(classes)]
+    return int(np.random.default_rng([seed, index, 1]).integers(num_classes))
+
+
+def start_batch(
+    indices: list[int], seed: int, config: ModelConfig, classes: list[int] | None, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, PerSampleNoise]:
+    """Initial noise, labels and the per-sample noise stream of samples `indices` of a run seeded `seed`;
+    each depends only on its own index, so any batching draws the same samples."""
+    noise = PerSampleNoise([sample_seed(seed, i) for i in indices], device)
+    x_T = noise((len(indices), config.in_channels, config.input_size, config.input_size))
+    y = torch.tensor([sample_label(i, seed, config.num_classes, classes) for i in indices], device=device)
+    return x_T, y, noise

@@ -3,7 +3,7 @@
 Two kinds, both used as the sampler's step callback:
 - `MediatorSchedule`: static, a table of noise-level intervals -> mediator count (or full attention).
   Schedules are data: saved and loaded as JSON, printed readably, validated against the models at hand.
-- `AdaptiveSwitch`: the paper's rule (REFERENCE §7). With d_k the mean |x_k − x_{k−1}| (or squared) between
+- `AdaptiveSwitch`: the paper's rule (docs/reference.md §7). With d_k the mean |x_k − x_{k−1}| (or squared) between
   consecutive states, μ the mean of d_k over K warm-up steps, the sampler moves from network i to i+1 when
   d_k < ρ_i·μ, one way only. Decisions are per sample (the public code decides per batch, so it needs batch
   size 1 for per-sample decisions); a batch gets exactly the switches its samples would get one by one.
@@ -21,9 +21,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .flops import config_gmacs
-from .runfolder import atomic_write_json
-from .stepping import StepInfo
+from mediator_models.network.flops import config_gmacs
+from mediator_models.sampling.steps import StepInfo
+from mediator_models.storage.runfolder import atomic_write_json
 
 FULL = None  # network key of full attention
 
@@ -37,12 +37,17 @@ def _parse_count(value) -> int | None:
     if value is None or value == "full":
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
-        raise ValueError(f"mediators must be a positive whole number or \"full\", got {json.dumps(value)}")
+        raise ValueError(f'mediators must be a positive whole number or "full", got {json.dumps(value)}')
     return int(value)
 
 
 def _parse_level(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= 1
+    ):
         raise ValueError(f"'{key}' must be a noise level in [0, 1], got {json.dumps(value)}")
     return float(value)
 
@@ -83,18 +88,24 @@ class MediatorSchedule:
         edge = 1.0
         for interval in self.intervals:
             if not (math.isfinite(interval.high) and math.isfinite(interval.low)):
-                raise ValueError(f"schedule {self.name!r} has a non-finite bound in {interval}; bounds are noise levels in [0, 1]")
+                raise ValueError(
+                    f"schedule {self.name!r} has a non-finite bound in {interval}; bounds are noise levels in [0, 1]"
+                )
             if abs(interval.high - edge) > 1e-9 or interval.low > interval.high:
-                raise ValueError(f"schedule {self.name!r} does not tile [0, 1]: interval {interval} starts at "
-                                 f"{interval.high}, expected {edge}")  # fmt: skip
+                raise ValueError(
+                    f"schedule {self.name!r} does not tile [0, 1]: interval {interval} starts at "
+                    f"{interval.high}, expected {edge}"
+                )
             edge = interval.low
         if abs(edge) > 1e-9:
             raise ValueError(f"schedule {self.name!r} stops at noise level {edge}; the last interval must reach 0")
         if available is not None:
             missing = {i.mediators for i in self.intervals} - set(available)
             if missing:
-                raise ValueError(f"schedule {self.name!r} uses {sorted(map(count_label, missing))} but only "
-                                 f"{sorted(map(count_label, available))} are available")  # fmt: skip
+                raise ValueError(
+                    f"schedule {self.name!r} uses {sorted(map(count_label, missing))} but only "
+                    f"{sorted(map(count_label, available))} are available"
+                )
 
     def count_at(self, level: float) -> int | None:
         for interval in self.intervals:
@@ -117,17 +128,25 @@ class MediatorSchedule:
 
     # ---- as data ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"name": self.name, "intervals": [
-            {"from": i.high, "to": i.low, "mediators": "full" if i.mediators is None else i.mediators}
-            for i in self.intervals]}  # fmt: skip
+        return {
+            "name": self.name,
+            "intervals": [
+                {"from": i.high, "to": i.low, "mediators": "full" if i.mediators is None else i.mediators}
+                for i in self.intervals
+            ],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "MediatorSchedule":
         try:
-            intervals = [Interval(_parse_level(i["from"], "from"), _parse_level(i["to"], "to"), _parse_count(i["mediators"]))
-                         for i in data["intervals"]]  # fmt: skip
+            intervals = [
+                Interval(_parse_level(i["from"], "from"), _parse_level(i["to"], "to"), _parse_count(i["mediators"]))
+                for i in data["intervals"]
+            ]
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"not a schedule: {error}; expected {{'intervals': [{{'from', 'to', 'mediators'}}]}}") from error
+            raise ValueError(
+                f"not a schedule: {error}; expected {{'intervals': [{{'from', 'to', 'mediators'}}]}}"
+            ) from error
         return cls(intervals, data.get("name", "schedule"))
 
     def save(self, path: str | Path) -> Path:
@@ -178,9 +197,16 @@ class RoutedNetwork(torch.nn.Module):
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
         half = len(x) // 2
-        cond = self._route(x[:half], lambda net, rows: net.forward_with_cfg(
-            torch.cat([x[rows], x[rows + half]]), torch.cat([t[rows], t[rows + half]]),
-            torch.cat([y[rows], y[rows + half]]), cfg_scale, guided_channels)[: len(rows)])  # fmt: skip
+        cond = self._route(
+            x[:half],
+            lambda net, rows: net.forward_with_cfg(
+                torch.cat([x[rows], x[rows + half]]),
+                torch.cat([t[rows], t[rows + half]]),
+                torch.cat([y[rows], y[rows + half]]),
+                cfg_scale,
+                guided_channels,
+            )[: len(rows)],
+        )
         return torch.cat([cond, cond])
 
     def gmacs_per_sample(self) -> torch.Tensor:
@@ -192,7 +218,7 @@ STATISTICS = ("state", "drift")
 
 
 class AdaptiveSwitch:
-    """The paper's step-wise switching between networks of increasing mediator count (REFERENCE §7).
+    """The paper's step-wise switching between networks of increasing mediator count (docs/reference.md §7).
 
     `networks` are ordered as they are used (fewest mediators first, as the paper: 4, 16, 64); `ratios` are
     ρ_1 … ρ_{m−1}. Following the public code, the first difference d_1 = |x_1 − x_0| is not used, μ averages
@@ -207,8 +233,14 @@ class AdaptiveSwitch:
     the injected noise, on the drift), for diagnosing what the rule responds to.
     """
 
-    def __init__(self, networks: Sequence[torch.nn.Module], ratios: Sequence[float], warmup: int = 3,
-                 distance: str = "l1", statistic: str = "state"):
+    def __init__(
+        self,
+        networks: Sequence[torch.nn.Module],
+        ratios: Sequence[float],
+        warmup: int = 3,
+        distance: str = "l1",
+        statistic: str = "state",
+    ):
         if len(ratios) != len(networks) - 1:
             raise ValueError(f"{len(networks)} networks need {len(networks) - 1} ratios ρ_i, got {len(ratios)}")
         if distance not in ("l1", "l2"):
@@ -216,8 +248,10 @@ class AdaptiveSwitch:
         if warmup < 1:
             raise ValueError("the warm-up needs at least one step")
         if statistic not in STATISTICS:
-            raise ValueError(f"unknown statistic {statistic!r}; choose 'state' (the paper's d_k) or 'drift' (ours: d_k "
-                             "without the sampler's injected noise)")  # fmt: skip
+            raise ValueError(
+                f"unknown statistic {statistic!r}; choose 'state' (the paper's d_k) or 'drift' (ours: d_k "
+                "without the sampler's injected noise)"
+            )
         self.statistic = statistic
         self.networks = list(networks)
         self.ratios = [float(r) for r in ratios]
@@ -248,8 +282,11 @@ class AdaptiveSwitch:
         k = self.step  # x is x_k
         if k >= 2:
             noise = info.injected if info.injected is not None else torch.zeros_like(x)
-            parts = [self._distance(x, self.previous), self._distance(noise, torch.zeros_like(noise)),
-                     self._distance(x - noise, self.previous)]  # fmt: skip
+            parts = [
+                self._distance(x, self.previous),
+                self._distance(noise, torch.zeros_like(noise)),
+                self._distance(x - noise, self.previous),
+            ]
             for trace, values in zip(self.traces, torch.stack(parts, 1).tolist()):
                 trace.append(values)
             d = (parts[0] if self.statistic == "state" else parts[2]).double()
@@ -272,7 +309,7 @@ def evaluation_levels(process, sampler) -> list[float]:
     Adaptive ODE solvers (dopri5) choose their steps from the dynamics, so their levels are only known by
     running them; they are refused here.
     """
-    from .sampling import generate
+    from mediator_models.sampling.generation import generate
 
     if sampler.kind == "ode" and (sampler.method or "dopri5") == "dopri5":
         raise ValueError("dopri5 chooses its steps as it goes; expected costs need a fixed-step sampler")

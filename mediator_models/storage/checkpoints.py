@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runfolder import atomic_write
+from mediator_models.storage.diffusers_weights import is_diffusers_dit, read_diffusers_folder, state_from_diffusers
+from mediator_models.storage.errors import CheckpointError, CheckpointMismatchError
+from mediator_models.storage.runfolder import atomic_write
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -29,14 +31,6 @@ _GRID_BOUND_BIASES = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}
 # What a checkpoint's checksum covers: everything that is loaded back (not the RNG states, which are only
 # restored for exactness and are checked by their own types on load).
 CHECKSUMMED = ("model", "ema", "opt", "step", "args", "model_config", "process")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message is one line naming the file and what is wrong."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint's keys or shapes do not match the model; the message lists both and a likely cause."""
 
 
 def _feed(hasher, value: Any) -> None:
@@ -110,11 +104,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception:  # torch raises many types for a corrupt or truncated file
         raise CheckpointError(f"cannot read checkpoint {path}: {_diagnose_unreadable(path)}") from None
     if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict or a "
-                              "training checkpoint")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict or a training checkpoint"
+        )
     if "checksum" in checkpoint and checkpoint_checksum(checkpoint) != checkpoint["checksum"]:
-        raise CheckpointError(f"checkpoint {path} is damaged: its contents no longer match the checksum saved "
-                              "with them (bytes changed after saving); use an earlier checkpoint")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its contents no longer match the checksum saved "
+            "with them (bytes changed after saving); use an earlier checkpoint"
+        )
     return checkpoint
 
 
@@ -266,14 +263,12 @@ def load_checkpoint(
     adapt_resolution: bool = False,
 ) -> nn.Module:
     """Load official DiT/SiT weights, mediator checkpoints, training checkpoints or a diffusers DiT (its saved
-    folder or state dict, see `mediator_models.diffusers_dit`) into `model`, strictly.
+    folder or state dict, see `mediator_models.storage.diffusers_weights`) into `model`, strictly.
 
     `use_ema` picks the EMA weights of a training checkpoint (the ones to sample from). With
     `adapt_resolution`, weights saved at another resolution are adapted first (see
     `adapt_to_resolution`); otherwise any mismatch raises `CheckpointMismatchError`.
     """
-    from .diffusers_dit import is_diffusers_dit, read_diffusers_folder, state_from_diffusers
-
     if isinstance(path_or_state_dict, (str, os.PathLike)) and Path(path_or_state_dict).is_dir():
         checkpoint, _ = read_diffusers_folder(path_or_state_dict)
     elif isinstance(path_or_state_dict, (str, os.PathLike)):

@@ -1,6 +1,6 @@
 """Analytic multiply-accumulate counts per config, and a measured counterpart on the real forward pass.
 
-Convention of the field (DiT paper, REFERENCE §2): "GFLOPs" are forward multiply-accumulates at batch 1,
+Convention of the field (DiT paper, docs/reference.md §2): "GFLOPs" are forward multiply-accumulates at batch 1,
 without doubling for classifier-free guidance, including the two attention matmuls. Per block, with N tokens,
 width D, MLP ratio r and n mediators:
     full:      (4 + 2r)·N·D² + 6·D² + 2·N²·D
@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .config import ModelConfig, make_config
+from mediator_models.network.config import ModelConfig, make_config
 
 FREQUENCY_EMBEDDING_SIZE = 256
 
@@ -54,11 +54,20 @@ def config_gmacs(config: ModelConfig) -> float:
     return sum(macs_breakdown(config).values()) / 1e9
 
 
-def model_gmacs(name: str, *, input_size: int = 32, attention: str = "full", mediators: int | None = None,
-                depthwise_conv: bool | None = None) -> float:
+def model_gmacs(
+    name: str,
+    *,
+    input_size: int = 32,
+    attention: str = "full",
+    mediators: int | None = None,
+    depthwise_conv: bool | None = None,
+) -> float:
     """GMACs of a registry model, e.g. `model_gmacs("DiT-XL/2")` ≈ 118.6, `("DiT-XL/2", input_size=64)` ≈ 524.5."""
-    return config_gmacs(make_config(name, input_size=input_size, attention=attention, mediators=mediators,
-                                    depthwise_conv=depthwise_conv))
+    return config_gmacs(
+        make_config(
+            name, input_size=input_size, attention=attention, mediators=mediators, depthwise_conv=depthwise_conv
+        )
+    )
 
 
 # ---- measured count -------------------------------------------------------------------------------------

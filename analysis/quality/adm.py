@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mediator_models.runfolder import atomic_write
-
-from .stats import NEIGHBOURHOOD, inside_manifold, knn_radii
+from analysis.quality.scores import NEIGHBOURHOOD, inside_manifold, knn_radii
+from mediator_models.storage.runfolder import atomic_write
 
 SPATIAL_CHANNELS = 7  # ADM: spatial[..., :7]
 INCEPTION_SCORE_SPLIT = 5000  # ADM: compute_inception_score(split_size=5000)
@@ -54,11 +53,18 @@ class AdmInception:
 
         path = Path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(f"Inception weights {path} not found; pass the local "
-                                    "weights-inception-2015-12-05-6726825d.pth (nothing is downloaded here)")  # fmt: skip
+            raise FileNotFoundError(
+                f"Inception weights {path} not found; pass the local "
+                "weights-inception-2015-12-05-6726825d.pth (nothing is downloaded here)"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=str(path)).to(self.device).eval()  # fmt: skip
+        self.net = (
+            FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
+            )
+            .to(self.device)
+            .eval()
+        )
         self._spatial: torch.Tensor | None = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
@@ -82,7 +88,9 @@ class AdmInception:
         return Activations(np.concatenate(pool), np.concatenate(spatial), np.concatenate(logits))
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """ADM's (and TTUR's) Fréchet distance between two Gaussians, with scipy's matrix square root."""
     from scipy import linalg
 
@@ -90,7 +98,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"singular product in the Fréchet distance; adding {eps} to the covariance diagonals")
+        warnings.warn(
+            f"singular product in the Fréchet distance; adding {eps} to the covariance diagonals", stacklevel=2
+        )
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -152,10 +162,15 @@ def adm_metrics(samples: np.ndarray, reference_batch: str | Path, inception: Adm
     mu, sigma = statistics(sample.pool)
     mu_s, sigma_s = statistics(sample.spatial)
     precision, recall = precision_recall(reference.pool, sample.pool)
-    return {"fid": frechet_distance(mu, sigma, stats["mu"], stats["sigma"]),
-            "sfid": frechet_distance(mu_s, sigma_s, stats["mu_s"], stats["sigma_s"]),
-            "inception_score": inception_score(sample.logits), "precision": precision, "recall": recall,
-            "num_samples": len(samples), "num_reference": len(reference.pool)}  # fmt: skip
+    return {
+        "fid": frechet_distance(mu, sigma, stats["mu"], stats["sigma"]),
+        "sfid": frechet_distance(mu_s, sigma_s, stats["mu_s"], stats["sigma_s"]),
+        "inception_score": inception_score(sample.logits),
+        "precision": precision,
+        "recall": recall,
+        "num_samples": len(samples),
+        "num_reference": len(reference.pool),
+    }
 
 
 def write_reference_batch(images: np.ndarray, inception: AdmInception, path: str | Path) -> Path:
@@ -163,4 +178,6 @@ def write_reference_batch(images: np.ndarray, inception: AdmInception, path: str
     activations = inception.activations(images)
     mu, sigma = statistics(activations.pool)
     mu_s, sigma_s = statistics(activations.spatial)
-    return atomic_write(path, lambda handle: np.savez(handle, arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s))
+    return atomic_write(
+        path, lambda handle: np.savez(handle, arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    )

@@ -1,5 +1,5 @@
 """DiT's process: DDPM with 1000 linear-beta steps, learned-range variance, the hybrid loss, respacing,
-and the DDPM and DDIM samplers (REFERENCE §5). Written from the equations of Ho et al. 2020 and Nichol &
+and the DDPM and DDIM samplers (docs/reference.md §5). Written from the equations of Ho et al. 2020 and Nichol &
 Dhariwal 2021 (improved DDPM), in the conventions of the public DiT code: the network receives the
 original integer timestep (999 = pure noise) even when sampling with fewer, respaced steps.
 """
@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .stepping import NetworkCaller, iterate_steps, noise_level
+from mediator_models.sampling.steps import NetworkCaller, iterate_steps, noise_level
 
 NoiseFn = Callable[[tuple], torch.Tensor]
 
@@ -123,9 +123,10 @@ class GaussianDiffusion:
 
     # ---- the forward process ------------------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return _gather(self.sqrt_alphas_cumprod, t, x_start) * x_start + _gather(
-            self.sqrt_one_minus_alphas_cumprod, t, x_start
-        ) * noise
+        return (
+            _gather(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + _gather(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        )
 
     def q_posterior(self, x_start, x_t, t):
         mean = _gather(self.posterior_mean_coef1, t, x_t) * x_start + _gather(self.posterior_mean_coef2, t, x_t) * x_t
@@ -138,7 +139,9 @@ class GaussianDiffusion:
         return torch.full((batch,), float(self.timestep_map[index]), device=device)
 
     # ---- the reverse process ------------------------------------------------------------------------------
-    def p_mean_variance(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False):
+    def p_mean_variance(
+        self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False
+    ):
         """Mean, log-variance and x̂₀ of p(x_{t−1} | x_t) from the network's ε (and variance) prediction.
 
         With 2C output channels the second half v ∈ [−1, 1] interpolates the log-variance between the
@@ -155,16 +158,26 @@ class GaussianDiffusion:
             eps = model_output
             log_variance = _gather(self.posterior_log_variance_clipped, t, x).expand_as(x)
         else:
-            raise ValueError(f"model output has {model_output.shape[1]} channels; expected {channels} or {2 * channels}")
-        pred_x0 = _gather(self.sqrt_recip_alphas_cumprod, t, x) * x - _gather(self.sqrt_recipm1_alphas_cumprod, t, x) * eps
+            raise ValueError(
+                f"model output has {model_output.shape[1]} channels; expected {channels} or {2 * channels}"
+            )
+        pred_x0 = (
+            _gather(self.sqrt_recip_alphas_cumprod, t, x) * x - _gather(self.sqrt_recipm1_alphas_cumprod, t, x) * eps
+        )
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _ = self.q_posterior(pred_x0, x, t)
         return mean, log_variance, pred_x0, eps
 
     # ---- training -----------------------------------------------------------------------------------------
-    def training_loss(self, model, x_start: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def training_loss(
+        self,
+        model,
+        x_start: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """DiT's hybrid loss per sample: MSE on ε, plus (with learned variance) the variational bound term
         in bits/dim computed with the mean frozen, so it trains only the variance (improved DDPM)."""
         if t is None:
@@ -199,8 +212,15 @@ class GaussianDiffusion:
         mean, log_var, pred_x0, _ = self.p_mean_variance(out, x, t, clip_denoised)
         return t, mean, log_var, pred_x0
 
-    def ddpm_sample(self, network: NetworkCaller, x_T: torch.Tensor, y: torch.Tensor, noise_fn: NoiseFn | None = None,
-                    clip_denoised: bool = False, progress: Callable | None = None) -> torch.Tensor:
+    def ddpm_sample(
+        self,
+        network: NetworkCaller,
+        x_T: torch.Tensor,
+        y: torch.Tensor,
+        noise_fn: NoiseFn | None = None,
+        clip_denoised: bool = False,
+        progress: Callable | None = None,
+    ) -> torch.Tensor:
         """Ancestral sampling: x_{t−1} = μ_θ(x_t) + σ_θ(x_t)·z for each of the process's steps."""
         x = x_T
         noise_fn = noise_fn or (lambda shape: torch.randn(shape, device=x_T.device))
@@ -209,20 +229,31 @@ class GaussianDiffusion:
             x = mean + torch.exp(0.5 * log_var) * noise_fn(tuple(x.shape)) if i > 0 else mean
         return x
 
-    def ddim_sample(self, network: NetworkCaller, x_T: torch.Tensor, y: torch.Tensor, eta: float = 0.0,
-                    noise_fn: NoiseFn | None = None, clip_denoised: bool = False, progress: Callable | None = None) -> torch.Tensor:
+    def ddim_sample(
+        self,
+        network: NetworkCaller,
+        x_T: torch.Tensor,
+        y: torch.Tensor,
+        eta: float = 0.0,
+        noise_fn: NoiseFn | None = None,
+        clip_denoised: bool = False,
+        progress: Callable | None = None,
+    ) -> torch.Tensor:
         """DDIM (Song et al. 2021): deterministic for η = 0, DDPM-like for η = 1."""
         x = x_T
         noise_fn = noise_fn or (lambda shape: torch.randn(shape, device=x_T.device))
         for i in iterate_steps(reversed(range(self.num_timesteps)), progress):
             t, _, _, pred_x0 = self._reverse_step(network, x, y, i, clip_denoised)
             # Re-derive ε from x̂₀ so that clipping (if any) is reflected in it, as ADM does.
-            eps = (_gather(self.sqrt_recip_alphas_cumprod, t, x) * x - pred_x0) / _gather(self.sqrt_recipm1_alphas_cumprod, t, x)
+            eps = (_gather(self.sqrt_recip_alphas_cumprod, t, x) * x - pred_x0) / _gather(
+                self.sqrt_recipm1_alphas_cumprod, t, x
+            )
             alpha_bar = _gather(self.alphas_cumprod, t, x)
             alpha_bar_prev = _gather(self.alphas_cumprod_prev, t, x)
-            sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+            sigma = (
+                eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+            )
             x = pred_x0 * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
             if i > 0 and eta > 0:
                 x = x + sigma * noise_fn(tuple(x.shape))
         return x
-

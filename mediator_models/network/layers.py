@@ -51,7 +51,9 @@ class TimestepEmbedder(nn.Module):
         """GLIDE's embedding: [cos(t·f), sin(t·f)] with f = max_period^(-i/(half − freq_shift)), i < half.
         t (B,) -> (B, dim). DiT uses freq_shift 0; diffusers' DiT port uses 1 (`downscale_freq_shift`)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+        )
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:

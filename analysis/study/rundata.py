@@ -1,4 +1,4 @@
-"""Readers of a study's run folder (written by analysis.reproduce), for the report and the notebooks.
+"""Readers of a study's run folder (written by analysis.study.reproduce), for the report and the notebooks.
 
 One home for knowing where a run keeps things, so the report reads a run folder without importing the
 pipeline that wrote it.
@@ -39,8 +39,14 @@ def training_summary(run_dir: Path, seeds, variants: dict[str, object]) -> list[
     for seed in seeds:
         for name in variants:
             records = read_log(Path(run_dir) / "train" / f"seed{seed}" / name / "log.jsonl")
-            rows.append({"model": name, "seed": seed, "final_loss": records[-1]["loss"] if records else None,
-                         "steps_per_sec": float(np.mean([r["steps_per_sec"] for r in records])) if records else None})  # fmt: skip
+            rows.append(
+                {
+                    "model": name,
+                    "seed": seed,
+                    "final_loss": records[-1]["loss"] if records else None,
+                    "steps_per_sec": float(np.mean([r["steps_per_sec"] for r in records])) if records else None,
+                }
+            )
     return rows
 
 
@@ -55,8 +61,14 @@ def switch_table(sidecar: dict, levels: list[float], moves: int) -> pd.DataFrame
     for sample in sidecar.get("per_sample", []):
         for move in range(moves):
             step = sample["switch_steps"][move] if len(sample["switch_steps"]) > move else None
-            rows.append({"index": sample["index"], "move": move, "step": step,
-                         "noise_level": levels[step] if step is not None else np.nan})  # fmt: skip
+            rows.append(
+                {
+                    "index": sample["index"],
+                    "move": move,
+                    "step": step,
+                    "noise_level": levels[step] if step is not None else np.nan,
+                }
+            )
     return pd.DataFrame(rows, columns=["index", "move", "step", "noise_level"])
 
 
@@ -67,8 +79,16 @@ def distance_table(sidecar: dict, levels: list[float]) -> pd.DataFrame:
     for sample in sidecar.get("per_sample", []):
         for offset, (state, noise, drift) in enumerate(sample.get("distances", [])):
             step = offset + 2
-            rows.append({"index": sample["index"], "step": step, "noise_level": levels[step], "state": state,
-                         "noise": noise, "drift": drift})  # fmt: skip
+            rows.append(
+                {
+                    "index": sample["index"],
+                    "step": step,
+                    "noise_level": levels[step],
+                    "state": state,
+                    "noise": noise,
+                    "drift": drift,
+                }
+            )
     return pd.DataFrame(rows, columns=["index", "step", "noise_level", "state", "noise", "drift"])
 
 

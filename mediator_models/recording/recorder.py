@@ -25,9 +25,9 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .attention import AttentionMaps
-from .checkpoint import atomic_save
-from .stepping import StepInfo
+from mediator_models.network.attention import AttentionMaps
+from mediator_models.sampling.steps import StepInfo
+from mediator_models.storage.checkpoints import atomic_save
 
 Reducer = Callable[[AttentionMaps], Mapping[str, torch.Tensor]]
 
@@ -98,18 +98,31 @@ class AttentionRecorder:
     the fused, faster path).
     """
 
-    def __init__(self, models, reducers: Reducer | Mapping[str, Reducer], *, layers: Iterable[int] | None = None,
-                 heads: Iterable[int] | None = None, keep_maps: Iterable[tuple[int, int]] | None = None,
-                 keep_dir: str | Path | None = None, guided_halves: tuple[str, str] = ("cond", "uncond")):
+    def __init__(
+        self,
+        models,
+        reducers: Reducer | Mapping[str, Reducer],
+        *,
+        layers: Iterable[int] | None = None,
+        heads: Iterable[int] | None = None,
+        keep_maps: Iterable[tuple[int, int]] | None = None,
+        keep_dir: str | Path | None = None,
+        guided_halves: tuple[str, str] = ("cond", "uncond"),
+    ):
         self.models = _as_named_models(models)
         self.reducers = {"": reducers} if callable(reducers) else dict(reducers)
         self.layers = None if layers is None else _selection(layers, "layers", "--layers")
         self.heads = None if heads is None else _selection(heads, "heads", "--heads")
         self.keep_maps = set()
         for pair in keep_maps or ():
-            if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair)):
-                raise ValueError(f"keep_maps takes (step, layer) pairs of whole numbers ≥ 0 (--keep-maps STEP:LAYER), got {pair!r}")
+            if (
+                not isinstance(pair, (tuple, list))
+                or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair)
+            ):
+                raise ValueError(
+                    f"keep_maps takes (step, layer) pairs of whole numbers ≥ 0 (--keep-maps STEP:LAYER), got {pair!r}"
+                )
             self.keep_maps.add(tuple(pair))
         if self.keep_maps and keep_dir is None:
             raise ValueError("keep_maps needs keep_dir, the folder to write the kept maps to")
@@ -129,10 +142,11 @@ class AttentionRecorder:
         self.check_selection()
         for name, model in self.models.items():
             if not hasattr(model, "attention_modules"):  # a diffusers transformer: wrap its attention processors
-                from . import diffusers_attention
+                from mediator_models.recording import diffusers as diffusers_recording
 
-                self._detach_foreign.append(diffusers_attention.attach(
-                    model, lambda layer, name=name: self._observer(name, layer), self.layers))  # fmt: skip
+                self._detach_foreign.append(
+                    diffusers_recording.attach(model, lambda layer, name=name: self._observer(name, layer), self.layers)
+                )
                 continue
             modules = model.attention_modules()
             for layer in range(len(modules)) if self.layers is None else self.layers:
@@ -148,14 +162,16 @@ class AttentionRecorder:
         for name, model in self.models.items():
             if hasattr(model, "attention_modules"):
                 if getattr(getattr(model, "config", None), "attention", None) == "conv":
-                    raise ValueError(f"{name} mixes tokens with a depthwise conv only (the no-attention ablation): "
-                                     "it has no attention maps to record")  # fmt: skip
+                    raise ValueError(
+                        f"{name} mixes tokens with a depthwise conv only (the no-attention ablation): "
+                        "it has no attention maps to record"
+                    )
                 modules = model.attention_modules()
                 depth, heads = len(modules), modules[0].num_heads
             else:
-                from . import diffusers_attention
+                from mediator_models.recording import diffusers as diffusers_recording
 
-                depth, heads = len(diffusers_attention.recordable_layers(model)), diffusers_attention.num_heads(model)
+                depth, heads = len(diffusers_recording.recordable_layers(model)), diffusers_recording.num_heads(model)
             wrong = [layer for layer in self.layers or () if layer >= depth]
             if wrong:
                 raise ValueError(f"--layers {wrong} do not exist in {name}: it has layers 0..{depth - 1}")
@@ -165,8 +181,10 @@ class AttentionRecorder:
             recorded = range(depth) if self.layers is None else self.layers
             wrong = sorted(pair for pair in self.keep_maps if pair[1] not in recorded)
             if wrong:
-                raise ValueError(f"--keep-maps {wrong}: those layers are not recorded in {name} (recorded: "
-                                 f"{list(recorded)}); kept maps come from recorded layers only")  # fmt: skip
+                raise ValueError(
+                    f"--keep-maps {wrong}: those layers are not recorded in {name} (recorded: "
+                    f"{list(recorded)}); kept maps come from recorded layers only"
+                )
 
     def detach(self) -> None:
         for module in self._attached:
@@ -184,8 +202,9 @@ class AttentionRecorder:
         (true of every fixed-step sampler); an adaptive solver (dopri5) that does not is refused here.
         """
         self.current = info
-        meta = self.step_meta.setdefault(info.index, {"noise_level": info.noise_level,
-                                                      "model_time": float(info.model_time.float().mean())})  # fmt: skip
+        meta = self.step_meta.setdefault(
+            info.index, {"noise_level": info.noise_level, "model_time": float(info.model_time.float().mean())}
+        )
         if abs(meta["noise_level"] - info.noise_level) > 1e-6:
             raise ValueError(
                 f"evaluation {info.index} fell at noise level {info.noise_level:.4f} here and {meta['noise_level']:.4f} "
@@ -226,12 +245,20 @@ class AttentionRecorder:
     def _keep(self, network: str, step: int, layer: int, maps: AttentionMaps) -> None:
         safe = re.sub(r"[^A-Za-z0-9]+", "-", network).strip("-")
         key = (safe, step, layer)
-        payload = {"kind": maps.kind, "effective": maps.effective.detach().cpu(), "network": network,
-                   "step": step, "layer": layer, **self.step_meta.get(step, {})}  # fmt: skip
+        payload = {
+            "kind": maps.kind,
+            "effective": maps.effective.detach().cpu(),
+            "network": network,
+            "step": step,
+            "layer": layer,
+            **self.step_meta.get(step, {}),
+        }
         if maps.kind == "mediator":
             payload["query_to_mediator"] = maps.query_to_mediator.detach().cpu()
             payload["mediator_to_key"] = maps.mediator_to_key.detach().cpu()
-        atomic_save(payload, self.keep_dir / f"maps_{safe}_step{step:04d}_layer{layer:02d}_part{self._saved[key]:03d}.pt")
+        atomic_save(
+            payload, self.keep_dir / f"maps_{safe}_step{step:04d}_layer{layer:02d}_part{self._saved[key]:03d}.pt"
+        )
         self._saved[key] += 1
 
     # ---- results ------------------------------------------------------------------------------------------
@@ -243,15 +270,30 @@ class AttentionRecorder:
             meta = self.step_meta.get(step, {"noise_level": math.nan, "model_time": math.nan})
             heads = self.heads if self.heads is not None else list(range(len(stats.mean_) - 1))
             for head, mean, std in zip([*heads, -1], stats.mean().tolist(), stats.std().tolist()):
-                out.append({"network": network, "step": step, "noise_level": meta["noise_level"],
-                            "model_time": meta["model_time"], "layer": layer, "head": head, "branch": branch,
-                            "metric": metric, "mean": mean, "std": std, "count": stats.count})  # fmt: skip
+                out.append(
+                    {
+                        "network": network,
+                        "step": step,
+                        "noise_level": meta["noise_level"],
+                        "model_time": meta["model_time"],
+                        "layer": layer,
+                        "head": head,
+                        "branch": branch,
+                        "metric": metric,
+                        "mean": mean,
+                        "std": std,
+                        "count": stats.count,
+                    }
+                )
         return out
 
     def state_dict(self) -> dict:
         """Everything collected so far, for resuming a collection."""
-        return {"stats": {k: v.state() for k, v in self.stats.items()}, "step_meta": self.step_meta,
-                "saved": dict(self._saved)}  # fmt: skip
+        return {
+            "stats": {k: v.state() for k, v in self.stats.items()},
+            "step_meta": self.step_meta,
+            "saved": dict(self._saved),
+        }
 
     def merge_state_dict(self, state: dict) -> None:
         """Add the statistics another recorder collected on other samples (another rank's)."""
@@ -271,12 +313,20 @@ class AttentionRecorder:
 
 
 @contextlib.contextmanager
-def record_attention(models, reducers, layers=None, heads=None, keep_maps=None, keep_dir=None,
-                     guided_halves=("cond", "uncond")) -> Iterator[AttentionRecorder]:
+def record_attention(
+    models, reducers, layers=None, heads=None, keep_maps=None, keep_dir=None, guided_halves=("cond", "uncond")
+) -> Iterator[AttentionRecorder]:
     """Attach a recorder for the duration of the block; the models are restored on exit, even on errors.
-    Models are attnmed's or diffusers transformers (DiT, PixArt, SD3; see mediator_models.diffusers_attention)."""
-    recorder = AttentionRecorder(models, reducers, layers=layers, heads=heads, keep_maps=keep_maps, keep_dir=keep_dir,
-                                 guided_halves=guided_halves)  # fmt: skip
+    Models are attnmed's or diffusers transformers (DiT, PixArt, SD3; see mediator_models.recording.diffusers)."""
+    recorder = AttentionRecorder(
+        models,
+        reducers,
+        layers=layers,
+        heads=heads,
+        keep_maps=keep_maps,
+        keep_dir=keep_dir,
+        guided_halves=guided_halves,
+    )
     recorder.attach()
     try:
         yield recorder
@@ -291,8 +341,10 @@ def _selection(values: Iterable[int], what: str, flag: str) -> list[int]:
         raise ValueError(f"{flag} was given without values; name at least one, or drop it to record all {what}")
     bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 0]
     if bad:
-        raise ValueError(f"{flag} takes indices from 0 up, got {bad}" + (" (−1 is the head average in tables, "
-                         "recorded always)" if what == "heads" else ""))  # fmt: skip
+        raise ValueError(
+            f"{flag} takes indices from 0 up, got {bad}"
+            + (" (−1 is the head average in tables, recorded always)" if what == "heads" else "")
+        )
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
         raise ValueError(f"{flag} names {repeated} more than once; name each once")

@@ -1,5 +1,5 @@
 """The study's figures and REPORT.md: each of the paper's claims beside what this run measured, decided by
-paired intervals (analysis.stats), with every reference number labelled by its source."""
+paired intervals (analysis.quality.stats), with every reference number labelled by its source."""
 
 from __future__ import annotations
 
@@ -8,16 +8,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mediator_models.config import make_config
-from mediator_models.flops import model_gmacs
-from mediator_models.runfolder import atomic_write, atomic_write_text
-from mediator_models.switching import count_label
+from analysis import plots
+from analysis.schedule import recovery_curve
+from analysis.study.rundata import (
+    distance_table,
+    load_kept_maps,
+    read_sidecar,
+    sample_images,
+    switch_table,
+    training_summary,
+)
+from mediator_models.network.config import make_config
+from mediator_models.network.flops import model_gmacs
+from mediator_models.sampling.switching import count_label
+from mediator_models.storage.runfolder import atomic_write, atomic_write_text
 
-from . import plots
-from .rundata import distance_table, load_kept_maps, read_sidecar, sample_images, switch_table, training_summary
-from .schedule import recovery_curve
-
-# Savings of 64 mediators in every layer (REFERENCE §2). The paper's wording is "speedup"; its figures match an
+# Savings of 64 mediators in every layer (docs/reference.md §2). The paper's wording is "speedup"; its figures match an
 # analytic FLOPs count, so they are most likely FLOPs reductions. Only SiT-B/2 has a published figure (from a
 # secondary summary of the paper); the SiT-XL/2 rows are our count only.
 PAPER_SAVINGS = [  # (model, input size, resolution, published saving in % or None, its source)
@@ -26,9 +32,9 @@ PAPER_SAVINGS = [  # (model, input size, resolution, published saving in % or No
     ("SiT-XL/2", 32, "256 px", None, "no published figure"),
     ("SiT-XL/2", 64, "512 px", None, "no published figure"),
     ("SiT-XL/2", 128, "1024 px", None, "no published figure"),
-]  # fmt: skip
+]
 
-# REFERENCE §3: SiT-S/2, 400K iterations, no guidance, SDE 250 steps (secondary summary of the paper).
+# docs/reference.md §3: SiT-S/2, 400K iterations, no guidance, SDE 250 steps (secondary summary of the paper).
 PAPER_FID = {None: 58.61, 4: 57.67, 16: 54.55, 64: 53.57}
 PAPER_GFLOPS = {None: 6.06, 4: 5.49, 16: 5.55, 64: 5.78}  # SiT-S/2 per forward pass (paper ablation, secondary)
 
@@ -68,8 +74,14 @@ def band_change(rows: pd.DataFrame) -> dict:
     margin = 1.96 * (bands["early"][1] + bands["late"][1])
     low, high = change - margin, change + margin
     verdict = "holds" if low > 0 else ("reverses" if high < 0 else "unresolved")
-    return {"early": bands["early"][0], "late": bands["late"][0], "change": change, "low": low, "high": high,
-            "verdict": verdict}  # fmt: skip
+    return {
+        "early": bands["early"][0],
+        "late": bands["late"][0],
+        "change": change,
+        "low": low,
+        "high": high,
+        "verdict": verdict,
+    }
 
 
 def premise_by_layer(table: pd.DataFrame) -> pd.DataFrame:
@@ -84,8 +96,9 @@ def premise_by_layer(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out).sort_values(["kind", "mediators", "layer"], ignore_index=True)
 
 
-def write_figures_and_report(study, models, table, derived, expected_gflops, results: pd.DataFrame,
-                             differences: pd.DataFrame, seconds: float) -> Path:
+def write_figures_and_report(
+    study, models, table, derived, expected_gflops, results: pd.DataFrame, differences: pd.DataFrame, seconds: float
+) -> Path:
     fig_dir = study.figures_dir
     fig_dir.mkdir(parents=True, exist_ok=True)
     largest = table[table["attention"] == "mediator"]["mediators"].max()
@@ -99,14 +112,20 @@ def write_figures_and_report(study, models, table, derived, expected_gflops, res
     plots.tradeoff(results, path=fig_dir / "fid_vs_gflops")
     cell = study.config.cells[0]
     shared = f"training seed {cell[0]}, sampling seed {cell[1]}: the same noise and labels in both grids"
-    plots.sample_grid(sample_images(study.sample_folder(cell, "full")), path=fig_dir / "samples_full",
-                      title=f"full attention, EMA weights, SDE ({shared})")  # fmt: skip
+    plots.sample_grid(
+        sample_images(study.sample_folder(cell, "full")),
+        path=fig_dir / "samples_full",
+        title=f"full attention, EMA weights, SDE ({shared})",
+    )
     smallest = study.config.mediator_counts[0]
-    plots.sample_grid(sample_images(study.sample_folder(cell, f"med{smallest}")), path=fig_dir / "samples_mediator",
-                      title=f"mediators n={smallest} ({shared})")  # fmt: skip
+    plots.sample_grid(
+        sample_images(study.sample_folder(cell, f"med{smallest}")),
+        path=fig_dir / "samples_mediator",
+        title=f"mediators n={smallest} ({shared})",
+    )
     data_dir = fig_dir / "data"  # the tables behind the figures and verdicts, for the notebooks
     data_dir.mkdir(exist_ok=True)
-    from .collect import write_table
+    from analysis.collect import write_table
 
     write_table(table, data_dir / "redundancy.parquet", {"run": str(study.run_dir), "study": study.config.to_dict()})
     for name, frame in (("results.csv", results), ("differences.csv", differences)):
@@ -117,19 +136,30 @@ def write_figures_and_report(study, models, table, derived, expected_gflops, res
     for name, frame in diagnostics.items():
         if frame.empty:  # runs sampled before per-sample records were kept have none
             continue
-        atomic_write(data_dir / f"{name}.csv", lambda handle, frame=frame: frame.to_csv(handle, index=False), binary=False)
+        atomic_write(
+            data_dir / f"{name}.csv", lambda handle, frame=frame: frame.to_csv(handle, index=False), binary=False
+        )
     if not diagnostics["switches"].empty:
-        plots.switch_histograms(diagnostics["switches"], study.levels, path=fig_dir / "switch_steps",
-                                title=f"When each sample switched networks (all {len(study.config.cells)} cells)")  # fmt: skip
+        plots.switch_histograms(
+            diagnostics["switches"],
+            study.levels,
+            path=fig_dir / "switch_steps",
+            title=f"When each sample switched networks (all {len(study.config.cells)} cells)",
+        )
     if not diagnostics["distances"].empty:  # runs sampled before the traces were kept have none
         first = diagnostics["distances"]
         first = first[first["run"] == first["run"].iloc[0]]
-        plots.distance_traces(first, path=fig_dir / "switch_distance",
-                              title=f"What d_k is made of ({first['run'].iloc[0]}, SDE sampler)")  # fmt: skip
+        plots.distance_traces(
+            first, path=fig_dir / "switch_distance", title=f"What d_k is made of ({first['run'].iloc[0]}, SDE sampler)"
+        )
     if has_premise(table):
         for kind in ("rank", "pooled"):
-            plots.recovery_curves(recovery_curve(table[table["attention"] == "full"], kind), kind, path=fig_dir / f"recovery_{kind}")
-    training = training_summary(study.run_dir, study.config.train_seeds, {study.variant_name(c): c for c in study.trained})
+            plots.recovery_curves(
+                recovery_curve(table[table["attention"] == "full"], kind), kind, path=fig_dir / f"recovery_{kind}"
+            )
+    training = training_summary(
+        study.run_dir, study.config.train_seeds, {study.variant_name(c): c for c in study.trained}
+    )
     text = render_report(study, table, derived, expected_gflops, results, differences, training, seconds, diagnostics)
     return atomic_write_text(fig_dir / "REPORT.md", text)
 
@@ -152,12 +182,16 @@ def adaptive_diagnostics(study, results: pd.DataFrame) -> dict[str, pd.DataFrame
             switches.append(switch_table(sidecar, study.levels, moves).assign(**where))
             distances.append(distance_table(sidecar, study.levels).assign(**where))
     empty = pd.DataFrame(columns=["run", "train_seed", "sample_seed"])
-    return {"switches": pd.concat(switches, ignore_index=True) if switches else empty,
-            "distances": pd.concat(distances, ignore_index=True) if distances else empty}  # fmt: skip
+    return {
+        "switches": pd.concat(switches, ignore_index=True) if switches else empty,
+        "distances": pd.concat(distances, ignore_index=True) if distances else empty,
+    }
 
 
 def _difference_text(differences: pd.DataFrame, run: str, baseline: str, metric: str) -> str:
-    row = differences[(differences["run"] == run) & (differences["baseline"] == baseline) & (differences["metric"] == metric)].iloc[0]
+    row = differences[
+        (differences["run"] == run) & (differences["baseline"] == baseline) & (differences["metric"] == metric)
+    ].iloc[0]
     return f"{metric} {row['difference']:+.3g} [{row['low']:+.3g}, {row['high']:+.3g}]"
 
 
@@ -192,26 +226,35 @@ def claim_rows_of_the_paper_grid(table: pd.DataFrame, differences: pd.DataFrame)
     rows = []
     parts = differences[differences["claim"].str.contains("part:") & (differences["metric"] == "fid")]
     if not parts.empty:
-        text = "; ".join(f"{r.run} − {r.baseline}: FID {r.difference:+.2f} [{r.low:+.2f}, {r.high:+.2f}] ({r.verdict})"
-                         for r in parts.itertuples())  # fmt: skip
+        text = "; ".join(
+            f"{r.run} − {r.baseline}: FID {r.difference:+.2f} [{r.low:+.2f}, {r.high:+.2f}] ({r.verdict})"
+            for r in parts.itertuples()
+        )
         mediators = parts[parts["claim"].str.startswith("the mediators' part")]["verdict"]
         verdict = mediators.iloc[0] if len(mediators) else "–"
-        rows.append(f"| The mediator attention itself carries the quality, not only the block's depthwise conv | the "
-                    f"mediator block adds a 3×3 depthwise conv on V (public code; no ablation of it in the paper) | "
-                    f"{text} | {verdict} for the mediators over the conv alone |")  # fmt: skip
+        rows.append(
+            f"| The mediator attention itself carries the quality, not only the block's depthwise conv | the "
+            f"mediator block adds a 3×3 depthwise conv on V (public code; no ablation of it in the paper) | "
+            f"{text} | {verdict} for the mediators over the conv alone |"
+        )
     if has_premise(table):
         premise = premise_by_layer(table)
         rank = premise[premise["kind"] == "rank"]
-        text = "; ".join(f"n = {n}: holds in {int((p['verdict'] == 'holds').sum())}, reverses in "
-                         f"{int((p['verdict'] == 'reverses').sum())} of {len(p)} layers (error {p['early'].mean():.3f} → "
-                         f"{p['late'].mean():.3f})" for n, p in rank.groupby("mediators"))  # fmt: skip
+        text = "; ".join(
+            f"n = {n}: holds in {int((p['verdict'] == 'holds').sum())}, reverses in "
+            f"{int((p['verdict'] == 'reverses').sum())} of {len(p)} layers (error {p['early'].mean():.3f} → "
+            f"{p['late'].mean():.3f})"
+            for n, p in rank.groupby("mediators")
+        )
         held = rank["verdict"] == "holds"
         verdict = "holds" if held.all() else ("holds in part" if held.any() else "not reproduced here")
         if (rank["verdict"] == "reverses").all():
             verdict = "fails"
-        rows.append(f"| Fewer mediators suffice at noisy steps (the premise of the schedule) | redundancy highest "
-                    f"early (paper) | share of A·V lost by the best rank-n map, early → late (conservative 95% "
-                    f"intervals, see the premise section): {text} | {verdict} |")  # fmt: skip
+        rows.append(
+            f"| Fewer mediators suffice at noisy steps (the premise of the schedule) | redundancy highest "
+            f"early (paper) | share of A·V lost by the best rank-n map, early → late (conservative 95% "
+            f"intervals, see the premise section): {text} | {verdict} |"
+        )
     return rows
 
 
@@ -220,13 +263,21 @@ def ablation_lines(differences: pd.DataFrame, summary: pd.DataFrame) -> list[str
     ablations = summary[summary["kind"] == "ablation"]
     if ablations.empty:
         return []
-    lines = ["", "## Ablations: the mediators apart from the depthwise conv", "",
-             "Every ablation is trained with the same seeds, steps, data and sampling noise as the mediator models. "
-             "Each row is the run with a component minus the run without it (FID, KID: negative = the component "
-             "helps; precision, recall: positive = it helps).", "",
-             "| comparison | run | baseline | FID | KID | precision | recall | FID verdict |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    wanted = differences[differences["claim"].str.contains("part:") |
-                         (differences["run"].isin(ablations.index) & (differences["baseline"] == "full"))]  # fmt: skip
+    lines = [
+        "",
+        "## Ablations: the mediators apart from the depthwise conv",
+        "",
+        "Every ablation is trained with the same seeds, steps, data and sampling noise as the mediator models. "
+        "Each row is the run with a component minus the run without it (FID, KID: negative = the component "
+        "helps; precision, recall: positive = it helps).",
+        "",
+        "| comparison | run | baseline | FID | KID | precision | recall | FID verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    wanted = differences[
+        differences["claim"].str.contains("part:")
+        | (differences["run"].isin(ablations.index) & (differences["baseline"] == "full"))
+    ]
     for (run, baseline, claim), part in wanted.groupby(["run", "baseline", "claim"], sort=False):
         what = claim if "part:" in claim else f"{summary.loc[run, 'schedule']} vs full attention"
         verdict = part[part["metric"] == "fid"].iloc[0]["verdict"]
@@ -242,15 +293,24 @@ def adaptive_lines(study, summary: pd.DataFrame, differences: pd.DataFrame, diag
         return []
     levels = study.levels
     order = "/".join(count_label(c) for c in study.adaptive_order)
-    lines = ["", "## The adaptive rule, diagnosed", "",
-             f"The rule switches between the networks {order}, fewest mediators first"
-             + (" (the paper's trio; full attention is not among them and is reported as its own static run)"
-                if tuple(study.adaptive_order) == (4, 16, 64) else "") + ". For each run: the evaluation at which samples made "
-             "each move (median [10th–90th percentile] over samples of all cells, and its noise level), the share of "
-             "samples that never made it, and the run against a time-matched control: the same networks switched at "
-             "the median steps for every sample. Equal images mean the rule chose the same steps for every sample.", "",
-             "| run | moves: step (noise level) [10–90%], never | GFLOPs / image | − its control: FID | − static frontier: FID |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "## The adaptive rule, diagnosed",
+        "",
+        f"The rule switches between the networks {order}, fewest mediators first"
+        + (
+            " (the paper's trio; full attention is not among them and is reported as its own static run)"
+            if tuple(study.adaptive_order) == (4, 16, 64)
+            else ""
+        )
+        + ". For each run: the evaluation at which samples made "
+        "each move (median [10th–90th percentile] over samples of all cells, and its noise level), the share of "
+        "samples that never made it, and the run against a time-matched control: the same networks switched at "
+        "the median steps for every sample. Equal images mean the rule chose the same steps for every sample.",
+        "",
+        "| run | moves: step (noise level) [10–90%], never | GFLOPs / image | − its control: FID | − static frontier: FID |",
+        "|---|---|---|---|---|",
+    ]
     for run, part in switches.groupby("run", sort=False):
         moves = []
         for move, rows in part.groupby("move"):
@@ -260,31 +320,50 @@ def adaptive_lines(study, summary: pd.DataFrame, differences: pd.DataFrame, diag
                 continue
             median = int(np.median(steps))
             p10, p90 = np.percentile(steps, [10, 90])
-            moves.append(f"{move + 1}: {median} ({levels[median]:.2f}) [{p10:.0f}–{p90:.0f}], "
-                         f"{rows['step'].isna().mean():.0%} never")  # fmt: skip
-        control = differences[(differences["run"] == run) & (differences["claim"].str.startswith("per-sample"))
-                              & (differences["metric"] == "fid")]  # fmt: skip
-        frontier = differences[(differences["run"] == run) & (differences["claim"].str.startswith("dynamic"))
-                               & (differences["metric"] == "fid")]  # fmt: skip
-        lines.append(f"| {summary.loc[run, 'schedule']} | {'; '.join(moves)} | {summary.loc[run, 'gflops_per_image']:.3g} | "
-                     f"{_fid_cell(control)} | {_fid_cell(frontier)} |")  # fmt: skip
+            moves.append(
+                f"{move + 1}: {median} ({levels[median]:.2f}) [{p10:.0f}–{p90:.0f}], "
+                f"{rows['step'].isna().mean():.0%} never"
+            )
+        control = differences[
+            (differences["run"] == run)
+            & (differences["claim"].str.startswith("per-sample"))
+            & (differences["metric"] == "fid")
+        ]
+        frontier = differences[
+            (differences["run"] == run)
+            & (differences["claim"].str.startswith("dynamic"))
+            & (differences["metric"] == "fid")
+        ]
+        lines.append(
+            f"| {summary.loc[run, 'schedule']} | {'; '.join(moves)} | {summary.loc[run, 'gflops_per_image']:.3g} | "
+            f"{_fid_cell(control)} | {_fid_cell(frontier)} |"
+        )
     if not distances.empty:
         paper = distances[~distances["run"].str.startswith("adaptive-drift")]
         share = (paper["noise"] / paper["state"]).groupby(paper["step"]).median()
-        spread = {rule: _switch_spread(switches[switches["run"].str.startswith("adaptive-drift") == drift])
-                  for rule, drift in (("paper", False), ("drift", True))}  # fmt: skip
+        spread = {
+            rule: _switch_spread(switches[switches["run"].str.startswith("adaptive-drift") == drift])
+            for rule, drift in (("paper", False), ("drift", True))
+        }
         clock = spread["paper"] is not None and spread["paper"] <= 1
-        lines += ["", f"What d_k responds to (the paper's statistic, SDE sampler): the injected noise √(2w_t)·dW alone "
-                  f"has a mean |·| of {share.min():.0%}–{share.max():.0%} of d_k's (median over samples, range over the "
-                  f"{len(share)} steps after the first two); its size is set by the time grid, not by the sample. "
-                  + (f"Accordingly the samples' switch steps lie within {spread['paper']:.0f} step(s) of each other "
-                     "(10–90% range, widest move): the rule works as a clock. " if clock else
-                     f"The samples' switch steps spread over {spread['paper']:.0f} steps (10–90% range, widest move). "
-                     if spread["paper"] is not None else "")
-                  + "The drift variant (ours, not the paper's) takes d_k on Δx minus the injected noise, the part the "
-                  "network moved"
-                  + (f"; its switch steps spread over {spread['drift']:.0f} steps." if spread["drift"] is not None else "."),
-                  ""]  # fmt: skip
+        lines += [
+            "",
+            f"What d_k responds to (the paper's statistic, SDE sampler): the injected noise √(2w_t)·dW alone "
+            f"has a mean |·| of {share.min():.0%}–{share.max():.0%} of d_k's (median over samples, range over the "
+            f"{len(share)} steps after the first two); its size is set by the time grid, not by the sample. "
+            + (
+                f"Accordingly the samples' switch steps lie within {spread['paper']:.0f} step(s) of each other "
+                "(10–90% range, widest move): the rule works as a clock. "
+                if clock
+                else f"The samples' switch steps spread over {spread['paper']:.0f} steps (10–90% range, widest move). "
+                if spread["paper"] is not None
+                else ""
+            )
+            + "The drift variant (ours, not the paper's) takes d_k on Δx minus the injected noise, the part the "
+            "network moved"
+            + (f"; its switch steps spread over {spread['drift']:.0f} steps." if spread["drift"] is not None else "."),
+            "",
+        ]
     return lines
 
 
@@ -298,8 +377,11 @@ def _fid_cell(rows: pd.DataFrame) -> str:
 
 def _switch_spread(switches: pd.DataFrame) -> float | None:
     """The widest 10–90% range of switch steps over samples among a set of runs' moves (None: no moves made)."""
-    widths = [np.subtract(*np.percentile(rows["step"].dropna(), [90, 10]))
-              for _, rows in switches.groupby(["run", "move"]) if rows["step"].notna().any()]  # fmt: skip
+    widths = [
+        np.subtract(*np.percentile(rows["step"].dropna(), [90, 10]))
+        for _, rows in switches.groupby(["run", "move"])
+        if rows["step"].notna().any()
+    ]
     return float(max(widths)) if widths else None
 
 
@@ -309,32 +391,55 @@ def premise_lines(table: pd.DataFrame, derived: dict, expected: dict) -> list[st
         return []
     premise = premise_by_layer(table)
     layers = sorted(premise["layer"].unique())
-    lines = ["", "## The premise: how much of the attention output n mediators could carry", "",
-             "Measured on the full-attention model at every sampling step: ‖(A − Â)·V‖_F / ‖A·V‖_F, the share of the "
-             "layer's output lost when its map A is replaced by Â, averaged over heads and the recorded samples. "
-             "*rank*: Â is A's best rank-n approximation (truncated SVD), a lower bound for any map of rank n in "
-             "Frobenius norm of A; *pooled*: Â is the mediator form built from the layer's own queries pooled to n "
-             "mediators (ours; an untrained mediator layer, no position biases). Cells: error early (noise ≥ "
-             f"{EARLY}) → late (≤ {LATE}), and whether the error is lower early (late − early > 0 with its "
-             "conservative 95% interval: *holds*).", "",
-             "| measure | " + " | ".join(f"layer {layer}" for layer in layers) + " |",
-             "|---|" + "---|" * len(layers)]  # fmt: skip
+    lines = [
+        "",
+        "## The premise: how much of the attention output n mediators could carry",
+        "",
+        "Measured on the full-attention model at every sampling step: ‖(A − Â)·V‖_F / ‖A·V‖_F, the share of the "
+        "layer's output lost when its map A is replaced by Â, averaged over heads and the recorded samples. "
+        "*rank*: Â is A's best rank-n approximation (truncated SVD), a lower bound for any map of rank n in "
+        "Frobenius norm of A; *pooled*: Â is the mediator form built from the layer's own queries pooled to n "
+        "mediators (ours; an untrained mediator layer, no position biases). Cells: error early (noise ≥ "
+        f"{EARLY}) → late (≤ {LATE}), and whether the error is lower early (late − early > 0 with its "
+        "conservative 95% interval: *holds*).",
+        "",
+        "| measure | " + " | ".join(f"layer {layer}" for layer in layers) + " |",
+        "|---|" + "---|" * len(layers),
+    ]
     for (kind, n), part in premise.groupby(["kind", "mediators"]):
         part = part.set_index("layer")
-        cells = [f"{part.loc[layer, 'early']:.3f} → {part.loc[layer, 'late']:.3f} ({part.loc[layer, 'verdict']})"
-                 for layer in layers]  # fmt: skip
+        cells = [
+            f"{part.loc[layer, 'early']:.3f} → {part.loc[layer, 'late']:.3f} ({part.loc[layer, 'verdict']})"
+            for layer in layers
+        ]
         lines.append(f"| {kind} n = {n} | " + " | ".join(cells) + " |")
     recovery = {name: s for name, s in derived.items() if name.startswith("derived-recovery")}
     if recovery:
-        lines += ["", "Schedules from the premise give each step the fewest mediators whose rank-n map keeps every "
-                  "layer's output within ε (absolute thresholds; the worst layer decides, since networks switch "
-                  "whole):", ""]  # fmt: skip
-        lines += [f"- `{name}`: {schedule} — expected {expected[name]:.3g} GFLOPs per image" for name, schedule in recovery.items()]
+        lines += [
+            "",
+            "Schedules from the premise give each step the fewest mediators whose rank-n map keeps every "
+            "layer's output within ε (absolute thresholds; the worst layer decides, since networks switch "
+            "whole):",
+            "",
+        ]
+        lines += [
+            f"- `{name}`: {schedule} — expected {expected[name]:.3g} GFLOPs per image"
+            for name, schedule in recovery.items()
+        ]
     return lines
 
 
-def render_report(study, table, derived, expected_gflops, results: pd.DataFrame, differences: pd.DataFrame,
-                  training: list[dict], seconds: float, diagnostics: dict[str, pd.DataFrame]) -> str:
+def render_report(
+    study,
+    table,
+    derived,
+    expected_gflops,
+    results: pd.DataFrame,
+    differences: pd.DataFrame,
+    training: list[dict],
+    seconds: float,
+    diagnostics: dict[str, pd.DataFrame],
+) -> str:
     cfg = study.config
     model = make_config(cfg.model, input_size=cfg.image_size)
     tokens, grid = model.num_tokens, model.grid_size
@@ -373,8 +478,10 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         "|---|---|---|---|",
     ]
     early_mean, late_mean = layers["early"].mean(), layers["late"].mean()
-    per_layer = "; ".join(f"layer {r.layer}: {r.early:.3f} → {r.late:.3f} bits ({r.verdict})" for r in layers.itertuples())
-    overall = ("holds in layers " + ", ".join(map(str, holding)) if holding else "holds in no layer")
+    per_layer = "; ".join(
+        f"layer {r.layer}: {r.early:.3f} → {r.late:.3f} bits ({r.verdict})" for r in layers.itertuples()
+    )
+    overall = "holds in layers " + ", ".join(map(str, holding)) if holding else "holds in no layer"
     if reversed_layers:
         overall += "; reverses in layers " + ", ".join(map(str, reversed_layers))
     lines.append(
@@ -388,26 +495,36 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         row = summary.loc[name]
         text = ", ".join(_difference_text(differences, name, "full", m) for m in ("fid", "kid", "precision", "recall"))
         paper = f"SiT-S/2 FID {PAPER_FID[None]} → {PAPER_FID[count]} with n = {count} (secondary summary)"
-        lines.append(f"| Mediators keep or improve quality at equal training (n = {count}) | {paper} | FID "
-                     f"{_interval(row, 'fid')} vs full {_interval(full, 'fid')}; mediators − full: {text} | "
-                     f"{_verdict(differences, name, 'full')} |")  # fmt: skip
+        lines.append(
+            f"| Mediators keep or improve quality at equal training (n = {count}) | {paper} | FID "
+            f"{_interval(row, 'fid')} vs full {_interval(full, 'fid')}; mediators − full: {text} | "
+            f"{_verdict(differences, name, 'full')} |"
+        )
     for count in cfg.mediator_counts:
         row = summary.loc[f"med{count}"]
         saving = 1 - row["gflops_per_image"] / full["gflops_per_image"]
         time_ratio = row["seconds_per_image"] / full["seconds_per_image"]
-        paper = (f"SiT-S/2 {PAPER_GFLOPS[count]} vs {PAPER_GFLOPS[None]} GFLOPs per forward pass "
-                 f"({1 - PAPER_GFLOPS[count] / PAPER_GFLOPS[None]:.1%}; paper ablation, secondary source)")
-        speeds = {name: np.mean([r["steps_per_sec"] for r in training if r["model"] == name and r["steps_per_sec"]])
-                  for name in (f"med{count}", "full")}  # fmt: skip
+        paper = (
+            f"SiT-S/2 {PAPER_GFLOPS[count]} vs {PAPER_GFLOPS[None]} GFLOPs per forward pass "
+            f"({1 - PAPER_GFLOPS[count] / PAPER_GFLOPS[None]:.1%}; paper ablation, secondary source)"
+        )
+        speeds = {
+            name: np.mean([r["steps_per_sec"] for r in training if r["model"] == name and r["steps_per_sec"]])
+            for name in (f"med{count}", "full")
+        }
         train_ratio = speeds["full"] / speeds[f"med{count}"]
-        wall = (f"wall-clock on this CPU (single timings, no interval): sampling {row['seconds_per_image'] * 1e3:.0f} vs "
-                f"{full['seconds_per_image'] * 1e3:.0f} ms per image ({time_ratio:.2f}×), training "
-                f"{speeds[f'med{count}']:.1f} vs {speeds['full']:.1f} steps/s ({train_ratio:.2f}× slower)")  # fmt: skip
+        wall = (
+            f"wall-clock on this CPU (single timings, no interval): sampling {row['seconds_per_image'] * 1e3:.0f} vs "
+            f"{full['seconds_per_image'] * 1e3:.0f} ms per image ({time_ratio:.2f}×), training "
+            f"{speeds[f'med{count}']:.1f} vs {speeds['full']:.1f} steps/s ({train_ratio:.2f}× slower)"
+        )
         slower = train_ratio > 1.1 or time_ratio > 1.1
-        lines.append(f"| Mediators cost fewer FLOPs (n = {count}, static) | {paper} | {row['gflops_per_image']:.3g} vs "
-                     f"{full['gflops_per_image']:.3g} GFLOPs per image ({row['nfe']:.0f} evaluations; {saving:+.1%} "
-                     f"saved, our count); {wall} | {'holds in FLOPs' if saving > 0 else 'fails'}"
-                     f"{f'; yet slower in wall-clock at {tokens} tokens' if slower else ''} |")  # fmt: skip
+        lines.append(
+            f"| Mediators cost fewer FLOPs (n = {count}, static) | {paper} | {row['gflops_per_image']:.3g} vs "
+            f"{full['gflops_per_image']:.3g} GFLOPs per image ({row['nfe']:.0f} evaluations; {saving:+.1%} "
+            f"saved, our count); {wall} | {'holds in FLOPs' if saving > 0 else 'fails'}"
+            f"{f'; yet slower in wall-clock at {tokens} tokens' if slower else ''} |"
+        )
     dynamic = differences[differences["claim"] == "dynamic vs static frontier at equal FLOPs"]
     if not dynamic.empty:
         fid_rows = dynamic[dynamic["metric"] == "fid"]
@@ -422,53 +539,83 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
             verdict = f"fails for {counts['fails']} of {len(fid_rows)} schedules"
         else:
             verdict = "not reproduced here"
-        lines.append(f"| Step-wise (dynamic) mediator counts beat static ones at equal FLOPs | FID 2.01 for SiT-XL/2 "
-                     f"with dynamic mediators vs 2.06 without (paper abstract) | each dynamic run against the static "
-                     f"runs' frontier at its own cost (the two static runs bracketing it, weighted linearly in GFLOPs): "
-                     f"{details} | {verdict} "
-                     f"({', '.join(f'{v}: {n}' for v, n in counts.items())}) |")  # fmt: skip
+        lines.append(
+            f"| Step-wise (dynamic) mediator counts beat static ones at equal FLOPs | FID 2.01 for SiT-XL/2 "
+            f"with dynamic mediators vs 2.06 without (paper abstract) | each dynamic run against the static "
+            f"runs' frontier at its own cost (the two static runs bracketing it, weighted linearly in GFLOPs): "
+            f"{details} | {verdict} "
+            f"({', '.join(f'{v}: {n}' for v, n in counts.items())}) |"
+        )
 
     lines += claim_rows_of_the_paper_grid(table, differences)
-    lines += ["", "## Results (mean over cells, [95% interval])", "",
-              "| run | kind | GFLOPs / image | ms / image (this CPU) | FID | KID (subset std) | precision | recall |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Results (mean over cells, [95% interval])",
+        "",
+        "| run | kind | GFLOPs / image | ms / image (this CPU) | FID | KID (subset std) | precision | recall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, row in summary.sort_values("gflops_per_image").iterrows():
-        lines.append(f"| {row['schedule']} | {row['kind']} | {row['gflops_per_image']:.3g} | "
-                     f"{row['seconds_per_image'] * 1e3:.0f} | {_interval(row, 'fid')} | {_interval(row, 'kid', 2)} "
-                     f"(±{row['kid_std']:.2g}) | {_interval(row, 'precision')} | {_interval(row, 'recall')} |")  # fmt: skip
-    lines += ["", f"Per-cell rows (training seed × sampling seed) are in `data/results.csv`; every paired difference "
-              "with its interval and verdict is in `data/differences.csv`.", "",
-              "## Paired differences (run − baseline)", "",
-              "| run | baseline | FID | KID | precision | recall | FID verdict |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines.append(
+            f"| {row['schedule']} | {row['kind']} | {row['gflops_per_image']:.3g} | "
+            f"{row['seconds_per_image'] * 1e3:.0f} | {_interval(row, 'fid')} | {_interval(row, 'kid', 2)} "
+            f"(±{row['kid_std']:.2g}) | {_interval(row, 'precision')} | {_interval(row, 'recall')} |"
+        )
+    lines += [
+        "",
+        "Per-cell rows (training seed × sampling seed) are in `data/results.csv`; every paired difference "
+        "with its interval and verdict is in `data/differences.csv`.",
+        "",
+        "## Paired differences (run − baseline)",
+        "",
+        "| run | baseline | FID | KID | precision | recall | FID verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (run, baseline), part in differences.groupby(["run", "baseline"], sort=False):
         cols = {m: part[part["metric"] == m].iloc[0] for m in ("fid", "kid", "precision", "recall")}
         cell_text = [f"{c['difference']:+.3g} [{c['low']:+.3g}, {c['high']:+.3g}]" for c in cols.values()]
         lines.append(f"| {run} | {baseline} | " + " | ".join(cell_text) + f" | {cols['fid']['verdict']} |")
-    lines += ["", "## Derived schedules", "", "Expected GFLOPs per image are computed from the schedule and the "
-              "sampler's steps before sampling; the results hold what sampling actually spent.", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Derived schedules",
+        "",
+        "Expected GFLOPs per image are computed from the schedule and the "
+        "sampler's steps before sampling; the results hold what sampling actually spent.",
+        "",
+    ]
     for name, schedule in derived.items():
         lines.append(f"- `{name}`: {schedule} — expected {expected_gflops[name]:.3g} GFLOPs per image")
     if "derived-jsd" in derived:
-        lines += ["", "The JSD rule here takes its thresholds at the 33% and 66% quantiles of the very series it is "
-                  "applied to, so it always cuts the steps into thirds, whatever was measured: it is kept to reproduce "
-                  "this committed run and carries no information. The paper-grid study replaces it with absolute "
-                  "thresholds on the premise measure and a FLOPs budget."]  # fmt: skip
+        lines += [
+            "",
+            "The JSD rule here takes its thresholds at the 33% and 66% quantiles of the very series it is "
+            "applied to, so it always cuts the steps into thirds, whatever was measured: it is kept to reproduce "
+            "this committed run and carries no information. The paper-grid study replaces it with absolute "
+            "thresholds on the premise measure and a FLOPs budget.",
+        ]
     lines += ablation_lines(differences, summary)
     lines += adaptive_lines(study, summary, differences, diagnostics)
     lines += premise_lines(table, derived, expected_gflops)
     lines += ["", "## Training", "", "| model | seed | final loss | steps/s |", "|---|---|---|---|"]
     for row in training:
         lines.append(f"| {row['model']} | {row['seed']} | {_fmt(row['final_loss'])} | {_fmt(row['steps_per_sec'])} |")
-    lines += ["", "## Savings of 64 mediators at the paper's scales", "",
-              "Our count is the analytic FLOPs count of `mediator_models/flops.py` (REFERENCE §2). The paper calls its "
-              "figures speed-ups; they match a FLOPs count, so they are most likely FLOPs reductions.", "",
-              "| model | resolution | full GFLOPs | n = 64 GFLOPs | saving (our count) | saving (published) | source |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Savings of 64 mediators at the paper's scales",
+        "",
+        "Our count is the analytic FLOPs count of `mediator_models/network/flops.py` (docs/reference.md §2). The paper calls its "
+        "figures speed-ups; they match a FLOPs count, so they are most likely FLOPs reductions.",
+        "",
+        "| model | resolution | full GFLOPs | n = 64 GFLOPs | saving (our count) | saving (published) | source |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, size, resolution, paper, source in PAPER_SAVINGS:
         full_gmacs = model_gmacs(name, input_size=size)
         med = model_gmacs(name, input_size=size, attention="mediator", mediators=64)
-        lines.append(f"| {name} | {resolution} | {full_gmacs:.2f} | {med:.2f} | {1 - med / full_gmacs:.1%} | "
-                     f"{'–' if paper is None else f'{paper:.1f}%'} | {source} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {resolution} | {full_gmacs:.2f} | {med:.2f} | {1 - med / full_gmacs:.1%} | "
+            f"{'–' if paper is None else f'{paper:.1f}%'} | {source} |"
+        )
     lines += [
         "",
         "## Figures",
@@ -483,27 +630,43 @@ def render_report(study, table, derived, expected_gflops, results: pd.DataFrame,
         "![samples, full attention](samples_full.png) ![samples, mediators (same noise)](samples_mediator.png)",
         *([] if diagnostics["switches"].empty else ["![switch steps per sample](switch_steps.png)"]),
         *([] if diagnostics["distances"].empty else ["![what d_k is made of](switch_distance.png)"]),
-        *(["![premise: rank-n truncation](recovery_rank.png)", "![premise: pooled mediator form](recovery_pooled.png)"]
-          if has_premise(table) else []),
+        *(
+            [
+                "![premise: rank-n truncation](recovery_rank.png)",
+                "![premise: pooled mediator form](recovery_pooled.png)",
+            ]
+            if has_premise(table)
+            else []
+        ),
         "",
         "## What this setting cannot say",
         "",
-        *(["- 64 tokens (an 8×8 grid) make attention a small part of the cost: the N² term that mediators remove "
-           "dominates only at hundreds to thousands of tokens, so FLOP savings here are small by construction, and at "
-           "this size the mediator block (pooling, two small attentions, a depthwise conv) runs slower on a CPU than "
-           "fused full attention. The analytic table above gives the savings at the paper's scales; mediators themselves "
-           "are tested on the paper's 16×16 grid (256 tokens) by the paper-grid preset (figures/paper-grid)."]
-          if tokens < 256 else
-          [f"- {tokens} tokens is the paper's grid for SiT-S/2 at 256 px, but the model is 4 layers and 128 wide and "
-           f"trained {cfg.train_steps} steps: the models are far from converged, so a quality difference here can "
-           "be a difference in how fast a variant learns rather than in what it can represent."]),
+        *(
+            [
+                "- 64 tokens (an 8×8 grid) make attention a small part of the cost: the N² term that mediators remove "
+                "dominates only at hundreds to thousands of tokens, so FLOP savings here are small by construction, and at "
+                "this size the mediator block (pooling, two small attentions, a depthwise conv) runs slower on a CPU than "
+                "fused full attention. The analytic table above gives the savings at the paper's scales; mediators themselves "
+                "are tested on the paper's 16×16 grid (256 tokens) by the paper-grid preset (figures/paper-grid)."
+            ]
+            if tokens < 256
+            else [
+                f"- {tokens} tokens is the paper's grid for SiT-S/2 at 256 px, but the model is 4 layers and 128 wide and "
+                f"trained {cfg.train_steps} steps: the models are far from converged, so a quality difference here can "
+                "be a difference in how fast a variant learns rather than in what it can represent."
+            ]
+        ),
         "- A 4-layer, 128-wide model trained for minutes on 1438 digits is far from SiT-S/2 trained 400K steps on "
         "ImageNet; FID here uses a digits classifier's features and ranks runs only within this study.",
         f"- The adaptive rule's thresholds ρ are not public (the public code makes them required arguments and shows "
         f"only placeholders); the ρ tried here, {', '.join('/'.join(f'{r:g}' for r in rs) for rs in cfg.adaptive_ratios)}, "
         "are a grid chosen here."
-        + (" The third network of the paper's trio (n = 64) does not exist on an 8×8 grid: full attention takes its "
-           "place." if tuple(study.adaptive_order) != (4, 16, 64) else ""),
+        + (
+            " The third network of the paper's trio (n = 64) does not exist on an 8×8 grid: full attention takes its "
+            "place."
+            if tuple(study.adaptive_order) != (4, 16, 64)
+            else ""
+        ),
         f"- Redundancy is measured on one training seed's models; its intervals are over {cfg.record_samples} samples.",
         "",
         "## The same study at ImageNet scale",

@@ -1,5 +1,5 @@
 """SiT's process: stochastic interpolants x_t = α_t·x₁ + σ_t·x₀ (x₀ noise, x₁ data, **t = 0 noise, t = 1 data**),
-velocity / noise / score prediction with their losses, and the ODE and SDE samplers (REFERENCE §5).
+velocity / noise / score prediction with their losses, and the ODE and SDE samplers (docs/reference.md §5).
 
 Written from the SiT paper (Ma et al. 2024) in the public code's conventions: the SDE sampler integrates
 dx = [v + w_t·s] dt + √(2·w_t) dW on [t₀, 1 − last_step_size] with Euler–Maruyama or Heun, then takes one
@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from .diffusion import mean_flat
-from .stepping import NetworkCaller, iterate_steps, noise_level
+from mediator_models.sampling.diffusion import mean_flat
+from mediator_models.sampling.steps import NetworkCaller, iterate_steps, noise_level
 
 INTERPOLANTS = ("linear", "gvp")
 PREDICTIONS = ("velocity", "noise", "score")
@@ -46,9 +46,11 @@ class Transport:
     sample_eps: float | None = None
 
     def __post_init__(self) -> None:
-        for value, allowed, what in ((self.interpolant, INTERPOLANTS, "interpolant"),
-                                     (self.prediction, PREDICTIONS, "prediction"),
-                                     (self.loss_weight, LOSS_WEIGHTS, "loss weight")):  # fmt: skip
+        for value, allowed, what in (
+            (self.interpolant, INTERPOLANTS, "interpolant"),
+            (self.prediction, PREDICTIONS, "prediction"),
+            (self.loss_weight, LOSS_WEIGHTS, "loss weight"),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose one of {allowed}")
         default_eps = 0.0 if self.prediction == "velocity" else 1e-3
@@ -63,7 +65,12 @@ class Transport:
         if self.interpolant == "linear":
             return t, torch.ones_like(t), 1 - t, -torch.ones_like(t)
         half_pi = math.pi / 2
-        return torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t), torch.cos(half_pi * t), -half_pi * torch.sin(half_pi * t)
+        return (
+            torch.sin(half_pi * t),
+            half_pi * torch.cos(half_pi * t),
+            torch.cos(half_pi * t),
+            -half_pi * torch.sin(half_pi * t),
+        )
 
     def noise_level(self, t: float) -> float:
         alpha, _, sigma, _ = self.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
@@ -108,8 +115,9 @@ class Transport:
         return (ratio * model_output - x) / variance
 
     # ---- training -----------------------------------------------------------------------------------------
-    def training_loss(self, model, x1: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def training_loss(
+        self, model, x1: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Per-sample loss: ‖v̂ − u_t‖² for velocity; weighted ‖x̂₀ − x₀‖² or ‖σ·ŝ + x₀‖² for noise / score."""
         t0, t1 = self.time_interval(sde=False, training=True)
         if t is None:
@@ -157,9 +165,18 @@ class Transport:
             return 0.25 * (norm * math.cos(math.pi * float(t)) + 1) ** 2
         return norm * math.sin(math.pi * float(t)) ** 2  # increasing-decreasing
 
-    def sample_ode(self, network: NetworkCaller, x0: torch.Tensor, y: torch.Tensor, *, method: str = "dopri5",
-                   num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3,
-                   progress: Callable | None = None) -> torch.Tensor:
+    def sample_ode(
+        self,
+        network: NetworkCaller,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        method: str = "dopri5",
+        num_steps: int = 50,
+        atol: float = 1e-6,
+        rtol: float = 1e-3,
+        progress: Callable | None = None,
+    ) -> torch.Tensor:
         """Integrate dx/dt = v(x, t) from noise (t₀) to data (t₁): torchdiffeq's adaptive dopri5 (SiT's
         default, with atol/rtol), or fixed-step Euler (num_steps evaluations) or Heun (2 per step)."""
         if method not in ODE_METHODS:
@@ -170,8 +187,9 @@ class Transport:
             from torchdiffeq import odeint
 
             times = torch.tensor([t0, t1], dtype=torch.float64)
-            return odeint(lambda t, x: velocity(x, float(t)), x0, times.to(x0.dtype), method="dopri5",
-                          atol=atol, rtol=rtol)[-1]  # fmt: skip
+            return odeint(
+                lambda t, x: velocity(x, float(t)), x0, times.to(x0.dtype), method="dopri5", atol=atol, rtol=rtol
+            )[-1]
         times = torch.linspace(t0, t1, num_steps + 1, dtype=torch.float64).tolist()
         x = x0
         for i in iterate_steps(range(num_steps), progress):
@@ -184,10 +202,21 @@ class Transport:
                 x = x + 0.5 * dt * (k1 + k2)
         return x
 
-    def sample_sde(self, network: NetworkCaller, x0: torch.Tensor, y: torch.Tensor, *, method: str = "euler",
-                   num_steps: int = 250, diffusion_form: str = "sigma", diffusion_norm: float = 1.0,
-                   last_step: str | None = "Mean", last_step_size: float = 0.04,
-                   noise_fn: Callable | None = None, progress: Callable | None = None) -> torch.Tensor:
+    def sample_sde(
+        self,
+        network: NetworkCaller,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        method: str = "euler",
+        num_steps: int = 250,
+        diffusion_form: str = "sigma",
+        diffusion_norm: float = 1.0,
+        last_step: str | None = "Mean",
+        last_step_size: float = 0.04,
+        noise_fn: Callable | None = None,
+        progress: Callable | None = None,
+    ) -> torch.Tensor:
         """SiT's SDE sampler: num_steps − 1 Euler–Maruyama (or stochastic Heun) steps on [t₀, 1 − last_step_size],
         then one last step ("Mean": x + drift·h; "Tweedie": the posterior mean; "Euler": x + v·h; None: none),
         so the default spends exactly num_steps network evaluations."""
@@ -196,8 +225,12 @@ class Transport:
         if last_step not in LAST_STEPS:
             raise ValueError(f"unknown last step {last_step!r}; choose one of {LAST_STEPS}")
         noise_fn = noise_fn or (lambda shape: torch.randn(shape, device=x0.device))
-        t0, t1 = self.time_interval(sde=True, training=False, diffusion_form=diffusion_form,
-                                    last_step_size=last_step_size if last_step is not None else 0.0)  # fmt: skip
+        t0, t1 = self.time_interval(
+            sde=True,
+            training=False,
+            diffusion_form=diffusion_form,
+            last_step_size=last_step_size if last_step is not None else 0.0,
+        )
         times = torch.linspace(t0, t1, num_steps, dtype=torch.float64).tolist()
         dt = times[1] - times[0] if num_steps > 1 else 0.0
         velocity = self._velocity_fn(network, y)
@@ -231,4 +264,3 @@ class Transport:
         alpha, _, sigma, _ = self.alpha_sigma(torch.tensor(t, dtype=torch.float64))
         score = self._score_fn(velocity(x, t), x, t)
         return x / float(alpha) + float(sigma) ** 2 / float(alpha) * score  # Tweedie: E[x₁ | x_t]
-

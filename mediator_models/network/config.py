@@ -1,6 +1,6 @@
 """Model configurations: one frozen dataclass, and the registry of names (`DiT-XL/2`, `SiT-S/2`, `DiT-T/2`, ...).
 
-DiT and SiT share their networks (REFERENCE §1); the family only decides whether the forward pass returns the
+DiT and SiT share their networks (docs/reference.md §1); the family only decides whether the forward pass returns the
 learned-variance channels (DiT) or drops them (SiT). A config also carries its attention kind, so one name
 plus `attention="mediator", mediators=n` gives the mediator variant of any model.
 """
@@ -17,7 +17,7 @@ FAMILIES = ("DiT", "SiT")
 ATTENTION_KINDS = ("full", "mediator", "conv")  # conv: the ablation with the depthwise conv alone
 
 # size -> (depth, hidden_size, num_heads). S/B/L/XL are the papers' sizes; T is a small CPU config (about
-# 0.2 s per training step at batch 32 on 64 tokens, see DESIGN.md) that learns the embedded digits in minutes.
+# 0.2 s per training step at batch 32 on 64 tokens, see docs/design.md) that learns the embedded digits in minutes.
 SIZES: dict[str, tuple[int, int, int]] = {
     "T": (4, 128, 4),
     "S": (12, 384, 6),
@@ -54,7 +54,7 @@ class ModelConfig:
     # its norm_eps (1e-5 by default). The original DiT: 0 and 1e-6. `numerics="diffusers"` on loading sets both.
     timestep_freq_shift: int = 0
     mlp_norm_eps: float = 1e-6
-    # The mediator block's depthwise 3×3 conv on v (REFERENCE §6 step 5). None: as the kind has it (mediator and
+    # The mediator block's depthwise 3×3 conv on v (docs/reference.md §6 step 5). None: as the kind has it (mediator and
     # conv yes, full no). Set it to isolate the mediators from the conv: mediators without it, full attention with it.
     depthwise_conv: bool | None = None
 
@@ -123,7 +123,11 @@ class ModelConfig:
             raise ValueError(f"unknown model family {self.family!r}; choose one of {FAMILIES}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention kind {self.attention!r}; choose one of {ATTENTION_KINDS}")
-        for field, flag in (("input_size", "--input-size"), ("in_channels", "in_channels"), ("num_classes", "num_classes")):
+        for field, flag in (
+            ("input_size", "--input-size"),
+            ("in_channels", "in_channels"),
+            ("num_classes", "num_classes"),
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{flag} must be a positive whole number, got {value!r}")

@@ -25,15 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from mediator_models.storage.errors import ConfigurationMismatchError, FolderBusyError
+
 TEMPORARY_GLOB = ".*.tmp"  # every temporary that `atomic_write` makes: .<name>.<random>.tmp
-
-
-class FolderBusyError(RuntimeError):
-    """Another live process is writing into the same run folder."""
-
-
-class ConfigurationMismatchError(ValueError):
-    """A folder holds work of another configuration; the message names every setting that differs."""
 
 
 def _umask() -> int:
@@ -63,8 +57,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
         Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             kept = "the previous version is kept" if path.exists() else "nothing was written"
-            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}; {kept}. "
-                                        "Free some space and run the same command again") from error  # fmt: skip
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the device while writing {path}; {kept}. "
+                "Free some space and run the same command again",
+            ) from error
         raise
     return path
 
@@ -102,8 +99,12 @@ def check_writable(folder: str | os.PathLike, flag: str = "--out") -> Path:
             os.close(fd)
             os.unlink(probe)
     except OSError as error:
-        reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-                  errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(error.errno, error.strerror)  # fmt: skip
+        reason = {
+            errno.ENOSPC: "the disk is full",
+            errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+        }.get(error.errno, error.strerror)
         raise ValueError(f"cannot write into {flag} {folder}: {reason}; choose another folder or free space") from None
     return folder
 
@@ -173,8 +174,9 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str)) if value is not None else None
 
 
-def claim_identity(path: str | os.PathLike, identity: Mapping[str, Any], *, what: str, fix: str,
-                   ignore: Iterable[str] = ()) -> bool:
+def claim_identity(
+    path: str | os.PathLike, identity: Mapping[str, Any], *, what: str, fix: str, ignore: Iterable[str] = ()
+) -> bool:
     """Record the configuration a folder's work belongs to, or check that a restart has the same one.
 
     Returns True when the folder was already started with this configuration (a resume). Raises
@@ -185,8 +187,9 @@ def claim_identity(path: str | os.PathLike, identity: Mapping[str, Any], *, what
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError:
-            raise ConfigurationMismatchError(f"{path} is damaged, so the work in {path.parent} cannot be matched to "
-                                             f"a configuration; {fix}") from None  # fmt: skip
+            raise ConfigurationMismatchError(
+                f"{path} is damaged, so the work in {path.parent} cannot be matched to a configuration; {fix}"
+            ) from None
         lines = differences(saved, identity, ignore)
         if lines:
             raise ConfigurationMismatchError(
@@ -195,4 +198,3 @@ def claim_identity(path: str | os.PathLike, identity: Mapping[str, Any], *, what
         return True
     atomic_write_json(path, dict(identity))
     return False
-

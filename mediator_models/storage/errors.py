@@ -1,0 +1,21 @@
+"""The errors of the storage layer: each message is one line that names the file or folder and what is wrong.
+
+They live apart from the modules that raise them so that checkpoints, diffusers weights and run folders can
+share them without importing one another.
+"""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message is one line naming the file and what is wrong."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's keys or shapes do not match the model; the message lists both and a likely cause."""
+
+
+class FolderBusyError(RuntimeError):
+    """Another live process is writing into the same run folder."""
+
+
+class ConfigurationMismatchError(ValueError):
+    """A folder holds work of another configuration; the message names every setting that differs."""
