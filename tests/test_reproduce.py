@@ -117,7 +117,7 @@ def test_a_time_matched_control_switches_every_sample_at_the_adaptive_runs_media
 
 
 def test_paper_grid_comparisons_isolate_the_conv_the_mediators_and_per_sample_timing():
-    from analysis.study.reproduce import comparisons
+    from analysis.study.claims import comparisons
 
     runs = [
         {"name": n, "kind": k}

@@ -133,3 +133,35 @@ def all_metrics(features: np.ndarray, reference: Reference, kid_subset_size: int
         "precision": float(precision_indicators(features, reference).mean()),
         "recall": recall(features, reference),
     }
+
+
+def real_data_floor(
+    real_features: np.ndarray, reference: Reference, count: int, draws: int = 20, seed: int = 0
+) -> tuple[float, float]:
+    """(mean, SD) of the FID of `count` real images, drawn without replacement from another split of the same
+    data, against the reference: what a perfect model would score at this image count (its finite-sample bias)."""
+    real_features = np.asarray(real_features, dtype=np.float64)
+    if count > len(real_features):
+        raise ValueError(f"the floor at {count} images needs that many real images; {len(real_features)} given")
+    rng = np.random.default_rng(seed)
+    values = [fid(real_features[rng.choice(len(real_features), count, replace=False)], reference) for _ in range(draws)]
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+def fid_infinity(features: np.ndarray, reference: Reference, points: int = 10, draws: int = 3, seed: int = 0) -> float:
+    """FID extrapolated to infinitely many samples (Chong & Forsyth, CVPR 2020, "Effectively Unbiased FID"):
+    FID of random subsets of `points` sizes from half the set to all of it is fitted linearly in 1/N, and the
+    intercept is returned. The bias of FID at N images is close to linear in 1/N, so the intercept is free of it."""
+    features = np.asarray(features, dtype=np.float64)
+    n = len(features)
+    if n < 20:
+        raise ValueError(f"FID∞ needs at least 20 images to extrapolate from, got {n}")
+    rng = np.random.default_rng(seed)
+    sizes = np.linspace(n // 2, n, points).astype(int)
+    inverse, values = [], []
+    for size in sizes:
+        for _ in range(draws if size < n else 1):
+            inverse.append(1.0 / size)
+            values.append(fid(features[rng.choice(n, size, replace=False)], reference))
+    slope, intercept = np.polyfit(inverse, values, 1)
+    return float(intercept)

@@ -29,8 +29,7 @@ import torch
 from analysis.collect import CollectionConfig, collect_redundancy, read_table, write_table
 from analysis.metrics import ALL_METRICS, recovery_metrics
 from analysis.quality.features import DigitsExtractor
-from analysis.quality.scores import LOWER_IS_BETTER, Reference, all_metrics
-from analysis.quality.stats import CellMetrics, paired_bootstrap, verdict
+from analysis.quality.scores import Reference, all_metrics
 from analysis.schedule import (
     Rule,
     derive_recovery_schedule,
@@ -39,6 +38,7 @@ from analysis.schedule import (
     schedule_gflops,
     schedule_within_budget,
 )
+from analysis.study.claims import decide, run_summaries
 from mediator_models.data import digits
 from mediator_models.sample import LoadedModel, load_for_sampling, sample_to_folder
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig
@@ -65,7 +65,7 @@ class StudyConfig:
     jsd_quantiles: tuple[float, ...] = (0.33, 0.66)
     train_seeds: tuple[int, ...] = (0, 1, 2)  # each model is trained once per seed
     sample_seeds: tuple[int, ...] = (0, 1)  # each trained model is sampled once per seed (same noise for every run)
-    bootstrap_replicates: int = 200
+    bootstrap_replicates: int = 200  # unused since intervals are seed-level; kept so run-folder keys stay
     kid_subset_size: int = 100
     # Options of the paper-grid study (ablations, the adaptive trio, controls, the premise). While unset they
     # leave the key as it was, so the run folders of studies made before they existed keep their names (see `key`).
@@ -488,13 +488,11 @@ class Study:
             return pd.read_csv(results_path), pd.read_csv(differences_path)
         extractor = DigitsExtractor.pinned()
         reference = Reference.from_features(extractor.features_of(digits("heldout", self.config.image_size)))
-        features: dict[str, dict[tuple[int, int], CellMetrics]] = {run["name"]: {} for run in runs}
         rows = []
         for cell in self.config.cells:
             for run in runs:
                 self.say(f"evaluate {run['name']} (training seed {cell[0]}, sampling seed {cell[1]})")
                 own = self.features(self.sample_folder(cell, run["name"]), extractor)
-                features[run["name"]][cell] = CellMetrics(own, reference)
                 sidecar = sidecars[(*cell, run["name"])]
                 rows.append(
                     {
@@ -511,9 +509,7 @@ class Study:
                     }
                 )
         cells = pd.DataFrame(rows)
-        summary, differences = summarise(
-            cells, features, runs, self.variant_name(None), self.config.bootstrap_replicates
-        )
+        summary, differences = run_summaries(cells, runs), decide(cells, runs, self.variant_name(None))
         common = {
             "model": self.config.model,
             "sampler": f"SDE Euler–Maruyama, {self.config.sampler_steps} steps",
@@ -526,58 +522,6 @@ class Study:
         atomic_write(results_path, lambda handle: results.to_csv(handle, index=False), binary=False)
         atomic_write(differences_path, lambda handle: differences.to_csv(handle, index=False), binary=False)
         return results, differences
-
-
-def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[str, dict[str, float], str, str]]:
-    """(run, baseline as {run: weight}, baseline label, claim) for every comparison the report decides on.
-
-    Every run is compared with full attention (the paper: quality kept or improved). Every dynamic schedule is
-    compared with the static frontier at its own cost (the paper: dynamic counts beat static ones at equal FLOPs):
-    the two static runs whose costs bracket it, weighted linearly in GFLOPs, so neither side spends more; a run
-    cheaper or dearer than every static run is compared with the nearest one."""
-    cost = cells.groupby("run")["gflops_per_image"].mean()
-    static = sorted((r["name"] for r in runs if r["kind"] == "static"), key=lambda s: cost[s])
-    pairs = [(r["name"], {full: 1.0}, full, "quality vs full attention") for r in runs if r["name"] != full]
-    names = {r["name"] for r in runs}
-    for run in runs:  # what each component adds: the run with it against the run without it
-        if run["kind"] == "ablation" and run["name"].endswith("-noconv"):
-            with_conv = run["name"].removesuffix("-noconv")
-            pairs.append((with_conv, {run["name"]: 1.0}, run["name"], "the conv's part: mediators with vs without it"))
-        if run["kind"] == "ablation" and run["name"] == "conv":
-            for other in sorted(n for n in names if n.startswith("med") and n.endswith("-noconv")):
-                pairs.append(
-                    (
-                        other.removesuffix("-noconv"),
-                        {"conv": 1.0},
-                        "conv",
-                        "the mediators' part: mediators + conv vs the conv alone",
-                    )
-                )
-        if run["kind"] == "time-matched control":
-            pairs.append(
-                (
-                    run["control_of"],
-                    {run["name"]: 1.0},
-                    run["name"],
-                    "per-sample switching vs the same switch steps for every sample",
-                )
-            )
-    for run in runs:
-        if run["kind"] in ("static", "ablation"):
-            continue
-        spent = cost[run["name"]]
-        below = [s for s in static if cost[s] <= spent * (1 + 1e-9)]
-        above = [s for s in static if cost[s] > spent * (1 + 1e-9)]
-        if below and above and cost[below[-1]] < spent * (1 - 1e-9):
-            low, high = below[-1], above[0]
-            weight = (cost[high] - spent) / (cost[high] - cost[low])
-            baseline = {low: weight, high: 1 - weight}
-            label = f"{low}/{high} at {spent:.3g} GFLOPs"
-        else:
-            nearest = below[-1] if below else above[0]
-            baseline, label = {nearest: 1.0}, nearest
-        pairs.append((run["name"], baseline, label, "dynamic vs static frontier at equal FLOPs"))
-    return pairs
 
 
 def time_matched_schedule(sidecar: dict, order: list[int | None], levels: list[float], name: str) -> MediatorSchedule:
@@ -593,58 +537,6 @@ def time_matched_schedule(sidecar: dict, order: list[int | None], levels: list[f
         step = steps[(len(steps) - 1) // 2]  # the lower median: a step the rule actually chose
         boundaries.append(0.0 if step >= len(levels) else (levels[step - 1] + levels[step]) / 2)
     return MediatorSchedule.from_boundaries(order, boundaries, name)
-
-
-def summarise(
-    cells: pd.DataFrame,
-    features: dict[str, dict[tuple[int, int], CellMetrics]],
-    runs: list[dict],
-    full: str,
-    replicates: int,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One summary row per run (the mean over cells with a bootstrap interval per metric) and one row per paired
-    comparison and metric (difference, interval, verdict)."""
-    summary = []
-    for run in runs:
-        own = cells[cells["run"] == run["name"]]
-        row = {
-            "run": run["name"],
-            "schedule": run["schedule"],
-            "kind": run["kind"],
-            "train_seed": "all",
-            "sample_seed": "all",
-            "gflops_per_image": own["gflops_per_image"].mean(),
-            "nfe": own["nfe"].mean(),
-            "seconds_per_image": own["seconds_per_image"].mean(),
-            "num_samples": int(own["num_samples"].iloc[0]),
-            "kid_std": own["kid_std"].mean(),
-        }
-        for metric in LOWER_IS_BETTER:
-            interval = paired_bootstrap(metric, features[run["name"]], None, replicates)
-            row.update({metric: interval.point, f"{metric}_low": interval.low, f"{metric}_high": interval.high})
-        summary.append(row)
-    differences = []
-    for name, weights, baseline, claim in comparisons(runs, cells, full):
-        for metric in LOWER_IS_BETTER:
-            interval = paired_bootstrap(
-                metric, features[name], [(w, features[b]) for b, w in weights.items()], replicates
-            )
-            differences.append(
-                {
-                    "run": name,
-                    "baseline": baseline,
-                    "claim": claim,
-                    "metric": metric,
-                    "difference": interval.point,
-                    "low": interval.low,
-                    "high": interval.high,
-                    "verdict": verdict(interval, metric, claims_improvement=True),
-                    "detectable": interval.half_width,
-                    "replicates": interval.replicates,
-                    "cells": len(features[name]),
-                }
-            )
-    return pd.DataFrame(summary), pd.DataFrame(differences)
 
 
 def run_study(
