@@ -434,6 +434,11 @@ def run_record(args: argparse.Namespace) -> int:
     named = {"cheap": CHEAP_METRICS, "all": ALL_METRICS}
     metrics = tuple(dict.fromkeys(m for part in args.metrics.split(",") if part for m in named.get(part, (part,))))
     keep = [_step_layer(pair) for pair in args.keep_maps]
+    if keep and args.diffusers:
+        raise ValueError(
+            "--keep-maps keeps attnmed networks' maps; with --diffusers the pipeline's maps are measured, not kept: "
+            "drop --keep-maps"
+        )
     out = Path(args.out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out {out}: name the table .parquet or .csv")
@@ -636,12 +641,10 @@ def _configure_schedule(parser: argparse.ArgumentParser) -> None:
     _configure_schedule,
 )
 def run_schedule(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
-    from analysis.collect import read_table
+    from analysis.collect import read_table, table_model
     from analysis.schedule import Rule, derive_recovery_schedule, derive_schedule, schedule_within_budget, table_gflops
-    from mediator_models.network.config import ModelConfig
 
     counts = [None if c == "full" else _positive_count(c) for c in args.counts]
     table = read_table(args.table)
@@ -653,14 +656,12 @@ def run_schedule(args: argparse.Namespace) -> int:
             f"{args.table} holds several full-attention networks ({sorted(full['network'].unique())}); "
             "record one model per table"
         )
-    sidecar = Path(str(args.table) + ".json")
-    saved = json.loads(sidecar.read_text()).get("model") if sidecar.exists() else None
-    if saved is None:
-        raise ValueError(
-            f"{sidecar} (written by `attnmed record`) is missing, so the model's size is unknown; "
-            "record the table with `attnmed record`"
-        )
-    base = ModelConfig.from_dict(saved)
+    base = table_model(args.table)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name the schedule file to write, e.g. {out / 'schedule.json'}")
+    if out.exists() and out.resolve() in {Path(args.table).resolve(), Path(str(args.table) + ".json").resolve()}:
+        raise ValueError(f"--out {out} is the table being read (or its sidecar); name another file for the schedule")
     configs = {c: base.replace(attention="full" if c is None else "mediator", mediators=c) for c in counts}
     if args.rule == "budget":
         if args.budget_gflops is None:
@@ -829,6 +830,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import errno
+    import os
     import signal
 
     parser = argparse.ArgumentParser(prog="attnmed", description=__doc__)
@@ -860,9 +862,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input: the message, not a traceback.
         print(f"attnmed {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of the output went away (`attnmed models | head`): stop quietly, as Unix tools do, and keep
+        # Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-            print(f"attnmed {args.command}: error: {error.strerror or error}", file=sys.stderr)
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"attnmed {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
             return 1
         raise
     except TrainingDiverged as error:

@@ -9,6 +9,7 @@ would have drawn without the interruption.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,27 @@ def write_table(table: pd.DataFrame, path: str | Path, provenance: dict[str, Any
         atomic_write(path, lambda handle: table.to_parquet(handle, index=False))
     atomic_write_json(path.with_suffix(path.suffix + ".json"), provenance)
     return path
+
+
+def table_model(path: str | Path):
+    """The full-attention model config a table was recorded from, from the sidecar `<table>.json`: its "model"
+    (written by `attnmed record` and by published studies), or, for tables a study published before it carried one,
+    the study's model name and image size on the embedded digits (one channel, ten classes)."""
+    from mediator_models.network.config import ModelConfig, make_config
+
+    sidecar = Path(str(path) + ".json")
+    if not sidecar.exists():
+        raise ValueError(
+            f"{sidecar} is missing: it says which model the table was recorded from, and `attnmed record` writes "
+            "it beside every table; keep the two together"
+        )
+    saved = json.loads(sidecar.read_text())
+    if "model" in saved:
+        return ModelConfig.from_dict(saved["model"])
+    study = saved.get("study")
+    if isinstance(study, dict) and "model" in study and "image_size" in study:
+        return make_config(study["model"], input_size=study["image_size"], in_channels=1, num_classes=10)
+    raise ValueError(f"{sidecar} names no model (neither 'model' nor a study's 'model' and 'image_size')")
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -63,6 +63,14 @@ class Rule:
     aggregate: str = "mean"
     thresholds: tuple[float, ...] = ()
 
+    def __post_init__(self) -> None:
+        ascending = all(a < b for a, b in zip(self.thresholds, self.thresholds[1:]))
+        if self.kind == "jsd" and not ascending:
+            # Descending thresholds would let the middle counts never be chosen, silently.
+            raise ValueError(
+                f"JSD thresholds must rise strictly, one per count after the first; got {list(self.thresholds)}"
+            )
+
     @property
     def metric(self) -> str:
         return f"energy_rank_{self.tau:g}" if self.kind == "energy_rank" else "jsd"

@@ -66,8 +66,7 @@ if __name__ == "__main__":
     print(table)
     write_section(
         "interval_coverage",
-        table
-        + "\n\nNominal 95%. Each comparison's variance components come from its committed per-cell FIDs; 4000 "
+        table + "\n\nNominal 95%. Each comparison's variance components come from its committed per-cell FIDs; 4000 "
         "simulated studies each. The t-interval is exact for normal seed effects, whatever the within-seed noise; "
         "with skewed seed effects at 2–3 seeds it under-covers by a few points. tests/test_stats.py checks 93–97% "
         "for med16 − full on both presets, and with FID computed from drawn features.",

@@ -162,3 +162,48 @@ def test_flops_of_the_ablations_from_the_command_line(capsys):
     ]
     assert main(["flops", "SiT-S/2", "--attention", "conv", "--no-depthwise-conv"]) == 2
     assert "mixes no tokens" in capsys.readouterr().err
+
+
+# ---- defects found by trying the newest features as a new user would ----------------------------------------
+
+COMMITTED_TABLE = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "figures/data/redundancy.parquet")
+
+
+def test_schedule_reads_the_committed_reference_table(tmp_path, capsys):
+    """Published tables carry the study, not a record sidecar: the model is rebuilt from it."""
+    out = tmp_path / "s.json"
+    assert main(["schedule", COMMITTED_TABLE, "--counts", "4", "16", "full", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.exists() and "static: n=4 2.588, n=16 2.666, full 2.755" in printed
+
+
+def test_schedule_never_overwrites_its_table_nor_writes_into_a_folder(tmp_path, capsys):
+    import shutil
+
+    table = tmp_path / "table.parquet"
+    shutil.copy(COMMITTED_TABLE, table)
+    shutil.copy(COMMITTED_TABLE + ".json", str(table) + ".json")
+    before = table.read_bytes()
+    assert main(["schedule", str(table), "--counts", "4", "full", "--out", str(table)]) == 2
+    assert "is the table being read" in capsys.readouterr().err and table.read_bytes() == before
+    assert main(["schedule", str(table), "--counts", "4", "full", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_descending_jsd_thresholds_are_refused(tmp_path, capsys):
+    args = ["schedule", COMMITTED_TABLE, "--rule", "jsd", "--counts", "4", "16", "full"]
+    assert main([*args, "--thresholds", "0.017", "0.015", "--out", str(tmp_path / "s.json")]) == 2
+    assert "must rise strictly" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(monkeypatch):
+    """`attnmed models | head -1`: the reader is gone before the listing ends; no traceback, exit 0."""
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader went away
+    closed = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", closed)
+    assert main(["models", "--small"]) == 0
+    closed.close()

@@ -659,3 +659,11 @@ def test_record_command_encodes_prompts_with_the_pipelines_own_text_encoder(tmp_
     )
     table = pd.read_parquet(out)
     assert set(table["branch"]) == {"cond", "uncond"} and set(table["step"]) == {0, 1} and set(table["layer"]) == {0, 1}
+
+
+def test_keep_maps_with_a_diffusers_pipeline_is_refused_not_ignored(tmp_path, capsys):
+    from analysis.cli import main
+
+    args = ["record", "--diffusers", str(tmp_path), "--keep-maps", "0:0", "--out", str(tmp_path / "t.parquet")]
+    assert main(args) == 2
+    assert "drop --keep-maps" in capsys.readouterr().err and not (tmp_path / "t.parquet").exists()

@@ -68,15 +68,15 @@ def test_head_average_row_is_the_mean_of_the_head_rows():
 def test_layer_and_head_selection_and_kept_maps(tmp_path):
     model = tiny_model("SiT-T/2", attention="mediator", mediators=4)
     with record_attention(
-        model, metric_reducer(("jsd",)), layers=[1, 3], heads=[0, 2], keep_maps=[(1, 3)], keep_dir=tmp_path
-    ) as recorder:
+        model, metric_reducer(("jsd",)), layers=[3, 1], heads=[2, 0], keep_maps=[(1, 3)], keep_dir=tmp_path
+    ) as recorder:  # selections given out of order are kept ascending, and the kept file says which heads it holds
         run(model, SamplerConfig(kind="sde", steps=3), recorder.callback, batch=2)
     rows = recorder.rows()
     assert {r["layer"] for r in rows} == {1, 3} and {r["head"] for r in rows} == {0, 2, -1}
     assert model.attention_modules()[0].map_observer is None
     (kept,) = tmp_path.glob("*.pt")
     payload = torch.load(kept)
-    assert (payload["step"], payload["layer"], payload["kind"]) == (1, 3, "mediator")
+    assert (payload["step"], payload["layer"], payload["kind"]) == (1, 3, "mediator") and payload["heads"] == [0, 2]
     assert payload["effective"].shape == (2, 2, 16, 16) and payload["query_to_mediator"].shape == (2, 2, 16, 4)
     torch.testing.assert_close(payload["effective"], payload["query_to_mediator"] @ payload["mediator_to_key"])
 

@@ -270,3 +270,15 @@ def test_the_sde_tells_the_callback_its_injected_noise_and_the_drift_rule_reads_
     assert (injected > 0).all() and (drift < state + injected).all()
     with pytest.raises(ValueError, match="unknown statistic"):
         AdaptiveSwitch(three_networks, (1.0, 0.6), statistic="clock")
+
+
+def test_guided_channels_without_guidance_are_accepted_as_inactive():
+    """A sweep over guidance scales starts at 1; the evaluation-levels dry run drops guidance but keeps the
+    channels. Both are accepted, and the description says the setting does nothing at this scale."""
+    sampler = SamplerConfig(kind="sde", steps=3, cfg_scale=1.0, guided_channels=1)
+    sampler.check("SiT", in_channels=4)
+    assert "guided channels 1 (inactive: no guidance)" in sampler.describe()
+    guided = SamplerConfig(kind="sde", steps=3, cfg_scale=4.0, guided_channels=1)
+    assert len(evaluation_levels(ProcessConfig("SiT"), guided)) == 3
+    with pytest.raises(ValueError, match="guided-channels must lie in 1..4"):
+        SamplerConfig(kind="sde", steps=3, guided_channels=5).check("SiT", in_channels=4)

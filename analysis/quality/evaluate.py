@@ -1,4 +1,4 @@
-"""FID, KID, precision and recall through torch-fidelity, and the results table.
+"""FID, KID, precision and recall of an image set through torch-fidelity, as one dict of numbers.
 
 Every number states which feature extractor made it and from how many images. Samples and references can be
 a folder of images, an `.npz` (`arr_0`, uint8 NHWC, as `attnmed sample` writes), an in-memory uint8 tensor,

@@ -218,12 +218,20 @@ def run_summaries(cells: pd.DataFrame, runs: list[dict]) -> pd.DataFrame:
             "num_samples": int(own["num_samples"].iloc[0]),
             "kid_std": own["kid_std"].mean(),
         }
-        for metric in METRICS:
+        for metric in METRICS + (("fid_infinity",) if "fid_infinity" in own else ()):
             per_seed = own.groupby("train_seed")[metric].mean().to_numpy()
             interval = seed_level_difference(per_seed)
             row.update({metric: interval.point, f"{metric}_low": interval.low, f"{metric}_high": interval.high})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def with_run_summaries(results: pd.DataFrame, runs: list[dict]) -> pd.DataFrame:
+    """A results table whose summary rows are (re)computed from its per-cell rows by `run_summaries`."""
+    cells = results[results["train_seed"].astype(str) != "all"]
+    common = results.iloc[0][["model", "sampler", "cfg", "extractor", "extractor_sha256", "num_reference"]]
+    summary = run_summaries(cell_rows(results), runs).assign(**common.to_dict())
+    return pd.concat([cells, summary], ignore_index=True)
 
 
 # ---- rendering ---------------------------------------------------------------------------------------------
@@ -286,14 +294,28 @@ def decisions_table(decisions: pd.DataFrame) -> list[str]:
 
 
 def results_table(summary: pd.DataFrame) -> list[str]:
+    """Per run, each metric's mean over training seeds with its seed-level interval; FID∞ (the FID extrapolated
+    to infinitely many images) beside the raw FID where the run measured it."""
+    metrics = [
+        "fid",
+        *(["fid_infinity"] if "fid_infinity" in summary and summary["fid_infinity"].notna().any() else []),
+    ]
+    metrics += ["precision", "recall", "kid"]
+    names = {
+        "fid": "FID",
+        "fid_infinity": "FID∞",
+        "precision": "precision",
+        "recall": "recall",
+        "kid": "KID (no verdict)",
+    }
     lines = [
-        "| run | kind | GFLOPs / image | FID | precision | recall | KID (no verdict) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | kind | GFLOPs / image | " + " | ".join(names[m] for m in metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
     ]
     for row in summary.sort_values("gflops_per_image").itertuples():
         parts = [
             f"{getattr(row, m):.3g} [{_number(getattr(row, m + '_low'), False)}, {_number(getattr(row, m + '_high'), False)}]"
-            for m in ("fid", "precision", "recall", "kid")
+            for m in metrics
         ]
         lines.append(f"| {row.schedule} | {row.kind} | {row.gflops_per_image:.3g} | {' | '.join(parts)} |")
     return lines
@@ -321,10 +343,9 @@ def redecide(data_dir: str | Path, floor: tuple[float, float, int] | None = None
     data_dir = Path(data_dir)
     results = pd.read_csv(data_dir / "results.csv")
     cells, runs = cell_rows(results), runs_of(results)
-    common = results.iloc[0][["model", "sampler", "cfg", "extractor", "extractor_sha256", "num_reference"]].to_dict()
-    summary = run_summaries(cells, runs).assign(**common)
+    results = with_run_summaries(results, runs)
+    summary = results[results["train_seed"].astype(str) == "all"]
     decisions = decide(cells, runs, "full")
-    results = pd.concat([results[results["train_seed"].astype(str) != "all"], summary], ignore_index=True)
     atomic_write(data_dir / "results.csv", lambda h: results.to_csv(h, index=False), binary=False)
     atomic_write(data_dir / "differences.csv", lambda h: decisions.to_csv(h, index=False), binary=False)
     report = data_dir.parent / "REPORT.md"
@@ -382,6 +403,9 @@ def _paper_evidence(run: str, baseline: str, claim: str) -> str:
 
 
 def rewrite_report(text: str, decisions, summary, cells, runs, floor) -> str:
+    """The report with its verdict-bearing sections rendered from `decisions` (fresh, or read back from
+    differences.csv, where empty notes come back as missing)."""
+    decisions = decisions.assign(note=decisions["note"].fillna(""))
     sections = text.split("\n## ")
     head, rest = sections[0], ["## " + s for s in sections[1:]]
     paragraphs = head.split("\n\n")

@@ -129,7 +129,12 @@ def write_figures_and_report(
     data_dir.mkdir(exist_ok=True)
     from analysis.collect import write_table
 
-    write_table(table, data_dir / "redundancy.parquet", {"run": str(study.run_dir), "study": study.config.to_dict()})
+    provenance = {
+        "run": str(study.run_dir),
+        "study": study.config.to_dict(),
+        "model": models[None].model.config.to_dict(),
+    }
+    write_table(table, data_dir / "redundancy.parquet", provenance)
     for name, frame in (("results.csv", results), ("differences.csv", differences)):
         atomic_write(data_dir / name, lambda handle, frame=frame: frame.to_csv(handle, index=False), binary=False)
     for name, schedule in derived.items():
@@ -458,6 +463,10 @@ def render_report(
     cfg = study.config
     model = make_config(cfg.model, input_size=cfg.image_size)
     tokens, grid = model.num_tokens, model.grid_size
+    # Facts of the data and the network, read from them rather than written into the text.
+    training_images = len(digits("train", cfg.image_size))
+    reference_images = int(results["num_reference"].iloc[0])
+    shape = f"{model.depth}-layer, {model.hidden_size}-wide"
     summary = results[results["train_seed"].astype(str) == "all"].set_index("run")
     full = summary.loc["full"]
     extractor = results["extractor"].iloc[0]
@@ -469,7 +478,7 @@ def render_report(
     lines = [
         "# attnmed reproduction report" + ("" if study.preset == "default" else f" — preset {study.preset}"),
         "",
-        f"Preset: {cfg.model} on the embedded digits ({cfg.image_size}×{cfg.image_size}, 1438 training images; a "
+        f"Preset: {cfg.model} on the embedded digits ({cfg.image_size}×{cfg.image_size}, {training_images} training images; a "
         f"{grid}×{grid} grid of {tokens} tokens), "
         f"{cfg.train_steps} training steps per model at batch {cfg.batch_size}, trained with {len(cfg.train_seeds)} "
         f"training seeds {list(cfg.train_seeds)}; each model sampled with {len(cfg.sample_seeds)} sampling seeds "
@@ -477,7 +486,7 @@ def render_report(
         f"{cfg.sampler_steps} steps; {cfg.record_samples} samples for redundancy (training seed {cfg.train_seeds[0]}). "
         f"Run folder `{study.run_dir}`, {seconds / 60:.1f} minutes of stage time on this machine (2 CPU cores).",
         "",
-        f"Quality uses {extractor} against the 359 held-out digits (the extractor's weights ship with attnmed, "
+        f"Quality uses {extractor} against the {reference_images} held-out digits (the extractor's weights ship with attnmed, "
         "pinned by that hash). It ranks models on this data; it is not comparable to ImageNet FIDs.",
         "",
         "## The paper's claims beside this run",
@@ -659,12 +668,12 @@ def render_report(
             ]
             if tokens < 256
             else [
-                f"- {tokens} tokens is the paper's grid for SiT-S/2 at 256 px, but the model is 4 layers and 128 wide and "
+                f"- {tokens} tokens is the paper's grid for SiT-S/2 at 256 px, but the model is {shape} and "
                 f"trained {cfg.train_steps} steps: the models are far from converged, so a quality difference here can "
                 "be a difference in how fast a variant learns rather than in what it can represent."
             ]
         ),
-        "- A 4-layer, 128-wide model trained for minutes on 1438 digits is far from SiT-S/2 trained 400K steps on "
+        f"- A {shape} model trained for minutes on {training_images} digits is far from SiT-S/2 trained 400K steps on "
         "ImageNet; FID here uses a digits classifier's features and ranks runs only within this study.",
         f"- The adaptive rule's thresholds ρ are not public (the public code makes them required arguments and shows "
         f"only placeholders); the ρ tried here, {', '.join('/'.join(f'{r:g}' for r in rs) for rs in cfg.adaptive_ratios)}, "

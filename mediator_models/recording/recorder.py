@@ -251,6 +251,8 @@ class AttentionRecorder:
             "network": network,
             "step": step,
             "layer": layer,
+            # which heads the maps hold, in the order of their head axis (ascending, whatever order was asked)
+            "heads": list(self.heads) if self.heads is not None else list(range(maps.effective.shape[1])),
             **self.step_meta.get(step, {}),
         }
         if maps.kind == "mediator":
@@ -317,7 +319,11 @@ def record_attention(
     models, reducers, layers=None, heads=None, keep_maps=None, keep_dir=None, guided_halves=("cond", "uncond")
 ) -> Iterator[AttentionRecorder]:
     """Attach a recorder for the duration of the block; the models are restored on exit, even on errors.
-    Models are attnmed's or diffusers transformers (DiT, PixArt, SD3; see mediator_models.recording.diffusers)."""
+    Models are attnmed's or diffusers transformers (DiT, PixArt, SD3; see mediator_models.recording.diffusers).
+
+    `layers` and `heads` select what is recorded; both are kept in ascending order whatever order they are given
+    in (`heads=[3, 1]` records heads 1 and 3, in that order), in the reducers' maps, the table's labels and the
+    kept-map files, each of which also stores the head indices its maps hold under "heads"."""
     recorder = AttentionRecorder(
         models,
         reducers,

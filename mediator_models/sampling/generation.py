@@ -78,9 +78,8 @@ class SamplerConfig:
             raise ValueError(f"--steps must be at least 1, got {self.steps!r}")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
             raise ValueError(f"--cfg-scale must be at least 1 (1 = no guidance), got {self.cfg_scale!r}")
+        # guided_channels at cfg_scale 1 is accepted and inactive (a sweep over scales starts at 1): see describe().
         if self.guided_channels is not None:
-            if self.cfg_scale == 1.0:
-                raise ValueError("--guided-channels only matters with guidance: add --cfg-scale > 1, or drop it")
             upper = in_channels if in_channels is not None else self.guided_channels
             if not 1 <= self.guided_channels <= upper:
                 raise ValueError(
@@ -96,6 +95,10 @@ class SamplerConfig:
     def describe(self) -> str:
         method = f"/{self.method}" if self.method else ""
         cfg = f", cfg {self.cfg_scale:g}" if self.cfg_scale != 1.0 else ""
+        if self.guided_channels is not None:
+            cfg += f", guided channels {self.guided_channels}" + (
+                " (inactive: no guidance)" if self.cfg_scale == 1.0 else ""
+            )
         return f"{self.kind}{method} {self.steps} steps{cfg}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -163,7 +163,7 @@ def to_diffusers(model) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if config.timestep_freq_shift not in (0, 1):
         raise ValueError(f"timestep_freq_shift {config.timestep_freq_shift} has no diffusers counterpart")
     # A model that computes as DiT converts to a diffusers model that computes differently (see the module
-    # docstring); the config says what diffusers will compute, and the caller is told through this flag.
+    # docstring): the weights are the same, and `save_diffusers` says which numerics the result will have.
     ours = model.state_dict()
     diffusers_config = {
         "_class_name": "DiTTransformer2DModel",
@@ -216,7 +216,6 @@ def save_diffusers(model, folder: str | os.PathLike):
     config, state = to_diffusers(model)
     network = DiTTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
     missing, unexpected = network.load_state_dict(state, strict=False)
-    unexpected = [k for k in unexpected]
     missing = [k for k in missing if not k.endswith("pos_embed.pos_embed")]
     if missing or unexpected:
         raise CheckpointMismatchError(
