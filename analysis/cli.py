@@ -828,6 +828,15 @@ def run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_and_leave_the_process_group(args: argparse.Namespace) -> int:
+    from mediator_models.storage.distributed import finish_distributed
+
+    try:
+        return COMMANDS[args.command][2](args)
+    finally:
+        finish_distributed()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import errno
     import os
@@ -857,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else "run the same command again to continue"
     )
     try:
-        return COMMANDS[args.command][2](args)
+        return _run_and_leave_the_process_group(args)
     except (ValueError, FileNotFoundError, CheckpointError, FolderBusyError) as error:
         # Bad input: the message, not a traceback.
         print(f"attnmed {args.command}: error: {error}", file=sys.stderr)

@@ -445,9 +445,10 @@ def rewrite_report(text: str, decisions, summary, cells, runs, floor) -> str:
                 ]
             )
         elif title.startswith("## The premise"):
-            section = _VERDICT_WORDS.sub("", section).replace(
-                "\n|", "\n\nOne trained model was recorded, so these are descriptions of it, not verdicts.\n\n|", 1
-            )
+            caveat = "One trained model was recorded, so these are descriptions of it, not verdicts."
+            section = _VERDICT_WORDS.sub("", section)
+            if caveat not in section:
+                section = section.replace("\n|", f"\n\n{caveat}\n\n|", 1)
         elif title.startswith(_REPLACED_SECTIONS[3]):
             section = _adaptive_section(section, decisions, summary)
         out.append(section.rstrip())

@@ -71,3 +71,10 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device("cpu")
     return DistEnv(rank, world, device)
+
+
+def finish_distributed() -> None:
+    """Leave the process group, if this process joined one. Left for the interpreter's exit instead, Gloo can
+    abort a rank that is still tearing down ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
