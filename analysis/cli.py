@@ -79,20 +79,32 @@ def run_flops(args: argparse.Namespace) -> int:
 
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
-    from mediator_models.train import TrainConfig
+    from mediator_models.progress import LOG_INTERVAL_S
+    from mediator_models.train import DEFAULT_IMAGE_SIZE, SIT_DEFAULTS, TrainConfig
 
     defaults = TrainConfig()
     parser.add_argument("--model", default=defaults.model, help="registry name, e.g. SiT-T/2, SiT-S/2, DiT-XL/2")
     _add_attention(parser, default="full")
     parser.add_argument("--data", default=defaults.data, help="'digits', an ImageFolder tree, or a latent cache folder")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels")
+    # Unset flags stay unset (SUPPRESS) so that TrainConfig settles them from the data and the model family.
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"image side in pixels (default: a latent cache's own, else {DEFAULT_IMAGE_SIZE})",
+    )
     parser.add_argument("--vae", default=None, help="local AutoencoderKL folder: train on latents encoded on the fly")
-    parser.add_argument("--interpolant", choices=("linear", "gvp"), default=defaults.interpolant, help="SiT only")
+    parser.add_argument(
+        "--interpolant",
+        choices=("linear", "gvp"),
+        default=argparse.SUPPRESS,
+        help=f"SiT only (default: {SIT_DEFAULTS['interpolant']}; DiT's process is fixed)",
+    )
     parser.add_argument(
         "--prediction",
         choices=("velocity", "noise", "score"),
-        default=defaults.prediction,
-        help="SiT only: what the network predicts",
+        default=argparse.SUPPRESS,
+        help=f"SiT only: what the network predicts (default: {SIT_DEFAULTS['prediction']}; DiT's process is fixed)",
     )
     parser.add_argument(
         "--batch-size",
@@ -146,7 +158,12 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=defaults.out, help="run folder (checkpoints/, log.jsonl, config.json)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"a progress bar (where the output is not a terminal: a line every {LOG_INTERVAL_S:g} s)",
+    )
 
 
 def _add_attention(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -644,54 +661,38 @@ def run_schedule(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from analysis.collect import read_table, table_model
-    from analysis.schedule import Rule, derive_recovery_schedule, derive_schedule, schedule_within_budget, table_gflops
+    from analysis.schedule import schedule_from_table
+    from mediator_models.storage.errors import SettingError
 
     counts = [None if c == "full" else _positive_count(c) for c in args.counts]
-    table = read_table(args.table)
-    full = table[table["attention"] == "full"]
-    if full.empty:
-        raise ValueError(f"{args.table} holds no full-attention rows; schedules are derived from a full model's maps")
-    if full["network"].nunique() > 1:
-        raise ValueError(
-            f"{args.table} holds several full-attention networks ({sorted(full['network'].unique())}); "
-            "record one model per table"
-        )
-    base = table_model(args.table)
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name the schedule file to write, e.g. {out / 'schedule.json'}")
     if out.exists() and out.resolve() in {Path(args.table).resolve(), Path(str(args.table) + ".json").resolve()}:
         raise ValueError(f"--out {out} is the table being read (or its sidecar); name another file for the schedule")
-    configs = {c: base.replace(attention="full" if c is None else "mediator", mediators=c) for c in counts}
-    if args.rule == "budget":
-        if args.budget_gflops is None:
-            raise ValueError("--rule budget needs --budget-gflops (GFLOPs per image)")
-        schedule, cost = schedule_within_budget(full, counts, configs, args.budget_gflops, args.tau, args.aggregate)
-    elif args.rule == "recovery":
-        schedule = derive_recovery_schedule(full, counts, args.epsilon, args.recovery_kind)
-        cost = table_gflops(schedule, full, configs)
-    else:
-        rule = (
-            Rule("energy_rank", tau=args.tau, aggregate=args.aggregate)
-            if args.rule == "energy-rank"
-            else Rule("jsd", aggregate=args.aggregate, thresholds=tuple(args.thresholds))
+    table = read_table(args.table)
+    try:
+        derived = schedule_from_table(
+            table,
+            counts,
+            table_model(args.table),
+            args.rule,
+            tau=args.tau,
+            thresholds=args.thresholds,
+            epsilon=args.epsilon,
+            recovery_kind=args.recovery_kind,
+            budget_gflops=args.budget_gflops,
+            aggregate=args.aggregate,
+            name=args.name,
         )
-        if rule.metric not in set(full["metric"]):
-            raise ValueError(
-                f"{args.table} has no {rule.metric!r} rows; record it with --metrics all (or choose "
-                "another --rule/--tau)"
-            )
-        schedule = derive_schedule(full, counts, rule)
-        cost = table_gflops(schedule, full, configs)
-    if args.name:
-        schedule.name = args.name
-    schedule.save(args.out)
-    static = {c: table_gflops(type(schedule).constant(c), full, configs) for c in counts}
-    print(schedule)
-    print(
-        f"expected {cost:.4g} GFLOPs per image over the table's {full['step'].nunique()} steps "
-        f"(static: " + ", ".join(f"{'full' if c is None else f'n={c}'} {g:.4g}" for c, g in static.items()) + ")"
-    )
+    except SettingError:
+        raise  # a flag's value is wrong, not the table
+    except ValueError as error:
+        raise ValueError(f"{args.table}: {error}") from None
+    derived.schedule.save(args.out)
+    print(derived.schedule)
+    static = ", ".join(f"{'full' if c is None else f'n={c}'} {g:.4g}" for c, g in derived.static_gflops.items())
+    print(f"expected {derived.gflops:.4g} GFLOPs per image over the table's {derived.steps} steps (static: {static})")
     print(f"wrote {args.out}")
     return 0
 
@@ -729,10 +730,13 @@ def run_plot(args: argparse.Namespace) -> int:
 
 def _configure_cache_latents(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="ImageFolder tree (ROOT/CLASS/IMAGE)")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="image side in pixels: a multiple of 8 (16 for the /2 models)"
+    )
     parser.add_argument("--vae", required=True, help="local AutoencoderKL folder (e.g. sd-vae-ft-ema)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE pass")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
+    parser.add_argument("--out", required=True, help="cache folder (resumable: rerun the same command to continue)")
 
 
 @command(
@@ -741,14 +745,31 @@ def _configure_cache_latents(parser: argparse.ArgumentParser) -> None:
     _configure_cache_latents,
 )
 def run_cache_latents(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from pathlib import Path
 
-    from mediator_models.data import ImageFolderSource, cache_latents, load_vae
+    from mediator_models.data import (
+        ImageFolderSource,
+        cache_identity,
+        cache_latents,
+        check_latent_cache,
+        latent_side,
+        load_vae,
+    )
+    from mediator_models.storage.runfolder import check_creatable
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Everything that can refuse the command is checked before the VAE is loaded.
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    latent_side(args.image_size)
+    check_creatable(args.out, "--out")
     source = ImageFolderSource(args.data, args.image_size)
-    path = cache_latents(source, load_vae(args.vae, device), args.out, args.batch_size, progress=tqdm)
-    print(f"latents of {len(source)} images in {path}")
+    check_latent_cache(args.out, cache_identity(source, args.vae))
+    finished = (Path(args.out) / "meta.json").exists()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(args.vae, device)
+    path = cache_latents(source, vae, args.out, args.batch_size, progress=args.progress, vae_name=args.vae)
+    done = "already cached" if finished else "cached"
+    print(f"{done}: latents of {len(source)} images at {args.image_size} px in {path}")
     return 0
 
 
@@ -844,14 +865,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="attnmed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
     for name, (help_text, configure, run) in COMMANDS.items():
-        configure(
-            sub.add_parser(
-                name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-            )
+        commands[name] = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
         )
+        configure(commands[name])
     args = parser.parse_args(argv)
     from mediator_models.storage.checkpoints import CheckpointError
+    from mediator_models.storage.errors import SettingError
     from mediator_models.storage.runfolder import FolderBusyError
     from mediator_models.train import TrainingDiverged, TrainingInterrupted
 
@@ -867,6 +889,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return _run_and_leave_the_process_group(args)
+    except SettingError as error:  # the library names its parameter; the user knows the flag that sets it
+        print(
+            f"attnmed {args.command}: error: {_flag_for(commands[args.command], error.setting)} {error.reason}",
+            file=sys.stderr,
+        )
+        return 2
     except (ValueError, FileNotFoundError, CheckpointError, FolderBusyError) as error:
         # Bad input: the message, not a traceback.
         print(f"attnmed {args.command}: error: {error}", file=sys.stderr)
@@ -893,6 +921,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nattnmed {args.command}: interrupted; {resume_hint}", file=sys.stderr)
         return 130
+
+
+def _flag_for(parser: argparse.ArgumentParser, setting: str) -> str:
+    """The option of `parser` that sets the library's `setting` (its long form), or the setting's own name
+    where no flag sets it."""
+    for action in parser._actions:
+        if action.dest == setting and action.option_strings:
+            return max(action.option_strings, key=len)
+    return setting
 
 
 if __name__ == "__main__":

@@ -112,11 +112,9 @@ def collect_redundancy(
             recorder.load_state_dict(state["recorder"])
             done = state["done"]
         if progress and env.is_main:
-            from tqdm.auto import tqdm
+            from mediator_models.progress import progress_bar
 
-            bar = tqdm(
-                total=len(mine), initial=done, desc=f"record {config.label} {sampler.describe()}", dynamic_ncols=True
-            )
+            bar = progress_bar(len(mine), f"record {config.label} {sampler.describe()}", initial=done)
         while done < len(mine):
             indices = mine[done : done + collection.batch_size]
             x_T, y, noise = start_batch(indices, collection.seed, config, classes, device)
@@ -180,9 +178,9 @@ def collect_redundancy_diffusers(
     halves = ("cond", "uncond") if not text else ("uncond", "cond")  # DiTPipeline: cond first; text pipelines: uncond
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from mediator_models.progress import progress_bar
 
-        bar = tqdm(total=collection.samples, desc=f"record {name} ({steps} steps)", dynamic_ncols=True)
+        bar = progress_bar(collection.samples, f"record {name} ({steps} steps)")
     with record_attention(
         {name: pipeline.transformer}, reducer, layers=collection.layers, heads=collection.heads, guided_halves=halves
     ) as recorder:

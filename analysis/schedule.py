@@ -21,6 +21,7 @@ from mediator_models.network.flops import config_gmacs
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
 from mediator_models.sampling.steps import start_batch
 from mediator_models.sampling.switching import AdaptiveSwitch, Interval, MediatorSchedule, count_label
+from mediator_models.storage.errors import SettingError
 
 AGGREGATES = ("mean", "max", "quantile")
 
@@ -33,12 +34,13 @@ def per_step_statistic(
     Returns columns step, noise_level, value, sorted from noise to data.
     """
     if aggregate not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {aggregate!r}; choose one of {AGGREGATES}")
+        raise SettingError("aggregate", f"is {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
     rows = table[(table["metric"] == metric) & (table["head"] >= 0)]
     if branch is not None:
         rows = rows[rows["branch"] == branch]
     if rows.empty:
-        raise ValueError(f"the table has no rows for metric {metric!r}; record it (e.g. `--metrics all`)")
+        raise ValueError(f"the table has no rows for metric {metric!r}; {_how_to_record(table, metric)}")
+    _refuse_missing_values(rows, metric)
     grouped = rows.groupby(["step", "noise_level"])["mean"]
     if aggregate == "mean":
         values = grouped.mean()
@@ -47,6 +49,36 @@ def per_step_statistic(
     else:
         values = grouped.quantile(quantile)
     return values.rename("value").reset_index().sort_values("noise_level", ascending=False, ignore_index=True)
+
+
+def _how_to_record(table: pd.DataFrame, metric: str) -> str:
+    """Advice for a metric a table lacks that names what can actually produce it."""
+    if metric.startswith("energy_rank_"):
+        recorded = sorted(m for m in set(table["metric"]) if m.startswith("energy_rank_"))
+        if recorded:
+            taus = ", ".join(m.removeprefix("energy_rank_") for m in recorded)
+            return f"this table holds energy ranks at τ = {taus} only"
+        return "record the model with the singular-value ranks (`--metrics all`), which hold τ = 0.9 and 0.99"
+    return "record it (`--metrics all` records every measure but the premise measures)"
+
+
+def _refuse_unrecorded_tau(table: pd.DataFrame, rule: Rule) -> None:
+    """The rank rule at a τ the table did not record is a wrong setting, not a wrong table."""
+    taus = sorted(m.removeprefix("energy_rank_") for m in set(table["metric"]) if m.startswith("energy_rank_"))
+    if rule.kind == "energy_rank" and taus and rule.metric not in set(table["metric"]):
+        raise SettingError("tau", f"is {rule.tau:g}, but this table holds energy ranks at τ = {', '.join(taus)} only")
+
+
+def _refuse_missing_values(rows: pd.DataFrame, metric: str) -> None:
+    """A rule that reads NaN compares false everywhere and silently picks the largest count: refuse instead."""
+    missing = rows[rows["mean"].isna()]
+    if not missing.empty:
+        steps = sorted(set(missing["step"].tolist()))
+        raise ValueError(
+            f"the table's {metric} values are missing (NaN) in {len(missing)} of {len(rows)} rows, at steps "
+            f"{steps[:8]}{' …' if len(steps) > 8 else ''}; a schedule cannot be derived from them: record the "
+            "table again, or choose another rule"
+        )
 
 
 @dataclass(frozen=True)
@@ -67,8 +99,8 @@ class Rule:
         ascending = all(a < b for a, b in zip(self.thresholds, self.thresholds[1:]))
         if self.kind == "jsd" and not ascending:
             # Descending thresholds would let the middle counts never be chosen, silently.
-            raise ValueError(
-                f"JSD thresholds must rise strictly, one per count after the first; got {list(self.thresholds)}"
+            raise SettingError(
+                "thresholds", f"must rise strictly, one per count after the first; got {list(self.thresholds)}"
             )
 
     @property
@@ -93,8 +125,10 @@ def counts_per_step(values: Sequence[float], available: Sequence[int | None], ru
         elif rule.kind == "jsd":
             choices = ordered + ([None] if has_full else [])
             if len(rule.thresholds) != len(choices) - 1:
-                raise ValueError(
-                    f"{len(choices)} choices need {len(choices) - 1} JSD thresholds, got {len(rule.thresholds)}"
+                raise SettingError(
+                    "thresholds",
+                    f"gives {len(rule.thresholds)} JSD thresholds, but {len(choices)} counts need {len(choices) - 1} "
+                    "(one per count after the first)",
                 )
             index = next((i for i, t in enumerate(rule.thresholds) if value < t), len(rule.thresholds))
             out.append(choices[index])
@@ -137,14 +171,15 @@ def recovery_curve(table: pd.DataFrame, kind: str = "rank") -> pd.DataFrame:
     ("rank": the truncated SVD of A; "pooled": the mediator form from the layer's own pooled queries), averaged
     over heads and samples. Columns step, noise_level, layer, mediators, error; from noise to data."""
     if kind not in ("rank", "pooled"):
-        raise ValueError(f"unknown recovery kind {kind!r}; choose 'rank' or 'pooled'")
+        raise SettingError("recovery_kind", f"is {kind!r}; choose 'rank' or 'pooled'")
     prefix = f"recovery_{kind}_"
     rows = table[table["metric"].str.startswith(prefix) & (table["head"] == -1)]
     if rows.empty:
         raise ValueError(
             f"the table has no {prefix}N rows; record a full-attention model with the premise measures "
-            "(`attnmed record --metrics all,recovery_rank_4,recovery_rank_16` or a study with premise=True)"
+            f"(`attnmed record --metrics cheap,{prefix}4,{prefix}16` or a study with premise=True)"
         )
+    _refuse_missing_values(rows, f"{prefix}N")
     curve = rows.assign(mediators=rows["metric"].str.removeprefix(prefix).astype(int), error=rows["mean"])
     curve = curve[["step", "noise_level", "layer", "mediators", "error"]]
     return curve.sort_values(["noise_level", "layer", "mediators"], ascending=[False, True, True], ignore_index=True)
@@ -158,7 +193,7 @@ def derive_recovery_schedule(
     does. Steps merge into monotone intervals as in `derive_schedule`. An absolute threshold: a step gets more
     mediators only where the measured maps need them, not because it falls in some quantile of the series."""
     if not 0 < epsilon < 1:
-        raise ValueError(f"epsilon is a relative error in (0, 1), got {epsilon}")
+        raise SettingError("epsilon", f"is a relative error in (0, 1), got {epsilon}")
     curve = recovery_curve(table, kind)
     worst = curve.groupby(["step", "noise_level", "mediators"])["error"].max().reset_index()
     counts = sorted(c for c in available if c is not None)
@@ -231,6 +266,76 @@ def schedule_within_budget(
         index[k] -= 1
     name = f"derived: rank τ={tau:g} within {budget_gflops:.4g} GFLOPs"
     return monotone_intervals(levels, [choices[i] for i in index], name), cost
+
+
+RULES = ("energy-rank", "jsd", "budget", "recovery")
+
+
+@dataclass
+class DerivedSchedule:
+    """A schedule derived from a table, with its expected cost and the static networks' costs beside it."""
+
+    schedule: MediatorSchedule
+    gflops: float  # expected GFLOPs per image on the table's evaluation grid
+    static_gflops: dict[int | None, float]  # each count used throughout
+    steps: int  # evaluations in the table's grid
+
+
+def full_attention_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the one full-attention network a table holds; schedules are derived from a full model's maps."""
+    full = table[table["attention"] == "full"]
+    if full.empty:
+        raise ValueError("the table holds no full-attention rows; schedules are derived from a full model's maps")
+    if full["network"].nunique() > 1:
+        raise ValueError(
+            f"the table holds several full-attention networks ({sorted(full['network'].unique())}); "
+            "record one model per table"
+        )
+    return full
+
+
+def schedule_from_table(
+    table: pd.DataFrame,
+    counts: Sequence[int | None],
+    base_config,
+    rule: str = "energy-rank",
+    *,
+    tau: float = 0.9,
+    thresholds: Sequence[float] = (),
+    epsilon: float = 0.1,
+    recovery_kind: str = "rank",
+    budget_gflops: float | None = None,
+    aggregate: str = "mean",
+    name: str | None = None,
+) -> DerivedSchedule:
+    """One of the `RULES` applied to the full-attention rows of a recorded table (`attnmed schedule`).
+
+    energy-rank: the smallest count holding the maps' energy rank at τ; jsd: ascending thresholds on the JSD
+    score; budget: the rank rule lowered until it fits `budget_gflops`; recovery: the fewest mediators whose
+    rank-n (or pooled) map keeps every layer's A·V within `epsilon`. `base_config` is the recorded model's
+    ModelConfig: each count's network differs from it in its attention only.
+    """
+    if rule not in RULES:
+        raise SettingError("rule", f"is {rule!r}; choose one of {', '.join(RULES)}")
+    full = full_attention_rows(table)
+    configs = {c: base_config.replace(attention="full" if c is None else "mediator", mediators=c) for c in counts}
+    if rule == "budget":
+        if budget_gflops is None:
+            raise SettingError("budget_gflops", "is needed by the budget rule: the GFLOPs per image to fit within")
+        schedule, cost = schedule_within_budget(full, counts, configs, budget_gflops, tau, aggregate)
+    else:
+        if rule == "recovery":
+            schedule = derive_recovery_schedule(full, counts, epsilon, recovery_kind)
+        else:
+            kind = "energy_rank" if rule == "energy-rank" else "jsd"
+            chosen = Rule(kind, tau=tau, aggregate=aggregate, thresholds=tuple(thresholds))
+            _refuse_unrecorded_tau(full, chosen)
+            schedule = derive_schedule(full, counts, chosen)
+        cost = table_gflops(schedule, full, configs)
+    if name:
+        schedule.name = name
+    static = {c: table_gflops(MediatorSchedule.constant(c), full, configs) for c in counts}
+    return DerivedSchedule(schedule, cost, static, full["step"].nunique())
 
 
 def adaptive_gflops(

@@ -16,9 +16,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mediator_models.progress import progress_bar
 from mediator_models.storage.checkpoints import atomic_save
+from mediator_models.storage.errors import ConfigurationMismatchError, SettingError
+from mediator_models.storage.runfolder import (
+    FolderLock,
+    atomic_write_json,
+    claim_identity,
+    clean_stale_temporaries,
+    differences,
+)
 
 LATENT_SCALE = 0.18215
+VAE_DOWNSAMPLING = 8  # the SD VAE's latents are 1/8 of the image side
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -119,6 +129,7 @@ class ImageFolderSource:
 
     def __init__(self, root: str | Path, image_size: int):
         self.files, self.labels_list, self.classes = list_image_folder(root)
+        self.root = Path(root)
         self.image_size = image_size
         self.num_classes = len(self.classes)
         self.description = (
@@ -181,36 +192,116 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / LATENT_SCALE).sample.clamp(-1, 1)
 
 
-def cache_latents(
-    source: ImageFolderSource, vae, out_dir: str | Path, batch_size: int = 32, seed: int = 0, progress=None
-) -> Path:
-    """One pass of the VAE over a folder, storing the latents of each image and of its mirror image, so that
-    training with flips never runs the VAE. Written in chunks and resumable; finished by `meta.json`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "meta.json").exists():
-        return out_dir
-    device = next(vae.parameters()).device
-    chunks = sorted(out_dir.glob("chunk-*.pt"))
-    done = sum(torch.load(c)["labels"].numel() for c in chunks)
-    starts = range(done, len(source), batch_size)
-    for start in progress(starts) if progress else starts:
-        indices = list(range(start, min(start + batch_size, len(source))))
-        images, labels = source.batch(indices)
-        generator = torch.Generator(device=device).manual_seed(seed + start)
-        plain = encode(vae, images.to(device), generator)
-        mirrored = encode(vae, images.flip(-1).to(device), generator)
-        chunk = {"latents": torch.stack([plain, mirrored], dim=1).cpu(), "labels": labels}
-        atomic_save(chunk, out_dir / f"chunk-{start:09d}.pt")
-    meta = {
+def latent_side(image_size: int, downsampling: int = VAE_DOWNSAMPLING) -> int:
+    """The side of the latents of `image_size`-px images, refusing sizes the VAE does not divide (it would cut
+    the latents short, and the model's patch grid would not fit them)."""
+    if image_size % downsampling:
+        raise SettingError(
+            "image_size",
+            f"{image_size} px is not a multiple of {downsampling}, the VAE's downsampling, so its latents would be "
+            f"cut to {image_size // downsampling}×{image_size // downsampling}; sizes that work are multiples of "
+            f"{downsampling}, and multiples of {2 * downsampling} for the /2 models (e.g. 256 or 512)",
+        )
+    return image_size // downsampling
+
+
+def vae_downsampling(vae) -> int:
+    """How many times smaller than the image a diffusers AutoencoderKL's latents are (8 for the SD VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def cache_identity(source: ImageFolderSource, vae_name: str | None, seed: int = 0) -> dict:
+    """What fixes a latent cache's contents: the images, their size, the VAE and the seed of its samples."""
+    vae = vae_name if vae_name is None or not Path(vae_name).exists() else str(Path(vae_name).resolve())
+    return {
+        "data": str(source.root.resolve()),
         "num_images": len(source),
-        "num_classes": source.num_classes,
         "classes": source.classes,
         "image_size": source.image_size,
-        "scale": LATENT_SCALE,
-        "description": source.description,
+        "vae": vae,
+        "seed": seed,
     }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+CACHE_FIX = "cache into another folder, or delete this one to encode it again"
+
+
+def check_latent_cache(out_dir: str | Path, identity: dict) -> None:
+    """Refuse, before the VAE is loaded, an output that is a file or holds latents of another configuration
+    (a finished cache from before caches recorded their identity is compared on what its meta.json holds)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder; name a folder for the latent cache")
+    saved_path = out_dir / "cache.json"
+    if saved_path.exists():
+        try:
+            saved = json.loads(saved_path.read_text())
+        except json.JSONDecodeError:
+            raise ConfigurationMismatchError(f"{saved_path} is damaged; {CACHE_FIX}") from None
+    elif (out_dir / "meta.json").exists():
+        meta = json.loads((out_dir / "meta.json").read_text())
+        saved = {key: meta[key] for key in ("num_images", "classes", "image_size") if key in meta}
+        identity = {key: identity[key] for key in saved}
+    else:
+        return
+    lines = differences(saved, identity)
+    if lines:
+        raise ConfigurationMismatchError(
+            f"{out_dir} holds latents of another configuration:\n  " + "\n  ".join(lines) + f"\n{CACHE_FIX}"
+        )
+
+
+def cache_latents(
+    source: ImageFolderSource,
+    vae,
+    out_dir: str | Path,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+    vae_name: str | None = None,
+) -> Path:
+    """One pass of the VAE over a folder, storing the latents of each image and of its mirror image, so that
+    training with flips never runs the VAE. Written in chunks and resumable; finished by `meta.json`.
+
+    The folder is locked while it is written, and records its configuration (`cache.json`, see
+    `cache_identity`; `vae_name` defaults to the folder the VAE was loaded from): a folder holding latents of
+    another configuration is refused, never mixed with new ones or reported as done.
+    """
+    out_dir = Path(out_dir)
+    latent_side(source.image_size, vae_downsampling(vae))
+    identity = cache_identity(source, vae_name or vae.config.get("_name_or_path"), seed)
+    check_latent_cache(out_dir, identity)
+    with FolderLock(out_dir, "attnmed cache-latents"):
+        check_latent_cache(out_dir, identity)  # again under the lock: another writer may have finished meanwhile
+        if (out_dir / "meta.json").exists():
+            return out_dir
+        claim_identity(out_dir / "cache.json", identity, what="latents", fix=CACHE_FIX)
+        clean_stale_temporaries(out_dir)
+        device = next(vae.parameters()).device
+        chunks = sorted(out_dir.glob("chunk-*.pt"))
+        done = sum(torch.load(c)["labels"].numel() for c in chunks)
+        bar = progress_bar(len(source), f"latents of {source.root}", initial=done) if progress else None
+        for start in range(done, len(source), batch_size):
+            indices = list(range(start, min(start + batch_size, len(source))))
+            images, labels = source.batch(indices)
+            generator = torch.Generator(device=device).manual_seed(seed + start)
+            plain = encode(vae, images.to(device), generator)
+            mirrored = encode(vae, images.flip(-1).to(device), generator)
+            chunk = {"latents": torch.stack([plain, mirrored], dim=1).cpu(), "labels": labels}
+            atomic_save(chunk, out_dir / f"chunk-{start:09d}.pt")
+            if bar is not None:
+                bar.update(len(indices))
+        if bar is not None:
+            bar.close()
+        meta = {
+            "num_images": len(source),
+            "num_classes": source.num_classes,
+            "classes": source.classes,
+            "image_size": source.image_size,
+            "scale": LATENT_SCALE,
+            "description": source.description,
+        }
+        atomic_write_json(out_dir / "meta.json", meta)
     return out_dir
 
 
@@ -226,15 +317,18 @@ def load_latent_cache(path: str | Path) -> TensorSource:
     chunks = [torch.load(c) for c in sorted(path.glob("chunk-*.pt"))]
     latents = torch.cat([c["latents"] for c in chunks])  # (N, 2, C, h, w): plain and mirrored
     labels = torch.cat([c["labels"] for c in chunks])
-    return LatentPairSource(latents, labels, meta["num_classes"], f"latents {path} ({len(labels)} images)")
+    description = f"latents {path} ({len(labels)} images at {meta['image_size']}px)"
+    return LatentPairSource(latents, labels, meta["num_classes"], description, meta["image_size"])
 
 
 class LatentPairSource(TensorSource):
-    """Cached latents with their mirrored twins: a flip selects the twin instead of flipping the latent."""
+    """Cached latents with their mirrored twins: a flip selects the twin instead of flipping the latent.
+    `image_size` is the side in pixels of the images they encode."""
 
-    def __init__(self, pairs: torch.Tensor, labels: torch.Tensor, num_classes: int, description: str):
+    def __init__(self, pairs: torch.Tensor, labels: torch.Tensor, num_classes: int, description: str, image_size: int):
         super().__init__(pairs[:, 0], labels, num_classes, description, flippable=True)
         self.pairs = pairs
+        self.image_size = image_size
 
     def batch(self, indices, flip=None):
         index = torch.as_tensor(indices, dtype=torch.long)

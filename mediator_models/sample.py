@@ -277,9 +277,9 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
     costs_path = out / f"costs-rank{env.rank}.jsonl"
     bar = None
     if progress and env.is_main:
-        from tqdm.auto import tqdm
+        from mediator_models.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc=f"sample {config.label} {sampler.describe()}", dynamic_ncols=True)
+        bar = progress_bar(len(todo), f"sample {config.label} {sampler.describe()}")
     for start in range(0, len(todo), batch_size):
         indices = todo[start : start + batch_size]
         began = time.perf_counter()

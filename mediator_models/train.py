@@ -27,18 +27,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mediator_models.data import ImageFolderSource, encode, load_vae, open_source
+from mediator_models.data import ImageFolderSource, LatentPairSource, encode, latent_side, load_vae, open_source
 from mediator_models.network.config import ModelConfig, make_config, parse_name
 from mediator_models.network.dit import DiffusionTransformer
 from mediator_models.sampling.generation import ProcessConfig
 from mediator_models.storage.checkpoints import atomic_save, checkpoint_checksum, read_checkpoint
 from mediator_models.storage.distributed import DistEnv, all_ranks_agree, init_distributed, locked_folder
-from mediator_models.storage.runfolder import atomic_write_json, atomic_write_text, clean_stale_temporaries
+from mediator_models.storage.errors import SettingError
+from mediator_models.storage.runfolder import (
+    atomic_write_json,
+    atomic_write_text,
+    clean_stale_temporaries,
+    missing_folders,
+    remove_if_unused,
+)
 
 # Fields that may change between a run and its resumption: bookkeeping, and the learning rate (the way out
 # of a divergence: resume the last good checkpoint with a lower --lr). Changes are recorded in log.jsonl and
 # in config.json's history.
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "keep_checkpoints", "progress", "out", "lr"}
+
+# What the SiT-only fields are when not given. A DiT model's process is fixed (DDPM, predicting the noise and its
+# variance), so for DiT they stay None: config.json records only what the run uses.
+SIT_DEFAULTS = {"interpolant": "linear", "prediction": "velocity"}
+DEFAULT_IMAGE_SIZE = 16  # digits and ImageFolder trees; a latent cache has its own
 
 # A step whose loss exceeds this multiple of the run's lowest logged loss has left the normal range: the
 # weights that produced it are treated as diverged (a finite loss can still come from exploded weights).
@@ -65,10 +77,10 @@ class TrainConfig:
     mediators: int | None = None
     depthwise_conv: bool | None = None  # the ablations: see ModelConfig.depthwise_conv
     data: str = "digits"  # "digits", an ImageFolder tree, or a latent cache from `attnmed cache-latents`
-    image_size: int = 16
+    image_size: int | None = None  # pixels; None: a latent cache's own size, else DEFAULT_IMAGE_SIZE
     vae: str | None = None  # local AutoencoderKL folder: train on latents of an ImageFolder, encoded on the fly
-    interpolant: str = "linear"  # SiT models
-    prediction: str = "velocity"  # SiT models
+    interpolant: str | None = None  # SiT models only (None: SIT_DEFAULTS)
+    prediction: str | None = None  # SiT models only (None: SIT_DEFAULTS)
     global_batch_size: int = 32
     steps: int = 1500
     lr: float = 1e-4
@@ -87,44 +99,59 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.family == "SiT":
+            for name, default in SIT_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)  # frozen: the defaults recorded as what the run uses
 
     def validate(self) -> None:
-        """Refuse settings that cannot make a run, naming the command-line flag of each."""
+        """Refuse settings that cannot make a run: a `SettingError` naming the field (a front end maps it to
+        its own flag)."""
         at_least_one = {
-            "--steps": self.steps,
-            "--batch-size": self.global_batch_size,
-            "--log-every": self.log_every,
-            "--ckpt-every": self.ckpt_every,
-            "--grad-accum": self.grad_accum,
-            "--image-size": self.image_size,
+            "steps": self.steps,
+            "global_batch_size": self.global_batch_size,
+            "log_every": self.log_every,
+            "ckpt_every": self.ckpt_every,
+            "grad_accum": self.grad_accum,
         }
-        for flag, value in at_least_one.items():
+        if self.image_size is not None:
+            at_least_one["image_size"] = self.image_size
+        for name, value in at_least_one.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{flag} must be a whole number of at least 1, got {value!r}")
+                raise SettingError(name, f"must be a whole number of at least 1, got {value!r}")
         if self.keep_checkpoints is not None and (
             not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1
         ):
-            raise ValueError(
-                f"--keep-checkpoints must be at least 1 (the newest checkpoint is always kept), got "
-                f"{self.keep_checkpoints!r}; omit it to keep the default of 2"
+            raise SettingError(
+                "keep_checkpoints",
+                f"must be at least 1 (the newest checkpoint is always kept), got {self.keep_checkpoints!r}",
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+            raise SettingError("lr", f"must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"--weight-decay must be 0 or positive, got {self.weight_decay!r}")
+            raise SettingError("weight_decay", f"must be 0 or positive, got {self.weight_decay!r}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(
-                f"--ema-decay must lie in [0, 1) (the papers use 0.9999; 0.99 for short runs), got {self.ema_decay!r}"
+            raise SettingError(
+                "ema_decay", f"must lie in [0, 1) (the papers use 0.9999; 0.99 for short runs), got {self.ema_decay!r}"
             )
         if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(
-                f"--class-dropout must lie in [0, 1) (the papers use 0.1), got {self.class_dropout_prob!r}"
+            raise SettingError(
+                "class_dropout_prob", f"must lie in [0, 1) (the papers use 0.1), got {self.class_dropout_prob!r}"
             )
         if self.vae is not None and self.data == "digits":
-            raise ValueError(
-                "--vae encodes an ImageFolder into SD-VAE latents; the digits are trained on as pixels, "
-                "so drop --vae (or pass --data with an ImageFolder tree)"
+            raise SettingError(
+                "vae",
+                "encodes an ImageFolder into SD-VAE latents, but the digits are trained on as pixels: drop the VAE, "
+                "or train on an ImageFolder tree",
             )
+        if self.family == "DiT":
+            for name in SIT_DEFAULTS:
+                if getattr(self, name) is not None:
+                    raise SettingError(
+                        name,
+                        "applies to SiT models only: a DiT model's process is fixed (DDPM, predicting the noise and "
+                        "its variance) and does not read it; leave it unset",
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +159,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        if parse_name(values.get("model", cls.model))[0] == "DiT":
+            known -= set(SIT_DEFAULTS)  # runs from before DiT left them unset recorded SiT's, without effect
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @property
@@ -139,6 +168,8 @@ class TrainConfig:
         return parse_name(self.model)[0]
 
     def process_config(self) -> ProcessConfig:
+        if self.family == "DiT":
+            return ProcessConfig("DiT")
         return ProcessConfig(self.family, self.interpolant, self.prediction)
 
 
@@ -206,11 +237,17 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
 
 def check_resume_config(saved: dict[str, Any], current: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """Refuse to resume a run under a different configuration, naming every field that differs; return the
-    allowed changes (RESUMABLE_CHANGES) as {field: (before, after)}."""
+    allowed changes (RESUMABLE_CHANGES) as {field: (before, after)}.
+
+    Fields that another one fixes are not compared: the SiT-only fields of a DiT run, and the image size of a
+    run on a latent cache (runs from before these were settled recorded a default that had no effect)."""
+    settled = set(SIT_DEFAULTS) if current.family == "DiT" else set()
+    if (Path(current.data) / "meta.json").exists():
+        settled.add("image_size")
     differences = [
         f"{key}: checkpoint has {saved.get(key)!r}, command line has {value!r}"
         for key, value in current.to_dict().items()
-        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value
+        if key not in RESUMABLE_CHANGES | settled and key in saved and saved[key] != value
     ]
     if differences:
         raise ValueError(
@@ -312,15 +349,29 @@ def stop_between_steps():
 # ---- the loop ----------------------------------------------------------------------------------------------
 
 
+def _settle_image_size(cfg: TrainConfig, source) -> TrainConfig:
+    """`cfg` with the image size the run trains at: a latent cache's own (refusing another one asked for), else
+    the one asked for or the default, so that config.json and the checkpoints record the truth."""
+    if isinstance(source, LatentPairSource):
+        if cfg.image_size is not None and cfg.image_size != source.image_size:
+            _, height, width = source.image_shape
+            raise SettingError(
+                "image_size",
+                f"is {cfg.image_size}, but the latent cache {cfg.data} holds latents of {source.image_size} px "
+                f"images ({height}×{width}); leave it unset to train at the cache's size, or cache the images "
+                f"again at {cfg.image_size} px into another folder",
+            )
+        return dataclasses.replace(cfg, image_size=source.image_size)
+    return dataclasses.replace(cfg, image_size=cfg.image_size or DEFAULT_IMAGE_SIZE)
+
+
 def _data_shape(source, cfg: TrainConfig) -> tuple[int, int]:
     """(in_channels, input_size) the model sees for this data."""
     channels, height, _ = source.image_shape
     if cfg.vae is not None:
         if not isinstance(source, ImageFolderSource):
-            raise ValueError("--vae encodes images on the fly; a latent cache is already encoded, drop --vae")
-        if cfg.image_size % 8:
-            raise ValueError(f"image size {cfg.image_size} is not a multiple of 8, as the SD VAE needs")
-        return 4, cfg.image_size // 8
+            raise SettingError("vae", "encodes images on the fly, but a latent cache is already encoded: drop the VAE")
+        return 4, latent_side(cfg.image_size)
     return channels, height
 
 
@@ -342,8 +393,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             f"{cfg.grad_accum} accumulation steps"
         )
     run_dir = Path(cfg.out)
+    created = missing_folders(run_dir) if env.is_main else []
     with locked_folder(run_dir, "attnmed train", env):
-        return _train_locked(cfg, env, run_dir, resume)
+        try:
+            return _train_locked(cfg, env, run_dir, resume)
+        except BaseException:
+            remove_if_unused(created)  # a start refused by a check leaves no empty run folder behind
+            raise
 
 
 def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -> Path:
@@ -352,8 +408,16 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
     existing = checkpoint_paths(run_dir)
     if existing and not resume:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue, or choose another --out")
-    source = open_source(cfg.data, cfg.image_size, cfg.vae)
+    if resume and not existing:
+        raise SettingError(
+            "resume",
+            f"has nothing to continue: {run_dir} holds no checkpoint. Drop it to start a new run in that folder, "
+            "or name the folder of the run to continue",
+        )
+    source = open_source(cfg.data, cfg.image_size or DEFAULT_IMAGE_SIZE, cfg.vae)
+    cfg = _settle_image_size(cfg, source)
     in_channels, input_size = _data_shape(source, cfg)
+    batch_indices(len(source), cfg.global_batch_size, 0, env.rank, env.world_size, cfg.seed)  # refuses too few items
     flip = source.flippable if cfg.flip is None else cfg.flip
     model_config = make_config(
         cfg.model,
@@ -394,9 +458,9 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
     local = cfg.global_batch_size // env.world_size
     bar = None
     if env.is_main and cfg.progress:
-        from tqdm.auto import tqdm
+        from mediator_models.progress import progress_bar
 
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {model_config.label}", dynamic_ncols=True)
+        bar = progress_bar(cfg.steps, f"train {model_config.label}", initial=start)
     model.train()
     step, window_start, window_losses = start, time.perf_counter(), []
     unproven = False  # the newest checkpoint has not yet shown a loss in the normal range

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from analysis.cli import main
 
 
@@ -194,6 +198,41 @@ def test_descending_jsd_thresholds_are_refused(tmp_path, capsys):
     args = ["schedule", COMMITTED_TABLE, "--rule", "jsd", "--counts", "4", "16", "full"]
     assert main([*args, "--thresholds", "0.017", "0.015", "--out", str(tmp_path / "s.json")]) == 2
     assert "must rise strictly" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--rule", "budget"], "--budget-gflops is needed by the budget rule"),
+        (["--tau", "0.5"], "--tau is 0.5, but this table holds energy ranks at τ = 0.9, 0.99 only"),
+        (["--rule", "recovery", "--epsilon", "2"], r"--epsilon is a relative error in \(0, 1\)"),
+        (["--rule", "jsd", "--thresholds", "0.01"], "--thresholds gives 1 JSD thresholds, but 3 counts need 2"),
+    ],
+)
+def test_schedule_settings_that_cannot_work_name_their_flag(tmp_path, capsys, flags, message):
+    """The library names its parameter (SettingError); the command line names the flag that sets it."""
+    import re
+
+    out = tmp_path / "s.json"
+    assert main(["schedule", COMMITTED_TABLE, "--counts", "4", "16", "full", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnmed schedule: error: ") and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_a_table_with_missing_values_is_refused_rather_than_read_as_the_largest_count(tmp_path, capsys):
+    """NaN compares false with every threshold, so a rule reading it would pick the largest count everywhere."""
+    import numpy as np
+    import pandas as pd
+
+    table = pd.read_parquet(COMMITTED_TABLE)
+    table.loc[(table["metric"] == "energy_rank_0.9") & (table["step"] == 3), "mean"] = np.nan
+    damaged = tmp_path / "damaged.parquet"
+    table.to_parquet(damaged)
+    Path(str(damaged) + ".json").write_bytes(Path(COMMITTED_TABLE + ".json").read_bytes())
+    assert main(["schedule", str(damaged), "--counts", "4", "full", "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "energy_rank_0.9 values are missing (NaN)" in err and "at steps [3]" in err
 
 
 def test_a_closed_pipe_ends_the_listing_quietly(monkeypatch):

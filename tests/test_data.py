@@ -100,3 +100,21 @@ def test_latent_cache_holds_each_image_and_its_mirror_and_resumes(tmp_path, tiny
 def test_missing_vae_says_nothing_is_downloaded(tmp_path):
     with pytest.raises(FileNotFoundError, match="downloads nothing"):
         load_vae(str(tmp_path / "no-vae"))
+
+
+def test_a_latent_cache_of_another_configuration_is_refused_never_mixed(tmp_path, tiny_vae_path):
+    from mediator_models.storage.errors import ConfigurationMismatchError, SettingError
+
+    folder = make_folder(tmp_path / "data")
+    vae = load_vae(str(tiny_vae_path))
+    out = cache_latents(ImageFolderSource(folder, 32), vae, tmp_path / "latents", batch_size=3)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ConfigurationMismatchError, match="image_size: .*32.*64|image_size"):
+        cache_latents(ImageFolderSource(folder, 64), vae, out, batch_size=3)
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing added, nothing reported as done
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        cache_latents(ImageFolderSource(folder, 32), vae, tmp_path / "file")
+    with pytest.raises(SettingError, match="not a multiple of 8"):
+        cache_latents(ImageFolderSource(folder, 20), vae, tmp_path / "odd")
+    assert not (tmp_path / "odd").exists()

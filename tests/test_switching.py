@@ -146,7 +146,7 @@ def test_energy_rank_rule_takes_the_smallest_count_that_fits_and_stays_monotone(
 def test_jsd_rule_uses_fewer_mediators_where_queries_attend_alike():
     rule = Rule(kind="jsd", thresholds=(0.1, 0.3))
     assert counts_per_step([0.05, 0.2, 0.5], [4, 16, 64], rule) == [4, 16, 64]
-    with pytest.raises(ValueError, match="3 choices need 2 JSD thresholds"):
+    with pytest.raises(ValueError, match="3 counts need 2"):
         counts_per_step([0.1], [4, 16, 64], Rule(kind="jsd", thresholds=(0.1,)))
     schedule = monotone_intervals([1.0, 0.5, 0.0], [4, 4, 4], "flat")
     assert schedule == MediatorSchedule.constant(4, "flat")

@@ -200,6 +200,44 @@ def test_training_on_cached_latents_and_on_the_fly_vae(tmp_path, tiny_vae_path):
     assert (config["in_channels"], config["input_size"], config["num_classes"]) == (4, 4, 2)
 
 
+def test_a_latent_cache_sets_the_image_size_and_another_one_asked_for_is_refused(tmp_path, tiny_vae_path):
+    from test_data import make_folder
+
+    from mediator_models.data import ImageFolderSource, cache_latents, load_vae
+    from mediator_models.storage.errors import SettingError
+
+    folder = make_folder(tmp_path / "images", sizes=((40, 40),) * 4)
+    cache = cache_latents(ImageFolderSource(folder, 32), load_vae(str(tiny_vae_path)), tmp_path / "latents")
+    run = train(tiny_config(tmp_path / "cached", model="SiT-T/2", data=str(cache), image_size=None, steps=1))
+    assert json.loads((run / "config.json").read_text())["train"]["image_size"] == 32  # what the run trained at
+    with pytest.raises(SettingError, match="holds latents of 32 px images"):
+        train(tiny_config(tmp_path / "wrong", model="SiT-T/2", data=str(cache), image_size=16, steps=1))
+    assert not (tmp_path / "wrong").exists()  # a refused start leaves no empty run folder behind
+
+
+def test_a_dit_run_records_no_sit_process_settings_and_refuses_them(tmp_path, capsys):
+    from analysis.cli import main
+
+    run = train(tiny_config(tmp_path / "dit", model="DiT-T/4", steps=1))
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["interpolant"] is None and saved["prediction"] is None
+    sit = json.loads(train(tiny_config(tmp_path / "sit", steps=1)).joinpath("config.json").read_text())["train"]
+    assert (sit["interpolant"], sit["prediction"]) == ("linear", "velocity")  # the defaults, recorded
+    out = tmp_path / "refused"
+    assert main(["train", "--model", "DiT-T/4", "--prediction", "noise", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "attnmed train: error: --prediction applies to SiT models only" in err and not out.exists()
+
+
+def test_resume_with_nothing_to_continue_is_refused_and_leaves_nothing(tmp_path, capsys):
+    from analysis.cli import main
+
+    out = tmp_path / "new" / "run"
+    assert main(["train", "--resume", "--steps", "1", "--no-progress", "--out", str(out)]) == 2
+    assert "--resume has nothing to continue" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_global_batch_that_does_not_divide_across_ranks_fails_before_work(tmp_path, monkeypatch):
     from mediator_models import train as train_module
 
@@ -345,7 +383,7 @@ BAD_TRAIN_FLAGS = [
     (["--keep-checkpoints", "-1"], "--keep-checkpoints must be at least 1"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
     (["--lr", "-1"], "--lr must be a positive number"),
-    (["--vae", "/models/vae"], "the digits are trained on as pixels, so drop --vae"),
+    (["--vae", "/models/vae"], "--vae encodes an ImageFolder.*the digits are trained on as pixels: drop the VAE"),
 ]
 
 

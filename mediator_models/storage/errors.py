@@ -1,4 +1,5 @@
-"""The errors of the storage layer: each message is one line that names the file or folder and what is wrong.
+"""The errors of the storage layer, and the setting error every layer raises: each message is one line that names
+the file, folder or setting and what is wrong.
 
 They live apart from the modules that raise them so that checkpoints, diffusers weights and run folders can
 share them without importing one another.
@@ -19,3 +20,14 @@ class FolderBusyError(RuntimeError):
 
 class ConfigurationMismatchError(ValueError):
     """A folder holds work of another configuration; the message names every setting that differs."""
+
+
+class SettingError(ValueError):
+    """One setting has a value that cannot work. `setting` names it as the library does (a parameter or field
+    name), so that a front end can name its own flag for it instead; `reason` says what is wrong and how to fix it.
+    """
+
+    def __init__(self, setting: str, reason: str):
+        super().__init__(f"{setting}: {reason}")
+        self.setting = setting
+        self.reason = reason

@@ -109,6 +109,47 @@ def check_writable(folder: str | os.PathLike, flag: str = "--out") -> Path:
     return folder
 
 
+def check_creatable(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """Prove, before any work starts, that `folder` can be written into, without creating it: the folder if
+    it exists, else the nearest folder above it that does. Nothing is left behind when the work is refused."""
+    folder = Path(folder)
+    if folder.exists():
+        return check_writable(folder, flag)
+    parent = next(p for p in folder.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"cannot make {flag} {folder}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        reason = "the file system is read-only" if _read_only(parent) else "permission denied"
+        raise ValueError(f"cannot write into {flag} {folder}: {reason} in {parent}; choose another folder")
+    return folder
+
+
+def _read_only(folder: Path) -> bool:
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first: what creating it would make."""
+    folder = Path(folder).absolute()
+    return [p for p in [folder, *folder.parents] if not p.exists()]
+
+
+def remove_if_unused(created: list[Path], lock_name: str = ".lock") -> None:
+    """Remove the folders of `created` (from `missing_folders`, before the run made them) that the run left
+    holding nothing but its lock, so that a start refused by a check leaves no empty run folder behind. Call it
+    holding the lock: a second run that opens the lock meanwhile keeps its folder (it is no longer empty)."""
+    if not created or not created[0].is_dir():
+        return
+    if {p.name for p in created[0].iterdir()} - {lock_name}:
+        return  # the run wrote something: it stays
+    (created[0] / lock_name).unlink(missing_ok=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (another writer arrived) or not ours to remove
+
+
 class FolderLock:
     """Hold an exclusive lock on a run folder while writing into it; refuse if another process holds it.
 
