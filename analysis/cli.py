@@ -445,7 +445,7 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
 def run_record(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from analysis.collect import CollectionConfig, collect_redundancy, write_table
+    from analysis.collect import CollectionConfig, check_table_target, collect_redundancy, write_table
     from analysis.metrics import ALL_METRICS, CHEAP_METRICS
 
     named = {"cheap": CHEAP_METRICS, "all": ALL_METRICS}
@@ -484,6 +484,16 @@ def run_record(args: argparse.Namespace) -> int:
     env = init_distributed()
     with locked_folder(out.parent, "attnmed record", env, name=f".{out.name}.lock"):  # also refuses an unwritable --out
         loaded, sampler = _load_from_args(args)
+        provenance = {
+            "checkpoint": loaded.source,
+            "weights": loaded.weights,
+            "model": loaded.model.config.to_dict(),
+            "process": loaded.process.to_dict(),
+            "sampler": sampler.to_dict(),
+            "collection": collection.to_dict(),
+            "ranks": env.world_size,
+        }
+        check_table_target(out, provenance)
         state = out.with_name(f".{out.name}.state.pt")
         table = collect_redundancy(
             loaded.model,
@@ -496,19 +506,7 @@ def run_record(args: argparse.Namespace) -> int:
         )
         if table is None:  # another rank of a torchrun job: rank 0 merges and writes
             return 0
-        write_table(
-            table,
-            out,
-            {
-                "checkpoint": loaded.source,
-                "weights": loaded.weights,
-                "model": loaded.model.config.to_dict(),
-                "process": loaded.process.to_dict(),
-                "sampler": sampler.to_dict(),
-                "collection": collection.to_dict(),
-                "ranks": env.world_size,
-            },
-        )
+        write_table(table, out, provenance)
         for leftover in out.parent.glob(f".{out.name}.state.pt*"):
             leftover.unlink(missing_ok=True)
     print(f"wrote {len(table)} rows to {out}")
@@ -717,12 +715,12 @@ def _configure_plot(parser: argparse.ArgumentParser) -> None:
 def run_plot(args: argparse.Namespace) -> int:
     from analysis import plots
     from analysis.collect import read_table
-    from mediator_models.storage.runfolder import check_writable
+    from mediator_models.storage.runfolder import check_creatable
 
     table = read_table(args.table)
     if args.metric not in set(table["metric"]):
         raise ValueError(f"{args.table} has no {args.metric!r} rows; it holds {sorted(set(table['metric']))}")
-    check_writable(args.out)
+    check_creatable(args.out)  # nothing made yet: a table that cannot be drawn leaves no empty folder
     for path in plots.redundancy_figures(table, args.out, args.metric):
         print(path)
     return 0
@@ -872,6 +870,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         configure(commands[name])
     args = parser.parse_args(argv)
+    # A path that is not valid UTF-8 arrives with its bytes escaped; write its bytes back as they came (as Unix tools do) rather than fail on it.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     from mediator_models.storage.checkpoints import CheckpointError
     from mediator_models.storage.errors import SettingError
     from mediator_models.storage.runfolder import FolderBusyError

@@ -24,7 +24,8 @@ from mediator_models.sampling.steps import start_batch
 from mediator_models.sampling.switching import evaluation_levels
 from mediator_models.storage.checkpoints import atomic_save
 from mediator_models.storage.distributed import init_distributed
-from mediator_models.storage.runfolder import atomic_write, atomic_write_json
+from mediator_models.storage.errors import ConfigurationMismatchError, SettingError
+from mediator_models.storage.runfolder import atomic_write, atomic_write_json, differences
 
 COLUMNS = [
     "model",
@@ -90,6 +91,7 @@ def collect_redundancy(
     config = model.config
     device = next(model.parameters()).device
     check_recordable(process, sampler, keep_maps)
+    _refuse_premise_on_other_attention(config, collection.metrics)
     identity = {
         "model": config.to_dict(),
         "process": process.to_dict(),
@@ -243,6 +245,19 @@ def check_recordable(process: ProcessConfig, sampler: SamplerConfig, keep_maps=N
         raise ValueError(f"--keep-maps {wrong}: this sampler evaluates steps 0..{steps - 1} only")
 
 
+def _refuse_premise_on_other_attention(config, metrics) -> None:
+    """The premise measures ask how much of a full-attention map a rank-n one keeps; a mediator map has rank at
+    most n already, so they would read ~1e-9 and say nothing."""
+    premise = [m for m in metrics if m.startswith("recovery_")]
+    if premise and config.attention != "full":
+        raise SettingError(
+            "metrics",
+            f"names premise measures ({', '.join(premise)}), which measure full attention only; {config.label} "
+            "has another kind, whose maps are low-rank by construction: record them on a full-attention model, "
+            "or drop them",
+        )
+
+
 def _load_state(state_path, identity) -> dict | None:
     if state_path is None or not Path(state_path).exists():
         return None
@@ -252,6 +267,33 @@ def _load_state(state_path, identity) -> dict | None:
             f"{state_path} holds a collection with another configuration; delete it or choose another path"
         )
     return state
+
+
+# Provenance that says how a table was computed, not what it holds (a table from 2 ranks equals the 1-rank one).
+HOW_RECORDED = ("ranks",)
+
+
+def check_table_target(path: str | Path, provenance: dict[str, Any]) -> None:
+    """Refuse, before any recording, to replace a table of another configuration (or of unknown provenance):
+    a record over an existing table may only remake the same table."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; name the table file, e.g. {path / 'redundancy.parquet'}")
+    if not path.exists():
+        return
+    fix = f"name another --out, or delete {path} and {path.name}.json to record it again"
+    sidecar = path.with_name(path.name + ".json")
+    try:
+        saved = json.loads(sidecar.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise ConfigurationMismatchError(
+            f"{path} exists without a readable {sidecar.name}, so nothing says what it holds; {fix}"
+        ) from None
+    lines = differences(saved, provenance, ignore=HOW_RECORDED)
+    if lines:
+        raise ConfigurationMismatchError(
+            f"{path} holds a table of another configuration:\n  " + "\n  ".join(lines) + f"\n{fix}"
+        )
 
 
 def write_table(table: pd.DataFrame, path: str | Path, provenance: dict[str, Any]) -> Path:
@@ -286,8 +328,40 @@ def table_model(path: str | Path):
     raise ValueError(f"{sidecar} names no model (neither 'model' nor a study's 'model' and 'image_size')")
 
 
+def refuse_missing_values(rows: pd.DataFrame, metric: str, use: str = "read by a schedule rule") -> None:
+    """Refuse rows whose values are missing (NaN): a rule comparing them is false everywhere and silently picks
+    the largest count; a figure of them is empty."""
+    missing = rows[rows["mean"].isna()]
+    if not missing.empty:
+        steps = sorted(set(missing["step"].tolist()))
+        raise ValueError(
+            f"the table's {metric} values are missing (NaN) in {len(missing)} of {len(rows)} rows, at steps "
+            f"{steps[:8]}{' …' if len(steps) > 8 else ''}; they cannot be {use}: record the table again"
+        )
+
+
+# What every reader of a table relies on (model_time and count came later and are not required).
+REQUIRED_COLUMNS = [c for c in COLUMNS if c not in ("model_time", "count")]
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
+    """A redundancy table from `attnmed record` or a study, refusing with the file's name what is none."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no redundancy table at {path}; collect one with `attnmed record`")
-    return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name the table file in it (`attnmed record --out` wrote a .parquet)")
+    # Through a Python file object: pyarrow cannot encode a path that is not valid UTF-8; Python keeps its bytes.
+    try:
+        with open(path, "rb") as handle:
+            table = pd.read_csv(handle) if path.suffix == ".csv" else pd.read_parquet(handle)
+    except (OSError, ValueError, UnicodeDecodeError) as error:  # pyarrow's errors are ValueErrors (ArrowInvalid)
+        kind = "CSV" if path.suffix == ".csv" else "parquet"
+        raise ValueError(f"{path} is not a readable {kind} table ({type(error).__name__}: {error})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{path} is not a redundancy table: it lacks the columns {missing}; tables come from `attnmed record` "
+            "or a study's figures/data"
+        )
+    return table

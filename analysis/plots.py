@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from analysis.collect import refuse_missing_values  # noqa: E402
 from mediator_models.sampling.switching import MediatorSchedule, count_label  # noqa: E402
 from mediator_models.storage.runfolder import atomic_write  # noqa: E402
 
@@ -54,7 +55,22 @@ def _head_average(table: pd.DataFrame, metric: str, branch: str | None = None) -
         rows = rows[rows["branch"] == branch]
     if rows.empty:
         raise ValueError(f"no head-averaged rows for {metric!r} in the table")
+    refuse_missing_values(rows, metric, "drawn")  # NaN cells would draw as an empty figure
     return rows
+
+
+# What a low or high value of each score means for redundancy, for the heat maps' titles.
+REDUNDANT_WHEN = {"jsd": "low", "cosine": "high", **{m: "low" for m in METRIC_LABELS if "rank" in m}}
+
+
+def heatmap_title(name: str, attention: str, metric: str) -> str:
+    """ "SiT-S/2 full attention: JSD between queries per layer and step (low = redundant; …)"."""
+    if metric == "jsd":
+        what = "JSD between queries" if attention == "full" else "JSD of the product map"
+    else:
+        what = METRIC_LABELS.get(metric, metric) + ("" if attention == "full" else " of the product map")
+    reading = f"{REDUNDANT_WHEN[metric]} = redundant; " if metric in REDUNDANT_WHEN else ""
+    return f"{name}: {what} per layer and step ({reading}shared colour scale)"
 
 
 def redundancy_heatmap(
@@ -91,7 +107,10 @@ def redundancy_curves(table: pd.DataFrame, metric: str = "jsd", title: str = "",
     ax.text(0.29, 0.02, "late band (≤ 0.3)", transform=ax.get_xaxis_transform(), fontsize=7, va="bottom")
     for colour, layer in zip(palette, layers):
         part = rows[rows["layer"] == layer].groupby("noise_level")[["mean", "std"]].mean().sort_index()
-        ax.plot(part.index, part["mean"], color=colour, label=f"layer {layer}")
+        few = len(part) < 3  # a line through one point draws nothing: mark the points
+        ax.plot(part.index, part["mean"], color=colour, label=f"layer {layer}", marker="o" if few else None)
+        if few:
+            ax.errorbar(part.index, part["mean"], yerr=part["std"], color=colour, fmt="none", capsize=3)
         ax.fill_between(
             part.index,
             part["mean"] - part["std"],
@@ -335,16 +354,9 @@ def redundancy_figures(table: pd.DataFrame, out_dir: str | Path, metric: str = "
     written = []
     for (model, attention, mediators), part in table.groupby(["model", "attention", "mediators"]):
         label = network_label(attention, mediators)
-        what = "JSD between queries" if attention == "full" else "JSD of the product map"
         name = f"{model} {'full attention' if attention == 'full' else f'mediators n={int(mediators)}'}"
         path = out_dir / f"redundancy_heatmap_{label}"
-        redundancy_heatmap(
-            part,
-            metric,
-            f"{name}: {what} per layer and step (low = redundant; shared colour scale)",
-            path,
-            limits=limits,
-        )
+        redundancy_heatmap(part, metric, heatmap_title(name, attention, metric), path, limits=limits)
         written.append(path.with_suffix(".png"))
         if attention == "full":
             path = out_dir / f"redundancy_curves_{label}"

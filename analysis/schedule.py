@@ -17,6 +17,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from analysis.collect import refuse_missing_values
 from mediator_models.network.flops import config_gmacs
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
 from mediator_models.sampling.steps import start_batch
@@ -40,7 +41,7 @@ def per_step_statistic(
         rows = rows[rows["branch"] == branch]
     if rows.empty:
         raise ValueError(f"the table has no rows for metric {metric!r}; {_how_to_record(table, metric)}")
-    _refuse_missing_values(rows, metric)
+    refuse_missing_values(rows, metric)
     grouped = rows.groupby(["step", "noise_level"])["mean"]
     if aggregate == "mean":
         values = grouped.mean()
@@ -67,18 +68,6 @@ def _refuse_unrecorded_tau(table: pd.DataFrame, rule: Rule) -> None:
     taus = sorted(m.removeprefix("energy_rank_") for m in set(table["metric"]) if m.startswith("energy_rank_"))
     if rule.kind == "energy_rank" and taus and rule.metric not in set(table["metric"]):
         raise SettingError("tau", f"is {rule.tau:g}, but this table holds energy ranks at τ = {', '.join(taus)} only")
-
-
-def _refuse_missing_values(rows: pd.DataFrame, metric: str) -> None:
-    """A rule that reads NaN compares false everywhere and silently picks the largest count: refuse instead."""
-    missing = rows[rows["mean"].isna()]
-    if not missing.empty:
-        steps = sorted(set(missing["step"].tolist()))
-        raise ValueError(
-            f"the table's {metric} values are missing (NaN) in {len(missing)} of {len(rows)} rows, at steps "
-            f"{steps[:8]}{' …' if len(steps) > 8 else ''}; a schedule cannot be derived from them: record the "
-            "table again, or choose another rule"
-        )
 
 
 @dataclass(frozen=True)
@@ -179,7 +168,7 @@ def recovery_curve(table: pd.DataFrame, kind: str = "rank") -> pd.DataFrame:
             f"the table has no {prefix}N rows; record a full-attention model with the premise measures "
             f"(`attnmed record --metrics cheap,{prefix}4,{prefix}16` or a study with premise=True)"
         )
-    _refuse_missing_values(rows, f"{prefix}N")
+    refuse_missing_values(rows, f"{prefix}N")
     curve = rows.assign(mediators=rows["metric"].str.removeprefix(prefix).astype(int), error=rows["mean"])
     curve = curve[["step", "noise_level", "layer", "mediators", "error"]]
     return curve.sort_values(["noise_level", "layer", "mediators"], ascending=[False, True, True], ignore_index=True)

@@ -246,3 +246,118 @@ def test_a_closed_pipe_ends_the_listing_quietly(monkeypatch):
     monkeypatch.setattr(sys, "stdout", closed)
     assert main(["models", "--small"]) == 0
     closed.close()
+
+
+def test_record_never_replaces_a_table_of_another_configuration(tmp_path, capsys):
+    table = _recorded_table(tmp_path)  # 6 steps, all metrics
+    before = table.read_bytes()
+    again = ["record", "--ckpt", str(tmp_path / "sit.pt"), "--model", "SiT-T/2", "--input-size", "8"]
+    again += ["--samples", "2", "--batch-size", "2", "--metrics", "all", "--out", str(table)]
+    assert main([*again, "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a table of another configuration" in err and "sampler:" in err and "name another --out" in err
+    assert table.read_bytes() == before
+    assert main([*again, "--steps", "6"]) == 0  # the same configuration remakes the same table
+    Path(str(table) + ".json").unlink()
+    assert main([*again, "--steps", "6"]) == 2
+    assert "exists without a readable" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*.lock"))  # no lock file left beside the table
+
+
+def test_premise_measures_on_a_mediator_model_are_refused(tmp_path, capsys):
+    import torch
+
+    from mediator_models import build_model
+
+    checkpoint = tmp_path / "med.pt"
+    torch.save(build_model("SiT-T/2", input_size=8, attention="mediator", mediators=4).state_dict(), checkpoint)
+    args = ["record", "--ckpt", str(checkpoint), "--model", "SiT-T/2", "--input-size", "8", "--attention"]
+    args += ["mediator", "--mediators", "4", "--steps", "2", "--samples", "1", "--batch-size", "1"]
+    assert main([*args, "--metrics", "cheap,recovery_rank_4", "--out", str(tmp_path / "t.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "--metrics names premise measures (recovery_rank_4), which measure full attention only" in err
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_tables_that_are_no_tables_are_refused_naming_the_file(tmp_path, capsys):
+    import pandas as pd
+
+    pd.DataFrame({"step": [0], "value": [1.0]}).to_parquet(tmp_path / "other.parquet")
+    (tmp_path / "text.parquet").write_text("not parquet")
+    for command in (
+        ["schedule", "--counts", "4", "full", "--out", str(tmp_path / "s.json")],
+        ["plot", "--out", str(tmp_path / "f")],
+    ):
+        name, *rest = command
+        assert main([name, str(tmp_path), *rest]) == 2
+        assert f"{tmp_path} is a folder; name the table file in it" in capsys.readouterr().err
+        assert main([name, str(tmp_path / "other.parquet"), *rest]) == 2
+        err = capsys.readouterr().err
+        assert "other.parquet is not a redundancy table: it lacks the columns ['model', 'attention'" in err
+        assert main([name, str(tmp_path / "text.parquet"), *rest]) == 2
+        assert "text.parquet is not a readable parquet table" in capsys.readouterr().err
+
+
+def test_paths_that_are_not_utf8_are_read_and_written(tmp_path):
+    """A file name's bytes need not be UTF-8 on Linux; Python carries them escaped, pyarrow cannot take them. In a
+    subprocess, as a user runs it: the printed paths are those bytes again."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    table = tmp_path / os.fsdecode(b"t\xff.parquet")
+    shutil.copy(COMMITTED_TABLE, table)
+    shutil.copy(COMMITTED_TABLE + ".json", str(table) + ".json")
+    schedule, figures = tmp_path / os.fsdecode(b"s\xfe.json"), tmp_path / os.fsdecode(b"f\xfd")
+    for args in (["schedule", str(table), "--counts", "4", "full", "--out", str(schedule)], ["plot", str(table)]):
+        run = subprocess.run(
+            [sys.executable, "-m", "analysis.cli", *args, "--out", str(figures)][: None if args[0] == "plot" else -2],
+            capture_output=True,
+            env={**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+        )
+        assert run.returncode == 0, run.stderr.decode(errors="replace")
+        assert os.fsencode(str(schedule if args[0] == "schedule" else figures)) in run.stdout
+    assert schedule.exists() and len(list(figures.glob("*.png"))) == 5  # a heat map per network, two more
+
+
+def test_plot_titles_name_the_metric_drawn_and_refuse_what_cannot_be_drawn(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    from analysis import plots
+
+    titles = {}
+    real_save = plots.save
+
+    def keep_title(fig, path):
+        titles[Path(path).name] = fig.axes[0].get_title()
+        real_save(fig, path)
+
+    monkeypatch.setattr(plots, "save", keep_title)
+    assert main(["plot", COMMITTED_TABLE, "--metric", "energy_rank_0.9", "--out", str(tmp_path / "f")]) == 0
+    assert titles["redundancy_heatmap_full"].endswith(
+        "full attention: energy rank (τ = 0.9) per layer and step (low = redundant; shared colour scale)"
+    )
+    assert "energy rank (τ = 0.9) of the product map" in titles["redundancy_heatmap_med16"]
+    assert not any("JSD" in t for name, t in titles.items() if name.startswith("redundancy_heatmap"))
+
+    table = pd.read_parquet(COMMITTED_TABLE)
+    table.loc[table["metric"] == "jsd", "mean"] = np.nan
+    nan_table = tmp_path / "nan.parquet"
+    table.to_parquet(nan_table)
+    assert main(["plot", str(nan_table), "--out", str(tmp_path / "g")]) == 2
+    assert "jsd values are missing (NaN)" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_one_step_table_draws_its_points():
+    import pandas as pd
+
+    from analysis.plots import redundancy_curves
+
+    table = pd.read_parquet(COMMITTED_TABLE)
+    one_step = table[(table["step"] == 0) & (table["attention"] == "full")]
+    fig = redundancy_curves(one_step, "jsd")
+    lines = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("layer")]
+    assert lines and all(line.get_marker() == "o" and len(line.get_xdata()) == 1 for line in lines)

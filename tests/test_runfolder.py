@@ -114,3 +114,28 @@ def test_lock_holder_is_described_for_the_refused_run(tmp_path):
     with FolderLock(tmp_path, "attnmed train"):
         text = (tmp_path / ".lock").read_text()
     assert text.startswith("attnmed train, pid ") and time.strftime("%Y-") in text
+
+
+def test_a_released_lock_leaves_no_file_and_a_lock_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
+    from mediator_models.storage import runfolder
+
+    with FolderLock(tmp_path, "attnmed record", name=".table.parquet.lock"):
+        assert (tmp_path / ".table.parquet.lock").exists()
+    assert list(tmp_path.iterdir()) == []  # `record` leaves no .TABLE.lock beside each table
+    # A second run that opened the file just before the first removed it holds a lock on an unlinked file:
+    # it must notice, and lock the file that is there now, or two runs would hold "the" lock at once.
+    real_open, opened = os.open, []
+
+    def open_then_lose_the_race(path, *args):
+        fd = real_open(path, *args)
+        if str(path).endswith(".lock"):
+            if not opened:
+                os.unlink(path)  # the first holder releases between our open and our flock
+            opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(runfolder.os, "open", open_then_lose_the_race)
+    lock = FolderLock(tmp_path, "attnmed record").acquire()
+    assert len(opened) == 2 and (tmp_path / ".lock").exists()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()

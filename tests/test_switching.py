@@ -282,3 +282,14 @@ def test_guided_channels_without_guidance_are_accepted_as_inactive():
     assert len(evaluation_levels(ProcessConfig("SiT"), guided)) == 3
     with pytest.raises(ValueError, match="guided-channels must lie in 1..4"):
         SamplerConfig(kind="sde", steps=3, guided_channels=5).check("SiT", in_channels=4)
+
+
+def test_a_table_given_as_a_schedule_is_named_as_such(tmp_path):
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[1] / "figures/data/redundancy.parquet"
+    with pytest.raises(ValueError, match="redundancy.parquet is not a schedule JSON .*it is a redundancy table"):
+        MediatorSchedule.load(committed)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json is not a schedule JSON .*holds no object"):
+        MediatorSchedule.load(tmp_path / "list.json")

@@ -158,9 +158,16 @@ class MediatorSchedule:
         if not path.is_file():
             raise FileNotFoundError(f"no schedule file at {path}")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"schedule {path} is not valid JSON: {error}") from None
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            hint = (
+                "; it is a redundancy table: derive a schedule from it with `attnmed schedule TABLE --out FILE.json`"
+                if path.suffix in (".parquet", ".csv")
+                else ""
+            )
+            raise ValueError(f"{path} is not a schedule JSON (from `attnmed schedule`): {error}{hint}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a schedule JSON (from `attnmed schedule`): it holds no object")
         try:
             return cls.from_dict(data)
         except ValueError as error:

@@ -9,7 +9,8 @@ Every writer of a run folder (training, sampling, recording, the reproduction) f
         ... atomic_write(...) ...
 
 The lock is an advisory `flock` on `out/.lock`: the kernel releases it when its holder exits, however it
-exits (kill -9 included), so a dead run never blocks the next one. It works on local file systems and on most
+exits (kill -9 included), so a dead run never blocks the next one. A run that ends removes the file (a killed
+one leaves it, harmless: only a held lock refuses). It works on local file systems and on most
 cluster file systems that support flock; on one that does not, two runs are refused only by their identity.
 """
 
@@ -167,16 +168,22 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         check_writable(self.folder, self.flag)
         path = self.folder / self.name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise FolderBusyError(
+                    f"{self.folder} is in use by another run ({holder}); wait for it to finish, or use another "
+                    f"{self.flag}. Two runs never share one folder."
+                ) from None
+            # The holder we waited on removes the file as it releases it: a lock on that unlinked file guards
+            # nothing, so take the lock again on the file that is there now.
+            if _same_file(fd, path):
+                break
             os.close(fd)
-            raise FolderBusyError(
-                f"{self.folder} is in use by another run ({holder}); wait for it to finish, or use another "
-                f"{self.flag}. Two runs never share one folder."
-            ) from None
         holder = f"{self.what}, pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
@@ -184,7 +191,12 @@ class FolderLock:
         return self
 
     def release(self) -> None:
+        """Unlock and remove the lock file (still holding the lock, so no one is between its check and ours): a
+        finished run leaves no lock behind."""
         if self._fd is not None:
+            path = self.folder / self.name
+            if _same_file(self._fd, path):
+                path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -194,6 +206,13 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
