@@ -527,13 +527,42 @@ def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
         raise FileNotFoundError(
             f"{folder} is not a local diffusers pipeline folder (no model_index.json); nothing is downloaded"
         )
+    import diffusers
     from diffusers import DiffusionPipeline
 
+    from mediator_models.storage.errors import SettingError
+
+    index = json.loads((folder / "model_index.json").read_text())
+    kind = index.get("_class_name", "pipeline")
+    if not (index.get("transformer") or [None])[0]:
+        raise ValueError(
+            f"{folder} holds a {kind}, which has no transformer; the recorder reads DiT-like pipelines "
+            "(DiTPipeline, PixArt, SD3, Flux)"
+        )
+    # What the pipeline's call takes, known before loading it (collect_redundancy_diffusers checks it again).
+    pipeline_class = getattr(diffusers, kind, None)
+    accepted = inspect.signature(pipeline_class.__call__).parameters if pipeline_class else None
+    if accepted is not None and "class_labels" in accepted:
+        for setting in ("prompt", "embeddings"):
+            if getattr(args, setting):
+                raise SettingError(
+                    setting,
+                    f"is for text pipelines; {folder} holds a {kind}, which is class-conditional: drop --{setting} "
+                    "and choose the classes with --classes",
+                )
+    if args.size and accepted is not None and "height" not in accepted:
+        transformer = folder / "transformer" / "config.json"
+        latents = json.loads(transformer.read_text()).get("sample_size") if transformer.exists() else None
+        sized = f" ({latents}×{latents} latents)" if latents else ""
+        raise SettingError(
+            "size",
+            f"{args.size}: a {kind} takes no image size; it samples at its transformer's sample_size{sized}: "
+            "drop --size",
+        )
     embeddings = _read_embeddings(args.embeddings) if args.embeddings else None
     options = {"height": args.size, "width": args.size} if args.size else {}
     with FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock"):  # also refuses an unwritable --out
         # Components saved as absent (text encoders left out to be replaced by --embeddings) load as None.
-        index = json.loads((folder / "model_index.json").read_text())
         absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
         pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **absent)
         pipeline.set_progress_bar_config(disable=True)

@@ -171,7 +171,20 @@ def collect_redundancy_diffusers(
     from mediator_models.sampling.steps import sample_label, sample_seed
 
     name = type(pipeline).__name__.removesuffix("Pipeline")
-    text = "class_labels" not in inspect.signature(pipeline.__call__).parameters  # DiT takes labels, the rest prompts
+    if getattr(pipeline, "transformer", None) is None:
+        raise ValueError(
+            f"a {type(pipeline).__name__} has no transformer; the recorder reads DiT-like pipelines (DiTPipeline, "
+            "PixArt, SD3, Flux)"
+        )
+    accepted = inspect.signature(pipeline.__call__).parameters
+    text = "class_labels" not in accepted  # DiT takes labels, the rest prompts
+    unknown = [option for option in pipeline_options if option not in accepted]
+    if unknown:
+        raise ValueError(f"{type(pipeline).__name__} takes no {', '.join(unknown)}; leave them out")
+    if not text and (prompts or embeddings):
+        raise ValueError(
+            f"{name} is class-conditional: it takes class labels (--classes), not prompts or text embeddings"
+        )
     if text and not prompts and not embeddings:
         raise ValueError(f"{name} is conditioned on text: pass --prompt (one or more), or precomputed embeddings")
     if prompts and embeddings:

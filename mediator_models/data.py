@@ -165,18 +165,30 @@ class ImageFolderSource:
 
 
 def load_vae(name_or_path: str, device: torch.device | str = "cpu"):
-    """A diffusers AutoencoderKL from a local folder or a hub id (hub ids need the network or a warm cache)."""
+    """A diffusers AutoencoderKL from a local folder or a hub id (hub ids need the network or a warm cache); a
+    folder holding another kind of model (a UNet, a transformer) is refused, naming the class it holds."""
     try:
         from diffusers.models import AutoencoderKL
     except ImportError as error:  # pragma: no cover - diffusers is in requirements.txt
         raise ImportError("latent training needs diffusers: pip install diffusers") from error
     try:
-        vae = AutoencoderKL.from_pretrained(name_or_path)
+        found = AutoencoderKL.load_config(name_or_path).get("_class_name")
+        vae = None
+        if found in (None, "AutoencoderKL"):
+            vae = AutoencoderKL.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
             f"could not load the VAE {name_or_path!r} ({error}). Pass a local folder holding config.json and the "
             "weights (e.g. a downloaded stabilityai/sd-vae-ft-ema); this machine downloads nothing."
         ) from error
+    if vae is None:  # from_pretrained would build an AutoencoderKL from a UNet's config and fail only when encoding
+        pipeline = (Path(name_or_path).parent / "model_index.json").exists()
+        hint = f" (this is a pipeline's {Path(name_or_path).name}/ folder: pass its vae/ folder)" if pipeline else ""
+        raise SettingError(
+            "vae",
+            f"{name_or_path} holds a {found} (its config.json), not a VAE: pass an AutoencoderKL folder, e.g. a "
+            f"downloaded stabilityai/sd-vae-ft-ema or a pipeline's vae/ folder{hint}",
+        )
     return vae.to(device).eval().requires_grad_(False)
 
 

@@ -131,7 +131,7 @@ def test_a_diffusers_state_dict_loads_into_a_matching_dit_and_a_mismatch_is_name
         load_checkpoint(build_model("DiT-T/4", input_size=8, num_classes=10), state)
 
 
-def test_sample_command_takes_a_diffusers_folder(tmp_path, saved):
+def test_sample_command_takes_a_diffusers_folder(tmp_path, saved, tiny_vae_path):
     import json
 
     from analysis.cli import main
@@ -143,6 +143,8 @@ def test_sample_command_takes_a_diffusers_folder(tmp_path, saved):
                 "sample",
                 "--ckpt",
                 str(saved.parent),
+                "--vae",  # a bare transformer folder brings no VAE: its 4-channel latents need one
+                str(tiny_vae_path),
                 "--numerics",
                 "diffusers",
                 "--steps",
@@ -667,3 +669,197 @@ def test_keep_maps_with_a_diffusers_pipeline_is_refused_not_ignored(tmp_path, ca
     args = ["record", "--diffusers", str(tmp_path), "--keep-maps", "0:0", "--out", str(tmp_path / "t.parquet")]
     assert main(args) == 2
     assert "drop --keep-maps" in capsys.readouterr().err and not (tmp_path / "t.parquet").exists()
+
+
+# ---- what the recorder refuses, and pipelines it cannot read -----------------------------------------------
+
+
+class OneLayer(torch.nn.Module):
+    """The smallest model the recorder recognises: one diffusers self-attention layer named `attn1`."""
+
+    def __init__(self, **options):
+        from diffusers.models.attention_processor import Attention
+
+        super().__init__()
+        self.attn1 = Attention(32, heads=2, dim_head=16, **options)
+        randomised(self)
+
+
+def recorded_maps(model, x, **call):
+    from mediator_models.recording.diffusers import attach
+
+    seen = []
+    detach = attach(model, lambda layer: lambda maps: seen.append(maps.full))
+    try:
+        with torch.no_grad():
+            output = model.attn1(x, **call)
+    finally:
+        detach()
+    return seen, output
+
+
+def diffusers_probabilities(attn, x, norms: bool) -> torch.Tensor:
+    """The attention probabilities diffusers itself computes (Attention.get_attention_scores, with attn.scale)."""
+    with torch.no_grad():
+        query, key = attn.head_to_batch_dim(attn.to_q(x)), attn.head_to_batch_dim(attn.to_k(x))
+        if norms and attn.norm_q is not None:  # AttnProcessor2_0 normalises per head; AttnProcessor does not
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        return attn.get_attention_scores(query, key).view(len(x), attn.heads, x.shape[1], x.shape[1])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"scale_qk": False}, {"scale_qk": False, "qk_norm": "layer_norm"}, {}, {"qk_norm": "layer_norm"}],
+    ids=["unscaled", "unscaled-with-qk-norm", "scaled", "scaled-with-qk-norm"],
+)
+def test_recorded_maps_equal_diffusers_own_attention_probabilities_with_the_layers_scale(options):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    model = OneLayer(**options)
+    attn = model.attn1
+    assert type(attn.processor) is (AttnProcessor2_0 if attn.scale_qk else AttnProcessor)  # as diffusers picks
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        plain = attn(x)
+    seen, recorded = recorded_maps(model, x)
+    torch.testing.assert_close(recorded, plain, atol=0, rtol=0)
+    expected = diffusers_probabilities(attn, x, norms=attn.scale_qk)
+    assert len(seen) == 1 and seen[0].shape == (2, 2, 10, 10)
+    torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)
+
+
+class Unrecognised:
+    """A custom processor: its own computation, which the recorder cannot know."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return hidden_states
+
+
+@pytest.mark.parametrize(
+    "options, refusal",
+    [
+        ({"norm_num_groups": 4}, r"attn1 has a group_norm \(norm_num_groups=4\)"),
+        ({"spatial_norm_dim": 8}, r"attn1 has a spatial_norm \(spatial_norm_dim\)"),
+        ({"processor": Unrecognised()}, r"attn1 uses Unrecognised, which the recorder does not reproduce"),
+    ],
+    ids=["group-norm", "spatial-norm", "other-processor"],
+)
+def test_a_layer_whose_maps_the_recorder_cannot_reproduce_is_refused_naming_layer_and_setting(options, refusal):
+    from mediator_models.recording.diffusers import attach
+
+    model = OneLayer(**options)
+    with pytest.raises(ValueError, match=refusal):
+        attach(model, lambda layer: lambda maps: None)
+    assert type(model.attn1.processor).__name__ != "RecordingProcessor"
+
+
+def test_call_time_inputs_the_maps_would_not_reproduce_are_refused_before_the_layer_runs():
+    model = OneLayer()
+    x = torch.randn(2, 10, 32)
+    with pytest.raises(ValueError, match="attn1 was called with an attention_mask"):
+        recorded_maps(model, x, attention_mask=torch.zeros(2, 1, 10))
+    with pytest.raises(ValueError, match="attn1 was called with encoder_hidden_states"):
+        recorded_maps(model, x, encoder_hidden_states=torch.randn(2, 4, 32))
+    seen, _ = recorded_maps(model, x, attention_mask=None)  # no mask: recorded as before
+    assert len(seen) == 1
+
+
+@pytest.fixture(scope="module")
+def ddpm_pipeline_folder(tmp_path_factory):
+    """A tiny DDPMPipeline (a UNet, no transformer) saved locally."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 8),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    folder = tmp_path_factory.mktemp("pipeline") / "ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("prompt", [[], ["--prompt", "a fox"]], ids=["no-prompt", "prompt"])
+def test_recording_a_pipeline_without_a_transformer_is_refused_up_front(tmp_path, ddpm_pipeline_folder, prompt, capsys):
+    from analysis.cli import main
+
+    out = tmp_path / "t.parquet"
+    assert main(["record", "--diffusers", str(ddpm_pipeline_folder), *prompt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{ddpm_pipeline_folder} holds a DDPMPipeline, which has no transformer" in err
+    assert "DiTPipeline" in err and "conditioned on text" not in err and not out.exists()
+
+
+def test_collecting_from_a_pipeline_without_a_transformer_is_refused(ddpm_pipeline_folder):
+    from diffusers import DiffusionPipeline
+
+    from analysis.collect import CollectionConfig, collect_redundancy_diffusers
+
+    pipeline = DiffusionPipeline.from_pretrained(str(ddpm_pipeline_folder), local_files_only=True)
+    with pytest.raises(ValueError, match="a DDPMPipeline has no transformer"):
+        collect_redundancy_diffusers(pipeline, CollectionConfig(samples=1), steps=1, prompts=["a fox"], progress=False)
+
+
+def test_sampling_a_pipeline_folder_without_a_transformer_names_its_class(tmp_path, ddpm_pipeline_folder, capsys):
+    from analysis.cli import main
+
+    args = ["sample", "--ckpt", str(ddpm_pipeline_folder), "--steps", "1", "--num-samples", "1"]
+    assert main([*args, "--out", str(tmp_path / "samples")]) == 2
+    err = capsys.readouterr().err
+    assert "is a diffusers DDPMPipeline folder (scheduler, unet), which has no transformer" in err
+    assert "not a diffusers model folder" not in err
+
+
+def test_a_vae_folder_holding_another_model_is_refused_naming_its_class(tmp_path, ddpm_pipeline_folder, capsys):
+    from PIL import Image
+
+    from analysis.cli import main
+    from mediator_models.data import load_vae
+    from mediator_models.storage.errors import SettingError
+
+    unet = ddpm_pipeline_folder / "unet"
+    with pytest.raises(SettingError, match="holds a UNet2DModel .*not a VAE: pass an AutoencoderKL folder") as error:
+        load_vae(str(unet))
+    assert error.value.setting == "vae" and "pass its vae/ folder" in error.value.reason
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a" / "0.png")
+    args = ["cache-latents", "--data", str(tmp_path / "images"), "--image-size", "32", "--vae", str(unet)]
+    assert main([*args, "--no-progress", "--out", str(tmp_path / "latents")]) == 2
+    assert f"--vae {unet} holds a UNet2DModel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, refusal",
+    [
+        (["--size", "32"], "--size 32: a DiTPipeline takes no image size; it samples at its transformer's sample_size"),
+        (["--prompt", "x"], "--prompt is for text pipelines; {folder} holds a DiTPipeline, which is class-conditional"),
+    ],
+    ids=["size", "prompt"],
+)
+def test_text_pipeline_flags_given_for_a_class_conditional_dit_pipeline_are_refused(
+    tmp_path, dit_pipeline_folder, flags, refusal, capsys
+):
+    from analysis.cli import main
+
+    out = tmp_path / "t.parquet"
+    assert main(["record", "--diffusers", str(dit_pipeline_folder), *flags, "--steps", "1", "--out", str(out)]) == 2
+    assert refusal.format(folder=dit_pipeline_folder) in capsys.readouterr().err and not out.exists()
+
+
+def test_collecting_from_a_dit_pipeline_refuses_prompts_and_options_it_does_not_take(dit_pipeline_folder):
+    from diffusers import DiffusionPipeline
+
+    from analysis.collect import CollectionConfig, collect_redundancy_diffusers
+
+    pipeline = DiffusionPipeline.from_pretrained(str(dit_pipeline_folder), local_files_only=True)
+    collection = CollectionConfig(samples=1)
+    with pytest.raises(ValueError, match="DiT is class-conditional"):
+        collect_redundancy_diffusers(pipeline, collection, steps=1, prompts=["x"], progress=False)
+    with pytest.raises(ValueError, match="DiTPipeline takes no height, width"):
+        collect_redundancy_diffusers(pipeline, collection, steps=1, height=32, width=32, progress=False)

@@ -2,20 +2,33 @@
 layer's own processor (outputs bit for bit unchanged) and computes its post-softmax maps beside it.
 
 Which maps are recorded:
-- DiT and PixArt blocks: the self-attention (`attn1`), softmax(q·kᵀ/√d) over the image tokens, exactly as
-  diffusers' AttnProcessor2_0 computes it (its scaled_dot_product_attention scales by 1/√head_dim; query and
-  key norms are applied when the layer has them). PixArt's cross-attention to the text (`attn2`) is not recorded:
-  it is not a query–key interaction among image tokens, the thing mediators replace.
-- SD3 joint attention (`attn` of each JointTransformerBlock): one softmax over image and text keys together. The
-  recorded map is its image→image block, renormalised per row: query i's distribution over image keys given that
-  it attends to the image (the image–image interaction mediators would replace; the text block has its own size
-  and meaning).
-- Flux: the double-stream blocks' joint attention over [text, image] tokens and the single-stream blocks'
-  attention over the same concatenated sequence, both with rotary position embeddings applied to queries and keys
-  as diffusers' FluxAttnProcessor applies them (its own projection helper and `apply_rotary_emb`). The recorded map
-  is again the image→image block, renormalised per row; the single-stream blocks learn where the image starts from
-  the transformer's input (its number of image tokens), since their attention sees one undivided sequence.
-Other attention layers are not recognised and are refused.
+- DiT and PixArt blocks: the self-attention (`attn1`), softmax(s·q·kᵀ) over the image tokens, exactly as the
+  layer's processor computes it: AttnProcessor2_0 (query and key norms applied when the layer has them; s is
+  scaled_dot_product_attention's 1/√head_dim, which that processor uses whatever `attn.scale` says) or
+  AttnProcessor (what diffusers installs on a layer built with scale_qk=False: s is the layer's `attn.scale`, and
+  it applies no query or key norms). PixArt's cross-attention to the text (`attn2`) is not recorded: it is not a
+  query–key interaction among image tokens, the thing mediators replace.
+- SD3 joint attention (`attn` of each JointTransformerBlock, processor JointAttnProcessor2_0): one softmax over
+  image and text keys together. The recorded map is its image→image block, renormalised per row: query i's
+  distribution over image keys given that it attends to the image (the image–image interaction mediators would
+  replace; the text block has its own size and meaning).
+- Flux (processor FluxAttnProcessor): the double-stream blocks' joint attention over [text, image] tokens and the
+  single-stream blocks' attention over the same concatenated sequence, both with rotary position embeddings
+  applied to queries and keys as diffusers' FluxAttnProcessor applies them (its own projection helper and
+  `apply_rotary_emb`). The recorded map is again the image→image block, renormalised per row; the single-stream
+  blocks learn where the image starts from the transformer's input (its number of image tokens), since their
+  attention sees one undivided sequence.
+
+What is refused, naming the layer and what to change, because the map computation would not reproduce it:
+- when attaching: a recognised layer whose processor is any other (xformers, sliced, rotary, IP-adapter, custom
+  ones: each computes its scores its own way), and a self-attention layer with a `group_norm` (norm_num_groups)
+  or a `spatial_norm` (spatial_norm_dim), which change the tokens the processor projects;
+- during a call: an `attention_mask` given to a self-attention or Flux layer (their processors apply it; SD3's
+  JointAttnProcessor2_0 ignores it, so it changes nothing there), `encoder_hidden_states` given to a
+  self-attention layer (its keys would come from another sequence), and feature maps (B, C, H, W) instead of
+  token sequences (B, N, D).
+Attention layers that are none of these (cross-attention, a UNet's layers) are not recorded; a model with none
+of the recognised layers is refused.
 """
 
 from __future__ import annotations
@@ -35,8 +48,52 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(batch, length, heads, width // heads).transpose(1, 2)
 
 
-def _scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    return (query.float() @ key.float().transpose(-1, -2)) / query.shape[-1] ** 0.5
+def _scores(query: torch.Tensor, key: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """scale·q·kᵀ in float32; scale defaults to 1/√head_dim, scaled_dot_product_attention's default."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return (query.float() @ key.float().transpose(-1, -2)) * scale
+
+
+def _processor_of(module: nn.Module):
+    """The processor that computes a layer's output: the wrapped one while the layer is being recorded."""
+    processor = getattr(module, "processor", None)
+    return processor.original if isinstance(processor, RecordingProcessor) else processor
+
+
+def _reproduced_processors(kind: str) -> tuple[type, ...]:
+    """The processor classes whose maps the recorder computes exactly, for each kind of layer."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    if kind == "self":
+        return (AttnProcessor2_0, AttnProcessor)
+    if kind == "joint":
+        return (JointAttnProcessor2_0,)
+    return (FluxAttnProcessor,)
+
+
+def _check_reproducible(name: str, module: nn.Module, kind: str) -> None:
+    """Refuse a recognised layer whose maps the recorder would not compute as its processor does."""
+    processor = type(_processor_of(module))
+    reproduced = _reproduced_processors(kind)
+    if processor not in reproduced:
+        raise ValueError(
+            f"{name} uses {processor.__name__}, which the recorder does not reproduce (it reproduces "
+            f"{' and '.join(p.__name__ for p in reproduced)}); set one of those with {name}.set_processor(...) "
+            "or leave this model unrecorded"
+        )
+    if kind != "self":
+        return
+    if module.group_norm is not None:
+        raise ValueError(
+            f"{name} has a group_norm (norm_num_groups={module.group_norm.num_groups}) applied before its "
+            "projections, which the recorder does not reproduce; record a model built without norm_num_groups"
+        )
+    if module.spatial_norm is not None:
+        raise ValueError(
+            f"{name} has a spatial_norm (spatial_norm_dim) applied before its projections, which the recorder "
+            "does not reproduce; record a model built without spatial_norm_dim"
+        )
 
 
 def _image_block(joint: torch.Tensor, rows: slice, columns: slice) -> torch.Tensor:
@@ -48,13 +105,40 @@ def _image_block(joint: torch.Tensor, rows: slice, columns: slice) -> torch.Tens
 class RecordingProcessor:
     """Wraps a layer's processor: the output is the original processor's, the maps go to `observer`."""
 
-    def __init__(self, original, observer: Observer, kind: str, image_tokens: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        original,
+        observer: Observer,
+        kind: str,
+        image_tokens: Callable[[], int] | None = None,
+        name: str = "this layer",
+    ):
         self.original = original
         self.observer = observer
         self.kind = kind  # "self", "joint" (SD3), "flux-joint" or "flux-single"
         self.image_tokens = image_tokens  # flux-single: how many of the sequence's tokens are the image's
+        self.name = name  # the layer's module name, for refusals
+
+    def check_inputs(self, hidden_states, encoder_hidden_states, attention_mask) -> None:
+        """Refuse, before the layer runs, call-time inputs its processor would use and the maps would not."""
+        if attention_mask is not None and self.kind != "joint":  # JointAttnProcessor2_0 ignores the mask
+            raise ValueError(
+                f"{self.name} was called with an attention_mask, which the recorder does not apply to its maps; "
+                "record without a mask (pass attention_mask=None to the transformer)"
+            )
+        if self.kind == "self" and encoder_hidden_states is not None:
+            raise ValueError(
+                f"{self.name} was called with encoder_hidden_states: its keys come from another sequence, and the "
+                "recorder measures self-attention among image tokens only"
+            )
+        if not self.kind.startswith("flux") and hidden_states.ndim != 3:
+            raise ValueError(
+                f"{self.name} gets feature maps {tuple(hidden_states.shape)}; the recorder handles token "
+                "sequences (B, N, D)"
+            )
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        self.check_inputs(hidden_states, encoder_hidden_states, attention_mask)
         output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         with torch.no_grad():
             if self.kind.startswith("flux"):
@@ -91,14 +175,16 @@ class RecordingProcessor:
         return _image_block(joint, slice(text, None), slice(text, None))
 
     def maps(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
-        if hidden_states.ndim != 3:
-            raise ValueError("the recorder handles token sequences (B, N, D); this layer gets feature maps")
+        """Queries and keys as the layer's processor forms them; see the module docstring for each processor."""
+        from diffusers.models.attention_processor import AttnProcessor
+
+        plain = type(self.original) is AttnProcessor  # attn.scale, and no query or key norms
         query, key = _heads(attn.to_q(hidden_states), attn.heads), _heads(attn.to_k(hidden_states), attn.heads)
-        if attn.norm_q is not None:
+        if attn.norm_q is not None and not plain:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
+        if attn.norm_k is not None and not plain:
             key = attn.norm_k(key)
-        scores = _scores(query, key)
+        scores = _scores(query, key, attn.scale if plain else None)
         if self.kind == "self" or encoder_hidden_states is None:
             return scores.softmax(-1)
         text_key = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
@@ -111,30 +197,22 @@ class RecordingProcessor:
 def recordable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(name, attention module, kind) of every layer the recorder measures, in network order."""
     from diffusers.models.attention_processor import Attention
-    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+    from diffusers.models.transformers.transformer_flux import FluxAttention
 
     layers = []
     for name, module in model.named_modules():
-        processor = type(getattr(module, "processor", None))
+        kind = None
         if isinstance(module, FluxAttention):
-            if processor is not FluxAttnProcessor and processor is not RecordingProcessor:
-                raise ValueError(
-                    f"{name} uses {processor.__name__}, which the recorder does not reproduce (it "
-                    "reproduces FluxAttnProcessor)"
-                )
-            layers.append(
-                (name, module, "flux-single" if name.startswith("single_transformer_blocks") else "flux-joint")
-            )
-            continue
-        if not isinstance(module, Attention):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "attn1" and not module.is_cross_attention:
-            layers.append((name, module, "self"))
-        elif leaf == "attn" and getattr(module, "add_k_proj", None) is not None:
-            if "rotary" in processor.__name__.lower():
-                raise ValueError(f"{name} uses {processor.__name__}, which the recorder does not reproduce")
-            layers.append((name, module, "joint"))
+            kind = "flux-single" if name.startswith("single_transformer_blocks") else "flux-joint"
+        elif isinstance(module, Attention):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "attn1" and not module.is_cross_attention:
+                kind = "self"
+            elif leaf == "attn" and getattr(module, "add_k_proj", None) is not None:
+                kind = "joint"
+        if kind is not None:
+            _check_reproducible(name, module, kind)
+            layers.append((name, module, kind))
     if not layers:
         raise ValueError(
             f"no recordable self-attention found in {type(model).__name__} (DiT, PixArt, SD3 and Flux "
@@ -164,11 +242,13 @@ def attach(
     for index in chosen:
         if index >= len(found):
             raise ValueError(f"--layers {index} does not exist: the model has {len(found)} recordable layers")
-        _, module, kind = found[index]
+        name, module, kind = found[index]
         if isinstance(module.processor, RecordingProcessor):
             raise RuntimeError(f"layer {index} is already being recorded; detach the other recorder")
         original = module.processor
-        module.set_processor(RecordingProcessor(original, observer_for(index), kind, lambda: image["tokens"]))
+        module.set_processor(
+            RecordingProcessor(original, observer_for(index), kind, lambda: image["tokens"], name=name)
+        )
         restore.append((module, original))
 
     def detach() -> None:

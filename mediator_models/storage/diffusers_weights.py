@@ -49,6 +49,13 @@ def read_diffusers_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     path = Path(path)
     if (path / "transformer" / "config.json").exists():
         path = path / "transformer"
+    elif (path / "model_index.json").exists():  # a pipeline folder without a transformer (a UNet's, say)
+        index = json.loads((path / "model_index.json").read_text())
+        parts = ", ".join(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
+        raise CheckpointError(
+            f"{path} is a diffusers {index.get('_class_name', 'pipeline')} folder ({parts}), which has no "
+            "transformer; attnmed reads DiT transformers: pass a DiTPipeline folder or its transformer/ folder"
+        )
     if not is_diffusers_folder(path):
         raise CheckpointError(
             f"{path} is a folder but not a diffusers model folder (config.json and "
