@@ -274,7 +274,12 @@ def _configure_sample(parser: argparse.ArgumentParser) -> None:
     _add_sampler_args(parser)
     parser.add_argument("--num-samples", type=int, default=64, help="images to draw (sample i uses seed + i)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward batch (per rank)")
-    parser.add_argument("--vae", default=None, help="local AutoencoderKL folder to decode latents")
+    parser.add_argument(
+        "--vae",
+        default=None,
+        help="local AutoencoderKL folder to decode latents (default: a pipeline folder's own vae/; needed for "
+        "latent models)",
+    )
     switching = parser.add_mutually_exclusive_group()
     switching.add_argument(
         "--schedule", default=None, help="schedule JSON (from `attnmed schedule`): the network of each step"
@@ -286,13 +291,17 @@ def _configure_sample(parser: argparse.ArgumentParser) -> None:
         "distance falls below ρ_i times its warm-up mean",
     )
     parser.add_argument("--rho", type=float, nargs="+", default=None, help="--adaptive: ρ_1 … ρ_{m−1}, one per switch")
-    parser.add_argument("--warmup", type=int, default=3, help="--adaptive: warm-up steps K (the public example: 3)")
-    parser.add_argument("--distance", choices=("l1", "l2"), default="l1", help="--adaptive: step distance")
+    # The --adaptive settings default to None so that giving one without --adaptive is refused, not ignored.
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="--adaptive: warm-up steps K (default 3, the public example)"
+    )
+    parser.add_argument("--distance", choices=("l1", "l2"), default=None, help="--adaptive: step distance (default l1)")
     parser.add_argument(
         "--statistic",
         choices=("state", "drift"),
-        default="state",
-        help="--adaptive: d_k on the states (the paper) or on the drift, without the SDE's injected noise (ours)",
+        default=None,
+        help="--adaptive: d_k on the states (default: the paper's) or on the drift, without the SDE's injected "
+        "noise (ours)",
     )
     parser.add_argument("--out", required=True, help="folder for the PNGs, samples.npz and samples.json")
 
@@ -303,25 +312,40 @@ def _configure_sample(parser: argparse.ArgumentParser) -> None:
     _configure_sample,
 )
 def run_sample(args: argparse.Namespace) -> int:
-    from mediator_models.sample import sample_to_folder
+    from mediator_models.sample import adaptive_switching, sample_to_folder, switching_by_schedule
+    from mediator_models.sampling.switching import MediatorSchedule
 
     if len(args.ckpt) > 1 and not (args.schedule or args.adaptive):
         raise ValueError("several --ckpt need --schedule FILE or --adaptive to say which network runs each step")
     if (args.schedule or args.adaptive) and len(args.ckpt) < 2:
         raise ValueError("--schedule and --adaptive switch between networks: give one --ckpt per mediator count")
-    if args.rho is not None and not args.adaptive:
-        raise ValueError("--rho belongs to --adaptive")
+    adaptive_only = {"--rho": args.rho, "--warmup": args.warmup, "--distance": args.distance}
+    adaptive_only["--statistic"] = args.statistic
+    given = [flag for flag, value in adaptive_only.items() if value is not None]
+    if given and not args.adaptive:
+        raise ValueError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to --adaptive; add it or drop them")
     loaded, sampler = _load_from_args(args, args.ckpt[0])
     callback, schedule = None, None
     if len(args.ckpt) > 1:
-        loaded, callback, schedule = _switching(
-            args, [loaded] + [_load_from_args(args, c)[0] for c in args.ckpt[1:]], sampler
-        )
+        networks = [loaded] + [_load_from_args(args, c)[0] for c in args.ckpt[1:]]
+        if args.schedule:
+            switching = switching_by_schedule(networks, MediatorSchedule.load(args.schedule))
+        else:
+            switching = adaptive_switching(
+                networks,
+                sampler,
+                args.rho,
+                warmup=3 if args.warmup is None else args.warmup,
+                distance=args.distance or "l1",
+                statistic=args.statistic or "state",
+            )
+        loaded, callback, schedule = switching.base, switching.callback, switching.description
     vae = None
-    if args.vae:
+    vae_folder = args.vae or _pipeline_vae(args.ckpt[0])
+    if vae_folder:
         from mediator_models.data import load_vae
 
-        vae = load_vae(args.vae, next(loaded.model.parameters()).device)
+        vae = load_vae(vae_folder, next(loaded.model.parameters()).device)
     sidecar = sample_to_folder(
         loaded,
         args.out,
@@ -339,52 +363,12 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _switching(args: argparse.Namespace, loaded: list, sampler):
-    """(base model, step callback, description) for sampling that switches between several networks."""
-    from mediator_models.sample import switchable_networks
-    from mediator_models.sampling.switching import AdaptiveSwitch, MediatorSchedule, count_label
+def _pipeline_vae(checkpoint: str) -> str | None:
+    """The VAE folder of a diffusers pipeline folder given as a checkpoint (DiTPipeline: `vae/`), else None."""
+    from pathlib import Path
 
-    networks = switchable_networks(loaded)
-    order = sorted((c for c in networks if c is not None)) + ([None] if None in networks else [])
-    weights = {count_label(c): networks[c].weights for c in order}
-    if args.schedule:
-        schedule = MediatorSchedule.load(args.schedule)
-        schedule.validate(order)
-        callback = schedule.callback({c: networks[c].model for c in order})
-        return networks[order[0]], callback, {**schedule.to_dict(), "networks": weights}
-    if sampler.adaptive or sampler.method == "heun":
-        raise ValueError(
-            "--adaptive measures the distance between consecutive steps, so it needs a sampler that "
-            "evaluates the network once per step: the SDE (euler), DDPM, DDIM or the ODE with --method euler"
-        )
-    if args.rho is None or len(args.rho) != len(order) - 1:
-        raise ValueError(
-            f"--adaptive with {len(order)} networks ({', '.join(map(count_label, order))}) needs "
-            f"{len(order) - 1} --rho values, one per switch"
-        )
-    if any(not r > 0 for r in args.rho):
-        raise ValueError(f"--rho values must be positive, got {args.rho}")
-    if args.warmup < 1:
-        raise ValueError(f"--warmup must be at least 1, got {args.warmup}")
-    switch = AdaptiveSwitch(
-        [networks[c].model for c in order],
-        args.rho,
-        warmup=args.warmup,
-        distance=args.distance,
-        statistic=args.statistic,
-    )
-    rule = "paper (adaptive)" if args.statistic == "state" else "paper's rule on the drift (ours)"
-    description = {
-        "name": "adaptive ρ=" + "/".join(f"{r:g}" for r in args.rho),
-        "rule": rule,
-        "statistic": args.statistic,
-        "order": [count_label(c) for c in order],
-        "rho": args.rho,
-        "warmup": args.warmup,
-        "distance": args.distance,
-        "networks": weights,
-    }
-    return networks[order[0]], switch, description
+    folder = Path(checkpoint)
+    return str(folder / "vae") if (folder / "model_index.json").exists() and (folder / "vae").is_dir() else None
 
 
 def _configure_record(parser: argparse.ArgumentParser) -> None:

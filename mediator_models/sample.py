@@ -20,8 +20,10 @@ from mediator_models.network.config import ModelConfig
 from mediator_models.network.dit import DiffusionTransformer, build_model
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
 from mediator_models.sampling.steps import start_batch
+from mediator_models.sampling.switching import count_label
 from mediator_models.storage.checkpoints import extract_state_dict, load_checkpoint, read_checkpoint, weights_digest
 from mediator_models.storage.distributed import init_distributed, locked_folder
+from mediator_models.storage.errors import SettingError
 from mediator_models.storage.runfolder import atomic_write, atomic_write_json, claim_identity, clean_stale_temporaries
 
 
@@ -160,6 +162,88 @@ def switchable_networks(loaded: list[LoadedModel]) -> dict[int | None, LoadedMod
     return networks
 
 
+@dataclass
+class Switching:
+    """Sampling that switches between networks: the network the sampler starts from, the step callback that
+    picks each step's network, and the description recorded in samples.json."""
+
+    base: LoadedModel
+    callback: Any
+    description: dict[str, Any]
+
+
+def switching_by_schedule(loaded: list[LoadedModel], schedule) -> Switching:
+    """A fixed schedule (`MediatorSchedule`) over networks that differ in their attention only."""
+    networks, order = _switchable_in_order(loaded)
+    schedule.validate(order)
+    callback = schedule.callback({c: networks[c].model for c in order})
+    return Switching(networks[order[0]], callback, {**schedule.to_dict(), "networks": _weights(networks, order)})
+
+
+def adaptive_switching(
+    loaded: list[LoadedModel],
+    sampler: SamplerConfig,
+    ratios,
+    *,
+    warmup: int = 3,
+    distance: str = "l1",
+    statistic: str = "state",
+) -> Switching:
+    """The paper's rule over networks ordered fewest mediators first: `ratios` ρ_1 … ρ_{m−1}, one per switch.
+    Refuses what would never switch (a warm-up as long as the run) or cannot be measured (a sampler evaluating
+    the network more than once per step)."""
+    from mediator_models.sampling.switching import AdaptiveSwitch, evaluation_levels
+
+    networks, order = _switchable_in_order(loaded)
+    if sampler.adaptive or sampler.method == "heun":
+        raise SettingError(
+            "adaptive",
+            "measures the distance between consecutive steps, so it needs a sampler that evaluates the network "
+            "once per step: the SDE (euler), DDPM, DDIM or the ODE with --method euler",
+        )
+    labels = ", ".join(map(count_label, order))
+    if ratios is None or len(ratios) != len(order) - 1:
+        raise SettingError(
+            "rho", f"needs {len(order) - 1} values with {len(order)} networks ({labels}), one per switch"
+        )
+    if any(not r > 0 for r in ratios):
+        raise SettingError("rho", f"values must be positive, got {list(ratios)}")
+    if not isinstance(warmup, int) or warmup < 1:
+        raise SettingError("warmup", f"must be at least 1, got {warmup!r}")
+    # μ averages d_2 … d_{K+1}; the first evaluation that can run another network is K + 2.
+    evaluations = len(evaluation_levels(networks[order[0]].process, sampler))
+    if evaluations < warmup + 3:
+        raise SettingError(
+            "warmup",
+            f"is {warmup}, but the rule can first switch at evaluation {warmup + 2} and this sampler makes "
+            f"{evaluations}: no sample would ever switch. Use a warm-up of at most {max(evaluations - 3, 0)}, "
+            "or more steps" + ("" if evaluations >= 4 else " (at least 4 evaluations)"),
+        )
+    switch = AdaptiveSwitch(
+        [networks[c].model for c in order], ratios, warmup=warmup, distance=distance, statistic=statistic
+    )
+    description = {
+        "name": "adaptive ρ=" + "/".join(f"{r:g}" for r in ratios),
+        "rule": "paper (adaptive)" if statistic == "state" else "paper's rule on the drift (ours)",
+        "statistic": statistic,
+        "order": [count_label(c) for c in order],
+        "rho": list(ratios),
+        "warmup": warmup,
+        "distance": distance,
+        "networks": _weights(networks, order),
+    }
+    return Switching(networks[order[0]], switch, description)
+
+
+def _switchable_in_order(loaded: list[LoadedModel]) -> tuple[dict[int | None, LoadedModel], list[int | None]]:
+    networks = switchable_networks(loaded)
+    return networks, sorted(c for c in networks if c is not None) + ([None] if None in networks else [])
+
+
+def _weights(networks: dict[int | None, LoadedModel], order) -> dict[str, str]:
+    return {count_label(c): networks[c].weights for c in order}
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [−1, 1] -> (B, H, W, 3) uint8; one-channel images are repeated to RGB (ADM's layout)."""
     arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -172,11 +256,34 @@ def write_png(array: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
 
 
+IMAGE_CHANNELS = (1, 3)  # what a model draws as pixels (grey or RGB); anything else is latents for a VAE
+
+
 def check_sampling_request(
-    config: ModelConfig, sampler: SamplerConfig, num_samples: int, batch_size: int, classes: list[int] | None
+    config: ModelConfig,
+    sampler: SamplerConfig,
+    num_samples: int,
+    batch_size: int,
+    classes: list[int] | None,
+    vae=None,
 ) -> None:
     """Refuse, before any work, requests that cannot be sampled; each message names its flag."""
     sampler.check(config.family, config.in_channels)
+    if vae is None and config.in_channels not in IMAGE_CHANNELS:
+        raise SettingError(
+            "vae",
+            f"is needed: the model draws {config.in_channels}-channel latents, which are no images; name the "
+            "AutoencoderKL folder that decodes them (a pipeline folder given as --ckpt brings its own)",
+        )
+    if vae is not None:
+        latent_channels = vae.config.latent_channels
+        if config.in_channels != latent_channels:
+            kind = "pixels" if config.in_channels in IMAGE_CHANNELS else "latents"
+            raise SettingError(
+                "vae",
+                f"decodes {latent_channels}-channel latents, but the model draws {config.in_channels}-channel "
+                f"{kind}" + (": drop the VAE" if kind == "pixels" else ": give the VAE the model was trained with"),
+            )
     for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value!r}")
@@ -211,7 +318,7 @@ def sample_to_folder(
     `callback` is the sampler's step callback (a mediator schedule or the adaptive rule, which may hand
     steps to other networks); `schedule` describes it in the sidecar. Costs are counted per sample."""
     config = loaded.model.config
-    check_sampling_request(config, sampler, num_samples, batch_size, classes)  # before any work or folder
+    check_sampling_request(config, sampler, num_samples, batch_size, classes, vae)  # before any work or folder
     env = init_distributed()
     out = Path(out_dir)
     with locked_folder(out, "attnmed sample", env):

@@ -118,3 +118,18 @@ def test_a_latent_cache_of_another_configuration_is_refused_never_mixed(tmp_path
     with pytest.raises(SettingError, match="not a multiple of 8"):
         cache_latents(ImageFolderSource(folder, 20), vae, tmp_path / "odd")
     assert not (tmp_path / "odd").exists()
+
+
+def test_cache_latents_into_a_file_is_refused_before_the_vae_loads(tmp_path, capsys, monkeypatch):
+    from analysis.cli import main
+    from mediator_models import data
+
+    monkeypatch.setattr(data, "load_vae", lambda *a, **k: pytest.fail("the VAE was loaded before the checks"))
+    make_folder(tmp_path / "images")
+    (tmp_path / "taken").write_text("x")
+    args = ["cache-latents", "--data", str(tmp_path / "images"), "--vae", str(tmp_path / "no-vae")]
+    assert main([*args, "--image-size", "32", "--out", str(tmp_path / "taken")]) == 2
+    assert f"--out {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
+    assert main([*args, "--image-size", "30", "--out", str(tmp_path / "cache")]) == 2
+    assert "--image-size 30 px is not a multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()

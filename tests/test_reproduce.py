@@ -228,3 +228,15 @@ def test_the_committed_reports_are_what_the_committed_claims_code_makes_of_their
     redecide(copy / "data", floor)
     for name in ("data/differences.csv", "data/results.csv", "REPORT.md"):
         assert (copy / name).read_text() == (root / name).read_text(), name
+
+
+def test_an_unusable_figures_folder_is_refused_before_any_work(tmp_path, capsys):
+    from analysis.cli import main
+
+    (tmp_path / "taken").write_text("a file where the figures would go")
+    assert (
+        main(["reproduce", "--preset", "quick", "--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "taken")])
+        == 2
+    )
+    assert f"--figures {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before the run folder, let alone training, began

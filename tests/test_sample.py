@@ -300,8 +300,18 @@ def test_adaptive_sampling_switches_per_sample_one_way(tmp_path, trio):
     "extra,message",
     [
         ([], "several --ckpt need --schedule FILE or --adaptive"),
-        (["--adaptive"], r"needs 1 --rho values"),
-        (["--adaptive", "--rho", "0.5", "--sampler", "ode"], "evaluates the network once per step"),
+        (["--adaptive"], r"--rho needs 1 values with 2 networks \(n=1, full\), one per switch"),
+        (["--adaptive", "--rho", "0.5", "--sampler", "ode"], "--adaptive measures .* evaluates the network once"),
+        # The adaptive settings are refused without --adaptive, not ignored.
+        (["--schedule", "s.json", "--warmup", "5"], r"--warmup belongs to --adaptive; add it or drop them"),
+        (["--schedule", "s.json", "--distance", "l2", "--statistic", "drift"], "--distance, --statistic belong to"),
+        # A warm-up as long as the run would never switch, yet the run would be labelled adaptive.
+        (
+            ["--adaptive", "--rho", "0.9", "--warmup", "50"],
+            r"--warmup is 50, but the rule can first switch at "
+            r"evaluation 52 and this sampler makes \d+: no sample would ever switch",
+        ),
+        (["--adaptive", "--rho", "0.9", "--warmup", "2"], r"--warmup is 2, .* at most 1, or more steps"),
     ],
 )
 def test_switching_flags_are_checked(tmp_path, trio, capsys, extra, message):
@@ -356,3 +366,36 @@ def test_networks_that_cannot_be_switched_between_are_refused(tmp_path, trio, ca
     ]
     assert main(args) == 2
     assert "both hold full attention" in capsys.readouterr().err
+
+
+def test_latents_are_decoded_by_the_pipelines_own_vae_and_never_written_as_images(tmp_path, capsys, tiny_vae_path):
+    """A DiTPipeline folder holds its VAE; a model of latents without one, or a VAE that does not fit, is refused
+    before sampling starts."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+    from PIL import Image
+    from test_diffusers import tiny_diffusers_dit
+
+    folder = tmp_path / "pipeline"
+    DiTPipeline(
+        transformer=tiny_diffusers_dit(),
+        vae=AutoencoderKL.from_pretrained(str(tiny_vae_path)),
+        scheduler=DDIMScheduler(),
+    ).save_pretrained(str(folder))
+    out = tmp_path / "with-vae"
+    assert main(["sample", "--ckpt", str(folder), "--steps", "2", "--num-samples", "2", "--out", str(out)]) == 0
+    image = Image.open(out / "000000.png")
+    assert image.mode == "RGB" and image.size == (64, 64)  # 8×8 latents decoded, not written as 8×8 pixels
+    assert json.loads((out / "samples.json").read_text())["decoded_with_vae"] is True
+
+    bare = ["sample", "--ckpt", str(folder / "transformer"), "--steps", "2", "--num-samples", "1"]
+    assert main([*bare, "--out", str(tmp_path / "latents")]) == 2
+    assert "--vae is needed: the model draws 4-channel latents, which are no images" in capsys.readouterr().err
+    assert not (tmp_path / "latents").exists()
+
+
+def test_a_pixel_model_refuses_a_vae_before_sampling(tmp_path, trio, capsys, tiny_vae_path):
+    args = ["sample", "--ckpt", str(trio["full"]), "--vae", str(tiny_vae_path), "--steps", "2", "--num-samples", "1"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--vae decodes 4-channel latents, but the model draws 1-channel pixels: drop the VAE" in err
+    assert not (tmp_path / "out").exists()

@@ -43,7 +43,13 @@ from mediator_models.data import digits
 from mediator_models.sample import LoadedModel, load_for_sampling, sample_to_folder
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig
 from mediator_models.sampling.switching import AdaptiveSwitch, MediatorSchedule, count_label, evaluation_levels
-from mediator_models.storage.runfolder import FolderLock, atomic_write, atomic_write_json, clean_stale_temporaries
+from mediator_models.storage.runfolder import (
+    FolderLock,
+    atomic_write,
+    atomic_write_json,
+    check_creatable,
+    clean_stale_temporaries,
+)
 from mediator_models.train import TrainConfig, checkpoint_paths, train
 
 
@@ -563,6 +569,8 @@ def run_study(
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         config = PRESETS[preset]
     run_dir = Path(run_root) / f"reproduce-{preset}-{config.key()}"
+    if figures_dir is not None:  # named before the study's hour of work, not after it
+        check_creatable(figures_dir, "--figures")
     with FolderLock(run_dir, "attnmed reproduce", flag="--runs"):
         clean_stale_temporaries(run_dir)
         atomic_write_json(run_dir / "study.json", config.to_dict())
