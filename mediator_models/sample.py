@@ -6,6 +6,7 @@ number of ranks, so an interrupted run restarts where it stopped and keeps the i
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +22,13 @@ from mediator_models.network.dit import DiffusionTransformer, build_model
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
 from mediator_models.sampling.steps import start_batch
 from mediator_models.sampling.switching import count_label
-from mediator_models.storage.checkpoints import extract_state_dict, load_checkpoint, read_checkpoint, weights_digest
+from mediator_models.storage.checkpoints import (
+    describe_state_dict,
+    extract_state_dict,
+    load_checkpoint,
+    read_checkpoint,
+    weights_digest,
+)
 from mediator_models.storage.distributed import init_distributed, locked_folder
 from mediator_models.storage.errors import SettingError
 from mediator_models.storage.runfolder import atomic_write, atomic_write_json, claim_identity, clean_stale_temporaries
@@ -88,18 +95,39 @@ def load_for_sampling(
                 f"{checkpoint} does not say which model it holds; pass --model (e.g. DiT-XL/2) "
                 "and --input-size (32 for 256 px)"
             )
+        weights = extract_state_dict(state, use_ema=use_ema)
         model = build_model(
             model_name,
-            input_size=32 if input_size is None else input_size,
-            num_classes=num_classes,
+            **_data_shape_of(weights, input_size, num_classes),
             attention=attention or "full",
             mediators=mediators,
             depthwise_conv=depthwise_conv,
         )
         process = ProcessConfig(model.config.family)
-    weights = extract_state_dict(state, use_ema=use_ema)
+    if "model_config" in state:
+        weights = extract_state_dict(state, use_ema=use_ema)
     load_checkpoint(model, weights)
     return LoadedModel(model.to(device).eval(), process, str(checkpoint), weights_digest(weights))
+
+
+def _data_shape_of(weights, input_size: int | None, num_classes: int) -> dict[str, Any]:
+    """What a plain state dict says of the data it was trained on, which no flag sets: its channels, its labels
+    (one more embedding row with label dropout, the null class), whether it learned the variance, and, unless
+    --input-size is given, its token grid. The architecture (--model) is checked against it on loading."""
+    info = describe_state_dict(weights)
+    shape: dict[str, Any] = {"input_size": 32 if input_size is None else input_size, "num_classes": num_classes}
+    if "in_channels" in info:
+        shape["in_channels"] = info["in_channels"]
+        if "out_channels" in info:
+            shape["learn_sigma"] = info["out_channels"] == 2 * info["in_channels"]
+    if "embedding_rows" in info:
+        rows = info["embedding_rows"]  # the papers train with label dropout: num_classes + 1 rows
+        shape.update(num_classes=rows - 1, class_dropout_prob=0.1) if rows > 1 else shape.update(num_classes=rows)
+    if input_size is None and "num_tokens" in info and "patch_size" in info:
+        side = math.isqrt(info["num_tokens"])
+        if side * side == info["num_tokens"]:
+            shape["input_size"] = side * info["patch_size"]
+    return shape
 
 
 def _conflicting_flags(config: ModelConfig, model_name, input_size, attention, mediators, depthwise_conv) -> list[str]:

@@ -399,3 +399,20 @@ def test_a_pixel_model_refuses_a_vae_before_sampling(tmp_path, trio, capsys, tin
     err = capsys.readouterr().err
     assert "--vae decodes 4-channel latents, but the model draws 1-channel pixels: drop the VAE" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bare_state_dict_says_what_data_it_was_trained_on(tmp_path, capsys):
+    """Plain state dicts (official DiT/SiT files) carry their channels, labels and grid in their shapes: only the
+    architecture is asked for, and a wrong one is blamed on what --model sets, not on fields no flag sets."""
+    from mediator_models import build_model
+
+    bare = tmp_path / "bare.pt"
+    torch.save(build_model("SiT-T/2", input_size=8, in_channels=1, num_classes=10).state_dict(), bare)
+    args = ["sample", "--ckpt", str(bare), "--steps", "2", "--num-samples", "1", "--seed", "0"]
+    assert main([*args, "--model", "SiT-T/2", "--out", str(tmp_path / "ok")]) == 0
+    model = json.loads((tmp_path / "ok" / "samples.json").read_text())["model"]
+    assert (model["in_channels"], model["num_classes"], model["input_size"]) == (1, 10, 8)
+    assert main([*args, "--model", "SiT-T/4", "--out", str(tmp_path / "wrong")]) == 2
+    err = capsys.readouterr().err
+    assert "patch_size: checkpoint has 2, model has 4" in err
+    assert "in_channels" not in err.split("Likely cause")[1] and "num_classes" not in err
