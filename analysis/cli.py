@@ -323,7 +323,9 @@ def run_sample(args: argparse.Namespace) -> int:
     adaptive_only["--statistic"] = args.statistic
     given = [flag for flag, value in adaptive_only.items() if value is not None]
     if given and not args.adaptive:
-        raise ValueError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to --adaptive; add it or drop them")
+        raise ValueError(
+            f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to --adaptive; add it or drop them"
+        )
     loaded, sampler = _load_from_args(args, args.ckpt[0])
     callback, schedule = None, None
     if len(args.ckpt) > 1:
@@ -814,18 +816,27 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
         if args.inception_weights is None:
             raise ValueError("--adm needs --inception-weights (the local torch-fidelity InceptionV3 .pth)")
+        inception = AdmInception(args.inception_weights)  # refuses a file of other weights before images are read
         images = load_images(args.samples).images.permute(0, 2, 3, 1).numpy()
-        print(json.dumps(adm_metrics(images, args.reference, AdmInception(args.inception_weights)), indent=2))
-        return 0
-    extractor = (
-        Extractor.digits(args.image_size) if args.extractor == "digits" else Extractor.inception(args.inception_weights)
-    )
-    reference = args.reference
-    if reference == "digits-heldout":
-        from mediator_models.data import digits
+        metrics = adm_metrics(images, args.reference, inception)
+    else:
+        extractor = (
+            Extractor.digits(args.image_size)
+            if args.extractor == "digits"
+            else Extractor.inception(args.inception_weights)
+        )
+        reference = args.reference
+        if reference == "digits-heldout":
+            from mediator_models.data import digits
 
-        reference = digits("heldout", args.image_size)
-    print(json.dumps(compute_metrics(args.samples, reference, extractor), indent=2))
+            reference = digits("heldout", args.image_size)
+        metrics = compute_metrics(args.samples, reference, extractor)
+    print(json.dumps(metrics, indent=2))
+    by_reason: dict[str, list[str]] = {}
+    for metric, reason in metrics["skipped"].items():
+        by_reason.setdefault(reason, []).append(metric)
+    for reason, names in by_reason.items():
+        print(f"attnmed evaluate: {' and '.join(names)} not scored: {reason}", file=sys.stderr)
     return 0
 
 

@@ -91,3 +91,47 @@ def test_the_five_metrics_against_a_reference_batch_end_to_end(tmp_path, random_
     )
     printed = json.loads(capsys.readouterr().out)
     assert printed["sfid"] == pytest.approx(metrics["sfid"], rel=1e-9)
+
+
+def test_files_that_are_not_inception_weights_are_refused_naming_the_file(tmp_path, random_inception, capsys):
+    from analysis.cli import main
+    from analysis.quality.evaluate import Extractor
+
+    (tmp_path / "notes.pth").write_text("not weights\n")
+    torch.save({}, tmp_path / "empty.pth")
+    partial = torch.load(random_inception, weights_only=True)
+    partial.pop("fc.weight")
+    partial["extra"] = torch.zeros(1)
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"notes.pth cannot be read as torch weights \(UnpicklingError"):
+        AdmInception(tmp_path / "notes.pth", "cpu")
+    with pytest.raises(ValueError, match=r"empty.pth holds no Inception-v3 weights: 0 of 566 expected tensors"):
+        Extractor.inception(str(tmp_path / "empty.pth"))
+    with pytest.raises(ValueError, match=r"holds 565 of 566 .*1 missing \(e.g. fc.weight\), 1 unexpected \(e.g. extra"):
+        AdmInception(tmp_path / "partial.pth", "cpu")
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    argv = ["evaluate", str(tmp_path / "s.npz"), "--adm", "--reference", "r.npz", "--inception-weights"]
+    assert main([*argv, str(tmp_path / "empty.pth")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("attnmed evaluate: error: Inception weights ") and "\n" not in error
+    assert "give the pt_inception-2015-12-05 weights torch-fidelity uses" in error
+
+
+def test_adm_metrics_skip_precision_and_recall_below_four_images_and_refuse_foreign_statistics(
+    tmp_path, random_inception, monkeypatch
+):
+    import analysis.quality.adm as adm
+
+    monkeypatch.setattr(adm, "frechet_distance", lambda *stats: 0.0)  # scipy's sqrtm at 2048 takes 15 s on CPU
+    rng = np.random.default_rng(4)
+    inception = AdmInception(random_inception, "cpu")
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    reference = write_reference_batch(images, inception, tmp_path / "ref.npz")
+    metrics = adm_metrics(images[:3], reference, inception)
+    assert metrics["precision"] is None and metrics["recall"] is None and metrics["inception_score"] >= 1.0
+    assert metrics["skipped"]["precision"].endswith("the samples have 3")
+    np.savez(tmp_path / "digits.npz", arr_0=images, mu=np.zeros(128), sigma=np.eye(128))
+    with pytest.raises(
+        ValueError, match="digits.npz holds mu/sigma of 128 features; ADM's reference batches hold 2048"
+    ):
+        adm_metrics(images, tmp_path / "digits.npz", inception)

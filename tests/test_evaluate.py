@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,66 @@ def test_evaluate_command_refuses_a_zero_image_size(tmp_path, capsys):
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
     assert main(["evaluate", str(tmp_path / "s.npz"), "--image-size", "0"]) == 2
     assert "--image-size must be at least 8" in capsys.readouterr().err
+
+
+def test_a_sample_folder_resumed_with_fewer_samples_is_scored_by_its_samples_json(tmp_path):
+    from helpers import tiny_model
+
+    from mediator_models.sample import LoadedModel, sample_to_folder
+    from mediator_models.sampling.generation import ProcessConfig, SamplerConfig
+
+    loaded = LoadedModel(tiny_model("SiT-T/4", input_size=16, in_channels=1), ProcessConfig("SiT"), "tiny", "w")
+    sampler = SamplerConfig(kind="ode", steps=2)
+    folder = tmp_path / "samples"
+    sample_to_folder(loaded, folder, num_samples=8, sampler=sampler, progress=False)
+    sample_to_folder(loaded, folder, num_samples=4, sampler=sampler, progress=False)  # the resume
+    assert len(list(folder.glob("*.png"))) == 8
+    with np.load(folder / "samples.npz") as data:
+        npz = data["arr_0"]
+    assert len(npz) == 4
+    np.testing.assert_array_equal(load_images(folder).images.permute(0, 2, 3, 1).numpy(), npz)
+    (folder / "samples.npz").unlink()  # without the npz: the PNGs samples.json lists, not every PNG
+    np.testing.assert_array_equal(load_images(folder).images.permute(0, 2, 3, 1).numpy(), npz)
+    np.savez(folder / "samples.npz", arr_0=np.concatenate([npz, npz]))
+    with pytest.raises(ValueError, match="samples.npz holds 8 images but samples.json says 4"):
+        load_images(folder)
+    (folder / "samples.json").unlink()
+    with pytest.raises(ValueError, match="unfinished `attnmed sample` folder"):
+        load_images(folder)
+
+
+def test_too_few_images_for_precision_and_recall_skip_them_saying_why(tmp_path, capsys):
+    from analysis.cli import main
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "three.npz", arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
+    assert main(["evaluate", str(tmp_path / "three.npz")]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert printed["precision"] is None and printed["recall"] is None and np.isfinite(printed["fid"])
+    assert "at least 4 images in each set; the samples have 3" in printed["skipped"]["recall"]
+    assert "precision and recall not scored: k-nearest-neighbour manifolds (k = 3)" in captured.err
+    four = torch.from_numpy(rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    scored = compute_metrics(four, four[:3], Extractor.digits(), kid=False)
+    assert scored["skipped"]["precision"].endswith("the reference has 3")
+    scored = compute_metrics(four, four, Extractor.digits(), kid=False)
+    assert scored["skipped"] == {} and scored["precision"] == 1.0
+
+
+def test_reference_statistics_of_another_feature_size_are_refused_saying_what_they_are(tmp_path, capsys):
+    from analysis.cli import main
+
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((8, 16, 16, 3), np.uint8))
+    images = np.zeros((5, 16, 16, 3), np.uint8)
+    np.savez(tmp_path / "adm.npz", mu=np.zeros(2048), sigma=np.eye(2048), arr_0=images)
+    assert main(["evaluate", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "adm.npz")]) == 2
+    error = capsys.readouterr().err
+    assert "adm.npz holds precomputed statistics of 2048 features (mu (2048,), sigma (2048, 2048) and arr_0)" in error
+    assert "makes 128; they are InceptionV3 pool_3 statistics" in error and "--extractor inception" in error
+    np.savez(tmp_path / "flat.npz", mu=np.zeros((1, 128)), sigma=np.eye(128))
+    with pytest.raises(ValueError, match=r"flat.npz: mu \(1, 128\) and sigma \(128, 128\) are not the statistics"):
+        compute_metrics(tmp_path / "s.npz", tmp_path / "flat.npz", Extractor.digits())
+    np.savez(tmp_path / "digits.npz", mu=np.zeros(128), sigma=np.eye(128))  # this extractor's size: used
+    scored = compute_metrics(tmp_path / "s.npz", tmp_path / "digits.npz", Extractor.digits())
+    assert np.isfinite(scored["fid"]) and set(scored["skipped"]) == {"kid", "precision", "recall"}
+    assert "is statistics (mu, sigma), which give FID only" in scored["skipped"]["kid"]

@@ -24,14 +24,23 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from analysis.quality.scores import NEIGHBOURHOOD, inside_manifold, knn_radii
+from analysis.quality.features import check_inception_weights
+from analysis.quality.scores import (
+    NEIGHBOURHOOD,
+    inside_manifold,
+    knn_radii,
+    precision_recall_shortfall,
+    statistics_size,
+)
 from mediator_models.storage.runfolder import atomic_write
 
 SPATIAL_CHANNELS = 7  # ADM: spatial[..., :7]
+FEATURE_SIZES = {"pool": 2048, "spatial": 17 * 17 * SPATIAL_CHANNELS}  # what mu/sigma and mu_s/sigma_s describe
 INCEPTION_SCORE_SPLIT = 5000  # ADM: compute_inception_score(split_size=5000)
 
 
@@ -51,12 +60,7 @@ class AdmInception:
     def __init__(self, weights_path: str | Path, device: torch.device | str | None = None):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        path = Path(weights_path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Inception weights {path} not found; pass the local "
-                "weights-inception-2015-12-05-6726825d.pth (nothing is downloaded here)"
-            )
+        path = check_inception_weights(weights_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = (
             FeatureExtractorInceptionV3(
@@ -146,6 +150,16 @@ def read_reference_batch(path: str | Path, inception: AdmInception) -> tuple[Act
             raise ValueError(f"{path} has no 'arr_0' images: precision and recall need the reference images")
         images = data["arr_0"]
         stored = {key: data[key] for key in ("mu", "sigma", "mu_s", "sigma_s") if key in data}
+    sizes = {"mu": FEATURE_SIZES["pool"], "mu_s": FEATURE_SIZES["spatial"]}
+    for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if mu_key in stored and sigma_key in stored:
+            size = statistics_size(stored[mu_key], stored[sigma_key], f"{path} ({mu_key}, {sigma_key})")
+            if size != sizes[mu_key]:
+                raise ValueError(
+                    f"{path} holds {mu_key}/{sigma_key} of {size} features; ADM's reference batches hold "
+                    f"{FEATURE_SIZES['pool']} (mu, sigma: pool_3) and {FEATURE_SIZES['spatial']} (mu_s, sigma_s: "
+                    "mixed_6/conv), so these were made by another network; give an ADM reference batch"
+                )
     activations = inception.activations(images)
     stats = dict(stored)
     if not {"mu", "sigma"} <= set(stored):
@@ -155,13 +169,15 @@ def read_reference_batch(path: str | Path, inception: AdmInception) -> tuple[Act
     return activations, stats
 
 
-def adm_metrics(samples: np.ndarray, reference_batch: str | Path, inception: AdmInception) -> dict[str, float]:
-    """FID, sFID, Inception Score, precision and recall of uint8 samples (N, H, W, 3), as ADM's evaluator."""
+def adm_metrics(samples: np.ndarray, reference_batch: str | Path, inception: AdmInception) -> dict[str, Any]:
+    """FID, sFID, Inception Score, precision and recall of uint8 samples (N, H, W, 3), as ADM's evaluator.
+    Precision and recall on sets smaller than k + 1 images are None, and "skipped" says why."""
     reference, stats = read_reference_batch(reference_batch, inception)
     sample = inception.activations(samples)
     mu, sigma = statistics(sample.pool)
     mu_s, sigma_s = statistics(sample.spatial)
-    precision, recall = precision_recall(reference.pool, sample.pool)
+    shortfall = precision_recall_shortfall(len(sample.pool), len(reference.pool))
+    precision, recall = precision_recall(reference.pool, sample.pool) if shortfall is None else (None, None)
     return {
         "fid": frechet_distance(mu, sigma, stats["mu"], stats["sigma"]),
         "sfid": frechet_distance(mu_s, sigma_s, stats["mu_s"], stats["sigma_s"]),
@@ -170,6 +186,7 @@ def adm_metrics(samples: np.ndarray, reference_batch: str | Path, inception: Adm
         "recall": recall,
         "num_samples": len(samples),
         "num_reference": len(reference.pool),
+        "skipped": {} if shortfall is None else {"precision": shortfall, "recall": shortfall},
     }
 
 

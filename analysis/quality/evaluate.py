@@ -2,7 +2,9 @@
 
 Every number states which feature extractor made it and from how many images. Samples and references can be
 a folder of images, an `.npz` (`arr_0`, uint8 NHWC, as `attnmed sample` writes), an in-memory uint8 tensor,
-a dataset split, or (reference only, FID only) an ADM reference batch `.npz` holding `mu` and `sigma`.
+a dataset split, or (reference only, FID only) an ADM reference batch `.npz` holding `mu` and `sigma` of the
+extractor's feature size (2048 for Inception; the digits extractor's 128 cannot use ADM's). A metric the sets cannot
+give is None, and "skipped" names it and says why.
 """
 
 from __future__ import annotations
@@ -14,8 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.quality.features import DIGITS_EXTRACTOR, FEATURE_NAME, DigitsExtractor, register_digits_extractor
+from analysis.quality.features import (
+    DIGITS_EXTRACTOR,
+    FEATURE_NAME,
+    INCEPTION_WEIGHTS_FILE,
+    DigitsExtractor,
+    check_inception_weights,
+    register_digits_extractor,
+)
 from analysis.quality.images import load_images
+from analysis.quality.scores import precision_recall_shortfall, statistics_size
+
+INCEPTION_FEATURES = 2048  # torch-fidelity's InceptionV3 pool_3: the features FID (and ADM's mu/sigma) use
 
 
 @dataclass
@@ -26,6 +38,7 @@ class Extractor:
     weights_path: str | None
     label: str
     accuracy: float | None = None
+    feature_size: int | None = None  # features per image, which precomputed reference statistics must match
 
     @classmethod
     def digits(cls, image_size: int = 16) -> "Extractor":
@@ -36,22 +49,21 @@ class Extractor:
             )
         register_digits_extractor()
         pinned = DigitsExtractor.pinned(image_size)
-        return cls(DIGITS_EXTRACTOR, str(pinned.path), pinned.label, pinned.accuracy)
+        return cls(DIGITS_EXTRACTOR, str(pinned.path), pinned.label, pinned.accuracy, pinned.net.head.in_features)
 
     @classmethod
     def inception(cls, weights_path: str | None = None) -> "Extractor":
         """torch-fidelity's InceptionV3; `weights_path` to its .pth, else torch-fidelity's cache must hold it."""
-        if weights_path is not None and not Path(weights_path).exists():
-            raise FileNotFoundError(f"Inception weights {weights_path} not found")
         if weights_path is None:
-            cached = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
             if not cached.exists():
                 raise FileNotFoundError(
                     "torch-fidelity's Inception weights are not in its cache and cannot be downloaded here; pass "
-                    "the local path to weights-inception-2015-12-05-6726825d.pth, or use the digits extractor"
+                    f"the local path to {INCEPTION_WEIGHTS_FILE}, or use the digits extractor"
                 )
             weights_path = str(cached)
-        return cls("inception-v3-compat", weights_path, "inception-v3 (torch-fidelity)")
+        check_inception_weights(weights_path)
+        return cls("inception-v3-compat", weights_path, "inception-v3 (torch-fidelity)", None, INCEPTION_FEATURES)
 
 
 def kid_subset_size(num_samples: int, num_reference: int) -> int:
@@ -63,15 +75,29 @@ def kid_subset_size(num_samples: int, num_reference: int) -> int:
 def compute_metrics(
     samples, reference, extractor: Extractor, *, kid: bool = True, prc: bool = True, batch_size: int = 64
 ) -> dict[str, Any]:
-    """FID (and KID, precision, recall) of `samples` against `reference` with `extractor`'s features."""
+    """FID (and KID, precision, recall) of `samples` against `reference` with `extractor`'s features. A metric
+    that the sets cannot give is None, and "skipped" says why: precision and recall on sets smaller than their
+    k + 1 images, and everything but FID against a reference of precomputed statistics."""
     import torch_fidelity
 
     sample_set = load_images(samples)
     if isinstance(reference, (str, Path)) and Path(reference).suffix == ".npz":
-        with np.load(reference) as data:
-            if "mu" in data and "sigma" in data:
-                return _fid_against_statistics(sample_set, data["mu"], data["sigma"], extractor, batch_size)
+        statistics = _reference_statistics(Path(reference), extractor)
+        if statistics is not None:
+            reason = (
+                f"the reference {reference} is statistics (mu, sigma), which give FID only; give reference images "
+                "for KID, precision and recall"
+            )
+            skipped = {
+                metric: reason for metric, wanted in (("kid", kid), ("precision", prc), ("recall", prc)) if wanted
+            }
+            return _fid_against_statistics(sample_set, *statistics, extractor, batch_size) | {"skipped": skipped}
     reference_set = load_images(reference)
+    skipped = {}
+    shortfall = precision_recall_shortfall(len(sample_set), len(reference_set)) if prc else None
+    if shortfall is not None:
+        prc = False
+        skipped = {"precision": shortfall, "recall": shortfall}
     feature = FEATURE_NAME if extractor.name == DIGITS_EXTRACTOR else None
     layers = {f"feature_layer_{m}": feature for m in ("fid", "kid", "prc")} if feature else {}
     metrics = torch_fidelity.calculate_metrics(
@@ -99,7 +125,35 @@ def compute_metrics(
         "extractor_accuracy": extractor.accuracy,
         "num_samples": len(sample_set),
         "num_reference": len(reference_set),
+        "skipped": skipped,
     }
+
+
+def _reference_statistics(path: Path, extractor: Extractor) -> tuple[np.ndarray, np.ndarray] | None:
+    """The `mu`/`sigma` a reference .npz holds (an ADM reference batch, say), once they are known to describe
+    features of `extractor`'s size; None when it holds none (or cannot be read: `load_images` then says why)."""
+    try:
+        with np.load(path) as data:
+            if "mu" not in data or "sigma" not in data:
+                return None
+            mu, sigma, names = data["mu"], data["sigma"], list(data.files)
+    except Exception:
+        return None
+    size = statistics_size(mu, sigma, str(path))
+    if extractor.feature_size is not None and size != extractor.feature_size:
+        others = [name for name in names if name not in ("mu", "sigma")]
+        held = f"mu {mu.shape}, sigma {sigma.shape}" + (f" and {', '.join(others)}" if others else "")
+        fix = (
+            "they are InceptionV3 pool_3 statistics, as ADM's reference batches hold: evaluate with --extractor "
+            "inception --inception-weights FILE, or --adm (ADM's five metrics, with its arr_0 images)"
+            if size == INCEPTION_FEATURES
+            else "give statistics made with this extractor, or reference images"
+        )
+        raise ValueError(
+            f"{path} holds precomputed statistics of {size} features ({held}), but the extractor "
+            f"{extractor.label} makes {extractor.feature_size}; {fix}"
+        )
+    return mu, sigma
 
 
 def _fid_against_statistics(sample_set, mu, sigma, extractor: Extractor, batch_size: int) -> dict[str, Any]:

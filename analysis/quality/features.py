@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ MIN_ACCURACY = 0.95
 ASSETS = Path(__file__).resolve().parent / "assets"
 PINNED_DIGITS_WEIGHTS = ASSETS / "digits-cnn-16px.pt"
 PINNED_DIGITS_SHA256 = "96c0232742c255597029bcaf3e9d74784f8b53f4f78f4203a2194526eacad191"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF's pt_inception
 
 
 class DigitsNet(nn.Module):
@@ -148,6 +151,66 @@ class DigitsExtractor:
             for i in range(0, len(images), batch_size)
         ]
         return torch.cat(parts).double().numpy()
+
+
+@lru_cache(maxsize=1)
+def inception_tensor_shapes() -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor torch-fidelity's InceptionV3 loads, from its architecture built on the meta
+    device (no weights are read, nothing is allocated)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Architecture(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, *args, **kwargs):
+            return None  # only the architecture is wanted here
+
+    nothing = io.BytesIO()
+    torch.save({}, nothing)
+    nothing.seek(0)
+    with torch.device("meta"):
+        network = Architecture("inception-v3-compat", ["2048"], feature_extractor_weights_path=nothing)
+    return {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}
+
+
+def check_inception_weights(path: str | Path) -> Path:
+    """`path`, once it is known to hold torch-fidelity's InceptionV3 weights: every tensor its architecture loads,
+    with its shape, and nothing else (nanoGPT's check: compare the key sets before loading, name what differs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Inception weights {path} not found; pass the local {INCEPTION_WEIGHTS_FILE} (nothing is downloaded here)"
+        )
+    fix = f"give the pt_inception-2015-12-05 weights torch-fidelity uses ({INCEPTION_WEIGHTS_FILE})"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # text, truncated files, pickles of other objects
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(
+            f"Inception weights {path} cannot be read as torch weights ({type(error).__name__}: {reason[:120]}); {fix}"
+        ) from None
+    expected = inception_tensor_shapes()
+    if not isinstance(state, dict):
+        raise ValueError(f"Inception weights {path} holds a {type(state).__name__}, not a state dict; {fix}")
+    shapes = {name: tuple(value.shape) for name, value in state.items() if isinstance(value, torch.Tensor)}
+    matching = [name for name, shape in expected.items() if shapes.get(name) == shape]
+    if len(matching) == len(expected) == len(state):
+        return path
+    if not matching:
+        raise ValueError(
+            f"Inception weights {path} holds no Inception-v3 weights: 0 of {len(expected)} expected tensors "
+            f"({len(state)} entries of other names or shapes); {fix}"
+        )
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    reshaped = [name for name in expected if name in shapes and shapes[name] != expected[name]]
+    differences = [
+        f"{len(names)} {what} (e.g. {names[0]})"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+        if names
+    ]
+    raise ValueError(
+        f"Inception weights {path} holds {len(matching)} of {len(expected)} expected Inception-v3 tensors: "
+        f"{', '.join(differences)}; {fix}"
+    )
 
 
 def register_digits_extractor() -> None:

@@ -4,6 +4,7 @@ NHWC, as `attnmed sample` writes), an in-memory uint8 tensor or a dataset split 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,8 @@ class ImageSet(torch.utils.data.Dataset):
 
 
 def load_images(source) -> ImageSet:
-    """An ImageSet from a folder, an npz (`arr_0`), a uint8 tensor, or a TensorSource in [−1, 1]."""
+    """An ImageSet from a folder (of an `attnmed sample` run: the images its samples.json counts), an npz
+    (`arr_0`), a uint8 tensor, or a TensorSource in [−1, 1]."""
     if isinstance(source, ImageSet):
         return source
     if hasattr(source, "images") and hasattr(source, "labels"):  # a dataset split in model units
@@ -74,11 +76,54 @@ def _read_npz_images(path: Path) -> np.ndarray:
 
 
 def _read_image_folder(path: Path) -> np.ndarray:
-    from PIL import Image
-
+    if (path / "samples.json").exists():
+        return _read_sample_folder(path)
+    if (path / "sampling.json").exists():
+        raise ValueError(
+            f"{path} is an unfinished `attnmed sample` folder (sampling.json but no samples.json); run the same "
+            "attnmed sample command again to finish it, then evaluate the folder"
+        )
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise ValueError(f"no images (.png, .jpg) in {path}")
+    return _stack_images(files)
+
+
+def _read_sample_folder(path: Path) -> np.ndarray:
+    """The images an `attnmed sample` folder's samples.json says it holds: its npz, or where that is gone the PNGs
+    0..num_samples−1. PNGs beyond num_samples are not read: a resume with fewer samples leaves those of the longer
+    run in the folder (sample i is the same image in both: it is drawn from seed + i)."""
+    sidecar = path / "samples.json"
+    try:
+        count = int(json.loads(sidecar.read_text())["num_samples"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{sidecar} is not a readable attnmed samples.json ({type(error).__name__}: {error}); run the "
+            "attnmed sample command that made the folder again to rewrite it"
+        ) from None
+    npz = path / "samples.npz"
+    if npz.is_file():
+        images = _read_npz_images(npz)
+        if len(images) != count:
+            raise ValueError(
+                f"{npz} holds {len(images)} images but {sidecar.name} says {count}; run the attnmed sample "
+                "command that made the folder again to rewrite both"
+            )
+        return images
+    files = [path / f"{i:06d}.png" for i in range(count)]  # attnmed sample's names (mediator_models/sample.py)
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+        raise ValueError(
+            f"{path}: {sidecar.name} says {count} samples but samples.npz and {len(missing)} of their PNGs "
+            f"(first: {missing[0]}) are missing; run the attnmed sample command that made the folder again"
+        )
+    return _stack_images(files)
+
+
+def _stack_images(files: list[Path]) -> np.ndarray:
+    """(N, H, W, 3) uint8 of image files that must share one size."""
+    from PIL import Image
+
     arrays = []
     for file in files:
         try:

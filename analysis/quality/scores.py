@@ -21,6 +21,31 @@ NEIGHBOURHOOD = 3  # k of the k-NN manifolds (torch-fidelity's prc_neighborhood,
 LOWER_IS_BETTER = {"fid": True, "kid": True, "precision": False, "recall": False}
 
 
+def precision_recall_shortfall(num_samples: int, num_reference: int, k: int = NEIGHBOURHOOD) -> str | None:
+    """Why precision and recall cannot be scored on sets of these sizes, or None when they can: each image's
+    radius is the distance to its k-th nearest other image of its own set, so each set needs k + 1 images."""
+    small = [
+        f"the {what} {count}"
+        for what, count in (("samples have", num_samples), ("reference has", num_reference))
+        if count <= k
+    ]
+    if not small:
+        return None
+    return f"k-nearest-neighbour manifolds (k = {k}) need at least {k + 1} images in each set; {' and '.join(small)}"
+
+
+def statistics_size(mu, sigma, origin: str) -> int:
+    """The feature count D of Gaussian statistics `mu` (D,) and `sigma` (D, D); other shapes are refused with a
+    line naming `origin` (the file they came from)."""
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(
+            f"{origin}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} are not the statistics of one feature "
+            "set (mu (D,), sigma (D, D))"
+        )
+    return len(mu)
+
+
 @dataclass
 class Reference:
     """A reference set's features and what every metric needs from it, computed once."""
