@@ -501,59 +501,26 @@ def run_record(args: argparse.Namespace) -> int:
 
 def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
     """`attnmed record --diffusers FOLDER`: the pipeline's own scheduler loop, recorded into the same table."""
-    import inspect
-    import json
-    from pathlib import Path
-
-    from analysis.collect import collect_redundancy_diffusers, write_table
+    from analysis.collect import check_table_target, collect_redundancy_diffusers, load_pipeline, write_table
     from mediator_models.storage.runfolder import FolderLock
 
-    folder = Path(args.diffusers)
-    if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"{folder} is not a local diffusers pipeline folder (no model_index.json); nothing is downloaded"
-        )
-    import diffusers
-    from diffusers import DiffusionPipeline
-
-    from mediator_models.storage.errors import SettingError
-
-    index = json.loads((folder / "model_index.json").read_text())
-    kind = index.get("_class_name", "pipeline")
-    if not (index.get("transformer") or [None])[0]:
-        raise ValueError(
-            f"{folder} holds a {kind}, which has no transformer; the recorder reads DiT-like pipelines "
-            "(DiTPipeline, PixArt, SD3, Flux)"
-        )
-    # What the pipeline's call takes, known before loading it (collect_redundancy_diffusers checks it again).
-    pipeline_class = getattr(diffusers, kind, None)
-    accepted = inspect.signature(pipeline_class.__call__).parameters if pipeline_class else None
-    if accepted is not None and "class_labels" in accepted:
-        for setting in ("prompt", "embeddings"):
-            if getattr(args, setting):
-                raise SettingError(
-                    setting,
-                    f"is for text pipelines; {folder} holds a {kind}, which is class-conditional: drop --{setting} "
-                    "and choose the classes with --classes",
-                )
-    if args.size and accepted is not None and "height" not in accepted:
-        transformer = folder / "transformer" / "config.json"
-        latents = json.loads(transformer.read_text()).get("sample_size") if transformer.exists() else None
-        sized = f" ({latents}×{latents} latents)" if latents else ""
-        raise SettingError(
-            "size",
-            f"{args.size}: a {kind} takes no image size; it samples at its transformer's sample_size{sized}: "
-            "drop --size",
-        )
+    text_inputs = {name: getattr(args, name) for name in ("prompt", "embeddings") if getattr(args, name)}
+    loading = load_pipeline(args.diffusers, text_inputs=text_inputs, classes=args.classes, size=args.size)
     embeddings = _read_embeddings(args.embeddings) if args.embeddings else None
-    options = {"height": args.size, "width": args.size} if args.size else {}
     with FolderLock(out.parent, "attnmed record", name=f".{out.name}.lock"):  # also refuses an unwritable --out
-        # Components saved as absent (text encoders left out to be replaced by --embeddings) load as None.
-        absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
-        pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **absent)
-        pipeline.set_progress_bar_config(disable=True)
-        if options and "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters:
-            options["use_resolution_binning"] = False  # PixArt would move --size to its nearest trained aspect bin
+        pipeline, options = loading()
+        provenance = {
+            "diffusers": str(args.diffusers),
+            "pipeline": type(pipeline).__name__,
+            "scheduler": dict(pipeline.scheduler.config),
+            "steps": args.steps,
+            "cfg_scale": args.cfg_scale,
+            "prompts": args.prompt,
+            "embeddings": args.embeddings,
+            "size": args.size,
+            "collection": collection.to_dict(),
+        }
+        check_table_target(out, provenance)
         table = collect_redundancy_diffusers(
             pipeline,
             collection,
@@ -563,21 +530,7 @@ def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
             embeddings=embeddings,
             **options,
         )
-        write_table(
-            table,
-            out,
-            {
-                "diffusers": str(folder),
-                "pipeline": type(pipeline).__name__,
-                "scheduler": dict(pipeline.scheduler.config),
-                "steps": args.steps,
-                "cfg_scale": args.cfg_scale,
-                "prompts": args.prompt,
-                "embeddings": args.embeddings,
-                "size": args.size,
-                "collection": collection.to_dict(),
-            },
-        )
+        write_table(table, out, provenance)
     print(f"wrote {len(table)} rows to {out}")
     return 0
 

@@ -147,6 +147,74 @@ def _table(recorder, model: str, attention: str, mediators: int) -> pd.DataFrame
     return table[COLUMNS]
 
 
+def load_pipeline(
+    folder: str | Path, *, text_inputs: dict[str, Any] | None = None, classes=None, size: int | None = None
+):
+    """Check a local diffusers pipeline folder against what will be asked of it, reading only its
+    model_index.json, and return a function that loads it: (pipeline, options for its calls). Refused up front:
+    a folder that is no pipeline, a pipeline without a transformer, text inputs (`text_inputs`, by setting name)
+    for a class-conditional pipeline, `classes` for a text pipeline, and an image `size` for a pipeline that takes
+    none."""
+    import inspect
+
+    import diffusers
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"{folder} is not a local diffusers pipeline folder (no model_index.json); nothing is downloaded"
+        )
+    index = json.loads((folder / "model_index.json").read_text())
+    kind = index.get("_class_name", "pipeline")
+    if not (index.get("transformer") or [None])[0]:
+        raise ValueError(
+            f"{folder} holds a {kind}, which has no transformer; the recorder reads DiT-like pipelines "
+            "(DiTPipeline, PixArt, SD3, Flux)"
+        )
+    pipeline_class = getattr(diffusers, kind, None)
+    accepted = inspect.signature(pipeline_class.__call__).parameters if pipeline_class else None
+    if accepted is not None and "class_labels" in accepted:
+        for setting in text_inputs or {}:
+            raise SettingError(
+                setting,
+                f"is for text pipelines; {folder} holds a {kind}, which is class-conditional: drop it and choose "
+                "the classes with --classes",
+            )
+    if classes and accepted is not None and "class_labels" not in accepted:
+        raise SettingError(
+            "classes",
+            f"are class labels, but {folder} holds a {kind}, which is conditioned on text: choose what it "
+            "draws with prompts or text embeddings",
+        )
+    if size and accepted is not None and "height" not in accepted:
+        transformer = folder / "transformer" / "config.json"
+        latents = json.loads(transformer.read_text()).get("sample_size") if transformer.exists() else None
+        sized = f" ({latents}×{latents} latents)" if latents else ""
+        raise SettingError(
+            "size", f"{size}: a {kind} takes no image size; it samples at its transformer's sample_size{sized}"
+        )
+
+    def load():
+        from diffusers import DiffusionPipeline
+
+        # Components saved as absent (text encoders left out to be replaced by embeddings) load as None.
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # its loading bar would write carriage returns into logs
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **absent)
+        finally:
+            diffusers_logging.enable_progress_bar()
+        pipeline.set_progress_bar_config(disable=True)
+        options = {"height": size, "width": size} if size else {}
+        if options and "use_resolution_binning" in inspect.signature(pipeline.__call__).parameters:
+            options["use_resolution_binning"] = False  # PixArt would move the size to its nearest trained bin
+        return pipeline, options
+
+    return load
+
+
 def collect_redundancy_diffusers(
     pipeline,
     collection: CollectionConfig = CollectionConfig(),
@@ -184,6 +252,10 @@ def collect_redundancy_diffusers(
     if not text and (prompts or embeddings):
         raise ValueError(
             f"{name} is class-conditional: it takes class labels (--classes), not prompts or text embeddings"
+        )
+    if text and collection.classes:
+        raise SettingError(
+            "classes", f"are class labels, but {name} is conditioned on text: choose what it draws with prompts"
         )
     if text and not prompts and not embeddings:
         raise ValueError(f"{name} is conditioned on text: pass --prompt (one or more), or precomputed embeddings")

@@ -863,3 +863,27 @@ def test_collecting_from_a_dit_pipeline_refuses_prompts_and_options_it_does_not_
         collect_redundancy_diffusers(pipeline, collection, steps=1, prompts=["x"], progress=False)
     with pytest.raises(ValueError, match="DiTPipeline takes no height, width"):
         collect_redundancy_diffusers(pipeline, collection, steps=1, height=32, width=32, progress=False)
+
+
+def test_a_text_pipeline_refuses_class_labels_and_its_table_is_never_replaced_by_another(
+    tmp_path, tiny_vae_path, capsys
+):
+    from analysis.cli import main
+
+    pipeline, embeddings, _, _ = tiny_text_pipeline("SD3", tiny_vae_path)
+    folder = tmp_path / "sd3"
+    pipeline.save_pretrained(str(folder))
+    torch.save(embeddings, tmp_path / "embeddings.pt")
+    out = tmp_path / "sd3.parquet"
+    args = ["record", "--diffusers", str(folder), "--embeddings", str(tmp_path / "embeddings.pt"), "--size", "64"]
+    args += ["--samples", "1", "--out", str(out)]
+    assert main([*args, "--classes", "1", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"attnmed record: error: --classes are class labels, but {folder} holds a StableDiffusion3Pipeline, "
+        "which is conditioned on text: choose what it draws with prompts or text embeddings\n"
+    )
+    assert main([*args, "--steps", "2"]) == 0
+    before = out.read_bytes()
+    assert main([*args, "--steps", "3"]) == 2
+    assert "holds a table of another configuration" in capsys.readouterr().err and out.read_bytes() == before

@@ -139,16 +139,16 @@ def test_collection_is_independent_of_batching_and_resumes_after_interruption(tm
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"layers": [-9]}, r"--layers takes indices from 0 up, got \[-9\]"),
-        ({"layers": [7]}, r"--layers \[7\] do not exist in .*: it has layers 0..3"),
-        ({"layers": []}, "--layers was given without values"),
-        ({"heads": [99]}, r"--heads \[99\] do not exist in .*: it has heads 0..3"),
+        ({"layers": [-9]}, r"layers: takes indices from 0 up, got \[-9\]"),
+        ({"layers": [7]}, r"layers: \[7\] do not exist in .*: it has layers 0..3"),
+        ({"layers": []}, "layers: was given without values"),
+        ({"heads": [99]}, r"heads: \[99\] do not exist in .*: it has heads 0..3"),
         ({"heads": [-1]}, "−1 is the head average"),
-        ({"heads": [1, 1]}, r"--heads names \[1\] more than once"),
-        ({"keep_maps": [(1, 2, 3)], "keep_dir": "x"}, r"keep_maps takes \(step, layer\) pairs"),
+        ({"heads": [1, 1]}, r"heads: names \[1\] more than once"),
+        ({"keep_maps": [(1, 2, 3)], "keep_dir": "x"}, r"keep_maps: takes \(step, layer\) pairs"),
         (
             {"layers": [0], "keep_maps": [(0, 2)], "keep_dir": "x"},
-            r"--keep-maps \[\(0, 2\)\]: those layers are not recorded",
+            r"keep_maps: \[\(0, 2\)\]: those layers are not recorded",
         ),
     ],
 )

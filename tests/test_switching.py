@@ -280,7 +280,7 @@ def test_guided_channels_without_guidance_are_accepted_as_inactive():
     assert "guided channels 1 (inactive: no guidance)" in sampler.describe()
     guided = SamplerConfig(kind="sde", steps=3, cfg_scale=4.0, guided_channels=1)
     assert len(evaluation_levels(ProcessConfig("SiT"), guided)) == 3
-    with pytest.raises(ValueError, match="guided-channels must lie in 1..4"):
+    with pytest.raises(ValueError, match="guided_channels: must lie in 1..4"):
         SamplerConfig(kind="sde", steps=3, guided_channels=5).check("SiT", in_channels=4)
 
 

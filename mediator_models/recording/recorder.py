@@ -28,6 +28,7 @@ from torch import nn
 from mediator_models.network.attention import AttentionMaps
 from mediator_models.sampling.steps import StepInfo
 from mediator_models.storage.checkpoints import atomic_save
+from mediator_models.storage.errors import SettingError
 
 Reducer = Callable[[AttentionMaps], Mapping[str, torch.Tensor]]
 
@@ -111,8 +112,8 @@ class AttentionRecorder:
     ):
         self.models = _as_named_models(models)
         self.reducers = {"": reducers} if callable(reducers) else dict(reducers)
-        self.layers = None if layers is None else _selection(layers, "layers", "--layers")
-        self.heads = None if heads is None else _selection(heads, "heads", "--heads")
+        self.layers = None if layers is None else _selection(layers, "layers")
+        self.heads = None if heads is None else _selection(heads, "heads")
         self.keep_maps = set()
         for pair in keep_maps or ():
             if (
@@ -120,9 +121,7 @@ class AttentionRecorder:
                 or len(pair) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair)
             ):
-                raise ValueError(
-                    f"keep_maps takes (step, layer) pairs of whole numbers ≥ 0 (--keep-maps STEP:LAYER), got {pair!r}"
-                )
+                raise SettingError("keep_maps", f"takes (step, layer) pairs of whole numbers ≥ 0, got {pair!r}")
             self.keep_maps.add(tuple(pair))
         if self.keep_maps and keep_dir is None:
             raise ValueError("keep_maps needs keep_dir, the folder to write the kept maps to")
@@ -174,16 +173,17 @@ class AttentionRecorder:
                 depth, heads = len(diffusers_recording.recordable_layers(model)), diffusers_recording.num_heads(model)
             wrong = [layer for layer in self.layers or () if layer >= depth]
             if wrong:
-                raise ValueError(f"--layers {wrong} do not exist in {name}: it has layers 0..{depth - 1}")
+                raise SettingError("layers", f"{wrong} do not exist in {name}: it has layers 0..{depth - 1}")
             wrong = [head for head in self.heads or () if head >= heads]
             if wrong:
-                raise ValueError(f"--heads {wrong} do not exist in {name}: it has heads 0..{heads - 1}")
+                raise SettingError("heads", f"{wrong} do not exist in {name}: it has heads 0..{heads - 1}")
             recorded = range(depth) if self.layers is None else self.layers
             wrong = sorted(pair for pair in self.keep_maps if pair[1] not in recorded)
             if wrong:
-                raise ValueError(
-                    f"--keep-maps {wrong}: those layers are not recorded in {name} (recorded: "
-                    f"{list(recorded)}); kept maps come from recorded layers only"
+                raise SettingError(
+                    "keep_maps",
+                    f"{wrong}: those layers are not recorded in {name} (recorded: {list(recorded)}); kept maps come "
+                    "from recorded layers only",
                 )
 
     def detach(self) -> None:
@@ -340,20 +340,22 @@ def record_attention(
         recorder.detach()
 
 
-def _selection(values: Iterable[int], what: str, flag: str) -> list[int]:
-    """A non-empty list of distinct indices ≥ 0 (−1 is reserved for the head average in tables)."""
+def _selection(values: Iterable[int], what: str) -> list[int]:
+    """A non-empty list of distinct indices ≥ 0 (−1 is reserved for the head average in tables); `what` is the
+    setting ("layers" or "heads")."""
     values = list(values)
     if not values:
-        raise ValueError(f"{flag} was given without values; name at least one, or drop it to record all {what}")
+        raise SettingError(what, f"was given without values; name at least one, or leave it unset to record all {what}")
     bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 0]
     if bad:
-        raise ValueError(
-            f"{flag} takes indices from 0 up, got {bad}"
-            + (" (−1 is the head average in tables, recorded always)" if what == "heads" else "")
+        raise SettingError(
+            what,
+            f"takes indices from 0 up, got {bad}"
+            + (" (−1 is the head average in tables, recorded always)" if what == "heads" else ""),
         )
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
-        raise ValueError(f"{flag} names {repeated} more than once; name each once")
+        raise SettingError(what, f"names {repeated} more than once; name each once")
     return sorted(values)
 
 

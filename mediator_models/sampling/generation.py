@@ -17,6 +17,7 @@ import torch
 from mediator_models.sampling.diffusion import GaussianDiffusion
 from mediator_models.sampling.steps import ModelFn, NetworkCaller, StepCallback
 from mediator_models.sampling.transport import ODE_METHODS, SDE_METHODS, Transport
+from mediator_models.storage.errors import SettingError
 
 SAMPLER_KINDS = {"DiT": ("ddpm", "ddim"), "SiT": ("sde", "ode")}
 
@@ -59,32 +60,32 @@ class SamplerConfig:
     last_step_size: float = 0.04
 
     def check(self, family: str, in_channels: int | None = None) -> None:
-        """Refuse a sampler the model family cannot use, naming the flag (`in_channels` bounds --guided-channels)."""
+        """Refuse a sampler the model family cannot use, naming the setting (`in_channels` bounds guided_channels)."""
         kinds = SAMPLER_KINDS.get(family)
         if kinds is None:
             raise ValueError(f"unknown model family {family!r}")
         if self.kind not in kinds:
-            raise ValueError(f"--sampler {self.kind} does not apply to a {family} model; choose one of {kinds}")
+            raise SettingError("sampler", f"{self.kind} does not apply to a {family} model; choose one of {kinds}")
         if self.kind == "sde" and self.method not in (None, *SDE_METHODS):
-            raise ValueError(f"unknown SDE --method {self.method!r}; choose one of {SDE_METHODS}")
+            raise SettingError("method", f"{self.method!r} is no SDE method; choose one of {SDE_METHODS}")
         if self.kind == "ode" and self.method not in (None, *ODE_METHODS):
-            raise ValueError(f"unknown ODE --method {self.method!r}; choose one of {ODE_METHODS}")
+            raise SettingError("method", f"{self.method!r} is no ODE method; choose one of {ODE_METHODS}")
         if self.kind in ("ddpm", "ddim") and self.method is not None:
-            raise ValueError(
-                f"--method {self.method} applies to SiT's sde/ode samplers; DiT's {self.kind} has no "
-                "method: drop --method"
+            raise SettingError(
+                "method", f"{self.method} applies to SiT's sde/ode samplers; DiT's {self.kind} has no method: drop it"
             )
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {self.steps!r}")
+            raise SettingError("steps", f"must be at least 1, got {self.steps!r}")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
-            raise ValueError(f"--cfg-scale must be at least 1 (1 = no guidance), got {self.cfg_scale!r}")
+            raise SettingError("cfg_scale", f"must be at least 1 (1 = no guidance), got {self.cfg_scale!r}")
         # guided_channels at cfg_scale 1 is accepted and inactive (a sweep over scales starts at 1): see describe().
         if self.guided_channels is not None:
             upper = in_channels if in_channels is not None else self.guided_channels
             if not 1 <= self.guided_channels <= upper:
-                raise ValueError(
-                    f"--guided-channels must lie in 1..{upper} (the model's input channels; 3 "
-                    f"reproduces the public code), got {self.guided_channels}"
+                raise SettingError(
+                    "guided_channels",
+                    f"must lie in 1..{upper} (the model's input channels; 3 reproduces the public code), got "
+                    f"{self.guided_channels}",
                 )
 
     @property
