@@ -406,8 +406,9 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
         "--metrics",
         default="cheap",
         help="'cheap' (jsd, entropy, cosine), 'all' (adds the singular-value ranks) or a comma list of "
-        "those words and metrics, e.g. all,recovery_rank_16,recovery_pooled_16 (the premise: how "
-        "much of A·V a rank-16 or pooled 16-mediator map recovers; full attention only)",
+        "those words and metrics, e.g. all,recovery_rank_16,recovery_pooled_16,recovery_bound_16 (the "
+        "premise: how much of A·V a rank-16 or pooled 16-mediator map loses, and the least any rank-16 map "
+        "can lose; full attention only)",
     )
     parser.add_argument(
         "--jsd-pairs",
@@ -593,9 +594,10 @@ def _configure_schedule(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float, default=0.1, help="recovery rule: largest relative error of A·V")
     parser.add_argument(
         "--recovery-kind",
-        choices=("rank", "pooled"),
+        choices=("rank", "pooled", "bound"),
         default="rank",
-        help="recovery rule: the truncated SVD of A, or the mediator form from pooled queries",
+        help="recovery rule: the truncated SVD of A, the mediator form from pooled queries, or the bound (the "
+        "least error any rank-n map reaches on A·V; 0 once n reaches the head dimension)",
     )
     parser.add_argument(
         "--tau", type=float, default=0.9, help="energy fraction for the rank rules (0.9 or 0.99, as recorded)"

@@ -16,7 +16,12 @@ Singular values are computed in float64 (or float32 when asked), never in half p
 The premise of sizing mediators from redundancy, measured on the layer's output rather than its map
 (`recovery_errors`): how much of A·V a map of rank n keeps, as ‖(A − Â)·V‖_F / ‖A·V‖_F for Â the best rank-n
 approximation of A (truncated SVD), and for Â the mediator form built from the layer's own queries and keys
-(queries pooled to n mediators, no position biases: our construction, not a trained mediator layer).
+(queries pooled to n mediators, no position biases: our construction, not a trained mediator layer). Beside them,
+the bound (`bound_recovery_errors`): ‖A·V − [A·V]_n‖_F / ‖A·V‖_F for [A·V]_n the best rank-n approximation of the
+N×d output itself, the least error any rank-n map can reach. The truncated SVD of A is best for A, not for A·V, so
+the bound lies at or below the rank measure; it is 0 once n ≥ d (the head dimension), where a rank-n measure says
+nothing about the output. The mediator form adds constraints beyond rank n: both factors row-stochastic, the n
+mediators pooled from the layer's own queries.
 """
 
 from __future__ import annotations
@@ -194,17 +199,36 @@ def energy_rank(sigma: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
 # ---- the premise: how much of the output a rank-n map recovers ------------------------------------------
 
 
-def rank_recovery_errors(maps: torch.Tensor, values: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, torch.Tensor]:
+def rank_recovery_errors(
+    maps: torch.Tensor, values: torch.Tensor, ranks: tuple[int, ...], decomposition=None
+) -> dict[int, torch.Tensor]:
     """{n: ‖(A − A_n)·V‖_F / ‖A·V‖_F} for A_n the truncated SVD of A at rank n. maps (..., N, N), values (..., N, d).
 
     With A = U·S·Wᵀ, (A − A_n)·V = Σ_{i>n} u_i·s_i·(w_iᵀV) and the u_i are orthonormal, so the error is the norm
     of the rows i > n of S·WᵀV: one SVD per map serves every n. A rank at or above N recovers A·V exactly (0).
+    `decomposition` is (S, Wᵀ) of `maps` in float64 where the caller has it already (it serves the spectral
+    measures too).
     """
     a, v = maps.double(), values.double()
-    _, s, wh = torch.linalg.svd(a, full_matrices=False)
+    s, wh = decomposition if decomposition is not None else torch.linalg.svd(a, full_matrices=False)[1:]
     row_energy = ((s[..., None] * (wh @ v)) ** 2).sum(-1)  # (..., K): ‖s_i·w_iᵀV‖²
     tail = row_energy.flip(-1).cumsum(-1).flip(-1)  # tail[i] = Σ_{j≥i}
     total = (a @ v).square().sum((-2, -1)).clamp_min(_TINY)
+    out = {}
+    for n in ranks:
+        left = tail[..., n] if n < tail.shape[-1] else torch.zeros_like(total)
+        out[n] = (left.clamp_min(0) / total).sqrt()
+    return out
+
+
+def bound_recovery_errors(maps: torch.Tensor, values: torch.Tensor, ranks: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """{n: ‖A·V − [A·V]_n‖_F / ‖A·V‖_F}, the least relative error on the output that any map of rank ≤ n can reach
+    (Eckart–Young on the N×d matrix A·V; a rank-n map gives an output of rank ≤ n). maps (..., N, N), values
+    (..., N, d). One small decomposition (of N×d, not N×N) serves every n; n ≥ d gives 0."""
+    sigma = torch.linalg.svdvals(maps.double() @ values.double())
+    energy = sigma.square()
+    tail = energy.flip(-1).cumsum(-1).flip(-1)  # tail[i] = Σ_{j≥i} σ_j²
+    total = tail[..., 0].clamp_min(_TINY)
     out = {}
     for n in ranks:
         left = tail[..., n] if n < tail.shape[-1] else torch.zeros_like(total)
@@ -242,11 +266,13 @@ CHEAP_METRICS = ("jsd", "entropy", "cosine")
 SPECTRAL_METRICS = ("effective_rank", "stable_rank", "numerical_rank", "energy_rank_0.9", "energy_rank_0.99")
 ALL_METRICS = CHEAP_METRICS + SPECTRAL_METRICS
 # The premise measures are named by their rank or mediator count: recovery_rank_16, recovery_pooled_16.
-_RECOVERY = re.compile(r"^recovery_(rank|pooled)_([1-9][0-9]*)$")
+_RECOVERY = re.compile(r"^recovery_(rank|pooled|bound)_([1-9][0-9]*)$")
+RECOVERY_KINDS = ("rank", "pooled", "bound")
 
 
 def recovery_metrics(counts) -> tuple[str, ...]:
-    """The premise measures for these mediator counts: rank-n truncation and the pooled mediator form."""
+    """The premise measures for these mediator counts: rank-n truncation and the pooled mediator form (the bound
+    on the output, `recovery_bound_N`, is named explicitly)."""
     return tuple(f"recovery_{kind}_{n}" for kind in ("rank", "pooled") for n in counts)
 
 
@@ -255,7 +281,7 @@ def check_metric_names(metrics) -> None:
     if unknown or not metrics:
         raise ValueError(
             f"unknown metrics {unknown or '(none named)'}; --metrics takes 'cheap', 'all' or a comma "
-            f"list of {', '.join(ALL_METRICS)}, recovery_rank_N, recovery_pooled_N"
+            f"list of {', '.join(ALL_METRICS)}, recovery_rank_N, recovery_pooled_N, recovery_bound_N"
         )
 
 
@@ -286,8 +312,10 @@ def measure(
     jsd_pairs: int | None = 8192,
     numerical_rtol: float = 1e-3,
     svd_dtype: torch.dtype = torch.float64,
+    sigma: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The named metrics of a batch of row-stochastic maps (..., N, M), each of shape (...)."""
+    """The named metrics of a batch of row-stochastic maps (..., N, M), each of shape (...). `sigma`: the maps'
+    singular values in `svd_dtype` where the caller has decomposed them already."""
     check_metric_names(metrics)
     if not set(metrics) <= set(ALL_METRICS):
         raise ValueError(
@@ -304,7 +332,7 @@ def measure(
     if "cosine" in metrics:
         out["cosine"] = mean_cosine(maps)
     if any(m in metrics for m in SPECTRAL_METRICS):
-        sigma = singular_values(maps, svd_dtype)
+        sigma = singular_values(maps, svd_dtype) if sigma is None else sigma
         spectral = {
             "effective_rank": lambda: effective_rank(sigma),
             "stable_rank": lambda: stable_rank(sigma),
@@ -338,17 +366,28 @@ def metric_reducer(
     recovery = [_RECOVERY.match(m).groups() for m in metrics if m not in ALL_METRICS]
     ranks = tuple(sorted({int(n) for kind, n in recovery if kind == "rank"}))
     pooled = tuple(sorted({int(n) for kind, n in recovery if kind == "pooled"}))
+    bounds = tuple(sorted({int(n) for kind, n in recovery if kind == "bound"}))
+    # One float64 SVD per map serves the premise's rank measure and every spectral measure.
+    shared_svd = bool(ranks) and any(m in SPECTRAL_METRICS for m in on_maps)
+    shared_svd = shared_svd and options.get("svd_dtype", torch.float64) == torch.float64
 
     def reduce(maps) -> dict[str, torch.Tensor]:
-        out = measure(maps.effective, on_maps, jsd_pairs=jsd_pairs, **options) if on_maps else {}
+        decomposition = None
+        if shared_svd:
+            _, sigma, wh = torch.linalg.svd(maps.effective.double(), full_matrices=False)
+            decomposition = (sigma, wh)
+        spectra = {"sigma": decomposition[0]} if decomposition is not None else {}
+        out = measure(maps.effective, on_maps, jsd_pairs=jsd_pairs, **options, **spectra) if on_maps else {}
         if recovery and maps.values is None:
             raise ValueError(
                 "the recovery measures need the layer's values; this attention module does not hand them over"
             )
         if ranks:
-            out.update(
-                {f"recovery_rank_{n}": e for n, e in rank_recovery_errors(maps.effective, maps.values, ranks).items()}
-            )
+            errors = rank_recovery_errors(maps.effective, maps.values, ranks, decomposition)
+            out.update({f"recovery_rank_{n}": e for n, e in errors.items()})
+        if bounds:
+            errors = bound_recovery_errors(maps.effective, maps.values, bounds)
+            out.update({f"recovery_bound_{n}": e for n, e in errors.items()})
         if pooled:
             if maps.kind != "full":
                 raise ValueError(

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from analysis.collect import refuse_missing_values
+from analysis.metrics import RECOVERY_KINDS
 from mediator_models.network.flops import config_gmacs
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
 from mediator_models.sampling.steps import start_batch
@@ -157,10 +158,11 @@ def derive_schedule(
 
 def recovery_curve(table: pd.DataFrame, kind: str = "rank") -> pd.DataFrame:
     """The premise measure per step, layer and mediator count: the relative error of A·V through a rank-n map
-    ("rank": the truncated SVD of A; "pooled": the mediator form from the layer's own pooled queries), averaged
+    ("rank": the truncated SVD of A; "pooled": the mediator form from the layer's own pooled queries; "bound": the
+    least error any rank-n map can reach, from the output's own SVD), averaged
     over heads and samples. Columns step, noise_level, layer, mediators, error; from noise to data."""
-    if kind not in ("rank", "pooled"):
-        raise SettingError("recovery_kind", f"is {kind!r}; choose 'rank' or 'pooled'")
+    if kind not in RECOVERY_KINDS:
+        raise SettingError("recovery_kind", f"is {kind!r}; choose one of {', '.join(RECOVERY_KINDS)}")
     prefix = f"recovery_{kind}_"
     rows = table[table["metric"].str.startswith(prefix) & (table["head"] == -1)]
     if rows.empty:

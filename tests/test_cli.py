@@ -361,3 +361,52 @@ def test_a_one_step_table_draws_its_points():
     fig = redundancy_curves(one_step, "jsd")
     lines = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("layer")]
     assert lines and all(line.get_marker() == "o" and len(line.get_xdata()) == 1 for line in lines)
+
+
+def test_the_bound_is_recorded_and_read_by_the_recovery_rule(tmp_path, capsys):
+    import pandas as pd
+    import torch
+
+    from mediator_models import build_model
+
+    checkpoint = tmp_path / "sit.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("SiT-T/2", input_size=8).state_dict(), checkpoint)
+    table = tmp_path / "t.parquet"
+    args = ["record", "--ckpt", str(checkpoint), "--model", "SiT-T/2", "--input-size", "8", "--steps", "3"]
+    args += [
+        "--samples",
+        "2",
+        "--batch-size",
+        "2",
+        "--metrics",
+        "recovery_rank_4,recovery_bound_4",
+        "--out",
+        str(table),
+    ]
+    assert main(args) == 0
+    rows = pd.read_parquet(table)
+    layer_rows = rows[rows["head"] == -1].pivot_table(index=["step", "layer"], columns="metric", values="mean")
+    assert (layer_rows["recovery_bound_4"] <= layer_rows["recovery_rank_4"] + 1e-9).all()
+    out = tmp_path / "s.json"
+    assert (
+        main(
+            [
+                "schedule",
+                str(table),
+                "--counts",
+                "4",
+                "full",
+                "--rule",
+                "recovery",
+                "--recovery-kind",
+                "bound",
+                "--epsilon",
+                "0.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert out.exists()

@@ -286,3 +286,50 @@ def test_full_attention_hands_its_values_queries_and_keys_to_observers():
 def merge(x):
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def test_the_bound_is_the_least_output_error_any_rank_n_map_reaches():
+    from analysis.metrics import bound_recovery_errors
+
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.rand(4, 64, 64, generator=generator, dtype=torch.float64).pow(6)
+    maps = maps / maps.sum(-1, keepdim=True)
+    values = torch.randn(4, 64, 8, generator=generator, dtype=torch.float64)
+    counts = (1, 2, 4, 7, 8, 16)
+    bound = bound_recovery_errors(maps, values, counts)
+    truncated = rank_recovery_errors(maps, values, counts)
+    for n in counts:  # the truncated SVD of A is one rank-n map: it cannot beat the bound
+        assert (bound[n] <= truncated[n] + 1e-12).all()
+    assert all(float(bound[n].max()) < 1e-10 for n in (8, 16))  # n ≥ d = 8: the output itself has rank ≤ 8
+    assert (bound[4] > 1e-3).all() and (bound[1] >= bound[2]).all() and (bound[2] >= bound[4]).all()
+    # Equal to the output's own truncated SVD, by hand.
+    u, s, vh = torch.linalg.svd(maps @ values, full_matrices=False)
+    best = (u[..., :2] * s[..., None, :2]) @ vh[..., :2, :]
+    by_hand = (maps @ values - best).norm(dim=(-2, -1)) / (maps @ values).norm(dim=(-2, -1))
+    torch.testing.assert_close(bound[2], by_hand)
+    # With V = I the output is the map: the bound and the truncated SVD coincide.
+    eye = torch.eye(64, dtype=torch.float64).expand(4, 64, 64)
+    torch.testing.assert_close(bound_recovery_errors(maps, eye, (4,))[4], rank_recovery_errors(maps, eye, (4,))[4])
+
+
+def test_one_decomposition_serves_the_spectral_measures_and_the_premise(monkeypatch):
+    from analysis.metrics import SPECTRAL_METRICS
+
+    maps = maps_of_rank(5).float()[None]
+    values = torch.randn(1, 3, 64, 8, generator=torch.Generator().manual_seed(4))
+    shared = metric_reducer((*SPECTRAL_METRICS, "recovery_rank_4", "recovery_bound_4"))
+    separate = {
+        **measure(maps, SPECTRAL_METRICS),
+        **metric_reducer(("recovery_rank_4",))(AttentionMaps("full", full=maps, values=values)),
+    }
+    out = shared(AttentionMaps("full", full=maps, values=values))
+    for name, value in separate.items():
+        torch.testing.assert_close(out[name], value, rtol=1e-9, atol=1e-9)
+    calls = []
+    for name in ("svd", "svdvals"):
+        real = getattr(torch.linalg, name)
+        monkeypatch.setattr(
+            torch.linalg, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
+        )
+    shared(AttentionMaps("full", full=maps, values=values))
+    assert calls == ["svd", "svdvals"]  # the map's SVD once; the bound decomposes the small N×d output
