@@ -795,6 +795,74 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_graft(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="a full-attention attnmed checkpoint, an official DiT/SiT file or a diffusers DiT folder",
+    )
+    parser.add_argument("--model", default=None, help="for official files only: the registry name, e.g. DiT-XL/2")
+    parser.add_argument("--input-size", type=int, default=None, help="for official files only (default 32 = 256 px)")
+    parser.add_argument("--raw-weights", action="store_true", help="graft the raw weights instead of the EMA")
+    parser.add_argument(
+        "--numerics",
+        choices=("dit", "diffusers"),
+        default="dit",
+        help="diffusers DiT folders: compute as the original DiT or exactly as diffusers does",
+    )
+    parser.add_argument(
+        "--mediators", type=int, nargs="+", required=True, help="mediator counts, one network each (perfect squares)"
+    )
+    _add_sampler_args(parser, steps=50)
+    parser.add_argument(
+        "--samples", type=int, default=8, help="trajectories the training-free error is measured on (0: none)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="trajectories per forward batch")
+    parser.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="then fit each mediator layer to its full-attention layer's output on the source's trajectories, "
+        "for this many AdamW steps of --batch-size trajectories (resumable: run the same command again)",
+    )
+    parser.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of the distillation")
+    parser.add_argument("--out", required=True, help="folder for med{n}.pt, errors.json and graft.json")
+
+
+@command(
+    "graft",
+    "make mediator networks from a trained full-attention one (shared tensors copied, biases and conv zero) and "
+    "print their training-free error per layer",
+    _configure_graft,
+)
+def run_graft(args: argparse.Namespace) -> int:
+    from mediator_models.graft import format_error_table, graft_to_folder
+
+    changes = {"steps": args.steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels}
+    changes.update({"method": args.method, **({"kind": args.sampler} if args.sampler else {})})
+    result = graft_to_folder(
+        args.ckpt,
+        args.out,
+        args.mediators,
+        model_name=args.model,
+        input_size=args.input_size,
+        use_ema=not args.raw_weights,
+        numerics=args.numerics,
+        sampler=changes,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        classes=args.classes,
+        distill_steps=args.distill_steps,
+        distill_lr=args.distill_lr,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    if result.errors:
+        print(format_error_table(result.errors))
+    print("wrote " + ", ".join(str(path) for path in result.checkpoints.values()))
+    return 0
+
+
 def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",

@@ -1,0 +1,497 @@
+"""Grafting: mediator networks made from a trained full-attention one, without training from scratch.
+
+Mediator attention uses the same qkv and proj as full attention, and its mediators are pooled queries, not learned
+tokens; only its position-bias tables and its depthwise conv on V are new. A grafted network copies every shared
+tensor bit for bit and sets what mediators add to zero. With zero biases and a zero conv, layer by layer it computes
+
+    out = proj(softmax(s·Q·Tᵀ)·softmax(s·T·Kᵀ)·V),   T = the queries average-pooled to √n×√n,
+
+which is exactly the mediator form that the premise measure `recovery_pooled_N` (analysis/metrics.py) builds from a
+full-attention layer: the zero conv adds exactly 0 (so nothing of the source's A·V is replaced by a local term),
+and zero biases leave both softmaxes as the measure has them. This is the training-free network closest to its
+source that the mediator block can express without fitting anything.
+
+The error it makes is measured here on the source network's own activations along its sampling trajectories:
+each layer's input is handed to the grafted layer, and the two layers' outputs are compared, per head before proj
+(`mixing_error`, which equals `recovery_pooled_N` up to float rounding) and after proj (`output_error`, what the
+block adds to its residual stream, which no premise measure predicts: proj mixes the heads and adds its bias).
+
+`distill_layers` then fits each grafted attention layer (qkv, proj, biases, conv) to its source layer's output on
+the source's activations along sampling trajectories; everything outside attention stays the source's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from mediator_models.network.attention import split_heads
+from mediator_models.network.config import ModelConfig, check_mediator_count
+from mediator_models.network.dit import DiffusionTransformer
+from mediator_models.recording.recorder import RunningStats
+from mediator_models.sample import load_for_sampling
+from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, default_sampler, generate
+from mediator_models.sampling.steps import start_batch
+from mediator_models.sampling.switching import evaluation_levels
+from mediator_models.storage.checkpoints import atomic_save, checkpoint_checksum, read_checkpoint
+from mediator_models.storage.errors import SettingError
+from mediator_models.storage.runfolder import FolderLock, atomic_write_json, claim_identity, clean_stale_temporaries
+from mediator_models.train import truncate_log
+
+# What a mediator layer has beyond full attention (names as in MediatorAttention), all set to zero on grafting.
+MEDIATOR_TENSORS = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias", "dwc.weight", "dwc.bias")
+ERROR_METRICS = ("mixing_error", "output_error")
+_TINY = 1e-30
+
+
+def graft_config(source: ModelConfig, mediators: int) -> ModelConfig:
+    """The mediator variant of `source`: the same network with n mediators (and the mediator block's conv)."""
+    if source.attention != "full":
+        raise ValueError(
+            f"grafting needs a full-attention source network; {source.label} has {source.attention_label} "
+            "attention already"
+        )
+    check_mediator_count(mediators, source.num_tokens)
+    return source.replace(attention="mediator", mediators=mediators, depthwise_conv=None)
+
+
+def graft(source: DiffusionTransformer, mediators: int) -> DiffusionTransformer:
+    """A mediator network with `source`'s tensors copied exactly and the mediators' own ones zero.
+
+    A source with the "full + conv" ablation's conv keeps that conv (a shared tensor). Any tensor of the source
+    that has no place in the mediator network, or a shape that disagrees, is refused by name.
+    """
+    config = graft_config(source.config, mediators)
+    target = DiffusionTransformer(config).to(next(source.parameters()).device)
+    own, theirs = target.state_dict(), source.state_dict()
+    unplaced = [k for k in theirs if k not in own]
+    if unplaced:
+        raise ValueError(f"{source.config.label} holds tensors a mediator network has no place for: {unplaced[:4]}")
+    weights = {}
+    for key, slot in own.items():
+        if key in theirs:
+            if theirs[key].shape != slot.shape:
+                raise ValueError(
+                    f"{key}: the source has {tuple(theirs[key].shape)}, the mediator network {tuple(slot.shape)}"
+                )
+            weights[key] = theirs[key].detach().clone()
+        elif key.endswith(tuple("attn." + name for name in MEDIATOR_TENSORS)):
+            weights[key] = torch.zeros_like(slot)
+        else:
+            raise ValueError(f"{key} of {config.label} has no counterpart in {source.config.label}")
+    target.load_state_dict(weights, strict=True)
+    return target.eval()
+
+
+def grafted_checkpoint(model: DiffusionTransformer, process: ProcessConfig, provenance: dict[str, Any]) -> dict:
+    """A checkpoint as training writes one ("model", "ema", "model_config", "process", a checksum): grafted
+    weights are both the raw and the EMA ones. `provenance` says what was grafted from (kept as "graft")."""
+    weights = model.state_dict()
+    state = {
+        "model": weights,
+        "ema": weights,
+        "model_config": model.config.to_dict(),
+        "process": process.to_dict(),
+        "step": 0,
+        "graft": provenance,
+    }
+    state["checksum"] = checkpoint_checksum(state)
+    return state
+
+
+# ---- the training-free error ---------------------------------------------------------------------------------
+
+
+def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """‖approx − exact‖_F / ‖exact‖_F over the last two axes, in float64."""
+    approx, exact = approx.double(), exact.double()
+    return ((approx - exact).square().sum((-2, -1)) / exact.square().sum((-2, -1)).clamp_min(_TINY)).sqrt()
+
+
+def _proj_input_and_output(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an attention module hands to its proj (B, N, C), and its output (B, N, C), for input x."""
+    seen = []
+    handle = module.proj.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        output = module(x)
+    finally:
+        handle.remove()
+    return seen[0], output
+
+
+@torch.no_grad()
+def training_free_errors(
+    source: DiffusionTransformer,
+    grafted: Mapping[int, DiffusionTransformer],
+    process: ProcessConfig,
+    sampler: SamplerConfig,
+    *,
+    samples: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    classes: list[int] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Per (mediator count, step, layer, head, metric): the mean and std over samples of each grafted layer's
+    relative error against the source layer, on the source's own activations along its sampling trajectories
+    (sample i drawn as `attnmed record` and `attnmed sample` draw it). `mixing_error` is per head, before proj
+    (head −1: the mean over heads, as in redundancy tables); `output_error` is after proj (head −1 only). Each
+    row of a guided batch (conditional and unconditional halves) counts as a sample."""
+    if sampler.adaptive:
+        raise SettingError(
+            "method", "dopri5 picks its steps per batch; measure along a fixed-step sampler (euler, heun)"
+        )
+    device = next(source.parameters()).device
+    heads = source.config.num_heads
+    stats: dict[tuple, RunningStats] = {}
+    levels: dict[int, float] = {}
+    step = [0]
+    source_mixing: dict[int, torch.Tensor] = {}
+
+    def add(key: tuple, values: torch.Tensor) -> None:
+        if key not in stats:
+            stats[key] = RunningStats(values.shape[-1])
+        stats[key].add(values)
+
+    def on_step(info) -> None:
+        step[0] = info.index
+        levels.setdefault(info.index, info.noise_level)
+
+    def keep_mixing(layer):
+        return lambda _, args: source_mixing.__setitem__(layer, args[0])
+
+    def compare(layer):
+        def hook(_, args, output):
+            exact = split_heads(source_mixing.pop(layer), heads)
+            for count, model in grafted.items():
+                mixing, out = _proj_input_and_output(model.attention_modules()[layer], args[0])
+                per_head = _relative_error(split_heads(mixing, heads), exact)  # (B, heads)
+                add((count, step[0], layer, "mixing_error"), torch.cat([per_head, per_head.mean(-1, keepdim=True)], -1))
+                add((count, step[0], layer, "output_error"), _relative_error(out, output)[:, None])
+
+        return hook
+
+    handles = []
+    for layer, module in enumerate(source.attention_modules()):
+        handles.append(module.proj.register_forward_pre_hook(keep_mixing(layer)))
+        handles.append(module.register_forward_hook(compare(layer)))
+    bar = None
+    if progress:
+        from mediator_models.progress import progress_bar
+
+        bar = progress_bar(samples, f"graft error {source.config.label} {sampler.describe()}")
+    try:
+        for start in range(0, samples, batch_size):
+            indices = list(range(start, min(start + batch_size, samples)))
+            x_T, y, noise = start_batch(indices, seed, source.config, classes, device)
+            generate(source, process, sampler, x_T, y, callback=on_step, noise_fn=noise)
+            if bar is not None:
+                bar.update(len(indices))
+    finally:
+        for handle in handles:
+            handle.remove()
+        if bar is not None:
+            bar.close()
+    rows = []
+    for (count, index, layer, metric), values in sorted(stats.items()):
+        labels = [*range(heads), -1] if metric == "mixing_error" else [-1]
+        for head, mean, std in zip(labels, values.mean().tolist(), values.std().tolist()):
+            rows.append(
+                {
+                    "mediators": count,
+                    "step": index,
+                    "noise_level": levels[index],
+                    "layer": layer,
+                    "head": head,
+                    "metric": metric,
+                    "mean": mean,
+                    "std": std,
+                    "count": values.count,
+                }
+            )
+    return rows
+
+
+NOISE_BANDS = ((1.0, 2 / 3), (2 / 3, 1 / 3), (1 / 3, 0.0))
+
+
+def format_error_table(rows: list[dict[str, Any]]) -> str:
+    """Per mediator count and layer, the head-mean errors averaged over the steps, overall and within each third
+    of the noise axis (1 = pure noise): `mixing (output)`."""
+    means: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row["head"] != -1:
+            continue
+        bands = [b for b, (high, low) in enumerate(NOISE_BANDS) if low <= row["noise_level"] <= high][:1]
+        for band in ["all", *bands]:
+            means.setdefault((row["mediators"], row["layer"], band, row["metric"]), []).append(row["mean"])
+    header = ["mediators", "layer", "all steps"] + [f"noise {h:.2f}–{lo:.2f}" for h, lo in NOISE_BANDS]
+    lines = ["training-free relative error per layer: mixing (per head, before proj) and, in brackets, output"]
+    lines.append("  ".join(f"{h:>18}" if i > 1 else f"{h:>9}" for i, h in enumerate(header)))
+    for count, layer in sorted({(k[0], k[1]) for k in means}):
+        cells = []
+        for band in ["all", *range(len(NOISE_BANDS))]:
+            mixing, output = (means.get((count, layer, band, m)) for m in ERROR_METRICS)
+            cells.append(f"{sum(mixing) / len(mixing):.4f} ({sum(output) / len(output):.4f})" if mixing else "-")
+        lines.append(f"{count:>9}  {layer:>9}  " + "  ".join(f"{c:>18}" for c in cells))
+    return "\n".join(lines)
+
+
+# ---- the job: graft from a checkpoint into a folder ----------------------------------------------------------
+
+
+@dataclass
+class GraftResult:
+    checkpoints: dict[int, Path]  # mediator count -> DIR/med{n}.pt
+    errors: list[dict[str, Any]]  # rows of `training_free_errors` (empty when no samples were measured)
+
+
+def _check_counts(mediators, num_tokens: int) -> list[int]:
+    counts = list(mediators)
+    if not counts:
+        raise SettingError("mediators", "names no count; give one or more perfect squares, e.g. 4 16 64")
+    repeated = sorted({n for n in counts if counts.count(n) > 1})
+    if repeated:
+        raise SettingError("mediators", f"names {repeated} more than once; name each count once")
+    for count in counts:
+        try:
+            check_mediator_count(count, num_tokens)
+        except ValueError as error:
+            raise SettingError("mediators", f"{count}: {error}") from None
+    return counts
+
+
+def graft_to_folder(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    mediators: list[int],
+    *,
+    model_name: str | None = None,
+    input_size: int | None = None,
+    use_ema: bool = True,
+    numerics: str = "dit",
+    sampler: SamplerConfig | Mapping[str, Any] | None = None,
+    samples: int = 8,
+    batch_size: int = 8,
+    seed: int = 0,
+    classes: list[int] | None = None,
+    distill_steps: int = 0,
+    distill_lr: float = 1e-4,
+    save_every: int = 50,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> GraftResult:
+    """Graft one mediator network per count from a full-attention checkpoint (ours, an official DiT/SiT file with
+    `model_name`, or a diffusers DiT folder, loaded by `load_for_sampling`) into out_dir/med{n}.pt, each loading
+    strictly like any mediator checkpoint, and measure their training-free errors on `samples` trajectories of
+    `sampler` (a SamplerConfig, or changes to the source family's default sampler, which runs 50 steps here)
+    into out_dir/errors.json.
+
+    The folder is locked while grafting and belongs to one configuration (graft.json): the same command again
+    remakes the same files; another source, count list or measurement is refused."""
+    for name, value, least in (
+        ("samples", samples, 0),
+        ("batch_size", batch_size, 1),
+        ("distill_steps", distill_steps, 0),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise SettingError(name, f"must be a whole number of at least {least}, got {value!r}")
+    if not (math.isfinite(distill_lr) and distill_lr > 0):
+        raise SettingError("distill_lr", f"must be a positive number, got {distill_lr!r}")
+    loaded = load_for_sampling(
+        checkpoint, model_name=model_name, input_size=input_size, use_ema=use_ema, device=device, numerics=numerics
+    )
+    source = loaded.model
+    if source.config.attention != "full":
+        raise ValueError(
+            f"{checkpoint} holds {source.config.label}; grafting needs a full-attention network to start from"
+        )
+    counts = _check_counts(mediators, source.config.num_tokens)
+    wrong = [c for c in classes or () if not 0 <= c < source.config.num_classes]
+    if wrong:
+        raise SettingError(
+            "classes", f"{wrong} out of range: the model knows labels 0..{source.config.num_classes - 1}"
+        )
+    if not isinstance(sampler, SamplerConfig):
+        sampler = default_sampler(loaded.process.family, **{"steps": 50, **(sampler or {})})
+    sampler.check(loaded.process.family, source.config.in_channels)
+    if sampler.adaptive:
+        raise SettingError(
+            "method", "dopri5 picks its steps per batch; measure along a fixed-step sampler (euler, heun)"
+        )
+    out = Path(out_dir)
+    identity = {
+        "source": loaded.source,
+        "source_weights": loaded.weights,
+        "model": source.config.to_dict(),
+        "process": loaded.process.to_dict(),
+        "mediators": counts,
+        "sampler": sampler.to_dict(),
+        "samples": samples,
+        "seed": seed,
+        "classes": classes,
+    }
+    if distill_steps:
+        identity["distill"] = {"steps": distill_steps, "lr": distill_lr, "batch_size": batch_size}
+    with FolderLock(out, "attnmed graft"):
+        fix = "To remake those networks, repeat their settings; to graft this configuration, choose another --out."
+        claim_identity(out / "graft.json", identity, what="grafted networks", fix=fix, ignore=("source",))
+        clean_stale_temporaries(out)
+        grafted, paths = {}, {}
+        for count in counts:
+            grafted[count] = graft(source, count)
+            paths[count] = out / f"med{count}.pt"
+            if distill_steps and paths[count].exists():
+                continue  # a distillation under way: its checkpoint is where it resumes from
+            provenance = {"source": loaded.source, "source_weights": loaded.weights, "mediators": count}
+            atomic_save(grafted_checkpoint(grafted[count], loaded.process, provenance), paths[count])
+        rows = []
+        if samples and (out / "errors.json").exists():  # measured by an earlier start of this very configuration
+            rows = json.loads((out / "errors.json").read_text())["rows"]
+        elif samples:
+            rows = training_free_errors(
+                source,
+                grafted,
+                loaded.process,
+                sampler,
+                samples=samples,
+                batch_size=batch_size,
+                seed=seed,
+                classes=classes,
+                progress=progress,
+            )
+            atomic_write_json(out / "errors.json", {**identity, "rows": rows})
+        for count in counts if distill_steps else ():
+            distill_layers(
+                source,
+                paths[count],
+                loaded.process,
+                sampler,
+                steps=distill_steps,
+                lr=distill_lr,
+                batch_size=batch_size,
+                seed=seed,
+                classes=classes,
+                save_every=save_every,
+                progress=progress,
+            )
+    return GraftResult(paths, rows)
+
+
+# ---- layer-wise distillation ---------------------------------------------------------------------------------
+
+
+def _squared_relative_error(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ‖approx − exact‖² / ‖exact‖² over (N, C): each layer weighs alike, whatever its scale."""
+    return ((approx - exact).square().sum((-2, -1)) / exact.square().sum((-2, -1)).clamp_min(_TINY)).mean()
+
+
+def _distill_step(
+    source: DiffusionTransformer,
+    student: DiffusionTransformer,
+    opt: torch.optim.Optimizer,
+    process: ProcessConfig,
+    sampler: SamplerConfig,
+    indices: list[int],
+    seed: int,
+    classes: list[int] | None,
+    evaluations: int,
+) -> float:
+    """One optimizer step: the source samples the trajectories `indices`, and at every evaluation each student
+    attention layer is fitted to its source layer's output on the source layer's input. Gradients are taken
+    evaluation by evaluation (only one evaluation's activations are held), then one step is made."""
+    device = next(source.parameters()).device
+    student_layers = student.attention_modules()
+    total, evaluations = [0.0], evaluations * len(student_layers)
+
+    def fit(layer):
+        def hook(_, args, output):
+            with torch.enable_grad():
+                loss = _squared_relative_error(student_layers[layer](args[0].detach()), output.detach())
+                (loss / evaluations).backward()
+            total[0] += float(loss) / evaluations
+
+        return hook
+
+    handles = [m.register_forward_hook(fit(i)) for i, m in enumerate(source.attention_modules())]
+    opt.zero_grad(set_to_none=True)
+    try:
+        x_T, y, noise = start_batch(indices, seed, source.config, classes, device)
+        generate(source, process, sampler, x_T, y, noise_fn=noise)
+    finally:
+        for handle in handles:
+            handle.remove()
+    opt.step()
+    return total[0]
+
+
+def distill_layers(
+    source: DiffusionTransformer,
+    checkpoint: Path,
+    process: ProcessConfig,
+    sampler: SamplerConfig,
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    seed: int = 0,
+    classes: list[int] | None = None,
+    save_every: int = 50,
+    progress: bool = False,
+) -> Path:
+    """Fit the attention layers of the grafted network in `checkpoint` to the source's, layer by layer, for
+    `steps` AdamW steps (the rest of the network stays the source's, bit for bit). Step s fits trajectories
+    s·batch … (s+1)·batch − 1, drawn from the sampling seed + 1 (not those the errors are measured on), so a run
+    resumed from the checkpoint saved every `save_every` steps (and at the end) reaches the same weights as one
+    never stopped."""
+    state = read_checkpoint(checkpoint)
+    student = DiffusionTransformer(ModelConfig.from_dict(state["model_config"])).to(next(source.parameters()).device)
+    student.load_state_dict(state["model"], strict=True)
+    student.eval().requires_grad_(False)  # only the attention layers run, and they have no dropout
+    trained = [p for m in student.attention_modules() for p in m.parameters()]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    done = state["step"]
+    if done:
+        opt.load_state_dict(state["opt"])
+    bar = None
+    if progress and done < steps:
+        from mediator_models.progress import progress_bar
+
+        bar = progress_bar(steps, f"distill {student.config.label}", initial=done)
+    log = checkpoint.with_suffix(".log.jsonl")
+    truncate_log(log, done)  # steps logged after the checkpoint a resume starts from are made again
+    evaluations = len(evaluation_levels(process, sampler))
+    try:
+        while done < steps:
+            indices = list(range(done * batch_size, (done + 1) * batch_size))
+            loss = _distill_step(source, student, opt, process, sampler, indices, seed + 1, classes, evaluations)
+            done += 1
+            with log.open("a") as handle:
+                handle.write(json.dumps({"step": done, "loss": loss}) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if done % save_every == 0 or done == steps:
+                weights = student.state_dict()
+                state.update(model=weights, ema=weights, step=done, opt=opt.state_dict())
+                state.pop("checksum")
+                state["checksum"] = checkpoint_checksum(state)
+                atomic_save(state, checkpoint)
+    finally:
+        if bar is not None:
+            bar.close()
+    return checkpoint
+
+
+def mean_error(rows: list[dict[str, Any]], mediators: int, metric: str = "mixing_error") -> float:
+    """The head-mean error of one count averaged over every layer and step (one number per count)."""
+    values = [r["mean"] for r in rows if r["mediators"] == mediators and r["metric"] == metric and r["head"] == -1]
+    return sum(values) / len(values) if values else math.nan
