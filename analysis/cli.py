@@ -425,7 +425,24 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
         metavar="STEP:LAYER",
         help="also save the raw maps of these (step, layer) pairs beside the table",
     )
+    parser.add_argument(
+        "--map-memory",
+        type=_byte_size,
+        default="1GiB",
+        help="most memory the maps and their reductions hold at once (e.g. 512MB): a layer's maps are computed "
+        "and reduced a few (sample, head) maps at a time",
+    )
     parser.add_argument("--out", required=True, help="table path (.parquet, or .csv)")
+
+
+def _byte_size(text: str) -> int:
+    """'512MB', '2GiB', '1e9' -> bytes (MB and MiB both 2**20: a memory budget)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"takes a size such as 512MB or 2GB, got {text!r}")
+    return int(float(match.group(1)) * 1024 ** ["", "k", "m", "g", "t"].index(match.group(2).lower()))
 
 
 @command("record", "sample with the attention recorder on and write the redundancy table", _configure_record)
@@ -490,6 +507,7 @@ def run_record(args: argparse.Namespace) -> int:
             state_path=state,
             keep_maps=keep,
             keep_dir=out.with_suffix("").with_name(out.stem + "-maps"),
+            map_memory=args.map_memory,
         )
         if table is None:  # another rank of a torchrun job: rank 0 merges and writes
             return 0
@@ -529,6 +547,7 @@ def _record_diffusers(args: argparse.Namespace, collection, out) -> int:
             guidance_scale=args.cfg_scale,
             prompts=args.prompt,
             embeddings=embeddings,
+            map_memory=args.map_memory,
             **options,
         )
         write_table(table, out, provenance)

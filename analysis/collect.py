@@ -78,11 +78,13 @@ def collect_redundancy(
     keep_maps=None,
     keep_dir=None,
     progress: bool = True,
+    map_memory: int | None = None,
 ) -> pd.DataFrame | None:
     """Sample `collection.samples` images with the recorder on and return the redundancy table.
 
     `state_path` (optional) is where progress is saved after each batch; an existing state with the same
-    configuration is resumed. `keep_maps` lists (step, layer) pairs whose raw maps go to `keep_dir`.
+    configuration is resumed. `keep_maps` lists (step, layer) pairs whose raw maps go to `keep_dir`. `map_memory`
+    bounds the bytes of maps reduced at once (see AttentionRecorder); it changes how, not what, is recorded.
     Under torchrun, rank r records samples r, r + W, r + 2W, …; their running statistics are merged on rank 0,
     which returns the table (the other ranks return None). Each sample draws its own noise, so the table equals
     the single-process one up to float rounding.
@@ -107,7 +109,13 @@ def collect_redundancy(
     mine = list(range(env.rank, collection.samples, env.world_size))
     bar = None
     with record_attention(
-        model, reducer, layers=collection.layers, heads=collection.heads, keep_maps=keep_maps, keep_dir=keep_dir
+        model,
+        reducer,
+        layers=collection.layers,
+        heads=collection.heads,
+        keep_maps=keep_maps,
+        keep_dir=keep_dir,
+        map_memory=map_memory,
     ) as recorder:
         done = 0  # how many of this rank's samples are recorded
         if state is not None:
@@ -224,6 +232,7 @@ def collect_redundancy_diffusers(
     prompts: list[str] | None = None,
     embeddings: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    map_memory: int | None = None,
     **pipeline_options,
 ) -> pd.DataFrame:
     """The redundancy table of a diffusers pipeline (DiT, PixArt, SD3, Flux), sampled by the pipeline's own
@@ -269,7 +278,12 @@ def collect_redundancy_diffusers(
 
         bar = progress_bar(collection.samples, f"record {name} ({steps} steps)")
     with record_attention(
-        {name: pipeline.transformer}, reducer, layers=collection.layers, heads=collection.heads, guided_halves=halves
+        {name: pipeline.transformer},
+        reducer,
+        layers=collection.layers,
+        heads=collection.heads,
+        guided_halves=halves,
+        map_memory=map_memory,
     ) as recorder:
         tracker = PipelineSteps(pipeline, recorder.callback)
         try:

@@ -82,7 +82,8 @@ def jsd_redundancy(
     three times faster than 64 MB chunks on this CPU). Above `max_pairs` pairs the mean is estimated
     from `max_pairs` pairs drawn uniformly and independently for every map (an unbiased estimate whose errors
     average out over maps, also on structured maps; fixed pairs shared by all maps would not). The draw is
-    seeded by `seed`, or by the maps' contents, so a measurement is reproducible. All pairs for N ≤ 64 at the
+    seeded by `seed`, or by each map's own contents, so a measurement is reproducible and a map's estimate does
+    not depend on the maps measured beside it (the recorder reduces large layers a few maps at a time). All pairs for N ≤ 64 at the
     recorder's 2048. Computed in the maps' precision (float32 at least), averaged in float64. `row_entropy`
     (the rows' entropies in nats, (..., N)) may be passed when already computed.
     """
@@ -108,10 +109,12 @@ def jsd_redundancy(
     return total / len(first) / math.log(2.0)
 
 
-def _content_seed(p: torch.Tensor) -> int:
-    """A reproducible seed from a few of the maps' values (the same maps give the same pairs)."""
-    probe = p.reshape(-1)[:: max(1, p.numel() // 97)].double().sum().item()
-    return int(abs(probe) * 1e9) % (2**62)
+def _content_seeds(flat: torch.Tensor) -> list[int]:
+    """One reproducible seed per map (G, N, M) from a few of its values: the same map gives the same pairs,
+    however the maps are grouped into batches (one transfer to the host for all of them)."""
+    values = flat.reshape(len(flat), -1)
+    probes = values[:, :: max(1, values.shape[1] // 97)].double().sum(-1)
+    return [int(abs(probe) * 1e9) % (2**62) for probe in probes.tolist()]
 
 
 def _sampled_jsd(
@@ -121,9 +124,11 @@ def _sampled_jsd(
     lead, (n, m) = p.shape[:-2], p.shape[-2:]
     flat, entropy = p.reshape(-1, n, m), row_entropy.reshape(-1, n)
     groups = len(flat)
-    generator = torch.Generator().manual_seed(_content_seed(p) if seed is None else seed)
-    first = torch.randint(0, n, (groups, pairs), generator=generator)
-    second = (first + torch.randint(1, n, (groups, pairs), generator=generator)) % n  # j ≠ i, uniform over the others
+    if seed is None:  # each map's pairs from its own contents, so a map's estimate never depends on its batch
+        draws = [_pairs(n, pairs, torch.Generator().manual_seed(s), 1) for s in _content_seeds(flat)]
+        first, second = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+    else:
+        first, second = _pairs(n, pairs, torch.Generator().manual_seed(seed), groups)
     first, second = first.to(p.device), second.to(p.device)
     rows = torch.arange(groups, device=p.device)[:, None]
     total = torch.zeros(groups, dtype=torch.float64, device=p.device)
@@ -134,6 +139,12 @@ def _sampled_jsd(
         jsd = 0.5 * (_entropy(pair_sum) - entropy[rows, i] - entropy[rows, j]) + math.log(2.0)
         total += jsd.clamp_min(0).double().sum(-1)
     return (total / pairs / math.log(2.0)).reshape(lead)
+
+
+def _pairs(n: int, pairs: int, generator: torch.Generator, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(groups, pairs) indices i and j ≠ i, each uniform over the rows."""
+    first = torch.randint(0, n, (groups, pairs), generator=generator)
+    return first, (first + torch.randint(1, n, (groups, pairs), generator=generator)) % n
 
 
 def _working_precision(maps: torch.Tensor) -> torch.Tensor:

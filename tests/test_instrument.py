@@ -252,3 +252,32 @@ def test_record_under_two_ranks_gives_the_single_process_table(tmp_path):
         torch.tensor(merged["std_two"].values), torch.tensor(merged["std_one"].values), atol=1e-6, rtol=1e-4
     )
     assert not list(tmp_path.glob(".two.parquet.state.pt*"))
+
+
+@pytest.mark.parametrize("attention,mediators", [("full", None), ("mediator", 4)])
+def test_a_memory_bound_changes_how_maps_are_reduced_never_what_is_recorded(attention, mediators):
+    """With room for one map at a time, the layer's maps are computed and reduced map by map; the table is the
+    whole layer's, sampled JSD pairs included (each map draws its pairs from its own contents)."""
+    from analysis.metrics import ALL_METRICS
+    from mediator_models.recording.recorder import MAP_ENTRY_BYTES
+
+    model = tiny_model("SiT-T/2", input_size=16, attention=attention, mediators=mediators)  # 64 tokens, 4 heads
+    reducer = metric_reducer(ALL_METRICS, jsd_pairs=100)  # fewer pairs than the 2016 there are: sampled
+    tables = []
+    for budget in (None, 64 * 64 * MAP_ENTRY_BYTES, 3 * 64 * 64 * MAP_ENTRY_BYTES):
+        with record_attention(model, reducer, map_memory=budget or 2**40) as recorder:
+            run(model, SamplerConfig(kind="sde", steps=2), recorder.callback, batch=3)
+        tables.append({(r["step"], r["layer"], r["head"], r["metric"]): r["mean"] for r in recorder.rows()})
+    for table in tables[1:]:
+        assert table.keys() == tables[0].keys()
+        for key, value in table.items():
+            assert value == pytest.approx(tables[0][key], rel=1e-5, abs=1e-6), key
+
+
+def test_a_memory_bound_below_one_map_is_refused_naming_what_one_map_needs():
+    from mediator_models.storage.errors import SettingError
+
+    model = tiny_model("SiT-T/2", input_size=16)
+    with pytest.raises(SettingError, match=r"one 64×64 map and its reductions need about 128 KiB"):
+        with record_attention(model, metric_reducer(), map_memory=1000) as recorder:
+            run(model, SamplerConfig(kind="sde", steps=1), recorder.callback)

@@ -9,10 +9,8 @@ parameter names or outputs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -21,27 +19,45 @@ from torch import nn
 
 from mediator_models.network.config import check_mediator_count
 
+_MAP_TENSORS = ("full", "query_to_mediator", "mediator_to_key", "values", "queries", "keys")
 
-@dataclass
+
 class AttentionMaps:
     """Post-softmax attention of one layer for one forward pass.
 
-    Full attention fills `full` (B, heads, N, N). Mediator attention fills `query_to_mediator` (B, heads, N, n)
-    and `mediator_to_key` (B, heads, n, N); their product is the N×N map (rank ≤ n) that replaces full
-    attention, computed on demand because it costs N² memory.
+    Full attention fills `full` (B, heads, N, N), or hands over its `queries` and `keys` and lets `full` be
+    computed when first read: an observer that reads the maps a few heads at a time (`select`) then never holds
+    all of them, so its memory is bounded whatever N is. Mediator attention fills `query_to_mediator`
+    (B, heads, N, n) and `mediator_to_key` (B, heads, n, N); their product is the N×N map (rank ≤ n) that replaces
+    full attention, computed on demand because it costs N² memory.
 
     `values` (B, heads, N, d) are what the map mixes, for measures of the output A·V (how much of it a
     cheaper map recovers); full attention also hands over its `queries` and `keys` (B, heads, N, d), from which
     the mediator form of the same layer can be built. Observers that only look at maps ignore them.
     """
 
-    kind: str
-    full: Optional[torch.Tensor] = None
-    query_to_mediator: Optional[torch.Tensor] = None
-    mediator_to_key: Optional[torch.Tensor] = None
-    values: Optional[torch.Tensor] = None
-    queries: Optional[torch.Tensor] = None
-    keys: Optional[torch.Tensor] = None
+    def __init__(
+        self,
+        kind: str,
+        full: Optional[torch.Tensor] = None,
+        query_to_mediator: Optional[torch.Tensor] = None,
+        mediator_to_key: Optional[torch.Tensor] = None,
+        values: Optional[torch.Tensor] = None,
+        queries: Optional[torch.Tensor] = None,
+        keys: Optional[torch.Tensor] = None,
+    ):
+        self.kind = kind
+        self._full = full
+        self.query_to_mediator, self.mediator_to_key = query_to_mediator, mediator_to_key
+        self.values, self.queries, self.keys = values, queries, keys
+
+    @property
+    def full(self) -> Optional[torch.Tensor]:
+        """Full attention's maps softmax(q·kᵀ/√d), from the queries and keys if they were not handed over
+        (computed as `softmax_attention` computes them, so the values are the same bit for bit)."""
+        if self._full is None and self.kind == "full" and self.queries is not None and self.keys is not None:
+            self._full = explicit_maps(self.queries, self.keys, None)
+        return self._full
 
     @property
     def effective(self) -> torch.Tensor:
@@ -50,8 +66,18 @@ class AttentionMaps:
             return self.full
         return self.query_to_mediator @ self.mediator_to_key
 
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, heads, N, M) of the effective map, without computing it."""
+        if self.kind == "full":
+            if self._full is not None:
+                return tuple(self._full.shape)
+            return (*self.queries.shape[:-1], self.keys.shape[-2])
+        return (*self.query_to_mediator.shape[:-1], self.mediator_to_key.shape[-1])
+
     def select(self, rows: slice | list[int] = slice(None), heads: list[int] | None = None) -> "AttentionMaps":
-        """The same maps (and values, queries, keys) for some batch rows and heads."""
+        """The same maps (and values, queries, keys) for some batch rows and heads; maps not yet computed stay
+        so, and are computed for these rows and heads only."""
 
         def pick(tensor):
             if tensor is None:
@@ -59,7 +85,8 @@ class AttentionMaps:
             tensor = tensor[rows]
             return tensor if heads is None else tensor[:, heads]
 
-        return AttentionMaps(self.kind, *(pick(getattr(self, f.name)) for f in dataclasses.fields(self)[1:]))
+        stored = {"full": self._full, **{name: getattr(self, name) for name in _MAP_TENSORS[1:]}}
+        return AttentionMaps(self.kind, **{name: pick(tensor) for name, tensor in stored.items()})
 
 
 MapObserver = Callable[[AttentionMaps], None]
@@ -87,12 +114,15 @@ def softmax_attention(
     it, explicitly, only when asked for.
     """
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    if not observe:
-        return out, None
+    return out, explicit_maps(q, k, bias) if observe else None
+
+
+def explicit_maps(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + bias), the post-softmax map, computed explicitly."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
         scores = scores + bias
-    return out, scores.softmax(dim=-1)
+    return scores.softmax(dim=-1)
 
 
 def depthwise_conv_on_values(dwc: nn.Conv2d, v: torch.Tensor, grid_size: int) -> torch.Tensor:
@@ -143,9 +173,9 @@ class FullAttention(nn.Module):
         # x (B, N, C) -> (B, N, C)
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out, weights = softmax_attention(q, k, v, None, observe=self.map_observer is not None)
-        if weights is not None:
-            self.map_observer(AttentionMaps(kind="full", full=weights, values=v, queries=q, keys=k))
+        out, _ = softmax_attention(q, k, v, None, observe=False)
+        if self.map_observer is not None:  # the maps are computed when (and as far as) the observer reads them
+            self.map_observer(AttentionMaps(kind="full", values=v, queries=q, keys=k))
         out = merge_heads(out)
         if self.grid_size is not None:
             out = out + depthwise_conv_on_values(self.dwc, merge_heads(v), self.grid_size)

@@ -91,12 +91,21 @@ def _as_named_models(models) -> dict[str, nn.Module]:
     return {getattr(m.config, "label", str(i)): m for i, m in enumerate(models)}
 
 
+# What the maps and their reductions hold per entry of an N×M map while a group is reduced: the scores and the
+# softmax in float32 (8), and for the spectral measures a float64 copy with its SVD factors (24). Measured against
+# the recorder's peak memory in benchmarks/recorder_memory.py.
+MAP_ENTRY_BYTES = 32
+DEFAULT_MAP_MEMORY = 2**30  # 1 GiB: the embedded studies' layers fit whole, so their tables are unchanged
+
+
 class AttentionRecorder:
     """Collects reduced attention statistics per (network, step, layer, head, branch, metric).
 
     `branch` is "cond" / "uncond" for the two halves of a classifier-free-guidance batch, else "all".
     `heads` restricts the reduction to some heads; `layers` attaches only to some layers (the others keep
-    the fused, faster path).
+    the fused, faster path). `map_memory` bounds, in bytes, the maps and their reductions held at once: a layer's
+    maps are computed and reduced a few (sample, head) maps at a time, `MAP_ENTRY_BYTES` per entry of each N×M
+    map (None: the whole layer at once).
     """
 
     def __init__(
@@ -109,7 +118,11 @@ class AttentionRecorder:
         keep_maps: Iterable[tuple[int, int]] | None = None,
         keep_dir: str | Path | None = None,
         guided_halves: tuple[str, str] = ("cond", "uncond"),
+        map_memory: int | None = DEFAULT_MAP_MEMORY,
     ):
+        if map_memory is not None and (not isinstance(map_memory, int) or map_memory < 1):
+            raise SettingError("map_memory", f"is a number of bytes of at least 1, got {map_memory!r}")
+        self.map_memory = map_memory
         self.models = _as_named_models(models)
         self.reducers = {"": reducers} if callable(reducers) else dict(reducers)
         self.layers = None if layers is None else _selection(layers, "layers")
@@ -232,7 +245,7 @@ class AttentionRecorder:
         for branch, rows in halves:
             part = maps.select(rows)
             for prefix, reducer in self.reducers.items():
-                for metric, values in reducer(part).items():
+                for metric, values in self._reduce_in_chunks(reducer, part).items():
                     # The head average is tracked per sample too, so its std over samples is exact.
                     values = torch.cat([values, values.mean(-1, keepdim=True)], dim=-1)
                     key = (network, step, layer, branch, prefix + metric)
@@ -241,6 +254,36 @@ class AttentionRecorder:
                     self.stats[key].add(values)
         if (step, layer) in self.keep_maps:
             self._keep(network, step, layer, maps)
+
+    def _reduce_in_chunks(self, reducer: Reducer, maps: AttentionMaps) -> dict[str, torch.Tensor]:
+        """reducer(maps), {metric: (B, heads)}, computed over groups of (sample, head) maps that fit `map_memory`.
+        Every measure is one number per map, so the groups' results put together are the whole layer's."""
+        batch, heads, n, m = maps.shape
+        if self.map_memory is None:
+            return reducer(maps)
+        per_map = n * m * MAP_ENTRY_BYTES
+        fitting = self.map_memory // per_map
+        if fitting < 1:
+            raise SettingError(
+                "map_memory",
+                f"is {_bytes(self.map_memory)}, but one {n}×{m} map and its reductions need about {_bytes(per_map)}: "
+                f"allow at least {_bytes(per_map)}, or record fewer tokens",
+            )
+        if fitting >= batch * heads:
+            return reducer(maps)
+        head_step = min(heads, fitting)
+        row_step = max(1, fitting // heads) if head_step == heads else 1
+        blocks: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, batch, row_step):
+            rows = slice(start, min(start + row_step, batch))
+            pieces: dict[str, list[torch.Tensor]] = {}
+            for first in range(0, heads, head_step):
+                chosen = list(range(first, min(first + head_step, heads)))
+                for metric, values in reducer(maps.select(rows, None if head_step == heads else chosen)).items():
+                    pieces.setdefault(metric, []).append(values)
+            for metric, parts in pieces.items():
+                blocks.setdefault(metric, []).append(torch.cat(parts, dim=-1))
+        return {metric: torch.cat(parts, dim=0) for metric, parts in blocks.items()}
 
     def _keep(self, network: str, step: int, layer: int, maps: AttentionMaps) -> None:
         safe = re.sub(r"[^A-Za-z0-9]+", "-", network).strip("-")
@@ -316,7 +359,14 @@ class AttentionRecorder:
 
 @contextlib.contextmanager
 def record_attention(
-    models, reducers, layers=None, heads=None, keep_maps=None, keep_dir=None, guided_halves=("cond", "uncond")
+    models,
+    reducers,
+    layers=None,
+    heads=None,
+    keep_maps=None,
+    keep_dir=None,
+    guided_halves=("cond", "uncond"),
+    map_memory: int | None = None,
 ) -> Iterator[AttentionRecorder]:
     """Attach a recorder for the duration of the block; the models are restored on exit, even on errors.
     Models are attnmed's or diffusers transformers (DiT, PixArt, SD3; see mediator_models.recording.diffusers).
@@ -332,6 +382,7 @@ def record_attention(
         keep_maps=keep_maps,
         keep_dir=keep_dir,
         guided_halves=guided_halves,
+        map_memory=DEFAULT_MAP_MEMORY if map_memory is None else map_memory,
     )
     recorder.attach()
     try:
@@ -360,4 +411,11 @@ def _selection(values: Iterable[int], what: str) -> list[int]:
 
 
 def _batch_size(maps: AttentionMaps) -> int:
-    return len(maps.full if maps.kind == "full" else maps.query_to_mediator)
+    return maps.shape[0]
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} B"
