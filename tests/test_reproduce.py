@@ -123,21 +123,22 @@ def test_a_time_matched_control_switches_every_sample_at_the_adaptive_runs_media
 
 def test_paper_grid_comparisons_isolate_the_conv_the_mediators_and_per_sample_timing():
     from analysis.study.claims import comparisons
+    from analysis.study.results import Run, RunKind
 
     runs = [
-        {"name": n, "kind": k}
+        Run(n, k)
         for n, k in (
-            ("med4", "static"),
-            ("med16", "static"),
-            ("full", "static"),
-            ("med16-noconv", "ablation"),
-            ("full-conv", "ablation"),
-            ("conv", "ablation"),
-            ("adaptive-1-0.9", "adaptive (paper's rule)"),
+            ("med4", RunKind.STATIC),
+            ("med16", RunKind.STATIC),
+            ("full", RunKind.STATIC),
+            ("med16-noconv", RunKind.ABLATION),
+            ("full-conv", RunKind.ABLATION),
+            ("conv", RunKind.ABLATION),
+            ("adaptive-1-0.9", RunKind.ADAPTIVE),
         )
     ]
-    runs.append({"name": "control-adaptive-1-0.9", "kind": "time-matched control", "control_of": "adaptive-1-0.9"})
-    cells = pd.DataFrame({"run": [r["name"] for r in runs], "gflops_per_image": [1, 2, 3, 2, 3, 0.5, 1.5, 1.5]})
+    runs.append(Run("control-adaptive-1-0.9", RunKind.CONTROL, control_of="adaptive-1-0.9"))
+    cells = pd.DataFrame({"run": [r.name for r in runs], "gflops_per_image": [1, 2, 3, 2, 3, 0.5, 1.5, 1.5]})
     pairs = {(run, label, claim) for run, _, label, claim in comparisons(runs, cells, "full")}
     assert ("med16", "med16-noconv", "the conv's part: mediators with vs without it") in pairs
     assert ("med16", "conv", "the mediators' part: mediators + conv vs the conv alone") in pairs
@@ -240,3 +241,91 @@ def test_an_unusable_figures_folder_is_refused_before_any_work(tmp_path, capsys)
     )
     assert f"--figures {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # refused before the run folder, let alone training, began
+
+
+def _bundle(tmp_path, runs, sidecars, levels):
+    """A study's results with only what the adaptive diagnostics read filled in."""
+    from analysis.study.config import StudyConfig
+    from analysis.study.results import StudyResults
+
+    empty = pd.DataFrame()
+    return StudyResults(
+        config=StudyConfig(train_seeds=(0,), sample_seeds=(0,)),
+        preset="test",
+        run_dir=tmp_path / "never-written",
+        figures_dir=tmp_path / "report",
+        levels=levels,
+        adaptive_order=[4, None],
+        trained=["med4", "full"],
+        full_model={},
+        runs=runs,
+        sidecars=sidecars,
+        table=empty,
+        derived={},
+        expected_gflops={},
+        results=empty,
+        differences=empty,
+        seconds=0.0,
+    )
+
+
+def test_the_report_diagnoses_the_runs_that_are_adaptive_by_kind_from_the_sidecars_it_is_handed(tmp_path):
+    from analysis.study.report import adaptive_diagnostics
+    from analysis.study.results import Run, RunKind
+
+    levels = [1.0, 0.75, 0.5, 0.25]
+    sample = {"index": 0, "switch_steps": [2], "distances": [(0.5, 0.4, 0.1), (0.3, 0.2, 0.1)]}
+    runs = [
+        Run("full", RunKind.STATIC, base=None),
+        Run("rule-on-the-state", RunKind.ADAPTIVE, ratios=(0.9,)),
+        Run("adaptive-lookalike", RunKind.DERIVED),  # named like an adaptive run, derived all the same
+        Run("rule-on-the-drift", RunKind.DRIFT_ADAPTIVE, ratios=(0.9,)),
+    ]
+    sidecars = {(0, 0, run.name): {"per_sample": [sample]} for run in runs}
+    diagnostics = adaptive_diagnostics(_bundle(tmp_path, runs, sidecars, levels))
+    # Only the kinds that switch per sample, in the study's order, and nothing read from the (absent) run folder.
+    assert diagnostics["switches"]["run"].drop_duplicates().tolist() == ["rule-on-the-state", "rule-on-the-drift"]
+    assert diagnostics["switches"][["step", "noise_level"]].iloc[0].tolist() == [2, 0.5]
+    assert diagnostics["distances"]["step"].tolist() == [2, 3, 2, 3]
+    assert not (tmp_path / "never-written").exists()
+
+
+def test_runs_read_back_from_a_results_table_keep_their_kind_and_the_run_a_control_copies():
+    from analysis.study.claims import runs_of
+    from analysis.study.results import Run, RunKind
+
+    results = pd.DataFrame(
+        {
+            "run": ["med4", "adaptive-1", "control-adaptive-1", "adaptive-1"],
+            "schedule": ["static n=4", "adaptive ρ=1", "static at the median switch steps of ρ=1", "adaptive ρ=1"],
+            "kind": ["static", "adaptive (paper's rule)", "time-matched control", "adaptive (paper's rule)"],
+        }
+    )
+    assert runs_of(results) == [
+        Run("med4", RunKind.STATIC, "static n=4"),
+        Run("adaptive-1", RunKind.ADAPTIVE, "adaptive ρ=1"),
+        Run("control-adaptive-1", RunKind.CONTROL, "static at the median switch steps of ρ=1", control_of="adaptive-1"),
+    ]
+    with pytest.raises(ValueError):
+        runs_of(results.assign(kind="not a kind"))
+
+
+def test_the_pipeline_and_the_report_find_a_run_folders_parts_in_one_place(tmp_path):
+    from analysis.study import rundata
+
+    run_dir = rundata.run_folder(tmp_path, "quick", "0123456789")
+    assert run_dir == tmp_path / "reproduce-quick-0123456789"
+    folder = rundata.sample_folder(run_dir, (1, 0), "med4")
+    assert folder == run_dir / "samples" / "train1-sample0" / "med4"
+    assert rundata.sidecar_path(folder) == folder / "samples.json"
+    assert rundata.log_path(run_dir, 2, "full") == rundata.train_folder(run_dir, 2, "full") / "log.jsonl"
+    assert rundata.final_checkpoint(run_dir, 2, "full", 60).name == "0000060.pt"
+    # What the pipeline writes where rundata says, the readers find.
+    rundata.log_path(run_dir, 0, "full").parent.mkdir(parents=True)
+    rundata.log_path(run_dir, 0, "full").write_text('{"loss": 1.5, "steps_per_sec": 2.0}\n{"event": "resume"}\n')
+    assert rundata.training_summary(run_dir, [0], ["full"]) == [
+        {"model": "full", "seed": 0, "final_loss": 1.5, "steps_per_sec": 2.0}
+    ]
+    folder.mkdir(parents=True)
+    rundata.sidecar_path(folder).write_text('{"num_samples": 3}')
+    assert rundata.read_sidecar(folder) == {"num_samples": 3}

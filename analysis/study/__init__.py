@@ -1,3 +1,4 @@
-"""The reproduction study behind `attnmed reproduce`: the pipeline (`reproduce`), the run-folder readers
-(`rundata`) and the report (`report`).
+"""The reproduction study behind `attnmed reproduce`: its configuration (`config`), the pipeline (`reproduce`), what
+the pipeline hands the report (`results`), the run folder's layout and readers (`rundata`), the claims it decides
+(`claims`) and the report (`report`).
 """

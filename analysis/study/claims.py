@@ -26,6 +26,7 @@ from analysis.quality.stats import (
     seed_level_difference,
     seed_verdict,
 )
+from analysis.study.results import Run, RunKind
 from mediator_models.storage.runfolder import atomic_write, atomic_write_text
 
 METRICS = ("fid", "kid", "precision", "recall")
@@ -53,34 +54,32 @@ def cell_rows(results: pd.DataFrame) -> pd.DataFrame:
     return cells
 
 
-def runs_of(results: pd.DataFrame) -> list[dict]:
+def runs_of(results: pd.DataFrame) -> list[Run]:
     """The runs of a results table in its order, as `comparisons` needs them."""
-    first = results.drop_duplicates("run")
     runs = []
-    for row in first.itertuples():
-        run = {"name": row.run, "schedule": row.schedule, "kind": row.kind}
-        if row.kind == "time-matched control":
-            run["control_of"] = row.run.removeprefix("control-")
-        runs.append(run)
+    for row in results.drop_duplicates("run").itertuples():
+        kind = RunKind(row.kind)
+        control_of = row.run.removeprefix("control-") if kind is RunKind.CONTROL else None
+        runs.append(Run(row.run, kind, row.schedule, control_of=control_of))
     return runs
 
 
-def aliases(cells: pd.DataFrame, runs: list[dict]) -> dict[str, str]:
+def aliases(cells: pd.DataFrame, runs: list[Run]) -> dict[str, str]:
     """{run: the earlier run it duplicates} for runs whose every cell scored exactly the same on every metric:
     they drew the same images (a derived schedule that is a static one, two rules giving one schedule)."""
     signature = {}
     found = {}
     for run in runs:
-        own = cells[cells["run"] == run["name"]].sort_values(["train_seed", "sample_seed"])
+        own = cells[cells["run"] == run.name].sort_values(["train_seed", "sample_seed"])
         key = tuple(np.round(own[list(METRICS)].to_numpy(dtype=float), 12).ravel())
         if key in signature:
-            found[run["name"]] = signature[key]
+            found[run.name] = signature[key]
         else:
-            signature[key] = run["name"]
+            signature[key] = run.name
     return found
 
 
-def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[str, dict[str, float], str, str]]:
+def comparisons(runs: list[Run], cells: pd.DataFrame, full: str) -> list[tuple[str, dict[str, float], str, str]]:
     """(run, baseline as {run: weight}, baseline label, claim) for every comparison the report decides on.
 
     Every mediator run is compared with full attention carrying the same depthwise conv where the study trained
@@ -90,32 +89,32 @@ def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[
     linearly in GFLOPs, so neither side spends more; a run cheaper or dearer than every static run is compared
     with the nearest one)."""
     cost = cells.groupby("run")["gflops_per_image"].mean()
-    names = {r["name"] for r in runs}
-    static = sorted((r["name"] for r in runs if r["kind"] == "static"), key=lambda s: cost[s])
+    names = {r.name for r in runs}
+    static = sorted((r.name for r in runs if r.kind is RunKind.STATIC), key=lambda s: cost[s])
     pairs = []
     if f"{full}-conv" in names:
         pairs += [
-            (r["name"], {f"{full}-conv": 1.0}, f"{full}-conv", "mediators vs full attention with the same conv")
+            (r.name, {f"{full}-conv": 1.0}, f"{full}-conv", "mediators vs full attention with the same conv")
             for r in runs
-            if r["kind"] == "static" and r["name"] != full
+            if r.kind is RunKind.STATIC and r.name != full
         ]
         pairs.append((f"{full}-conv", {full: 1.0}, full, "the conv's part: full attention with vs without it"))
-    pairs += [(r["name"], {full: 1.0}, full, "quality vs full attention") for r in runs if r["name"] != full]
+    pairs += [(r.name, {full: 1.0}, full, "quality vs full attention") for r in runs if r.name != full]
     for run in runs:  # what each component adds: the run with it against the run without it
-        if run["kind"] == "ablation" and run["name"].endswith("-noconv"):
-            with_conv = run["name"].removesuffix("-noconv")
-            pairs.append((with_conv, {run["name"]: 1.0}, run["name"], "the conv's part: mediators with vs without it"))
-        if run["kind"] == "ablation" and run["name"] == "conv":
+        if run.kind is RunKind.ABLATION and run.name.endswith("-noconv"):
+            with_conv = run.name.removesuffix("-noconv")
+            pairs.append((with_conv, {run.name: 1.0}, run.name, "the conv's part: mediators with vs without it"))
+        if run.kind is RunKind.ABLATION and run.name == "conv":
             for other in sorted(n for n in names if n.startswith("med") and n.endswith("-noconv")):
                 claim = "the mediators' part: mediators + conv vs the conv alone"
                 pairs.append((other.removesuffix("-noconv"), {"conv": 1.0}, "conv", claim))
-        if run["kind"] == "time-matched control":
+        if run.kind is RunKind.CONTROL:
             claim = "per-sample switching vs the same switch steps for every sample"
-            pairs.append((run["control_of"], {run["name"]: 1.0}, run["name"], claim))
+            pairs.append((run.control_of, {run.name: 1.0}, run.name, claim))
     for run in runs:
-        if run["kind"] in ("static", "ablation"):
+        if run.kind in (RunKind.STATIC, RunKind.ABLATION):
             continue
-        spent = cost[run["name"]]
+        spent = cost[run.name]
         below = [s for s in static if cost[s] <= spent * (1 + 1e-9)]
         above = [s for s in static if cost[s] > spent * (1 + 1e-9)]
         if below and above and cost[below[-1]] < spent * (1 - 1e-9):
@@ -126,11 +125,11 @@ def comparisons(runs: list[dict], cells: pd.DataFrame, full: str) -> list[tuple[
         else:
             nearest = below[-1] if below else above[0]
             baseline, label = {nearest: 1.0}, nearest
-        pairs.append((run["name"], baseline, label, "dynamic vs static frontier at equal FLOPs"))
+        pairs.append((run.name, baseline, label, "dynamic vs static frontier at equal FLOPs"))
     return pairs
 
 
-def decide(cells: pd.DataFrame, runs: list[dict], full: str) -> pd.DataFrame:
+def decide(cells: pd.DataFrame, runs: list[Run], full: str) -> pd.DataFrame:
     """One row per comparison and metric: the seed-level difference, its 95% t-interval, p-values (raw and
     Holm-adjusted over the report's family: every distinct comparison on FID, precision and recall), the
     minimum detectable difference at 80% power, and the verdict. KID rows carry numbers but no verdict."""
@@ -200,16 +199,16 @@ def _difference_of(row):
     return SeedLevelDifference(row.difference, row.low, row.high, row.p_value, row.detectable, per_seed)
 
 
-def run_summaries(cells: pd.DataFrame, runs: list[dict]) -> pd.DataFrame:
+def run_summaries(cells: pd.DataFrame, runs: list[Run]) -> pd.DataFrame:
     """Per run: the mean over training seeds of each metric (each seed's mean over its sampling seeds), with the
     seed-level 95% t-interval, and the mean cost."""
     rows = []
     for run in runs:
-        own = cells[cells["run"] == run["name"]]
+        own = cells[cells["run"] == run.name]
         row = {
-            "run": run["name"],
-            "schedule": run["schedule"],
-            "kind": run["kind"],
+            "run": run.name,
+            "schedule": run.schedule,
+            "kind": run.kind.value,
             "train_seed": "all",
             "sample_seed": "all",
             "gflops_per_image": own["gflops_per_image"].mean(),
@@ -226,7 +225,7 @@ def run_summaries(cells: pd.DataFrame, runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def with_run_summaries(results: pd.DataFrame, runs: list[dict]) -> pd.DataFrame:
+def with_run_summaries(results: pd.DataFrame, runs: list[Run]) -> pd.DataFrame:
     """A results table whose summary rows are (re)computed from its per-cell rows by `run_summaries`."""
     cells = results[results["train_seed"].astype(str) != "all"]
     common = results.iloc[0][["model", "sampler", "cfg", "extractor", "extractor_sha256", "num_reference"]]
@@ -321,7 +320,7 @@ def results_table(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
-def alias_lines(cells: pd.DataFrame, runs: list[dict]) -> list[str]:
+def alias_lines(cells: pd.DataFrame, runs: list[Run]) -> list[str]:
     found = aliases(cells, runs)
     if not found:
         return []

@@ -9,20 +9,23 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
+from analysis.collect import write_table
 from analysis.quality.features import DigitsExtractor
 from analysis.quality.scores import Reference, real_data_floor
 from analysis.schedule import recovery_curve
-from analysis.study.claims import PAPER_FID, cell_rows, rewrite_report, runs_of
+from analysis.study.claims import PAPER_FID, cell_rows, rewrite_report
+from analysis.study.results import RunKind, StudyResults
 from analysis.study.rundata import (
+    data_folder,
     distance_table,
     load_kept_maps,
-    read_sidecar,
+    sample_folder,
     sample_images,
     switch_table,
     training_summary,
 )
 from mediator_models.data import digits
-from mediator_models.network.config import make_config
+from mediator_models.network.config import ModelConfig, make_config
 from mediator_models.network.flops import model_gmacs
 from mediator_models.sampling.switching import count_label
 from mediator_models.storage.runfolder import atomic_write, atomic_write_text
@@ -98,11 +101,11 @@ def premise_by_layer(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out).sort_values(["kind", "mediators", "layer"], ignore_index=True)
 
 
-def write_figures_and_report(
-    study, models, table, derived, expected_gflops, results: pd.DataFrame, differences: pd.DataFrame, seconds: float
-) -> Path:
+def write_figures_and_report(study: StudyResults) -> Path:
+    """Draw the study's figures, publish the tables behind them and write REPORT.md into its figures folder."""
     fig_dir = study.figures_dir
     fig_dir.mkdir(parents=True, exist_ok=True)
+    table, derived, expected_gflops, results = study.table, study.derived, study.expected_gflops, study.results
     largest = table[table["attention"] == "mediator"]["mediators"].max()
     plots.redundancy_figures(table, fig_dir)  # heat maps on one colour scale, curves, measures
     kept = load_kept_maps(study.run_dir)
@@ -115,31 +118,25 @@ def write_figures_and_report(
     cell = study.config.cells[0]
     shared = f"training seed {cell[0]}, sampling seed {cell[1]}: the same noise and labels in both grids"
     plots.sample_grid(
-        sample_images(study.sample_folder(cell, "full")),
+        sample_images(sample_folder(study.run_dir, cell, "full")),
         path=fig_dir / "samples_full",
         title=f"full attention, EMA weights, SDE ({shared})",
     )
     smallest = study.config.mediator_counts[0]
     plots.sample_grid(
-        sample_images(study.sample_folder(cell, f"med{smallest}")),
+        sample_images(sample_folder(study.run_dir, cell, f"med{smallest}")),
         path=fig_dir / "samples_mediator",
         title=f"mediators n={smallest} ({shared})",
     )
-    data_dir = fig_dir / "data"  # the tables behind the figures and verdicts, for the notebooks
+    data_dir = data_folder(fig_dir)  # the tables behind the figures and verdicts, for the notebooks
     data_dir.mkdir(exist_ok=True)
-    from analysis.collect import write_table
-
-    provenance = {
-        "run": str(study.run_dir),
-        "study": study.config.to_dict(),
-        "model": models[None].model.config.to_dict(),
-    }
+    provenance = {"run": str(study.run_dir), "study": study.config.to_dict(), "model": study.full_model}
     write_table(table, data_dir / "redundancy.parquet", provenance)
-    for name, frame in (("results.csv", results), ("differences.csv", differences)):
+    for name, frame in (("results.csv", results), ("differences.csv", study.differences)):
         atomic_write(data_dir / name, lambda handle, frame=frame: frame.to_csv(handle, index=False), binary=False)
     for name, schedule in derived.items():
         schedule.save(data_dir / f"schedule-{name}.json")
-    diagnostics = adaptive_diagnostics(study, results)
+    diagnostics = adaptive_diagnostics(study)
     for name, frame in diagnostics.items():
         if frame.empty:  # runs sampled before per-sample records were kept have none
             continue
@@ -164,14 +161,13 @@ def write_figures_and_report(
             plots.recovery_curves(
                 recovery_curve(table[table["attention"] == "full"], kind), kind, path=fig_dir / f"recovery_{kind}"
             )
-    training = training_summary(
-        study.run_dir, study.config.train_seeds, {study.variant_name(c): c for c in study.trained}
-    )
-    text = render_report(study, table, derived, expected_gflops, results, differences, training, seconds, diagnostics)
+    training = training_summary(study.run_dir, study.config.train_seeds, study.trained)
+    text = render_report(study, training, diagnostics)
     # The verdict-bearing sections come from the claims module, the same code that re-decides a published run.
-    cells, runs = cell_rows(results), runs_of(results)
+    cells = cell_rows(results)
     summary = results[results["train_seed"].astype(str) == "all"]
-    text = rewrite_report(text, differences, summary, cells, runs, real_floor(study.config.image_size, cells))
+    floor = real_floor(study.config.image_size, cells)
+    text = rewrite_report(text, study.differences, summary, cells, study.runs, floor)
     return atomic_write_text(fig_dir / "REPORT.md", text)
 
 
@@ -188,17 +184,15 @@ def has_premise(table: pd.DataFrame) -> bool:
     return bool(table["metric"].str.startswith("recovery_").any())
 
 
-def adaptive_diagnostics(study, results: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def adaptive_diagnostics(study: StudyResults) -> dict[str, pd.DataFrame]:
     """Switch steps (per sample and move) and the rule's distances (per sample and step) of every adaptive run in
     every cell, from the sample folders' sidecars."""
-    summary = results[results["train_seed"].astype(str) == "all"]
-    adaptive = summary[summary["kind"].str.startswith("adaptive")]["run"].tolist()
     moves = len(study.adaptive_order) - 1
     switches, distances = [], []
     for cell in study.config.cells:
-        for run in adaptive:
-            sidecar = read_sidecar(study.sample_folder(cell, run))
-            where = {"run": run, "train_seed": cell[0], "sample_seed": cell[1]}
+        for run in study.adaptive_runs:
+            sidecar = study.sidecars[(*cell, run.name)]
+            where = {"run": run.name, "train_seed": cell[0], "sample_seed": cell[1]}
             switches.append(switch_table(sidecar, study.levels, moves).assign(**where))
             distances.append(distance_table(sidecar, study.levels).assign(**where))
     empty = pd.DataFrame(columns=["run", "train_seed", "sample_seed"])
@@ -305,13 +299,13 @@ def ablation_lines(differences: pd.DataFrame, summary: pd.DataFrame) -> list[str
     return lines
 
 
-def adaptive_lines(study, summary: pd.DataFrame, differences: pd.DataFrame, diagnostics: dict) -> list[str]:
+def adaptive_lines(study: StudyResults, summary: pd.DataFrame, diagnostics: dict) -> list[str]:
     """The adaptive rule diagnosed: when samples switch, what d_k responds to, and per-sample timing against a
     static schedule with the same switch steps."""
     switches, distances = diagnostics["switches"], diagnostics["distances"]
     if switches.empty:
         return []
-    levels = study.levels
+    differences, levels = study.differences, study.levels
     order = "/".join(count_label(c) for c in study.adaptive_order)
     lines = [
         "",
@@ -359,10 +353,11 @@ def adaptive_lines(study, summary: pd.DataFrame, differences: pd.DataFrame, diag
             f"{_fid_cell(control)} | {_fid_cell(frontier)} |"
         )
     if not distances.empty:
-        paper = distances[~distances["run"].str.startswith("adaptive-drift")]
+        on_drift = [run.name for run in study.runs_of_kind(RunKind.DRIFT_ADAPTIVE)]
+        paper = distances[~distances["run"].isin(on_drift)]
         share = (paper["noise"] / paper["state"]).groupby(paper["step"]).median()
         spread = {
-            rule: _switch_spread(switches[switches["run"].str.startswith("adaptive-drift") == drift])
+            rule: _switch_spread(switches[switches["run"].isin(on_drift) == drift])
             for rule, drift in (("paper", False), ("drift", True))
         }
         clock = spread["paper"] is not None and spread["paper"] <= 1
@@ -449,33 +444,40 @@ def premise_lines(table: pd.DataFrame, derived: dict, expected: dict) -> list[st
     return lines
 
 
-def render_report(
-    study,
-    table,
-    derived,
-    expected_gflops,
-    results: pd.DataFrame,
-    differences: pd.DataFrame,
-    training: list[dict],
-    seconds: float,
-    diagnostics: dict[str, pd.DataFrame],
-) -> str:
-    cfg = study.config
-    model = make_config(cfg.model, input_size=cfg.image_size)
-    tokens, grid = model.num_tokens, model.grid_size
+def render_report(study: StudyResults, training: list[dict], diagnostics: dict[str, pd.DataFrame]) -> str:
+    """REPORT.md as the study measured it, one section after another (its verdict-bearing sections are then
+    rewritten by the claims module)."""
+    summary = study.results[study.results["train_seed"].astype(str) == "all"].set_index("run")
     # Facts of the data and the network, read from them rather than written into the text.
-    training_images = len(digits("train", cfg.image_size))
+    model = make_config(study.config.model, input_size=study.config.image_size)
+    training_images = len(digits("train", study.config.image_size))
+    return "\n".join(
+        [
+            *header_lines(study, model, training_images),
+            *claim_lines(study, model, summary, training),
+            *results_lines(summary),
+            *differences_lines(study.differences),
+            *derived_lines(study.derived, study.expected_gflops),
+            *ablation_lines(study.differences, summary),
+            *adaptive_lines(study, summary, diagnostics),
+            *premise_lines(study.table, study.derived, study.expected_gflops),
+            *training_lines(training),
+            *savings_lines(),
+            *figure_lines(study, diagnostics),
+            *limit_lines(study, model, training_images),
+            *imagenet_lines(),
+        ]
+    )
+
+
+def header_lines(study: StudyResults, model: ModelConfig, training_images: int) -> list[str]:
+    """The title, what was run and how quality is measured, and the head of the claims table."""
+    cfg, results, seconds = study.config, study.results, study.seconds
+    tokens, grid = model.num_tokens, model.grid_size
     reference_images = int(results["num_reference"].iloc[0])
-    shape = f"{model.depth}-layer, {model.hidden_size}-wide"
-    summary = results[results["train_seed"].astype(str) == "all"].set_index("run")
-    full = summary.loc["full"]
     extractor = results["extractor"].iloc[0]
     cells = len(cfg.cells)
-    layers = redundancy_by_layer(table)
-    reversed_layers = layers[layers["verdict"] == "reverses"]["layer"].tolist()
-    holding = layers[layers["verdict"] == "holds"]["layer"].tolist()
-
-    lines = [
+    return [
         "# attnmed reproduction report" + ("" if study.preset == "default" else f" — preset {study.preset}"),
         "",
         f"Preset: {cfg.model} on the embedded digits ({cfg.image_size}×{cfg.image_size}, {training_images} training images; a "
@@ -494,6 +496,18 @@ def render_report(
         "| claim (ECCV 2024, arXiv 2408.05710) | the paper's evidence (source) | this run (difference [95% interval]) | verdict |",
         "|---|---|---|---|",
     ]
+
+
+def claim_lines(study: StudyResults, model: ModelConfig, summary: pd.DataFrame, training: list[dict]) -> list[str]:
+    """The rows of the claims table: redundancy, quality and cost per count, dynamic against static, and the rows
+    only the paper-grid study fills."""
+    cfg, table, differences = study.config, study.table, study.differences
+    tokens = model.num_tokens
+    full = summary.loc["full"]
+    layers = redundancy_by_layer(table)
+    reversed_layers = layers[layers["verdict"] == "reverses"]["layer"].tolist()
+    holding = layers[layers["verdict"] == "holds"]["layer"].tolist()
+    lines = []
     early_mean, late_mean = layers["early"].mean(), layers["late"].mean()
     per_layer = "; ".join(
         f"layer {r.layer}: {r.early:.3f} → {r.late:.3f} bits ({r.verdict})" for r in layers.itertuples()
@@ -564,8 +578,12 @@ def render_report(
             f"({', '.join(f'{v}: {n}' for v, n in counts.items())}) |"
         )
 
-    lines += claim_rows_of_the_paper_grid(table, differences)
-    lines += [
+    return lines + claim_rows_of_the_paper_grid(table, differences)
+
+
+def results_lines(summary: pd.DataFrame) -> list[str]:
+    """Per run: cost and quality with their intervals, cheapest first."""
+    lines = [
         "",
         "## Results (mean over cells, [95% interval])",
         "",
@@ -578,10 +596,17 @@ def render_report(
             f"{row['seconds_per_image'] * 1e3:.0f} | {_interval(row, 'fid')} | {_interval(row, 'kid', 2)} "
             f"(±{row['kid_std']:.2g}) | {_interval(row, 'precision')} | {_interval(row, 'recall')} |"
         )
-    lines += [
+    return [
+        *lines,
         "",
         "Per-cell rows (training seed × sampling seed) are in `data/results.csv`; every paired difference "
         "with its interval and verdict is in `data/differences.csv`.",
+    ]
+
+
+def differences_lines(differences: pd.DataFrame) -> list[str]:
+    """Every paired comparison, run − baseline, on each metric."""
+    lines = [
         "",
         "## Paired differences (run − baseline)",
         "",
@@ -592,7 +617,12 @@ def render_report(
         cols = {m: part[part["metric"] == m].iloc[0] for m in ("fid", "kid", "precision", "recall")}
         cell_text = [f"{c['difference']:+.3g} [{c['low']:+.3g}, {c['high']:+.3g}]" for c in cols.values()]
         lines.append(f"| {run} | {baseline} | " + " | ".join(cell_text) + f" | {cols['fid']['verdict']} |")
-    lines += [
+    return lines
+
+
+def derived_lines(derived: dict, expected_gflops: dict) -> list[str]:
+    """The schedules derived from redundancy, with the GFLOPs they were expected to cost."""
+    lines = [
         "",
         "## Derived schedules",
         "",
@@ -610,13 +640,20 @@ def render_report(
             "this committed run and carries no information. The paper-grid study replaces it with absolute "
             "thresholds on the premise measure and a FLOPs budget.",
         ]
-    lines += ablation_lines(differences, summary)
-    lines += adaptive_lines(study, summary, differences, diagnostics)
-    lines += premise_lines(table, derived, expected_gflops)
-    lines += ["", "## Training", "", "| model | seed | final loss | steps/s |", "|---|---|---|---|"]
+    return lines
+
+
+def training_lines(training: list[dict]) -> list[str]:
+    """Per trained variant and seed: the final loss and the training speed."""
+    lines = ["", "## Training", "", "| model | seed | final loss | steps/s |", "|---|---|---|---|"]
     for row in training:
         lines.append(f"| {row['model']} | {row['seed']} | {_fmt(row['final_loss'])} | {_fmt(row['steps_per_sec'])} |")
-    lines += [
+    return lines
+
+
+def savings_lines() -> list[str]:
+    """What 64 mediators save at the paper's scales, by our analytic count beside the published figures."""
+    lines = [
         "",
         "## Savings of 64 mediators at the paper's scales",
         "",
@@ -633,7 +670,13 @@ def render_report(
             f"| {name} | {resolution} | {full_gmacs:.2f} | {med:.2f} | {1 - med / full_gmacs:.1%} | "
             f"{'–' if paper is None else f'{paper:.1f}%'} | {source} |"
         )
-    lines += [
+    return lines
+
+
+def figure_lines(study: StudyResults, diagnostics: dict[str, pd.DataFrame]) -> list[str]:
+    """The figures drawn for this study (the adaptive and premise figures only where there was data for them)."""
+    cfg, table = study.config, study.table
+    return [
         "",
         "## Figures",
         "",
@@ -656,6 +699,14 @@ def render_report(
             else []
         ),
         "",
+    ]
+
+
+def limit_lines(study: StudyResults, model: ModelConfig, training_images: int) -> list[str]:
+    """What this setting cannot say, given its token grid, its model and its budget."""
+    cfg, tokens = study.config, model.num_tokens
+    shape = f"{model.depth}-layer, {model.hidden_size}-wide"
+    return [
         "## What this setting cannot say",
         "",
         *(
@@ -686,6 +737,12 @@ def render_report(
         ),
         f"- Redundancy is measured on one training seed's models; its intervals are over {cfg.record_samples} samples.",
         "",
+    ]
+
+
+def imagenet_lines() -> list[str]:
+    """How to run the same study at the papers' scale."""
+    return [
         "## The same study at ImageNet scale",
         "",
         "`scripts/imagenet_study.sh` runs every stage of this study with the papers' settings: SD-VAE latents, "
@@ -699,4 +756,3 @@ def render_report(
         "```",
         "",
     ]
-    return "\n".join(lines)

@@ -13,14 +13,12 @@ study's configuration, and skipped when its outputs exist (so an interrupted run
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,7 +36,10 @@ from analysis.schedule import (
     schedule_gflops,
     schedule_within_budget,
 )
+from analysis.study import rundata
 from analysis.study.claims import cell_rows, decide, run_summaries, with_run_summaries
+from analysis.study.config import ABLATIONS, PRESETS, StudyConfig, ablation_model
+from analysis.study.results import Run, RunKind, Sidecars, StudyResults
 from mediator_models.data import digits
 from mediator_models.sample import LoadedModel, load_for_sampling, sample_to_folder
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig
@@ -52,144 +53,13 @@ from mediator_models.storage.runfolder import (
 )
 from mediator_models.train import TrainConfig, checkpoint_paths, train
 
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """Everything that fixes a study's results (its hash names the run folder)."""
-
-    model: str = "SiT-T/2"
-    image_size: int = 16
-    mediator_counts: tuple[int, ...] = (4, 16)
-    train_steps: int = 800
-    batch_size: int = 32
-    lr: float = 1e-3
-    ema_decay: float = 0.99  # short CPU runs: at 0.999 the initial weights still hold 45% of the EMA after 800 steps
-    sampler_steps: int = 50
-    record_samples: int = 32
-    fid_samples: int = 250
-    adaptive_ratios: tuple[tuple[float, ...], ...] = ((1.0, 0.9), (1.0, 0.7))
-    jsd_quantiles: tuple[float, ...] = (0.33, 0.66)
-    train_seeds: tuple[int, ...] = (0, 1, 2)  # each model is trained once per seed
-    sample_seeds: tuple[int, ...] = (0, 1)  # each trained model is sampled once per seed (same noise for every run)
-    bootstrap_replicates: int = 200  # unused since intervals are seed-level; kept so run-folder keys stay
-    kid_subset_size: int = 100
-    # Options of the paper-grid study (ablations, the adaptive trio, controls, the premise). While unset they
-    # leave the key as it was, so the run folders of studies made before they existed keep their names (see `key`).
-    ablations: tuple[str, ...] = ()  # ABLATIONS: mediators without the conv, full attention with it, the conv alone
-    # the adaptive rule's networks, fewest first (empty: counts, then full)
-    adaptive_counts: tuple[int | None, ...] = ()
-    adaptive_drift_ratios: tuple[tuple[float, ...], ...] = ()  # the rule on the drift (ours), at these ρ
-    time_matched_controls: bool = False  # each adaptive run beside a static schedule switching at its median steps
-    premise: bool = False  # record how much of A·V rank-n and pooled mediator maps recover (full attention)
-    recovery_thresholds: tuple[float, ...] = ()  # schedules from the premise: largest relative error allowed
-    budget_of: tuple[int, ...] = ()  # schedules from the rank rule within the GFLOPs of these static counts
-
-    def __post_init__(self) -> None:
-        networks = len(self.adaptive_counts) or len(self.mediator_counts) + 1
-        for ratios in (*self.adaptive_ratios, *self.adaptive_drift_ratios):
-            if len(ratios) != networks - 1:
-                raise ValueError(
-                    f"the adaptive rule switches between {networks} networks, so each ρ needs "
-                    f"{networks - 1} values; got {ratios}"
-                )
-        unknown = set(self.ablations) - set(ABLATIONS)
-        if unknown:
-            raise ValueError(f"unknown ablations {sorted(unknown)}; choose from {sorted(ABLATIONS)}")
-        if self.time_matched_controls and not self.adaptive_ratios:
-            raise ValueError("time-matched controls copy adaptive runs: give adaptive_ratios too")
-        if self.recovery_thresholds and not self.premise:
-            raise ValueError("schedules from the premise (recovery_thresholds) need premise=True to record it")
-
-    def key(self) -> str:
-        data = dataclasses.asdict(self)
-        for name in _ADDED_LATER:
-            if data[name] == _UNSET[name]:
-                del data[name]
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def cells(self) -> list[tuple[int, int]]:
-        """(training seed, sampling seed) pairs: the replicates every comparison is paired over."""
-        return [(t, r) for t in self.train_seeds for r in self.sample_seeds]
-
-
-_ADDED_LATER = (
-    "ablations",
-    "adaptive_counts",
-    "adaptive_drift_ratios",
-    "time_matched_controls",
-    "premise",
-    "recovery_thresholds",
-    "budget_of",
-)
-_UNSET = {field.name: field.default for field in dataclasses.fields(StudyConfig) if field.name in _ADDED_LATER}
-
-# The ablations that isolate the mediators from the depthwise conv of their block (at the middle count n).
-ABLATIONS = {
-    "noconv": "mediators without the depthwise conv",
-    "full-conv": "full attention with the mediators' depthwise conv",
-    "conv": "no attention: the depthwise conv alone",
-}
-
-
-def ablation_model(name: str, count: int) -> tuple[str, int | None, bool | None]:
-    """(attention, mediators, depthwise_conv) of an ablation variant (see ABLATIONS)."""
-    if name == "noconv":
-        return "mediator", count, False
-    if name == "full-conv":
-        return "full", None, True
-    if name == "conv":
-        return "conv", None, None
-    raise ValueError(f"unknown ablation {name!r}; choose from {sorted(ABLATIONS)}")
-
-
-PRESETS = {
-    # Every stage at toy budgets: a smoke test of the pipeline (the tests run it), numbers meaningless.
-    "quick": StudyConfig(
-        train_steps=60,
-        batch_size=16,
-        sampler_steps=12,
-        record_samples=4,
-        fid_samples=64,
-        adaptive_ratios=((1.0, 0.7),),
-        train_seeds=(0, 1),
-        sample_seeds=(0,),
-        bootstrap_replicates=50,
-        kid_subset_size=32,
-    ),
-    # The demo: three training seeds × two sampling seeds, sized to finish in about 40 minutes on 2 CPU cores.
-    "default": StudyConfig(),
-    # The paper's token grid: 16×16 = 256 tokens (patch 1 on the 16-px digits), the paper's counts 4/16/64 and its
-    # adaptive trio, the ablations, time-matched controls, the rule on the drift, and schedules from the premise
-    # measure and from a FLOPs budget (no JSD quantiles: they cut any series into thirds). Two training seeds ×
-    # one sampling seed, 25 SDE steps, sized for about 90 minutes on 2 CPU cores.
-    "paper-grid": StudyConfig(
-        model="SiT-T/1",
-        mediator_counts=(4, 16, 64),
-        train_steps=500,
-        sampler_steps=25,
-        record_samples=16,
-        fid_samples=200,
-        train_seeds=(0, 1),
-        sample_seeds=(0,),
-        adaptive_ratios=((1.0, 0.9), (0.9, 0.8), (0.8, 0.6)),
-        jsd_quantiles=(),
-        ablations=("noconv", "full-conv", "conv"),
-        adaptive_counts=(4, 16, 64),
-        adaptive_drift_ratios=((0.9, 0.8),),
-        time_matched_controls=True,
-        premise=True,
-        recovery_thresholds=(0.1, 0.2),
-        budget_of=(16,),
-    ),
-}
+__all__ = ["ABLATIONS", "PRESETS", "Study", "StudyConfig", "ablation_model", "run_study", "time_matched_schedule"]
 
 
 @dataclass
 class Study:
+    """The pipeline of one study in its run folder: each stage a method, each writing where `rundata` says."""
+
     config: StudyConfig
     run_dir: Path
     figures_dir: Path
@@ -200,7 +70,7 @@ class Study:
 
     def timed(self, stage: str, work, *args):
         """Run a stage and remember how long its work took (a stage skipped as done keeps its first time)."""
-        path = self.run_dir / "timings.json"
+        path = rundata.timings_path(self.run_dir)
         timings = json.loads(path.read_text()) if path.exists() else {}
         start = time.time()
         result = work(*args)
@@ -209,7 +79,7 @@ class Study:
         return result
 
     def total_seconds(self) -> float:
-        path = self.run_dir / "timings.json"
+        path = rundata.timings_path(self.run_dir)
         return sum(json.loads(path.read_text()).values()) if path.exists() else 0.0
 
     # ---- names ------------------------------------------------------------------------------------------------
@@ -266,8 +136,8 @@ class Study:
         for seed in self.config.train_seeds:
             paths[seed] = {}
             for count in self.trained:
-                out = self.run_dir / "train" / f"seed{seed}" / self.variant_name(count)
-                final = out / "checkpoints" / f"{self.config.train_steps:07d}.pt"
+                out = rundata.train_folder(self.run_dir, seed, self.variant_name(count))
+                final = rundata.final_checkpoint(self.run_dir, seed, self.variant_name(count), self.config.train_steps)
                 if isinstance(count, str):
                     attention, mediators, conv = ablation_model(self.ablations[count], self.ablation_count)
                 else:
@@ -309,7 +179,7 @@ class Study:
         keep = [(step, depth // 2) for step in (0, last // 4, last // 2, last)]
         for count in self.variants:
             loaded = models[count]
-            path = self.run_dir / "record" / f"{self.variant_name(count)}.parquet"
+            path = rundata.record_table_path(self.run_dir, self.variant_name(count))
             if not path.exists():
                 self.say(f"record redundancy of {self.variant_name(count)} over {self.config.record_samples} samples")
                 metrics = ALL_METRICS
@@ -328,7 +198,7 @@ class Study:
                     collection,
                     state_path=path.with_suffix(".state.pt"),
                     keep_maps=keep,
-                    keep_dir=self.run_dir / "record" / "maps",
+                    keep_dir=rundata.kept_maps_folder(self.run_dir),
                 )
                 write_table(
                     table,
@@ -375,121 +245,100 @@ class Study:
             schedule, _ = schedule_within_budget(full, available, configs, budget, tau=0.99)
             schedule.name = f"derived: rank τ=0.99 within static n={count}'s GFLOPs"
             derived[f"derived-budget{count}"] = schedule
-        folder = self.run_dir / "schedules"
+        folder = rundata.schedules_folder(self.run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         for name, schedule in derived.items():
             schedule.save(folder / f"{name}.json")
         return derived
 
     # ---- stage 4: sample --------------------------------------------------------------------------------------
-    def runs(self, models: dict[int | None, LoadedModel], derived: dict[str, MediatorSchedule]) -> list[dict[str, Any]]:
-        """Every sampling run of the study for one training seed's models: name, kind, step callback, base model."""
-        networks = {count: loaded.model for count, loaded in models.items()}
+    def runs(self, derived: dict[str, MediatorSchedule]) -> list[Run]:
+        """Every sampling run of the study, in the order they are sampled and reported."""
         runs = [
-            {
-                "name": self.variant_name(c),
-                "kind": "static",
-                "schedule": MediatorSchedule.constant(c).name,
-                "callback": None,
-                "base": c,
-            }
-            for c in self.variants
+            Run(self.variant_name(c), RunKind.STATIC, MediatorSchedule.constant(c).name, base=c) for c in self.variants
         ]
-        runs += [
-            {"name": name, "kind": "ablation", "schedule": ABLATIONS[kind], "callback": None, "base": name}
-            for name, kind in self.ablations.items()
-        ]
+        runs += [Run(name, RunKind.ABLATION, ABLATIONS[kind], base=name) for name, kind in self.ablations.items()]
         order = self.adaptive_order
         # The networks are named where the study chose them (the paper's trio); the default study's labels stay
         # as its committed run has them.
         trio = f" ({'/'.join(map(count_label, order))})" if self.config.adaptive_counts else ""
-        rules = [(ratios, "state") for ratios in self.config.adaptive_ratios]
-        rules += [(ratios, "drift") for ratios in self.config.adaptive_drift_ratios]
-        for ratios, statistic in rules:
+        rules = [(ratios, RunKind.ADAPTIVE) for ratios in self.config.adaptive_ratios]
+        rules += [(ratios, RunKind.DRIFT_ADAPTIVE) for ratios in self.config.adaptive_drift_ratios]
+        for ratios, kind in rules:
             rho = "/".join(f"{r:g}" for r in ratios)
-            name = ("adaptive-" if statistic == "state" else "adaptive-drift-") + "-".join(f"{r:g}" for r in ratios)
-            kind = "adaptive (paper's rule)" if statistic == "state" else "adaptive on the drift (ours)"
-            runs.append(
-                {
-                    "name": name,
-                    "kind": kind,
-                    "schedule": f"{'adaptive' if statistic == 'state' else 'drift-adaptive'} ρ={rho}{trio}",
-                    "callback": AdaptiveSwitch([networks[c] for c in order], ratios, statistic=statistic),
-                    "base": order[0],
-                }
-            )
-            if self.config.time_matched_controls and statistic == "state":
-                runs.append(
-                    {
-                        "name": f"control-{name}",
-                        "kind": "time-matched control",
-                        "control_of": name,
-                        "schedule": f"static at the median switch steps of ρ={rho}",
-                        "base": order[0],
-                    }
-                )
-        for name, schedule in derived.items():
-            runs.append(
-                {
-                    "name": name,
-                    "kind": "derived from redundancy",
-                    "schedule": schedule.name,
-                    "callback": schedule.callback(networks),
-                    "base": self.variants[0],
-                    "schedule_data": schedule.to_dict(),
-                }
-            )
+            on_drift = kind is RunKind.DRIFT_ADAPTIVE
+            name = ("adaptive-drift-" if on_drift else "adaptive-") + "-".join(f"{r:g}" for r in ratios)
+            label = f"{'drift-adaptive' if on_drift else 'adaptive'} ρ={rho}{trio}"
+            runs.append(Run(name, kind, label, base=order[0], ratios=tuple(ratios)))
+            if self.config.time_matched_controls and not on_drift:
+                label = f"static at the median switch steps of ρ={rho}"
+                runs.append(Run(f"control-{name}", RunKind.CONTROL, label, base=order[0], control_of=name))
+        runs += [Run(name, RunKind.DERIVED, schedule.name, base=self.variants[0]) for name, schedule in derived.items()]
         return runs
 
-    def sample_folder(self, cell: tuple[int, int], name: str) -> Path:
-        return self.run_dir / "samples" / f"train{cell[0]}-sample{cell[1]}" / name
+    def sampling_of(
+        self,
+        run: Run,
+        models: dict[int | None | str, LoadedModel],
+        derived: dict[str, MediatorSchedule],
+        sidecars: Sidecars,
+        cell: tuple[int, int],
+    ) -> tuple[Callable | None, dict]:
+        """The step callback that makes a run's schedule happen on one training seed's models (None: its base
+        model throughout), and the schedule its sidecar records. Made afresh per cell: the adaptive rule keeps
+        per-sample traces."""
+        networks = {count: loaded.model for count, loaded in models.items()}
+        if run.kind.adaptive:
+            statistic = "drift" if run.kind is RunKind.DRIFT_ADAPTIVE else "state"
+            return AdaptiveSwitch([networks[c] for c in self.adaptive_order], run.ratios, statistic=statistic), {}
+        if run.kind is RunKind.DERIVED:
+            schedule = derived[run.name]
+        elif run.kind is RunKind.CONTROL:  # its switch steps come from the adaptive run sampled before it
+            source = sidecars[(*cell, run.control_of)]
+            schedule = time_matched_schedule(source, self.adaptive_order, self.levels, f"control of {run.control_of}")
+            networks = {c: networks[c] for c in self.adaptive_order}
+        else:
+            return None, {}
+        return schedule.callback(networks), schedule.to_dict()
 
-    def sample_all(self, models: dict[int, dict[int | None, LoadedModel]], derived) -> dict[tuple, dict]:
+    def sample_all(self, models: dict[int, dict[int | None | str, LoadedModel]], runs: list[Run], derived) -> Sidecars:
         """Every run in every cell; sampling seed r gives every run of every training seed the same noise."""
-        sidecars = {}
-        for train_seed, sample_seed in self.config.cells:
-            for run in self.runs(models[train_seed], derived):
-                out = self.sample_folder((train_seed, sample_seed), run["name"])
-                if "control_of" in run:  # its switch steps come from the adaptive run sampled before it
-                    source = sidecars[(train_seed, sample_seed, run["control_of"])]
-                    schedule = time_matched_schedule(
-                        source, self.adaptive_order, self.levels, f"control of {run['control_of']}"
-                    )
-                    run = {
-                        **run,
-                        "callback": schedule.callback({c: models[train_seed][c].model for c in self.adaptive_order}),
-                        "schedule_data": schedule.to_dict(),
-                    }
-                if not (out / "samples.json").exists():
+        sidecars: Sidecars = {}
+        for cell in self.config.cells:
+            train_seed, sample_seed = cell
+            for run in runs:
+                out = rundata.sample_folder(self.run_dir, cell, run.name)
+                if not rundata.sidecar_path(out).exists():
+                    callback, schedule = self.sampling_of(run, models[train_seed], derived, sidecars, cell)
                     self.say(
-                        f"sample {self.config.fid_samples} images: {run['schedule']} (training seed {train_seed}, "
+                        f"sample {self.config.fid_samples} images: {run.schedule} (training seed {train_seed}, "
                         f"sampling seed {sample_seed})"
                     )
                     sample_to_folder(
-                        models[train_seed][run["base"]],
+                        models[train_seed][run.base],
                         out,
                         num_samples=self.config.fid_samples,
                         sampler=self.sampler,
                         batch_size=125,
                         seed=sample_seed,
-                        callback=run["callback"],
-                        schedule={"name": run["schedule"], **run.get("schedule_data", {})},
+                        callback=callback,
+                        schedule={"name": run.schedule, **schedule},
                     )
-                sidecars[(train_seed, sample_seed, run["name"])] = json.loads((out / "samples.json").read_text())
+                sidecars[(train_seed, sample_seed, run.name)] = rundata.read_sidecar(out)
         return sidecars
 
     # ---- stage 5: evaluate ------------------------------------------------------------------------------------
     def features(self, folder: Path, extractor: DigitsExtractor) -> np.ndarray:
         """The digits extractor's features of a sample folder, cached beside it under the extractor's hash."""
-        path = folder / f"features-{extractor.sha256[:12]}.npy"
+        path = rundata.features_path(folder, extractor.sha256)
         if not path.exists():
             features = extractor.features_of(folder / "samples.npz")
             atomic_write(path, lambda handle: np.save(handle, features))
         return np.load(path)
 
-    def evaluate_all(self, runs: list[dict], sidecars: dict[tuple, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def evaluate_all(self, runs: list[Run], sidecars: Sidecars) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Per-cell metrics, summaries with intervals, and paired differences (results.csv, differences.csv)."""
-        results_path, differences_path = self.run_dir / "results.csv", self.run_dir / "differences.csv"
+        results_path, differences_path = rundata.results_path(self.run_dir), rundata.differences_path(self.run_dir)
         if results_path.exists() and differences_path.exists():
             results, differences = pd.read_csv(results_path), pd.read_csv(differences_path)
             if "p_holm" not in differences:  # decided by the earlier bootstrap: decide again from the cells
@@ -503,14 +352,14 @@ class Study:
         rows = []
         for cell in self.config.cells:
             for run in runs:
-                self.say(f"evaluate {run['name']} (training seed {cell[0]}, sampling seed {cell[1]})")
-                own = self.features(self.sample_folder(cell, run["name"]), extractor)
-                sidecar = sidecars[(*cell, run["name"])]
+                self.say(f"evaluate {run.name} (training seed {cell[0]}, sampling seed {cell[1]})")
+                own = self.features(rundata.sample_folder(self.run_dir, cell, run.name), extractor)
+                sidecar = sidecars[(*cell, run.name)]
                 rows.append(
                     {
-                        "run": run["name"],
-                        "schedule": run["schedule"],
-                        "kind": run["kind"],
+                        "run": run.name,
+                        "schedule": run.schedule,
+                        "kind": run.kind.value,
                         "train_seed": cell[0],
                         "sample_seed": cell[1],
                         **all_metrics(own, reference, self.config.kid_subset_size),
@@ -568,12 +417,12 @@ def run_study(
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         config = PRESETS[preset]
-    run_dir = Path(run_root) / f"reproduce-{preset}-{config.key()}"
+    run_dir = rundata.run_folder(run_root, preset, config.key())
     if figures_dir is not None:  # named before the study's hour of work, not after it
         check_creatable(figures_dir, "--figures")
     with FolderLock(run_dir, "attnmed reproduce", flag="--runs"):
         clean_stale_temporaries(run_dir)
-        atomic_write_json(run_dir / "study.json", config.to_dict())
+        atomic_write_json(rundata.study_path(run_dir), config.to_dict())
         return _run_study_locked(preset, config, run_dir, Path(figures_dir) if figures_dir else run_dir / "report")
 
 
@@ -588,12 +437,28 @@ def _run_study_locked(preset: str, config: StudyConfig, run_dir: Path, figures_d
     table = study.timed("record", study.record_all, first)
     configs = {count: first[count].model.config for count in study.variants}
     derived = study.schedules(table, configs)
-    runs = study.runs(first, derived)
-    sidecars = study.timed("sample", study.sample_all, models, derived)
+    runs = study.runs(derived)
+    sidecars = study.timed("sample", study.sample_all, models, runs, derived)
     results, differences = study.timed("evaluate", study.evaluate_all, runs, sidecars)
     expected = {name: schedule_gflops(s, study.levels, configs) for name, s in derived.items()}
-    report = write_figures_and_report(
-        study, first, table, derived, expected, results, differences, study.total_seconds()
+    bundle = StudyResults(
+        config=config,
+        preset=preset,
+        run_dir=run_dir,
+        figures_dir=figures_dir,
+        levels=study.levels,
+        adaptive_order=study.adaptive_order,
+        trained=[study.variant_name(c) for c in study.trained],
+        full_model=first[None].model.config.to_dict(),
+        runs=runs,
+        sidecars=sidecars,
+        table=table,
+        derived=derived,
+        expected_gflops=expected,
+        results=results,
+        differences=differences,
+        seconds=study.total_seconds(),
     )
+    report = write_figures_and_report(bundle)
     study.say(f"report: {report}")
     return report

@@ -1,7 +1,8 @@
-"""Readers of a study's run folder (written by analysis.study.reproduce), for the report and the notebooks.
+"""The layout of a study's run folder (written by analysis.study.reproduce) and its readers, for the pipeline,
+the report and the notebooks.
 
-One home for knowing where a run keeps things, so the report reads a run folder without importing the
-pipeline that wrote it.
+One home for knowing where a run keeps things: the pipeline writes and the report reads through the same
+functions, so the report reads a run folder without importing the pipeline that wrote it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,90 @@ import numpy as np
 import pandas as pd
 import torch
 
+# ---- where a run keeps things --------------------------------------------------------------------------------
+
+
+def run_folder(run_root: str | Path, preset: str, key: str) -> Path:
+    """The run folder of a study: named by its preset and its configuration's key, so a changed study starts anew."""
+    return Path(run_root) / f"reproduce-{preset}-{key}"
+
+
+def study_path(run_dir: Path) -> Path:
+    """The study configuration the run folder was made by."""
+    return Path(run_dir) / "study.json"
+
+
+def timings_path(run_dir: Path) -> Path:
+    """Seconds of work per stage."""
+    return Path(run_dir) / "timings.json"
+
+
+def train_folder(run_dir: Path, seed: int, variant: str) -> Path:
+    """Where one trained variant of one training seed keeps its checkpoints and its log."""
+    return Path(run_dir) / "train" / f"seed{seed}" / variant
+
+
+def final_checkpoint(run_dir: Path, seed: int, variant: str, steps: int) -> Path:
+    """The checkpoint a variant's training ends with (mediator_models.train names them by step)."""
+    return train_folder(run_dir, seed, variant) / "checkpoints" / f"{steps:07d}.pt"
+
+
+def log_path(run_dir: Path, seed: int, variant: str) -> Path:
+    """A trained variant's loss and speed log (JSON lines)."""
+    return train_folder(run_dir, seed, variant) / "log.jsonl"
+
+
+def record_table_path(run_dir: Path, variant: str) -> Path:
+    """A variant's recorded redundancy table (first training seed)."""
+    return Path(run_dir) / "record" / f"{variant}.parquet"
+
+
+def kept_maps_folder(run_dir: Path) -> Path:
+    """The raw attention maps the recorder kept, one file per part of a (network, step, layer)."""
+    return Path(run_dir) / "record" / "maps"
+
+
+def schedules_folder(run_dir: Path) -> Path:
+    """The derived schedules, one JSON file each."""
+    return Path(run_dir) / "schedules"
+
+
+def sample_folder(run_dir: Path, cell: tuple[int, int], run: str) -> Path:
+    """Where a run keeps the samples of one (training seed, sampling seed) cell."""
+    return Path(run_dir) / "samples" / f"train{cell[0]}-sample{cell[1]}" / run
+
+
+def sidecar_path(folder: Path) -> Path:
+    """A sample folder's record of how its samples were made (mediator_models.sample writes it last)."""
+    return Path(folder) / "samples.json"
+
+
+def features_path(folder: Path, extractor_sha256: str) -> Path:
+    """A sample folder's features under one extractor, cached beside the samples."""
+    return Path(folder) / f"features-{extractor_sha256[:12]}.npy"
+
+
+def results_path(run_dir: Path) -> Path:
+    """Per-cell metrics and per-run summaries."""
+    return Path(run_dir) / "results.csv"
+
+
+def differences_path(run_dir: Path) -> Path:
+    """The paired comparisons with their verdicts."""
+    return Path(run_dir) / "differences.csv"
+
+
+def data_folder(figures_dir: Path) -> Path:
+    """The tables behind a published report's figures and verdicts, which the notebooks read."""
+    return Path(figures_dir) / "data"
+
+
+# ---- readers ---------------------------------------------------------------------------------------------------
+
 
 def load_kept_maps(run_dir: Path) -> list[dict]:
     """The raw attention maps the recorder kept (first part of each (network, step, layer))."""
-    return [torch.load(p, weights_only=False) for p in sorted((Path(run_dir) / "record" / "maps").glob("*_part000.pt"))]
+    return [torch.load(p, weights_only=False) for p in sorted(kept_maps_folder(run_dir).glob("*_part000.pt"))]
 
 
 def sample_images(sample_folder: Path, count: int = 32) -> np.ndarray:
@@ -33,12 +114,12 @@ def read_log(path: Path) -> list[dict]:
     return [r for r in records if "event" not in r]
 
 
-def training_summary(run_dir: Path, seeds, variants: dict[str, object]) -> list[dict]:
+def training_summary(run_dir: Path, seeds, variants: list[str]) -> list[dict]:
     """One row per (variant, training seed): final logged loss and mean training speed."""
     rows = []
     for seed in seeds:
         for name in variants:
-            records = read_log(Path(run_dir) / "train" / f"seed{seed}" / name / "log.jsonl")
+            records = read_log(log_path(run_dir, seed, name))
             rows.append(
                 {
                     "model": name,
@@ -51,7 +132,8 @@ def training_summary(run_dir: Path, seeds, variants: dict[str, object]) -> list[
 
 
 def read_sidecar(sample_folder: Path) -> dict:
-    return json.loads((Path(sample_folder) / "samples.json").read_text())
+    """How a sample folder's samples were made: its sampler, schedule, cost and per-sample records."""
+    return json.loads(sidecar_path(sample_folder).read_text())
 
 
 def switch_table(sidecar: dict, levels: list[float], moves: int) -> pd.DataFrame:
