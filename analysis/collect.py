@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from analysis.metrics import CHEAP_METRICS, RECORDING_JSD_PAIRS, check_metric_names, metric_reducer
+from analysis.relations import split_relation_metrics
 from mediator_models.recording.recorder import record_attention
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
 from mediator_models.sampling.steps import start_batch
@@ -60,7 +61,11 @@ class CollectionConfig:
         for flag, value in (("--samples", self.samples), ("--batch-size", self.batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value!r}")
-        check_metric_names(self.metrics)
+        if not self.metrics:
+            check_metric_names(self.metrics)  # refuses an empty list, naming what it takes
+        one_map = split_relation_metrics(self.metrics)[0]
+        if one_map:
+            check_metric_names(one_map)
         if self.jsd_pairs is not None and (not isinstance(self.jsd_pairs, int) or self.jsd_pairs < 1):
             raise ValueError(f"--jsd-pairs must be at least 1 (or all pairs), got {self.jsd_pairs!r}")
 
@@ -104,7 +109,7 @@ def collect_redundancy(
     if state_path is not None and env.world_size > 1:
         state_path = Path(state_path).with_name(f"{Path(state_path).name}.rank{env.rank}")
     state = _load_state(state_path, identity)
-    reducer = metric_reducer(tuple(collection.metrics), jsd_pairs=collection.jsd_pairs)
+    reducer, relations = _reducers(collection)
     classes = list(collection.classes) if collection.classes else None
     mine = list(range(env.rank, collection.samples, env.world_size))
     bar = None
@@ -116,6 +121,7 @@ def collect_redundancy(
         keep_maps=keep_maps,
         keep_dir=keep_dir,
         map_memory=map_memory,
+        **relations,
     ) as recorder:
         done = 0  # how many of this rank's samples are recorded
         if state is not None:
@@ -144,6 +150,13 @@ def collect_redundancy(
             for other in gathered[1:]:
                 recorder.merge_state_dict(other)
     return _table(recorder, config.name, config.attention, config.mediators or 0)
+
+
+def _reducers(collection: CollectionConfig):
+    """The one-map reducer and the reducers between calls (as record_attention's keywords) of a collection."""
+    one_map, steps, branches = split_relation_metrics(collection.metrics)
+    reducer = metric_reducer(one_map, jsd_pairs=collection.jsd_pairs) if one_map else {}
+    return reducer, {"step_reducers": steps, "branch_reducers": branches}
 
 
 def _table(recorder, model: str, attention: str, mediators: int) -> pd.DataFrame:
@@ -270,7 +283,7 @@ def collect_redundancy_diffusers(
         raise ValueError(f"{name} is conditioned on text: pass --prompt (one or more), or precomputed embeddings")
     if prompts and embeddings:
         raise ValueError("pass prompts or precomputed embeddings, not both")
-    reducer = metric_reducer(tuple(collection.metrics), jsd_pairs=collection.jsd_pairs)
+    reducer, relations = _reducers(collection)
     halves = ("cond", "uncond") if not text else ("uncond", "cond")  # DiTPipeline: cond first; text pipelines: uncond
     bar = None
     if progress:
@@ -284,6 +297,7 @@ def collect_redundancy_diffusers(
         heads=collection.heads,
         guided_halves=halves,
         map_memory=map_memory,
+        **relations,
     ) as recorder:
         tracker = PipelineSteps(pipeline, recorder.callback)
         try:

@@ -18,7 +18,7 @@ LAYERS = [
     ("mediator_models.sampling",),
     ("mediator_models.recording",),
     ("mediator_models.data", "mediator_models.train", "mediator_models.sample", "mediator_models"),
-    ("analysis.quality", "analysis.metrics"),
+    ("analysis.quality", "analysis.metrics", "analysis.relations"),
     ("analysis.collect", "analysis.schedule", "analysis.plots"),
     ("analysis.study",),
     ("analysis.cli", "analysis"),

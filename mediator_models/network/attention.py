@@ -75,6 +75,20 @@ class AttentionMaps:
             return (*self.queries.shape[:-1], self.keys.shape[-2])
         return (*self.query_to_mediator.shape[:-1], self.mediator_to_key.shape[-1])
 
+    def output(self) -> torch.Tensor:
+        """What the maps deliver, per head: A·V (B, heads, N, d), through the fused kernel for full attention
+        handed its queries and keys (no N×N map), through the n×N maps for mediators (before conv and proj)."""
+        if self.kind == "full" and self._full is None and self.queries is not None:
+            return F.scaled_dot_product_attention(self.queries, self.keys, self.values)
+        if self.kind == "full":
+            return self.full @ self.values
+        return self.query_to_mediator @ (self.mediator_to_key @ self.values)
+
+    def detached(self) -> "AttentionMaps":
+        """The same maps, cut from the autograd graph (to be kept beyond the forward pass)."""
+        stored = {"full": self._full, **{name: getattr(self, name) for name in _MAP_TENSORS[1:]}}
+        return AttentionMaps(self.kind, **{k: None if t is None else t.detach() for k, t in stored.items()})
+
     def select(self, rows: slice | list[int] = slice(None), heads: list[int] | None = None) -> "AttentionMaps":
         """The same maps (and values, queries, keys) for some batch rows and heads; maps not yet computed stay
         so, and are computed for these rows and heads only."""

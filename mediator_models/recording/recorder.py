@@ -91,6 +91,8 @@ def _as_named_models(models) -> dict[str, nn.Module]:
     return {getattr(m.config, "label", str(i)): m for i, m in enumerate(models)}
 
 
+PairReducer = Callable[[AttentionMaps, AttentionMaps], Mapping[str, torch.Tensor]]
+
 # What the maps and their reductions hold per entry of an N×M map while a group is reduced: the scores and the
 # softmax in float32 (8), and for the spectral measures a float64 copy with its SVD factors (24). Measured against
 # the recorder's peak memory in benchmarks/recorder_memory.py.
@@ -106,6 +108,12 @@ class AttentionRecorder:
     the fused, faster path). `map_memory` bounds, in bytes, the maps and their reductions held at once: a layer's
     maps are computed and reduced a few (sample, head) maps at a time, `MAP_ENTRY_BYTES` per entry of each N×M
     map (None: the whole layer at once).
+
+    Redundancy between calls: `step_reducers` compare each layer's maps with the same layer's at the previous
+    evaluation of the same samples (recorded from evaluation 1 on, per branch), `branch_reducers` the conditional
+    half of a guided batch with its unconditional twin (recorded under branch "cond-uncond"). Both take
+    (maps, other maps) and return {metric: (B, heads)}; the previous evaluation is kept as its queries, keys and
+    values (or mediator maps), so its maps are recomputed within the same memory bound.
     """
 
     def __init__(
@@ -119,10 +127,16 @@ class AttentionRecorder:
         keep_dir: str | Path | None = None,
         guided_halves: tuple[str, str] = ("cond", "uncond"),
         map_memory: int | None = DEFAULT_MAP_MEMORY,
+        step_reducers: Mapping[str, PairReducer] | None = None,
+        branch_reducers: Mapping[str, PairReducer] | None = None,
     ):
         if map_memory is not None and (not isinstance(map_memory, int) or map_memory < 1):
             raise SettingError("map_memory", f"is a number of bytes of at least 1, got {map_memory!r}")
         self.map_memory = map_memory
+        self.step_reducers = dict(step_reducers or {})
+        self.branch_reducers = dict(branch_reducers or {})
+        # (network, layer, branch) -> (step, maps) of the previous evaluation, for the step reducers
+        self._previous: dict[tuple, tuple[int, AttentionMaps]] = {}
         self.models = _as_named_models(models)
         self.reducers = {"": reducers} if callable(reducers) else dict(reducers)
         self.layers = None if layers is None else _selection(layers, "layers")
@@ -242,26 +256,43 @@ class AttentionRecorder:
         halves = [("all", slice(None))]
         if total == 2 * batch:  # classifier-free guidance: the doubled batch's halves, in the pipeline's order
             halves = [(self.guided_halves[0], slice(0, batch)), (self.guided_halves[1], slice(batch, total))]
+        parts = {}
         for branch, rows in halves:
-            part = maps.select(rows)
+            part = parts[branch] = maps.select(rows)
             for prefix, reducer in self.reducers.items():
-                for metric, values in self._reduce_in_chunks(reducer, part).items():
-                    # The head average is tracked per sample too, so its std over samples is exact.
-                    values = torch.cat([values, values.mean(-1, keepdim=True)], dim=-1)
-                    key = (network, step, layer, branch, prefix + metric)
-                    if key not in self.stats:
-                        self.stats[key] = RunningStats(values.shape[-1])
-                    self.stats[key].add(values)
+                self._add(network, step, layer, branch, prefix, self._reduce_in_chunks(reducer, part))
+            if self.step_reducers:
+                previous = self._previous.get((network, layer, branch))
+                if previous is not None and previous[0] == step - 1 and previous[1].shape == part.shape:
+                    for prefix, reducer in self.step_reducers.items():
+                        self._add(
+                            network, step, layer, branch, prefix, self._reduce_in_chunks(reducer, part, previous[1])
+                        )
+                self._previous[(network, layer, branch)] = (step, part.detached())
+        if self.branch_reducers and len(halves) == 2:
+            cond, uncond = parts["cond"], parts["uncond"]
+            for prefix, reducer in self.branch_reducers.items():
+                self._add(network, step, layer, "cond-uncond", prefix, self._reduce_in_chunks(reducer, cond, uncond))
         if (step, layer) in self.keep_maps:
             self._keep(network, step, layer, maps)
 
-    def _reduce_in_chunks(self, reducer: Reducer, maps: AttentionMaps) -> dict[str, torch.Tensor]:
-        """reducer(maps), {metric: (B, heads)}, computed over groups of (sample, head) maps that fit `map_memory`.
-        Every measure is one number per map, so the groups' results put together are the whole layer's."""
+    def _add(self, network: str, step: int, layer: int, branch: str, prefix: str, measured: dict) -> None:
+        for metric, values in measured.items():
+            # The head average is tracked per sample too, so its std over samples is exact.
+            values = torch.cat([values, values.mean(-1, keepdim=True)], dim=-1)
+            key = (network, step, layer, branch, prefix + metric)
+            if key not in self.stats:
+                self.stats[key] = RunningStats(values.shape[-1])
+            self.stats[key].add(values)
+
+    def _reduce_in_chunks(self, reducer, maps: AttentionMaps, *others: AttentionMaps) -> dict[str, torch.Tensor]:
+        """reducer(maps, *others), {metric: (B, heads)}, computed over groups of (sample, head) maps that fit
+        `map_memory` (the same samples and heads of each). Every measure is one number per map, so the groups'
+        results put together are the whole layer's."""
         batch, heads, n, m = maps.shape
         if self.map_memory is None:
-            return reducer(maps)
-        per_map = n * m * MAP_ENTRY_BYTES
+            return reducer(maps, *others)
+        per_map = n * m * MAP_ENTRY_BYTES * (1 + len(others))
         fitting = self.map_memory // per_map
         if fitting < 1:
             raise SettingError(
@@ -270,7 +301,7 @@ class AttentionRecorder:
                 f"allow at least {_bytes(per_map)}, or record fewer tokens",
             )
         if fitting >= batch * heads:
-            return reducer(maps)
+            return reducer(maps, *others)
         head_step = min(heads, fitting)
         row_step = max(1, fitting // heads) if head_step == heads else 1
         blocks: dict[str, list[torch.Tensor]] = {}
@@ -279,7 +310,9 @@ class AttentionRecorder:
             pieces: dict[str, list[torch.Tensor]] = {}
             for first in range(0, heads, head_step):
                 chosen = list(range(first, min(first + head_step, heads)))
-                for metric, values in reducer(maps.select(rows, None if head_step == heads else chosen)).items():
+                picked = None if head_step == heads else chosen
+                measured = reducer(*(each.select(rows, picked) for each in (maps, *others)))
+                for metric, values in measured.items():
                     pieces.setdefault(metric, []).append(values)
             for metric, parts in pieces.items():
                 blocks.setdefault(metric, []).append(torch.cat(parts, dim=-1))
@@ -367,6 +400,8 @@ def record_attention(
     keep_dir=None,
     guided_halves=("cond", "uncond"),
     map_memory: int | None = None,
+    step_reducers=None,
+    branch_reducers=None,
 ) -> Iterator[AttentionRecorder]:
     """Attach a recorder for the duration of the block; the models are restored on exit, even on errors.
     Models are attnmed's or diffusers transformers (DiT, PixArt, SD3; see mediator_models.recording.diffusers).
@@ -383,6 +418,8 @@ def record_attention(
         keep_dir=keep_dir,
         guided_halves=guided_halves,
         map_memory=DEFAULT_MAP_MEMORY if map_memory is None else map_memory,
+        step_reducers=step_reducers,
+        branch_reducers=branch_reducers,
     )
     recorder.attach()
     try:
