@@ -408,7 +408,7 @@ def _configure_record(parser: argparse.ArgumentParser) -> None:
         help="'cheap' (jsd, entropy, cosine), 'all' (adds the singular-value ranks) or a comma list of "
         "those words and metrics, e.g. all,recovery_rank_16,recovery_pooled_16,recovery_bound_16 (the "
         "premise: how much of A·V a rank-16 or pooled 16-mediator map loses, and the least any rank-16 map "
-        "can lose; full attention only); 'changes' adds each layer's change from the previous evaluation and "
+        "can lose; full attention only); 'atlas' adds locality, sinks and null baselines; 'changes' adds each layer's change from the previous evaluation and "
         "between the guidance branches (step_*, branch_*: output relative L1 and cosine, map total variation)",
     )
     parser.add_argument(
@@ -451,10 +451,10 @@ def run_record(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from analysis.collect import CollectionConfig, check_table_target, collect_redundancy, write_table
-    from analysis.metrics import ALL_METRICS, CHEAP_METRICS
+    from analysis.metrics import ALL_METRICS, ATLAS_METRICS, CHEAP_METRICS
     from analysis.relations import RELATION_METRICS
 
-    named = {"cheap": CHEAP_METRICS, "all": ALL_METRICS, "changes": RELATION_METRICS}
+    named = {"cheap": CHEAP_METRICS, "all": ALL_METRICS, "atlas": ATLAS_METRICS, "changes": RELATION_METRICS}
     metrics = tuple(dict.fromkeys(m for part in args.metrics.split(",") if part for m in named.get(part, (part,))))
     keep = [_step_layer(pair) for pair in args.keep_maps]
     if keep and args.diffusers:

@@ -13,6 +13,16 @@ Singular values are computed in float64 (or float32 when asked), never in half p
 - `energy_rank`: smallest k with Σ_{i≤k} σ_i² ≥ τ·Σσ².
 - `mean_cosine`: mean cosine similarity between distinct query rows.
 
+What kind of redundancy a map holds (ATLAS_METRICS; named with their parameter, e.g. `local_mass_r1`):
+- `local_mass` (`local_mass_rR`): mean over queries of the mass within Chebyshev distance R on the token grid,
+  the (2R+1)×(2R+1) window around the query: how much a window attention keeps (DiTFastAttn, arXiv 2406.08552).
+- `sink_mass` (`sink_mass_K`): the share of all mass on the K keys of most mean mass over queries ("attention
+  sinks", Xiao et al., arXiv 2309.17453); `jsd_nosink_K`, `entropy_nosink_K`: JSD and entropy of the maps
+  with those keys removed and the rows renormalised (`without_sinks`), entropy normalised by log(M − K).
+- `null_maps` (`jsd_null`, `cosine_null`): the measure on the map with each row's entries permuted at random,
+  same row entropies, random key positions; a baseline of ours. JSD well below its null means queries attend
+  alike; JSD low and near its null means rows are flat, not alike.
+
 The premise of sizing mediators from redundancy, measured on the layer's output rather than its map
 (`recovery_errors`): how much of A·V a map of rank n keeps, as ‖(A − Â)·V‖_F / ‖A·V‖_F for Â the best rank-n
 approximation of A (truncated SVD), and for Â the mediator form built from the layer's own queries and keys
@@ -207,6 +217,116 @@ def energy_rank(sigma: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
     return torch.where(total[..., 0] > 0, rank, torch.zeros_like(rank))
 
 
+# ---- what kind of redundancy: locality, sinks, and a null baseline -------------------------------------
+
+
+def local_mass(maps: torch.Tensor, radius: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Mean over queries of the mass on keys within Chebyshev distance `radius` of the query, queries and keys
+    on one token grid in row-major (patch) order: the (2r+1)×(2r+1) window, clipped at the borders. maps
+    (..., N, N) -> (...). `grid` is (height, width); by default the square grid of N = g² tokens."""
+    if radius < 0:
+        raise ValueError(f"local mass takes a radius of 0 or more on the token grid, got {radius}")
+    queries, keys = maps.shape[-2:]
+    height, width = grid if grid is not None else (math.isqrt(queries),) * 2
+    if queries != keys or height * width != queries:
+        raise ValueError(
+            f"local mass needs queries and keys on one {'given' if grid else 'square'} token grid "
+            f"(N = M = {'height·width' if grid else 'g²'}); got {queries} queries and {keys} keys"
+        )
+    p = _working_precision(maps)
+    index = torch.arange(queries, device=p.device)
+    rows, columns = index // width, index % width
+    distance = torch.maximum((rows[:, None] - rows).abs(), (columns[:, None] - columns).abs())  # (N, N)
+    return (p * (distance <= radius).to(p.dtype)).sum(-1).double().mean(-1)
+
+
+def _key_mass(p: torch.Tensor) -> torch.Tensor:
+    """Each key's mean mass over the queries (..., M), in float64 so that sink ranking and share agree."""
+    return p.double().mean(-2)
+
+
+def sink_mass(maps: torch.Tensor, count: int) -> torch.Tensor:
+    """The share of all mass on the `count` keys of most mean mass over queries (the sinks). maps (..., N, M)
+    -> (...): 1 when `count` keys take everything, count/M for uniform attention."""
+    key_mass = _key_mass(_working_precision(maps))
+    return key_mass.topk(min(count, key_mass.shape[-1]), dim=-1).values.sum(-1)
+
+
+def without_sinks(maps: torch.Tensor, count: int) -> torch.Tensor:
+    """The maps without their `count` sink keys (those of `sink_mass`; ties go to the lower key index), rows
+    renormalised: (..., N, M) -> (..., N, M − count), keys in their order. A row that held nothing off the
+    sinks (only in constructed maps: softmax rows hold no zeros) becomes uniform over the keys left."""
+    p = _working_precision(maps)
+    keys = p.shape[-1]
+    if not 0 <= count < keys:
+        raise ValueError(
+            f"removing {count} sink keys from maps of {keys} keys leaves none to measure: name 0 to {keys - 1} sinks"
+        )
+    ranked = torch.sort(_key_mass(p), dim=-1, descending=True, stable=True).indices
+    kept = ranked[..., count:].sort(-1).values
+    rest = p.gather(-1, kept.unsqueeze(-2).expand(*p.shape[:-1], keys - count))
+    total = rest.sum(-1, keepdim=True)
+    return torch.where(total > 0, rest / total.clamp_min(torch.finfo(p.dtype).tiny), 1.0 / (keys - count))
+
+
+def null_maps(maps: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    """The maps with each row's entries permuted at random: the same values in every row, so the same row
+    entropies, at random key positions. (..., N, M) -> (..., N, M). Drawn on the CPU (the same maps on any
+    device), seeded by `seed`, or by each map's own contents as the JSD's pairs are, so a map's null does not
+    depend on the maps measured beside it. Costs a sort of every row, O(N·M log M)."""
+    p = _working_precision(maps)
+    queries, keys = p.shape[-2:]
+    flat = p.reshape(-1, queries, keys)
+    if seed is None:
+        draws = [torch.rand(queries, keys, generator=torch.Generator().manual_seed(s)) for s in _content_seeds(flat)]
+        order = torch.stack(draws).argsort(-1)
+    else:
+        order = torch.rand(flat.shape, generator=torch.Generator().manual_seed(seed)).argsort(-1)
+    return flat.gather(-1, order.to(p.device)).reshape(p.shape)
+
+
+# ---- spectra at scale: a randomized sketch of the top of the spectrum -----------------------------------------
+
+# Above this many query rows the spectral measures come from `completed_spectrum` instead of a full SVD (one of
+# 4096×4096 in float64 takes about a minute on this CPU); at or below it, tables are exact as before.
+SKETCH_ABOVE_TOKENS = 2048
+SKETCH_RANK = 256  # singular values the sketch resolves
+
+
+def sketched_spectrum(
+    maps: torch.Tensor, rank: int = SKETCH_RANK, oversample: int = 16, power_iterations: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the top `rank` singular values (..., rank), the squared Frobenius norm (...)) of maps (..., N, M), by the
+    randomized range finder with power iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4), in float64.
+
+    The top values are estimated from below (the sketch's subspace holds at most the true energy); the total
+    ‖A‖_F² is exact, so what the top values leave, ‖A‖_F² − Σσ̂², is the tail's energy (an upper bound)."""
+    a = maps.double()
+    width = min(rank + oversample, *a.shape[-2:])
+    generator = torch.Generator().manual_seed(seed)
+    omega = torch.randn(a.shape[-1], width, generator=generator, dtype=torch.float64).to(a.device)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(a.transpose(-2, -1) @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    sigma = torch.linalg.svdvals(basis.transpose(-2, -1) @ a)[..., :rank]
+    return sigma, a.square().sum((-2, -1))
+
+
+def completed_spectrum(maps: torch.Tensor, rank: int = SKETCH_RANK) -> torch.Tensor:
+    """All min(N, M) singular values, estimated: the sketched top `rank`, then the tail's energy spread evenly
+    over the remaining values (never above the last sketched one), so the total energy is exact. Every spectral
+    measure is computed from it as from an exact spectrum; their errors on trained maps are in
+    benchmarks/RESULTS.md (sketch_accuracy)."""
+    sigma, total = sketched_spectrum(maps, rank)
+    rest = min(maps.shape[-2:]) - sigma.shape[-1]
+    if rest <= 0:
+        return sigma
+    tail = ((total - sigma.square().sum(-1)).clamp_min(0) / rest).sqrt()
+    fill = torch.minimum(tail, sigma[..., -1])
+    return torch.cat([sigma, fill[..., None].expand(*fill.shape, rest)], dim=-1)
+
+
 # ---- the premise: how much of the output a rank-n map recovers ------------------------------------------
 
 
@@ -276,6 +396,20 @@ def pooled_recovery_errors(
 CHEAP_METRICS = ("jsd", "entropy", "cosine")
 SPECTRAL_METRICS = ("effective_rank", "stable_rank", "numerical_rank", "energy_rank_0.9", "energy_rank_0.99")
 ALL_METRICS = CHEAP_METRICS + SPECTRAL_METRICS
+# What kind of redundancy, named by radius or sink count (local_mass_r1, sink_mass_4, jsd_nosink_1) or fixed.
+# Each costs what a cheap measure does (O(N·M) per map, or one more JSD); the nulls add a sort of every row.
+_LOCAL = re.compile(r"^local_mass_r(0|[1-9][0-9]*)$")
+_SINK = re.compile(r"^(sink_mass|jsd_nosink|entropy_nosink)_([1-9][0-9]*)$")
+NULL_METRICS = ("jsd_null", "cosine_null")
+ATLAS_METRICS = (
+    "local_mass_r1",
+    "local_mass_r2",
+    "sink_mass_1",
+    "sink_mass_4",
+    "jsd_nosink_1",
+    "entropy_nosink_1",
+    *NULL_METRICS,
+)
 # The premise measures are named by their rank or mediator count: recovery_rank_16, recovery_pooled_16.
 _RECOVERY = re.compile(r"^recovery_(rank|pooled|bound)_([1-9][0-9]*)$")
 RECOVERY_KINDS = ("rank", "pooled", "bound")
@@ -287,12 +421,18 @@ def recovery_metrics(counts) -> tuple[str, ...]:
     return tuple(f"recovery_{kind}_{n}" for kind in ("rank", "pooled") for n in counts)
 
 
+def _is_atlas_metric(name: str) -> bool:
+    return bool(_LOCAL.match(name) or _SINK.match(name)) or name in NULL_METRICS
+
+
 def check_metric_names(metrics) -> None:
-    unknown = sorted(m for m in set(metrics) - set(ALL_METRICS) if not _RECOVERY.match(m))
+    unknown = sorted(m for m in set(metrics) - set(ALL_METRICS) if not (_RECOVERY.match(m) or _is_atlas_metric(m)))
     if unknown or not metrics:
         raise ValueError(
-            f"unknown metrics {unknown or '(none named)'}; --metrics takes 'cheap', 'all' or a comma "
-            f"list of {', '.join(ALL_METRICS)}, recovery_rank_N, recovery_pooled_N, recovery_bound_N"
+            f"unknown metrics {unknown or '(none named)'}; --metrics takes 'cheap', 'all', 'atlas', 'changes' or "
+            f"a comma list of {', '.join(ALL_METRICS)}, recovery_rank_N, recovery_pooled_N, recovery_bound_N, "
+            f"local_mass_rR, sink_mass_K, jsd_nosink_K, entropy_nosink_K, {', '.join(NULL_METRICS)}, and the "
+            "changes between calls step_* and branch_* (analysis.relations)"
         )
 
 
@@ -328,7 +468,7 @@ def measure(
     """The named metrics of a batch of row-stochastic maps (..., N, M), each of shape (...). `sigma`: the maps'
     singular values in `svd_dtype` where the caller has decomposed them already."""
     check_metric_names(metrics)
-    if not set(metrics) <= set(ALL_METRICS):
+    if any(_RECOVERY.match(m) for m in metrics):
         raise ValueError(
             "the recovery measures need the layer's values too: use metric_reducer on AttentionMaps, "
             "or rank_recovery_errors / pooled_recovery_errors directly"
@@ -342,8 +482,11 @@ def measure(
         out["entropy"] = normalized_entropy(maps, row_entropy=rows)
     if "cosine" in metrics:
         out["cosine"] = mean_cosine(maps)
+    out.update(_atlas_measures(maps, [m for m in metrics if _is_atlas_metric(m)], jsd_pairs))
     if any(m in metrics for m in SPECTRAL_METRICS):
-        sigma = singular_values(maps, svd_dtype) if sigma is None else sigma
+        if sigma is None:
+            large = maps.shape[-2] > SKETCH_ABOVE_TOKENS and maps.shape[-1] > SKETCH_ABOVE_TOKENS
+            sigma = completed_spectrum(maps) if large else singular_values(maps, svd_dtype)
         spectral = {
             "effective_rank": lambda: effective_rank(sigma),
             "stable_rank": lambda: stable_rank(sigma),
@@ -352,6 +495,34 @@ def measure(
             "energy_rank_0.99": lambda: energy_rank(sigma, 0.99),
         }
         out.update({name: spectral[name]() for name in metrics if name in spectral})
+    return out
+
+
+def _atlas_measures(maps: torch.Tensor, names: list[str], jsd_pairs: int | None) -> dict[str, torch.Tensor]:
+    """The ATLAS-kind measures named (see ATLAS_METRICS); each map's null, and its maps without K sinks, are
+    built once for all the measures on them."""
+    out: dict[str, torch.Tensor] = {}
+    null = null_maps(maps) if set(names) & set(NULL_METRICS) else None
+    rests: dict[int, torch.Tensor] = {}
+    for name in names:
+        if local := _LOCAL.match(name):
+            out[name] = local_mass(maps, int(local.group(1)))
+        elif name == "jsd_null":
+            out[name] = jsd_redundancy(null, max_pairs=jsd_pairs)
+        elif name == "cosine_null":
+            out[name] = mean_cosine(null)
+        else:
+            kind, count = _SINK.match(name).groups()
+            if kind == "sink_mass":
+                out[name] = sink_mass(maps, int(count))
+                continue
+            if int(count) not in rests:
+                rests[int(count)] = without_sinks(maps, int(count))
+            rest = rests[int(count)]
+            if kind == "jsd_nosink":
+                out[name] = jsd_redundancy(rest, max_pairs=jsd_pairs)
+            else:
+                out[name] = normalized_entropy(rest)
     return out
 
 
@@ -373,8 +544,8 @@ def metric_reducer(
     """
 
     check_metric_names(metrics)
-    on_maps = tuple(m for m in metrics if m in ALL_METRICS)
-    recovery = [_RECOVERY.match(m).groups() for m in metrics if m not in ALL_METRICS]
+    on_maps = tuple(m for m in metrics if not _RECOVERY.match(m))
+    recovery = [_RECOVERY.match(m).groups() for m in metrics if _RECOVERY.match(m)]
     ranks = tuple(sorted({int(n) for kind, n in recovery if kind == "rank"}))
     pooled = tuple(sorted({int(n) for kind, n in recovery if kind == "pooled"}))
     bounds = tuple(sorted({int(n) for kind, n in recovery if kind == "bound"}))

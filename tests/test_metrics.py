@@ -333,3 +333,158 @@ def test_one_decomposition_serves_the_spectral_measures_and_the_premise(monkeypa
         )
     shared(AttentionMaps("full", full=maps, values=values))
     assert calls == ["svd", "svdvals"]  # the map's SVD once; the bound decomposes the small N×d output
+
+
+# ---- what kind of redundancy: locality, sinks, null baselines ------------------------------------------
+
+
+def atlas(p, names):
+    return {k: float(v) for k, v in measure(p.double(), tuple(names), jsd_pairs=None).items()}
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 5])
+def test_attention_to_itself_is_wholly_local_at_any_radius(radius):
+    from analysis.metrics import local_mass
+
+    assert float(local_mass(torch.eye(16), radius)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "side, radius, share",
+    [
+        (4, 0, 1 / 16),
+        (4, 1, (10 / 4) ** 2 / 16),  # 3×3 windows clipped at the border: 2, 3, 3, 2 rows (and columns) of 4
+        (5, 2, (19 / 5) ** 2 / 25),  # 5×5 windows: 3, 4, 5, 4, 3 rows of 5
+        (4, 3, 1.0),
+    ],
+)
+def test_uniform_attention_holds_the_windows_share_of_the_grid(side, radius, share):
+    assert atlas(uniform(side * side), [f"local_mass_r{radius}"])[f"local_mass_r{radius}"] == pytest.approx(share)
+
+
+def test_attention_to_the_far_corner_holds_no_local_mass():
+    side = 6
+    corners = torch.zeros(side * side, side * side)
+    for query in range(side * side):
+        row, column = divmod(query, side)
+        far = (0 if row >= side / 2 else side - 1) * side + (0 if column >= side / 2 else side - 1)
+        corners[query, far] = 1.0  # at Chebyshev distance 3 or more
+    out = atlas(corners, ["local_mass_r1", "local_mass_r2"])
+    assert out == {"local_mass_r1": 0.0, "local_mass_r2": 0.0}
+
+
+def test_local_mass_refuses_token_counts_off_a_square_grid_unless_the_grid_is_given():
+    from analysis.metrics import local_mass
+
+    with pytest.raises(ValueError, match="square token grid .* got 8 queries and 8 keys"):
+        measure(uniform(8), ("local_mass_r1",))
+    with pytest.raises(ValueError, match="got 16 queries and 9 keys"):
+        local_mass(torch.full((16, 9), 1 / 9), 1)
+    with pytest.raises(ValueError, match="radius of 0 or more"):
+        local_mass(torch.eye(16), -1)
+    assert float(local_mass(uniform(8), 0, grid=(2, 4))) == pytest.approx(1 / 8)
+    # 2×4 grid, 3×3 windows: the 4 queries in the end columns see 2×2 keys, the 4 inner ones 2×3, of 8.
+    assert float(local_mass(uniform(8), 1, grid=(2, 4))) == pytest.approx((4 * 4 + 4 * 6) / 8 / 8)
+
+
+def test_one_key_taking_all_mass_is_the_whole_sink_and_uniform_maps_spread_it():
+    sink = torch.zeros(N, N)
+    sink[:, 3] = 1.0
+    assert atlas(sink, ["sink_mass_1", "sink_mass_4"]) == {"sink_mass_1": 1.0, "sink_mass_4": 1.0}
+    spread = atlas(uniform(), ["sink_mass_1", "sink_mass_4"])
+    assert spread == pytest.approx({"sink_mass_1": 1 / N, "sink_mass_4": 4 / N})
+
+
+def test_without_its_sink_a_map_whose_other_mass_is_uniform_has_entropy_one():
+    from analysis.metrics import without_sinks
+
+    maps = torch.full((N, N), 0.4 / (N - 1), dtype=torch.float64)
+    maps[:, 2] = 0.6
+    out = atlas(maps, ["entropy", "sink_mass_1", "entropy_nosink_1", "jsd_nosink_1"])
+    assert out["sink_mass_1"] == pytest.approx(0.6) and out["entropy"] < 0.8
+    assert out["entropy_nosink_1"] == pytest.approx(1.0) and out["jsd_nosink_1"] == pytest.approx(0, abs=1e-12)
+    rest = without_sinks(maps, 1)
+    assert rest.shape == (N, N - 1) and torch.allclose(rest, torch.full_like(rest, 1 / (N - 1)))
+    # Sinks are ranked by mean mass over queries: the key most queries favour, not one query's peak.
+    tilted = torch.eye(N, dtype=torch.float64) * 0.1 + 0.9 * torch.nn.functional.one_hot(torch.tensor(5), N)
+    assert without_sinks(tilted, 1)[0].tolist() == [1.0] + [0.0] * (N - 2)  # key 5 gone, query 0 keeps key 0
+
+
+def test_removing_every_key_as_a_sink_is_refused():
+    with pytest.raises(ValueError, match="leaves none to measure: name 0 to 7 sinks"):
+        measure(uniform(), ("entropy_nosink_8",))
+    assert atlas(uniform(), ["entropy_nosink_7", "jsd_nosink_7"]) == {"entropy_nosink_7": 0.0, "jsd_nosink_7": 0.0}
+
+
+def test_identical_peaked_rows_are_alike_not_diffuse_by_the_null_baseline():
+    row = torch.full((16,), 0.1 / 15, dtype=torch.float64)
+    row[0] = 0.9
+    out = atlas(row.expand(16, 16), ["jsd", "jsd_null", "cosine", "cosine_null"])
+    assert out["jsd"] == pytest.approx(0, abs=1e-12) and out["jsd_null"] > 0.5  # rows coincide; nulls do not
+    assert out["cosine"] == pytest.approx(1.0) and out["cosine_null"] < 0.2
+
+
+def test_uniform_rows_are_diffuse_the_null_baseline_agrees():
+    out = atlas(uniform(16), ["jsd", "jsd_null", "cosine", "cosine_null"])
+    assert out["jsd"] == pytest.approx(0, abs=1e-12) and out["jsd_null"] == pytest.approx(0, abs=1e-12)
+    assert out["cosine"] == pytest.approx(1.0) and out["cosine_null"] == pytest.approx(1.0)
+
+
+def test_null_maps_keep_every_rows_values_and_are_reproducible_per_map():
+    from analysis.metrics import _entropy, null_maps
+
+    maps = random_maps((3, 16, 16)).double()
+    null = null_maps(maps)
+    assert not torch.equal(null, maps)
+    assert torch.equal(null.sort(-1).values, maps.sort(-1).values)  # the same entries in every row, exactly
+    torch.testing.assert_close(_entropy(null), _entropy(maps), rtol=0, atol=1e-12)
+    assert torch.equal(null_maps(maps), null) and torch.equal(null_maps(maps[1:2])[0], null[1])  # batch-free
+    assert torch.equal(null_maps(maps, seed=1), null_maps(maps, seed=1))
+
+
+def test_the_recorder_reducer_records_the_atlas_measures_per_head():
+    from analysis.metrics import ATLAS_METRICS, check_metric_names
+
+    maps = random_maps((2, 3, 16, 16))
+    out = metric_reducer(("jsd", *ATLAS_METRICS))(AttentionMaps("full", full=maps))
+    assert set(out) == {"jsd", *ATLAS_METRICS} and all(v.shape == (2, 3) for v in out.values())
+    torch.testing.assert_close(out["jsd"], measure(maps, ("jsd",), jsd_pairs=2048)["jsd"])
+    check_metric_names(("local_mass_r0", "local_mass_r12", "sink_mass_16", "jsd_nosink_2", "entropy_nosink_4"))
+    for wrong in ("local_mass_r", "local_mass_r01", "sink_mass_0", "jsd_nosink", "entropy_null"):
+        with pytest.raises(ValueError, match="unknown metrics .*local_mass_rR, sink_mass_K"):
+            check_metric_names((wrong,))
+
+
+def test_the_sketched_spectrum_is_exact_on_maps_of_lower_rank_and_close_on_a_decaying_spectrum():
+    from analysis.metrics import SPECTRAL_METRICS, completed_spectrum
+
+    low = maps_of_rank(6)  # 3 maps of 64 tokens, rank 6 < the sketch's 16
+    exact = torch.linalg.svdvals(low)
+    torch.testing.assert_close(completed_spectrum(low, rank=16)[..., :6], exact[..., :6], rtol=1e-9, atol=1e-12)
+    for name, value in measure(low, SPECTRAL_METRICS, sigma=completed_spectrum(low, rank=16)).items():
+        torch.testing.assert_close(value, measure(low, (name,))[name], rtol=1e-6, atol=1e-6)
+    # A softmax of smooth scores: a decaying spectrum the sketch resolves in its top values.
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randn(3, 128, 8, generator=generator, dtype=torch.float64) @ torch.randn(
+        3, 8, 128, generator=generator, dtype=torch.float64
+    )
+    maps = scores.softmax(-1)
+    sketched = completed_spectrum(maps, rank=32)
+    assert sketched.shape == (3, 128)
+    torch.testing.assert_close(sketched.square().sum(-1), maps.square().sum((-2, -1)))  # the energy is exact
+    torch.testing.assert_close(sketched[..., :8], torch.linalg.svdvals(maps)[..., :8], rtol=1e-6, atol=1e-9)
+    ranks = measure(maps, ("energy_rank_0.9", "stable_rank"), sigma=sketched)
+    exact_ranks = measure(maps, ("energy_rank_0.9", "stable_rank"))
+    torch.testing.assert_close(ranks["stable_rank"], exact_ranks["stable_rank"], rtol=1e-6, atol=0)
+    assert (ranks["energy_rank_0.9"] == exact_ranks["energy_rank_0.9"]).all()
+
+
+def test_maps_above_the_threshold_are_measured_from_the_sketch(monkeypatch):
+    from analysis import metrics
+
+    monkeypatch.setattr(metrics, "SKETCH_ABOVE_TOKENS", 32)
+    called = []
+    real = metrics.completed_spectrum
+    monkeypatch.setattr(metrics, "completed_spectrum", lambda maps, *a: called.append(maps.shape) or real(maps, 16))
+    out = measure(maps_of_rank(4), ("energy_rank_0.9",))
+    assert called == [(3, 64, 64)] and (out["energy_rank_0.9"] <= 4).all()
