@@ -221,37 +221,95 @@ def schedule_diagram(
 
 
 def tradeoff(results: pd.DataFrame, path=None, title: str = ""):
-    """FID against GFLOPs per image, one marker per run, with its 95% bootstrap interval over training seeds,
-    sampling seeds and images when the table has one (summary rows: train_seed == "all")."""
+    """FID against GFLOPs per image: each run a numbered marker with its 95% interval over training seeds (summary
+    rows: train_seed == "all"), the static runs joined as the frontier a schedule has to beat, and the numbers
+    explained in a key beside the plot, so no label overprints another."""
     summary = results[results["train_seed"].astype(str) == "all"] if "train_seed" in results else results
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = dict(zip(sorted(summary["kind"].unique()), "osD^vP*Xph"))
-    labelled: dict[tuple, int] = {}  # runs at the same point get their labels stacked, not overprinted
-    for kind, part in summary.groupby("kind"):
-        errors = None
-        if "fid_low" in part:
-            errors = np.vstack([part["fid"] - part["fid_low"], part["fid_high"] - part["fid"]]).clip(min=0)
-        ax.errorbar(part["gflops_per_image"], part["fid"], yerr=errors, fmt=markers[kind], capsize=3, label=kind, ms=6)
-        for _, row in part.iterrows():
-            spot = (round(row["gflops_per_image"], 3), round(row["fid"], 1))
-            stacked = labelled.get(spot, 0)
-            labelled[spot] = stacked + 1
-            ax.annotate(
-                row["schedule"],
-                (row["gflops_per_image"], row["fid"]),
-                fontsize=8,
-                xytext=(5, 4 - 10 * stacked),
-                textcoords="offset points",
-            )
+    summary = summary.sort_values(["gflops_per_image", "fid"]).reset_index(drop=True)
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(10.5, 5.2), gridspec_kw={"width_ratios": [3, 1.7]})
+    kinds = sorted(summary["kind"].unique())
+    colours = dict(zip(kinds, sns.color_palette("tab10", len(kinds))))
+    static = summary[summary["kind"] == "static"].sort_values("gflops_per_image")
+    if len(static) > 1:
+        ax.plot(static["gflops_per_image"], static["fid"], color="0.6", lw=1, zorder=1, label="static frontier")
+    lines = []
+    span = summary["gflops_per_image"].max() - summary["gflops_per_image"].min() or 1.0
+    crowded: dict[tuple, int] = {}  # runs that fall close together get their numbers stacked above, with leaders
+    for number, row in enumerate(summary.itertuples(), start=1):
+        colour = colours[row.kind]
+        if hasattr(row, "fid_low") and np.isfinite(row.fid_low):
+            low, high = max(0.0, row.fid - row.fid_low), max(0.0, row.fid_high - row.fid)
+            ax.errorbar(row.gflops_per_image, row.fid, yerr=[[low], [high]], color=colour, capsize=2, lw=0.8, zorder=2)
+        ax.scatter(row.gflops_per_image, row.fid, s=30, color=colour, edgecolor="white", zorder=3)
+        spot = (round(row.gflops_per_image / (0.05 * span)), round(row.fid / 3.0))
+        stacked = crowded.get(spot, 0)
+        crowded[spot] = stacked + 1
+        ax.annotate(
+            str(number),
+            (row.gflops_per_image, row.fid),
+            xytext=(0, 9 + 9 * stacked),
+            textcoords="offset points",
+            ha="center",
+            fontsize=6.5,
+            color=colour,
+            weight="bold",
+            arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.4} if stacked else None,
+            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.85},
+            zorder=4,
+        )
+        lines.append((number, row.schedule, row.kind, row.gflops_per_image, row.fid))
     ax.set_xlabel("GFLOPs per image (forward MACs × network evaluations)")
     ax.set_ylabel(f"FID (digits features, {int(summary['num_samples'].iloc[0])} samples per cell)")
-    ax.set_title(
-        title
-        or "quality against cost (lower left is better)\nbars: each run's own 95% interval; paired "
-        "differences between runs are much tighter (REPORT.md)",
-        fontsize=10,
-    )
-    ax.legend(fontsize=8)
+    ax.set_title(title or "quality against cost (lower left is better); bars: each run's own 95% interval", fontsize=9)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colours[k], label=k) for k in kinds]
+    if len(static) > 1:
+        handles.append(plt.Line2D([], [], color="0.6", label="static frontier"))
+    ax.legend(handles=handles, fontsize=7, loc="upper right")
+    key.axis("off")
+    text = "\n".join(f"{n:>2}  {name}  ({gflops:.2f} GF, FID {fid:.1f})" for n, name, _, gflops, fid in lines)
+    key.text(0, 1, text, va="top", ha="left", fontsize=6.5, family="monospace", transform=key.transAxes)
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
+def _seed_values(text) -> list[float]:
+    return [float(v) for v in str(text).split()] if isinstance(text, str) and text.strip() else []
+
+
+def claims_forest(differences: pd.DataFrame, metric: str = "fid", path=None, title: str = ""):
+    """The claims family as paired differences: one row per claim (run − baseline), its point estimate and
+    seed-level 95% interval, each training seed's own difference as a dot, coloured by verdict; rows in the
+    report's order, separated by claim. Rows that are aliases of another (no own test) are left out."""
+    rows = differences[(differences["metric"] == metric) & (differences["verdict"] != "–")].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(8.5, 0.28 * len(rows) + 1.6))
+    if rows.empty:  # a study too small to compare anything (the quick preset's toy budgets)
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no {metric} comparisons of their own to draw", ha="center", va="center")
+        save(fig, path)
+        return fig
+    colour = {"holds": "tab:green", "fails": "tab:red"}
+    labels, previous = [], None
+    for index, row in rows.iterrows():
+        y = -index
+        tone = next((c for word, c in colour.items() if str(row["verdict"]).startswith(word)), "0.35")
+        ax.plot([row["low"], row["high"]], [y, y], color=tone, lw=1.6)
+        ax.scatter([row["difference"]], [y], color=tone, s=22, zorder=3)
+        seeds = _seed_values(row.get("per_seed"))
+        ax.scatter(seeds, [y] * len(seeds), color=tone, s=9, marker="|", zorder=3)
+        if row["claim"] != previous and index:
+            ax.axhline(y + 0.5, color="0.85", lw=0.6)
+        previous = row["claim"]
+        labels.append(f"{row['run']} − {row['baseline']}")
+    ax.axvline(0, color="0.3", lw=0.8, ls="--")
+    ax.set_yticks([-i for i in range(len(rows))], labels, fontsize=6.5)
+    ax.set_xlabel(f"paired difference in {metric.upper()} (run − baseline; below 0: the run is better)")
+    handles = [plt.Line2D([], [], color=c, marker="o", label=w) for w, c in colour.items()]
+    handles.append(plt.Line2D([], [], color="0.35", marker="o", label="no verdict"))
+    handles.append(plt.Line2D([], [], color="0.35", marker="|", ls="", label="one training seed"))
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.set_title(title or "the claims family: seed-level 95% intervals, Holm-adjusted verdicts (REPORT.md)", fontsize=9)
+    fig.tight_layout()
     save(fig, path)
     return fig
 

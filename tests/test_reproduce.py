@@ -52,6 +52,7 @@ def test_quick_study_runs_end_to_end_and_its_outputs_agree(tmp_path, monkeypatch
         "attention_maps",
         "schedules",
         "fid_vs_gflops",
+        "claims_forest",
         "samples_full",
     ):
         with Image.open(figures / f"{name}.png") as image:
@@ -329,3 +330,21 @@ def test_the_pipeline_and_the_report_find_a_run_folders_parts_in_one_place(tmp_p
     folder.mkdir(parents=True)
     rundata.sidecar_path(folder).write_text('{"num_samples": 3}')
     assert rundata.read_sidecar(folder) == {"num_samples": 3}
+
+
+@pytest.mark.parametrize("published", ["figures", "figures/paper-grid"])
+def test_the_decision_figures_draw_every_claim_and_number_every_run(published):
+    """The forest plot has one row per comparison with its own test (aliases left out), in the report's order;
+    the cost–quality plot numbers every run and explains each number in its key, so no label overprints."""
+    from analysis import plots
+
+    data = Path(__file__).resolve().parents[1] / published / "data"
+    differences, results = pd.read_csv(data / "differences.csv"), pd.read_csv(data / "results.csv")
+    forest = plots.claims_forest(differences)
+    tested = differences[(differences["metric"] == "fid") & (differences["verdict"] != "–")]
+    labels = [t.get_text() for t in forest.axes[0].get_yticklabels()]
+    assert labels == [f"{r} − {b}" for r, b in zip(tested["run"], tested["baseline"])]
+    figure = plots.tradeoff(results)
+    key = figure.axes[1].texts[0].get_text().splitlines()
+    runs = results[results["train_seed"].astype(str) == "all"]
+    assert len(key) == len(runs) and all(line.strip().split()[0] == str(i) for i, line in enumerate(key, 1))

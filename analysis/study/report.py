@@ -115,6 +115,7 @@ def write_figures_and_report(study: StudyResults) -> Path:
         plots.attention_grid(chosen, path=fig_dir / "attention_maps")
     plots.schedule_diagram(list(derived.values()), [expected_gflops[k] for k in derived], path=fig_dir / "schedules")
     plots.tradeoff(results, path=fig_dir / "fid_vs_gflops")
+    plots.claims_forest(study.differences, path=fig_dir / "claims_forest")
     cell = study.config.cells[0]
     shared = f"training seed {cell[0]}, sampling seed {cell[1]}: the same noise and labels in both grids"
     plots.sample_grid(
@@ -686,6 +687,7 @@ def figure_lines(study: StudyResults, diagnostics: dict[str, pd.DataFrame]) -> l
         "![entropy and ranks](measures_by_noise.png)",
         "![attention maps](attention_maps.png)",
         "![schedules](schedules.png)",
+        "![the claims family: paired FID differences with their seed-level intervals](claims_forest.png)",
         "![FID against GFLOPs, 95% intervals](fid_vs_gflops.png)",
         "![samples, full attention](samples_full.png) ![samples, mediators (same noise)](samples_mediator.png)",
         *([] if diagnostics["switches"].empty else ["![switch steps per sample](switch_steps.png)"]),
