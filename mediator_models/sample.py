@@ -201,10 +201,10 @@ class Switching:
 
 
 def switching_by_schedule(loaded: list[LoadedModel], schedule) -> Switching:
-    """A fixed schedule (`MediatorSchedule`) over networks that differ in their attention only."""
+    """A fixed schedule (`MediatorSchedule`) over networks that differ in their attention only. A schedule with
+    per-layer intervals also needs them to share every tensor outside attention (grafted from one source)."""
     networks, order = _switchable_in_order(loaded)
-    schedule.validate(order)
-    callback = schedule.callback({c: networks[c].model for c in order})
+    callback = schedule.callback({c: networks[c].model for c in order}, names={c: networks[c].source for c in order})
     return Switching(networks[order[0]], callback, {**schedule.to_dict(), "networks": _weights(networks, order)})
 
 
@@ -295,7 +295,7 @@ def check_sampling_request(
     classes: list[int] | None,
     vae=None,
 ) -> None:
-    """Refuse, before any work, requests that cannot be sampled; each message names its flag."""
+    """Refuse, before any work, requests that cannot be sampled (a SettingError naming the parameter)."""
     sampler.check(config.family, config.in_channels)
     if vae is None and config.in_channels not in IMAGE_CHANNELS:
         raise SettingError(
@@ -312,15 +312,17 @@ def check_sampling_request(
                 f"decodes {latent_channels}-channel latents, but the model draws {config.in_channels}-channel "
                 f"{kind}" + (": drop the VAE" if kind == "pixels" else ": give the VAE the model was trained with"),
             )
-    for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
+    for setting, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value!r}")
+            raise SettingError(setting, f"must be at least 1, got {value!r}")
     if classes is not None:
         if len(classes) == 0:
-            raise ValueError("--classes was given without labels; name at least one, or drop it for random labels")
+            raise SettingError(
+                "classes", "was given without labels; name at least one, or leave it unset for random labels"
+            )
         wrong = [c for c in classes if not 0 <= c < config.num_classes]
         if wrong:
-            raise ValueError(f"--classes {wrong} out of range: the model knows labels 0..{config.num_classes - 1}")
+            raise SettingError("classes", f"{wrong} out of range: the model knows labels 0..{config.num_classes - 1}")
 
 
 def sample_to_folder(
