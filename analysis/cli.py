@@ -884,6 +884,66 @@ def run_graft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_intervene(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(parser)
+    parser.add_argument(
+        "--replace",
+        required=True,
+        help="what replaces the chosen heads' output A·V: none | rank:R (A's truncated SVD) | mediator:N (the "
+        "pooled mediator form of recovery_pooled_N) | reuse-previous (the previous evaluation's output) | "
+        "share-cfg (the unconditional branch takes the conditional one's) | window:R (keys within radius R)",
+    )
+    parser.add_argument(
+        "--steps",
+        dest="step_range",
+        required=True,
+        metavar="A:B",
+        help="replace at evaluations A..B−1 (from 0); the sampler's own step count is --sampler-steps",
+    )
+    parser.add_argument("--layers", type=int, nargs="+", required=True, help="replace in these layers")
+    parser.add_argument("--heads", type=int, nargs="+", default=None, help="only these heads (default: all)")
+    # The sampler's settings, as `attnmed sample` takes them, but with its step count named --sampler-steps
+    # (--steps is the evaluation range here).
+    parser.add_argument("--sampler", default=None, help="ddpm | ddim (DiT); sde | ode (SiT); default: the paper's")
+    parser.add_argument("--method", default=None, help="SDE: euler | heun; ODE: euler | heun (dopri5 is refused)")
+    parser.add_argument("--sampler-steps", dest="steps", type=int, default=250, help="the sampler's steps")
+    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--guided-channels", type=int, default=None, help="3 reproduces the public code's guidance")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--classes", type=int, nargs="*", default=None, help="cycle through these labels (default: random)"
+    )
+    parser.add_argument("--samples", type=int, default=16, help="samples drawn twice: unmodified and replaced")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", required=True, help="folder for report.json (locked; one configuration per folder)")
+
+
+@command(
+    "intervene",
+    "sample with one attention computation replaced at chosen steps, layers and heads, and measure the damage",
+    _configure_intervene,
+)
+def run_intervene(args: argparse.Namespace) -> int:
+    from analysis.intervene import InterventionConfig, Replacement, format_report, parse_step_range, run_intervention
+
+    Replacement.parse(args.replace)  # refuse a bad --replace or --steps before loading anything
+    job = InterventionConfig(
+        replace=args.replace,
+        steps=parse_step_range(args.step_range),
+        layers=tuple(args.layers),
+        heads=None if args.heads is None else tuple(args.heads),
+        samples=args.samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        classes=tuple(args.classes) if args.classes is not None else None,
+    )
+    loaded, sampler = _load_from_args(args)
+    report = run_intervention(loaded, sampler, job, args.out)
+    print(format_report(report))
+    print(f"wrote {args.out}/report.json")
+    return 0
+
+
 def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",

@@ -19,7 +19,7 @@ LAYERS = [
     ("mediator_models.recording",),
     ("mediator_models.data", "mediator_models.train", "mediator_models.sample", "mediator_models"),
     ("analysis.quality", "analysis.metrics", "analysis.relations"),
-    ("analysis.collect", "analysis.schedule", "analysis.plots"),
+    ("analysis.collect", "analysis.schedule", "analysis.plots", "analysis.intervene"),
     ("analysis.study",),
     ("analysis.cli", "analysis"),
 ]
