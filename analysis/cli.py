@@ -614,6 +614,12 @@ def _configure_schedule(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epsilon", type=float, default=0.1, help="recovery rule: largest relative error of A·V")
     parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="recovery rule: give each layer its own count (the fewest within --epsilon in that layer); sampling it "
+        "needs networks grafted from one source (`attnmed graft`)",
+    )
+    parser.add_argument(
         "--recovery-kind",
         choices=("rank", "pooled", "bound"),
         default="rank",
@@ -673,6 +679,7 @@ def run_schedule(args: argparse.Namespace) -> int:
             budget_gflops=args.budget_gflops,
             aggregate=args.aggregate,
             name=args.name,
+            per_layer=args.per_layer,
         )
     except SettingError:
         raise  # a flag's value is wrong, not the table

@@ -183,28 +183,88 @@ def derive_recovery_schedule(
     every layer (the worst layer decides: the networks switch whole, not per layer); full attention where no count
     does. Steps merge into monotone intervals as in `derive_schedule`. An absolute threshold: a step gets more
     mediators only where the measured maps need them, not because it falls in some quantile of the series."""
-    if not 0 < epsilon < 1:
-        raise SettingError("epsilon", f"is a relative error in (0, 1), got {epsilon}")
-    curve = recovery_curve(table, kind)
+    curve, counts = _checked_recovery_curve(table, available, epsilon, kind)
     worst = curve.groupby(["step", "noise_level", "mediators"])["error"].max().reset_index()
-    counts = sorted(c for c in available if c is not None)
-    missing = sorted(set(counts) - set(worst["mediators"]))
-    if missing:
-        raise ValueError(f"the table has no recovery measure for n = {missing}; record it with those counts")
     levels, chosen = [], []
     for (step, level), part in worst.groupby(["step", "noise_level"]):
-        error = part.set_index("mediators")["error"]
-        fitting = [c for c in counts if error[c] <= epsilon]
         levels.append(level)
-        chosen.append(fitting[0] if fitting else (None if None in available else counts[-1]))
+        chosen.append(_fewest_within(part.set_index("mediators")["error"], counts, available, epsilon))
     order = sorted(range(len(levels)), key=lambda i: -levels[i])
     label = name or f"derived: {kind}-n keeps A·V within {epsilon:g} in every layer"
     return monotone_intervals([levels[i] for i in order], [chosen[i] for i in order], label)
 
 
+def _checked_recovery_curve(
+    table: pd.DataFrame, available: Sequence[int | None], epsilon: float, kind: str
+) -> tuple[pd.DataFrame, list[int]]:
+    """The recovery curve and the available mediator counts, refusing an ε outside (0, 1) or counts not measured."""
+    if not 0 < epsilon < 1:
+        raise SettingError("epsilon", f"is a relative error in (0, 1), got {epsilon}")
+    curve = recovery_curve(table, kind)
+    counts = sorted(c for c in available if c is not None)
+    missing = sorted(set(counts) - set(curve["mediators"]))
+    if missing:
+        raise ValueError(f"the table has no recovery measure for n = {missing}; record it with those counts")
+    return curve, counts
+
+
+def _fewest_within(error: pd.Series, counts: Sequence[int], available: Sequence[int | None], epsilon: float):
+    """The fewest of `counts` whose error (indexed by count) is within ε; full attention where none is (the largest
+    count where full attention is not available)."""
+    fitting = [c for c in counts if error[c] <= epsilon]
+    return fitting[0] if fitting else (None if None in available else counts[-1])
+
+
+def derive_layer_recovery_schedule(
+    table: pd.DataFrame,
+    available: Sequence[int | None],
+    epsilon: float,
+    kind: str = "rank",
+    depth: int | None = None,
+    name: str | None = None,
+) -> MediatorSchedule:
+    """A per-layer schedule: at each step each layer gets the fewest available mediators whose rank-n (or pooled)
+    map keeps its own A·V within relative error `epsilon` (full attention where none does). Per layer the counts
+    only grow as noise falls (a running maximum, as `monotone_intervals`); steps where no layer changes merge,
+    and boundaries sit halfway between steps. Each interval's "mediators" is its most common count (ties: the
+    fewest mediators), the other layers are listed under "layers". With `depth`, the table must cover every layer."""
+    curve, counts = _checked_recovery_curve(table, available, epsilon, kind)
+    layers = sorted(int(layer) for layer in curve["layer"].unique())
+    if depth is not None and layers != list(range(depth)):
+        raise ValueError(
+            f"the table holds the recovery measure for layers {layers}, but the model has {depth} (0 to "
+            f"{depth - 1}); a per-layer schedule needs every layer: record without --layers"
+        )
+    chosen: dict[tuple[float, int], int | None] = {}
+    for (step, level, layer), part in curve.groupby(["step", "noise_level", "layer"]):
+        chosen[(level, int(layer))] = _fewest_within(part.set_index("mediators")["error"], counts, available, epsilon)
+    levels = sorted({level for level, _ in chosen}, reverse=True)
+    per_step = []  # per step from noise to data, the count of each layer after its running maximum
+    running = {layer: chosen[(levels[0], layer)] for layer in layers}
+    for level in levels:
+        for layer in layers:
+            if _rank_of(chosen[(level, layer)]) > _rank_of(running[layer]):
+                running[layer] = chosen[(level, layer)]
+        per_step.append(tuple(running[layer] for layer in layers))
+    merged: list[list] = []  # [counts per layer, level of first step, level of last step]
+    for level, layer_counts in zip(levels, per_step):
+        if merged and merged[-1][0] == layer_counts:
+            merged[-1][2] = level
+        else:
+            merged.append([layer_counts, level, level])
+    edges = [1.0] + [(merged[i][2] + merged[i + 1][1]) / 2 for i in range(len(merged) - 1)] + [0.0]
+    intervals = []
+    for i, (layer_counts, _, _) in enumerate(merged):
+        frequency = {c: layer_counts.count(c) for c in layer_counts}
+        common = max(frequency, key=lambda c: (frequency[c], -_rank_of(c)))
+        intervals.append(Interval(edges[i], edges[i + 1], common, dict(zip(layers, layer_counts))))
+    label = name or f"derived per layer: {kind}-n keeps each layer's A·V within {epsilon:g}"
+    return MediatorSchedule(intervals, label)
+
+
 def schedule_gflops(schedule: MediatorSchedule, levels: Sequence[float], configs: dict, cfg: bool = False) -> float:
     """Expected GFLOPs per image of `schedule` over a sampler's evaluation levels; configs: count -> ModelConfig."""
-    return schedule.expected_gflops(levels, {count: config_gmacs(c) for count, c in configs.items()}, cfg)
+    return schedule.expected_gflops(levels, configs, cfg)
 
 
 def table_gflops(schedule: MediatorSchedule, table: pd.DataFrame, configs: dict) -> float:
@@ -298,16 +358,23 @@ def schedule_from_table(
     budget_gflops: float | None = None,
     aggregate: str = "mean",
     name: str | None = None,
+    per_layer: bool = False,
 ) -> DerivedSchedule:
     """One of the `RULES` applied to the full-attention rows of a recorded table (`attnmed schedule`).
 
     energy-rank: the smallest count holding the maps' energy rank at τ; jsd: ascending thresholds on the JSD
     score; budget: the rank rule lowered until it fits `budget_gflops`; recovery: the fewest mediators whose
-    rank-n (or pooled) map keeps every layer's A·V within `epsilon`. `base_config` is the recorded model's
-    ModelConfig: each count's network differs from it in its attention only.
+    rank-n (or pooled) map keeps every layer's A·V within `epsilon`, or with `per_layer` each layer its own
+    fewest (`derive_layer_recovery_schedule`). `base_config` is the recorded model's ModelConfig: each count's
+    network differs from it in its attention only.
     """
     if rule not in RULES:
         raise SettingError("rule", f"is {rule!r}; choose one of {', '.join(RULES)}")
+    if per_layer and rule != "recovery":
+        raise SettingError(
+            "per_layer",
+            f"works with the recovery rule only (the per-layer premise measure), not {rule!r}: add --rule recovery",
+        )
     full = full_attention_rows(table)
     configs = {c: base_config.replace(attention="full" if c is None else "mediator", mediators=c) for c in counts}
     if rule == "budget":
@@ -315,7 +382,9 @@ def schedule_from_table(
             raise SettingError("budget_gflops", "is needed by the budget rule: the GFLOPs per image to fit within")
         schedule, cost = schedule_within_budget(full, counts, configs, budget_gflops, tau, aggregate)
     else:
-        if rule == "recovery":
+        if rule == "recovery" and per_layer:
+            schedule = derive_layer_recovery_schedule(full, counts, epsilon, recovery_kind, base_config.depth)
+        elif rule == "recovery":
             schedule = derive_recovery_schedule(full, counts, epsilon, recovery_kind)
         else:
             kind = "energy_rank" if rule == "energy-rank" else "jsd"

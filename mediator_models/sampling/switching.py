@@ -1,8 +1,10 @@
 """Mediator schedules: which network evaluates each sampling step.
 
 Two kinds, both used as the sampler's step callback:
-- `MediatorSchedule`: static, a table of noise-level intervals -> mediator count (or full attention).
-  Schedules are data: saved and loaded as JSON, printed readably, validated against the models at hand.
+- `MediatorSchedule`: static, a table of noise-level intervals -> mediator count (or full attention), for the
+  whole network or per layer. Schedules are data: saved and loaded as JSON, printed readably, validated against
+  the models at hand. A per-layer interval runs `LayerMixedNetwork`: one network whose layers borrow the
+  attention modules of the others, sound only for networks that share every other tensor (grafted ones).
 - `AdaptiveSwitch`: the paper's rule (docs/reference.md §7). With d_k the mean |x_k − x_{k−1}| (or squared) between
   consecutive states, μ the mean of d_k over K warm-up steps, the sampler moves from network i to i+1 when
   d_k < ρ_i·μ, one way only. Decisions are per sample (the public code decides per batch, so it needs batch
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from mediator_models.network.flops import config_gmacs
+from mediator_models.network.config import ModelConfig
+from mediator_models.network.flops import config_gmacs, macs_breakdown
 from mediator_models.sampling.steps import StepInfo
 from mediator_models.storage.runfolder import atomic_write_json
 
@@ -52,22 +57,94 @@ def _parse_level(value, key: str) -> float:
     return float(value)
 
 
+def _parse_layers(value) -> dict[int, int | None]:
+    """An interval's per-layer counts from JSON: {"layer index": count or "full"}."""
+    if not isinstance(value, dict):
+        raise ValueError(f'\'layers\' maps layer indices to counts, e.g. {{"2": "full"}}; got {json.dumps(value)}')
+    layers = {}
+    for key, count in value.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise ValueError(f"'layers' keys are layer indices 0, 1, 2, ...; got {json.dumps(key)}")
+        layers[int(key)] = _parse_count(count)
+    return layers
+
+
+def _layer_list(layers: Sequence[int]) -> str:
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(map(str, layers))
+
+
 @dataclass(frozen=True)
 class Interval:
-    """Noise levels in (low, high] use `mediators` (None: full attention); the interval holding 0 includes it."""
+    """Noise levels in (low, high] use `mediators` (None: full attention) in every layer but those `layers`
+    names, which use their own count; the interval holding 0 includes it.
+
+    `layers` may be given as a mapping {layer: count}; it is kept as sorted (layer, count) pairs, without the
+    layers whose count is the interval's own (so equal schedules compare equal).
+    """
 
     high: float
     low: float
     mediators: int | None
+    layers: tuple[tuple[int, int | None], ...] = ()
+
+    def __post_init__(self) -> None:
+        given = self.layers.items() if isinstance(self.layers, Mapping) else self.layers
+        canonical = tuple(
+            sorted((int(layer), count) for layer, count in dict(given).items() if count != self.mediators)
+        )
+        object.__setattr__(self, "layers", canonical)
+
+    @property
+    def per_layer(self) -> bool:
+        return bool(self.layers)
+
+    @property
+    def counts_used(self) -> set[int | None]:
+        return {self.mediators, *(count for _, count in self.layers)}
+
+    def layer_counts(self, depth: int) -> tuple[int | None, ...]:
+        """The count of each of `depth` layers."""
+        own = dict(self.layers)
+        return tuple(own.get(layer, self.mediators) for layer in range(depth))
+
+    @property
+    def span(self) -> str:
+        return f"{self.high:.2f}→{self.low:.2f}"
+
+    def describe(self) -> str:
+        text = f"{self.span}: {count_label(self.mediators)}"
+        if self.layers:
+            by_count: dict[int | None, list[int]] = {}
+            for layer, count in self.layers:
+                by_count.setdefault(count, []).append(layer)
+            text += " (" + "; ".join(f"{_layer_list(ls)}: {count_label(c)}" for c, ls in by_count.items()) + ")"
+        return text
 
 
 class MediatorSchedule:
-    """Piecewise-constant mediator count over the noise level (1 = pure noise, 0 = data)."""
+    """Piecewise-constant mediator count over the noise level (1 = pure noise, 0 = data), for the whole network
+    or per layer.
+
+    As JSON (`to_dict`, `save`, `load`): {"name": ..., "intervals": [{"from": 1.0, "to": 0.5, "mediators": 4},
+    {"from": 0.5, "to": 0.0, "mediators": 16, "layers": {"2": "full", "3": "full"}}]}. "mediators" is the count
+    (or "full") of every layer; the optional "layers" gives the layers that depart from it their own count or
+    "full" (here: layers 2 and 3 use full attention below noise level 0.5, the others 16 mediators). An interval
+    without "layers" switches the whole network, as every schedule did before per-layer intervals existed.
+    """
 
     def __init__(self, intervals: Sequence[Interval], name: str = "schedule"):
         self.intervals = tuple(sorted(intervals, key=lambda i: -i.high))
         self.name = name
+        self.source: str | None = None  # the file it was loaded from, named in errors
         self.validate()
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether some interval gives layers their own counts (which needs networks that share all but attention)."""
+        return any(i.per_layer for i in self.intervals)
+
+    def _where(self) -> str:
+        return f"schedule {self.source}" if self.source else f"schedule {self.name!r}"
 
     @classmethod
     def constant(cls, mediators: int | None, name: str | None = None) -> "MediatorSchedule":
@@ -81,71 +158,116 @@ class MediatorSchedule:
         edges = [1.0, *boundaries, 0.0]
         return cls([Interval(edges[i], edges[i + 1], c) for i, c in enumerate(counts)], name)
 
-    def validate(self, available: Sequence[int | None] | None = None) -> None:
-        """Intervals must tile [0, 1] without gaps or overlaps; counts must exist among `available`."""
+    def validate(self, available: Sequence[int | None] | None = None, depth: int | None = None) -> None:
+        """Intervals must tile [0, 1] without gaps or overlaps; counts must exist among `available`, and the
+        layers an interval names among the `depth` layers of the networks."""
         if not self.intervals:
             raise ValueError("a schedule needs at least one interval")
         edge = 1.0
         for interval in self.intervals:
             if not (math.isfinite(interval.high) and math.isfinite(interval.low)):
                 raise ValueError(
-                    f"schedule {self.name!r} has a non-finite bound in {interval}; bounds are noise levels in [0, 1]"
+                    f"{self._where()} has a non-finite bound in {interval}; bounds are noise levels in [0, 1]"
                 )
             if abs(interval.high - edge) > 1e-9 or interval.low > interval.high:
                 raise ValueError(
-                    f"schedule {self.name!r} does not tile [0, 1]: interval {interval} starts at "
+                    f"{self._where()} does not tile [0, 1]: interval {interval} starts at "
                     f"{interval.high}, expected {edge}"
                 )
             edge = interval.low
         if abs(edge) > 1e-9:
-            raise ValueError(f"schedule {self.name!r} stops at noise level {edge}; the last interval must reach 0")
-        if available is not None:
-            missing = {i.mediators for i in self.intervals} - set(available)
+            raise ValueError(f"{self._where()} stops at noise level {edge}; the last interval must reach 0")
+        for interval in self.intervals:
+            missing = interval.counts_used - set(available) if available is not None else set()
             if missing:
                 raise ValueError(
-                    f"schedule {self.name!r} uses {sorted(map(count_label, missing))} but only "
-                    f"{sorted(map(count_label, available))} are available"
+                    f"{self._where()} interval {interval.span} uses {sorted(map(count_label, missing))} but only "
+                    f"{sorted(map(count_label, available))} are available; give a network (--ckpt) for each"
+                )
+            beyond = [layer for layer, _ in interval.layers if depth is not None and layer >= depth]
+            if beyond:
+                raise ValueError(
+                    f"{self._where()} interval {interval.span} names {_layer_list(beyond)}, but the networks have "
+                    f"{depth} layers (0 to {depth - 1})"
                 )
 
-    def count_at(self, level: float) -> int | None:
+    def interval_at(self, level: float) -> Interval:
         for interval in self.intervals:
             if level > interval.low or interval.low <= 0.0:
-                return interval.mediators
-        return self.intervals[-1].mediators
+                return interval
+        return self.intervals[-1]
 
-    def callback(self, networks: Mapping[int | None, torch.nn.Module]):
-        """A step callback that hands each step to the network its noise level calls for."""
-        self.validate(list(networks))
+    def count_at(self, level: float) -> int | None:
+        """The count at `level` of every layer its interval does not name."""
+        return self.interval_at(level).mediators
+
+    def callback(self, networks: Mapping[int | None, torch.nn.Module], names: Mapping[int | None, str] | None = None):
+        """A step callback that hands each step to the network its noise level calls for: one of `networks`, or
+        for a per-layer interval a `LayerMixedNetwork` of them. Per-layer intervals are refused unless the
+        networks they mix share every tensor outside attention; `names` (e.g. their files) name them in errors."""
+        depth = next((n.config.depth for n in networks.values() if hasattr(n, "config")), None)
+        self.validate(list(networks), depth)
+        mixed = [i for i in self.intervals if i.per_layer]
+        if mixed:
+            used = sorted({c for i in mixed for c in i.counts_used}, key=lambda c: math.inf if c is None else c)
+            check_shared_outside_attention({c: networks[c] for c in used}, names)
+        evaluated = {
+            i: LayerMixedNetwork(networks, i.layer_counts(depth), i.mediators) if i.per_layer else networks[i.mediators]
+            for i in self.intervals
+        }
 
         def choose(info: StepInfo):
-            return networks[self.count_at(info.noise_level)]
+            network = evaluated[self.interval_at(info.noise_level)]
+            if isinstance(network, LayerMixedNetwork):
+                network.batch = len(info.x)
+            return network
 
         return choose
 
-    def expected_gflops(self, levels: Sequence[float], gmacs: Mapping[int | None, float], cfg: bool = False) -> float:
-        """GFLOPs per image of a run whose network evaluations fall at `levels` (see `evaluation_levels`)."""
-        return (2 if cfg else 1) * sum(gmacs[self.count_at(level)] for level in levels)
+    def expected_gflops(
+        self, levels: Sequence[float], configs: Mapping[int | None, ModelConfig], cfg: bool = False
+    ) -> float:
+        """GFLOPs per image of a run whose network evaluations fall at `levels` (see `evaluation_levels`), with
+        `configs` the network of each count: per-layer intervals cost each layer as its own count's network."""
+        total = 0.0
+        for level in levels:
+            interval = self.interval_at(level)
+            if interval.per_layer:
+                depth = configs[interval.mediators].depth
+                total += layer_gmacs(configs, interval.layer_counts(depth))
+            else:
+                total += config_gmacs(configs[interval.mediators])
+        return (2 if cfg else 1) * total
 
     # ---- as data ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "intervals": [
-                {"from": i.high, "to": i.low, "mediators": "full" if i.mediators is None else i.mediators}
-                for i in self.intervals
-            ],
-        }
+        def as_json(count: int | None):
+            return "full" if count is None else count
+
+        intervals = []
+        for i in self.intervals:
+            entry = {"from": i.high, "to": i.low, "mediators": as_json(i.mediators)}
+            if i.layers:
+                entry["layers"] = {str(layer): as_json(count) for layer, count in i.layers}
+            intervals.append(entry)
+        return {"name": self.name, "intervals": intervals}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "MediatorSchedule":
         try:
             intervals = [
-                Interval(_parse_level(i["from"], "from"), _parse_level(i["to"], "to"), _parse_count(i["mediators"]))
+                Interval(
+                    _parse_level(i["from"], "from"),
+                    _parse_level(i["to"], "to"),
+                    _parse_count(i["mediators"]),
+                    _parse_layers(i["layers"]) if "layers" in i else (),
+                )
                 for i in data["intervals"]
             ]
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(
-                f"not a schedule: {error}; expected {{'intervals': [{{'from', 'to', 'mediators'}}]}}"
+                f"not a schedule: {error}; expected {{'intervals': [{{'from', 'to', 'mediators'}}]}} (each interval "
+                "may add 'layers': {layer index: count or 'full'})"
             ) from error
         return cls(intervals, data.get("name", "schedule"))
 
@@ -169,16 +291,108 @@ class MediatorSchedule:
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a schedule JSON (from `attnmed schedule`): it holds no object")
         try:
-            return cls.from_dict(data)
+            schedule = cls.from_dict(data)
         except ValueError as error:
             raise ValueError(f"schedule {path}: {error}") from None
+        schedule.source = str(path)
+        return schedule
 
     def __str__(self) -> str:
-        parts = [f"{i.high:.2f}→{i.low:.2f}: {count_label(i.mediators)}" for i in self.intervals]
-        return f"{self.name} [noise level " + ", ".join(parts) + "]"
+        return f"{self.name} [noise level " + ", ".join(i.describe() for i in self.intervals) + "]"
 
     def __eq__(self, other) -> bool:
         return isinstance(other, MediatorSchedule) and self.to_dict() == other.to_dict()
+
+
+def layer_gmacs(configs: Mapping[int | None, ModelConfig], counts: Sequence[int | None]) -> float:
+    """GMACs of one forward pass whose layer l is a block of the network of `counts[l]` (configs: count ->
+    ModelConfig): the embedders and final layer once (the networks share them), then each block at its own cost."""
+    breakdowns = {c: macs_breakdown(configs[c]) for c in set(counts)}
+    outside = sum(macs for part, macs in breakdowns[counts[0]].items() if not part.startswith("blocks."))
+    per_block = {
+        c: sum(macs for part, macs in parts.items() if part.startswith("blocks.")) // configs[c].depth
+        for c, parts in breakdowns.items()
+    }
+    return (outside + sum(per_block[c] for c in counts)) / 1e9
+
+
+_ATTENTION_KEY = re.compile(r"blocks\.\d+\.attn\.")
+
+
+def first_difference_outside_attention(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
+    """The first state-dict tensor outside the attention modules that `a` and `b` do not hold bit for bit alike
+    (by name, shape, dtype and value), or None when they share them all."""
+    own, theirs = a.state_dict(), b.state_dict()
+    for key, tensor in own.items():
+        if _ATTENTION_KEY.match(key):
+            continue
+        other = theirs.get(key)
+        if (
+            other is None
+            or other.shape != tensor.shape
+            or other.dtype != tensor.dtype
+            or not torch.equal(other, tensor)
+        ):
+            return key
+    return next((k for k in theirs if not _ATTENTION_KEY.match(k) and k not in own), None)
+
+
+def check_shared_outside_attention(
+    networks: Mapping[int | None, torch.nn.Module], names: Mapping[int | None, str] | None = None
+) -> None:
+    """Refuse networks that cannot be mixed layer by layer: all must hold the first one's tensors outside attention."""
+    names = names or {}
+    counts = list(networks)
+    for count in counts[1:]:
+        key = first_difference_outside_attention(networks[counts[0]], networks[count])
+        if key is not None:
+            first, other = (names.get(c, f"the {count_label(c)} network") for c in (counts[0], count))
+            raise ValueError(
+                f"{other} and {first} differ outside attention, first in {key}: a per-layer schedule runs layers of "
+                "several networks as one, which needs networks that share every other tensor, as those `attnmed "
+                "graft` makes from one source; networks trained apart can only switch whole (a schedule without "
+                "'layers')"
+            )
+
+
+class LayerMixedNetwork:
+    """The network of count `base` with layer l running the attention module of the network of `counts[l]`.
+
+    For the duration of each call the base network's blocks hold the borrowed modules; its own are put back
+    afterwards, whatever happens, so the base network is never left changed. Sound only for networks that
+    share every tensor outside attention (`check_shared_outside_attention`). `batch` is the number of samples
+    the next evaluation is for (set by the schedule's callback), which its cost per sample needs.
+    """
+
+    def __init__(self, networks: Mapping[int | None, torch.nn.Module], counts: Sequence[int | None], base: int | None):
+        self.network = networks[base]
+        self.counts = tuple(counts)
+        self.borrowed = {layer: networks[c].blocks[layer].attn for layer, c in enumerate(counts) if c != base}
+        self.gmacs = layer_gmacs({c: networks[c].config for c in set(counts)}, counts)
+        self.batch = 1
+
+    @contextmanager
+    def _borrowing(self):
+        blocks = self.network.blocks
+        own = {layer: blocks[layer].attn for layer in self.borrowed}
+        try:
+            for layer, module in self.borrowed.items():
+                blocks[layer].attn = module
+            yield self.network
+        finally:
+            for layer, module in own.items():
+                blocks[layer].attn = module
+
+    def __call__(self, x, t, y):
+        with self._borrowing() as network:
+            return network(x, t, y)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
+        with self._borrowing() as network:
+            return network.forward_with_cfg(x, t, y, cfg_scale, guided_channels)
+
+    def gmacs_per_sample(self) -> torch.Tensor:
+        return torch.full((self.batch,), self.gmacs, dtype=torch.float64)
 
 
 class RoutedNetwork(torch.nn.Module):
