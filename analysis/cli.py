@@ -226,10 +226,11 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, several: bool = False,
     )
 
 
-def _add_sampler_args(parser: argparse.ArgumentParser, steps: int = 250) -> None:
+def _add_sampler_args(parser: argparse.ArgumentParser, steps: int = 250, steps_flag: str = "--steps") -> None:
+    """The sampler's flags; `steps_flag` names its step count where --steps means something else (intervene)."""
     parser.add_argument("--sampler", default=None, help="ddpm | ddim (DiT); sde | ode (SiT); default: the paper's")
     parser.add_argument("--method", default=None, help="SDE: euler | heun; ODE: dopri5 | euler | heun")
-    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument(steps_flag, dest="steps", type=int, default=steps, help="the sampler's steps")
     parser.add_argument("--cfg-scale", type=float, default=1.0)
     parser.add_argument("--guided-channels", type=int, default=None, help="3 reproduces the public code's guidance")
     parser.add_argument("--seed", type=int, default=0)
@@ -909,17 +910,9 @@ def _configure_intervene(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--layers", type=int, nargs="+", required=True, help="replace in these layers")
     parser.add_argument("--heads", type=int, nargs="+", default=None, help="only these heads (default: all)")
-    # The sampler's settings, as `attnmed sample` takes them, but with its step count named --sampler-steps
-    # (--steps is the evaluation range here).
-    parser.add_argument("--sampler", default=None, help="ddpm | ddim (DiT); sde | ode (SiT); default: the paper's")
-    parser.add_argument("--method", default=None, help="SDE: euler | heun; ODE: euler | heun (dopri5 is refused)")
-    parser.add_argument("--sampler-steps", dest="steps", type=int, default=250, help="the sampler's steps")
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
-    parser.add_argument("--guided-channels", type=int, default=None, help="3 reproduces the public code's guidance")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--classes", type=int, nargs="*", default=None, help="cycle through these labels (default: random)"
-    )
+    # The sampler's settings as `attnmed sample` takes them, its step count named --sampler-steps (--steps is the
+    # evaluation range here).
+    _add_sampler_args(parser, steps_flag="--sampler-steps")
     parser.add_argument("--samples", type=int, default=16, help="samples drawn twice: unmodified and replaced")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", required=True, help="folder for report.json (locked; one configuration per folder)")

@@ -68,3 +68,39 @@ def write_section(name: str, body: str) -> None:
     tmp = RESULTS.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(RESULTS)
+
+
+def trained_map_payloads(steps: int, samples: int, folder: Path) -> list[dict]:
+    """Attention maps of a trained model at the paper's grid, for accuracy benchmarks: SiT-T/1 trained `steps`
+    steps on the digits at 16×16 with patch 1 (256 tokens; enough for local and global patterns to form), sampled
+    with the SDE (20 steps) and the recorder keeping every layer's maps at four steps. One kept-map payload per
+    (step, layer): "effective" (samples, heads, 256, 256), "step", "layer", "noise_level"."""
+    from analysis.metrics import metric_reducer
+    from mediator_models.recording.recorder import record_attention
+    from mediator_models.sample import load_for_sampling
+    from mediator_models.sampling.generation import SamplerConfig, generate
+    from mediator_models.sampling.steps import start_batch
+    from mediator_models.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    run = train(
+        TrainConfig(
+            model="SiT-T/1",
+            steps=steps,
+            lr=1e-3,
+            ema_decay=0.99,
+            global_batch_size=32,
+            ckpt_every=steps,
+            out=str(folder / "train"),
+            progress=False,
+        )
+    )
+    loaded = load_for_sampling(run / "checkpoints" / f"{steps:07d}.pt")
+    keep = [(step, layer) for step in (0, 6, 12, 19) for layer in range(loaded.model.config.depth)]
+    x_T, y, noise = start_batch(list(range(samples)), 0, loaded.model.config, None, "cpu")
+    with record_attention(
+        loaded.model, metric_reducer(("entropy",)), keep_maps=keep, keep_dir=folder / "maps"
+    ) as recorder:
+        sampler = SamplerConfig(kind="sde", steps=20)
+        generate(loaded.model, loaded.process, sampler, x_T, y, callback=recorder.callback, noise_fn=noise)
+    return [torch.load(path, weights_only=False) for path in sorted((folder / "maps").glob("*.pt"))]

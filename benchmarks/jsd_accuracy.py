@@ -18,42 +18,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.metrics import RECORDING_JSD_PAIRS, jsd_redundancy, metric_reducer  # noqa: E402
-from benchmarks.common import markdown_table, write_section  # noqa: E402
-from mediator_models.recording.recorder import record_attention  # noqa: E402
-from mediator_models.sample import load_for_sampling
-from mediator_models.sampling.generation import SamplerConfig, generate  # noqa: E402
-from mediator_models.sampling.steps import start_batch  # noqa: E402
-from mediator_models.train import TrainConfig, train  # noqa: E402
+from analysis.metrics import RECORDING_JSD_PAIRS, jsd_redundancy  # noqa: E402
+from benchmarks.common import markdown_table, trained_map_payloads, write_section  # noqa: E402
 
 
 def main(steps: int = 300, samples: int = 8) -> None:
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        run = train(
-            TrainConfig(
-                model="SiT-T/1",
-                steps=steps,
-                lr=1e-3,
-                ema_decay=0.99,
-                global_batch_size=32,
-                ckpt_every=steps,
-                out=str(Path(tmp) / "train"),
-                progress=False,
-            )
-        )
-        loaded = load_for_sampling(run / "checkpoints" / f"{steps:07d}.pt")
-        sampler = SamplerConfig(kind="sde", steps=20)
-        depth = loaded.model.config.depth
-        keep = [(step, layer) for step in (0, 6, 12, 19) for layer in range(depth)]
-        x_T, y, noise = start_batch(list(range(samples)), 0, loaded.model.config, None, "cpu")
-        with record_attention(
-            loaded.model, metric_reducer(("entropy",)), keep_maps=keep, keep_dir=Path(tmp) / "maps"
-        ) as recorder:
-            generate(loaded.model, loaded.process, sampler, x_T, y, callback=recorder.callback, noise_fn=noise)
+        payloads = trained_map_payloads(steps, samples, Path(tmp))
         rows, per_map = [], []
-        for path in sorted((Path(tmp) / "maps").glob("*.pt")):
-            payload = torch.load(path, weights_only=False)
+        for payload in payloads:
             maps = payload["effective"].double()  # (samples, heads, 256, 256)
             exact = jsd_redundancy(maps, max_pairs=None)
             estimate = jsd_redundancy(maps, max_pairs=RECORDING_JSD_PAIRS)
