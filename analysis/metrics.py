@@ -314,17 +314,29 @@ def sketched_spectrum(
 
 
 def completed_spectrum(maps: torch.Tensor, rank: int = SKETCH_RANK) -> torch.Tensor:
-    """All min(N, M) singular values, estimated: the sketched top `rank`, then the tail's energy spread evenly
-    over the remaining values (never above the last sketched one), so the total energy is exact. Every spectral
-    measure is computed from it as from an exact spectrum; their errors on trained maps are in
-    benchmarks/RESULTS.md (sketch_accuracy)."""
+    """All min(N, M) singular values, estimated: the sketched top `rank`, then a tail decaying geometrically from
+    the last sketched value, σ̂_k·r^j, with the ratio r chosen so that the tail holds exactly the energy the top
+    values leave (flat at σ̂_k where even that cannot hold it). Every spectral measure is computed from it as from an
+    exact spectrum; the errors on trained maps are in benchmarks/RESULTS.md (sketch_accuracy): stable and energy
+    ranks below the sketch's rank are reliable, effective and numerical ranks depend on the tail's shape."""
     sigma, total = sketched_spectrum(maps, rank)
     rest = min(maps.shape[-2:]) - sigma.shape[-1]
     if rest <= 0:
         return sigma
-    tail = ((total - sigma.square().sum(-1)).clamp_min(0) / rest).sqrt()
-    fill = torch.minimum(tail, sigma[..., -1])
-    return torch.cat([sigma, fill[..., None].expand(*fill.shape, rest)], dim=-1)
+    last = sigma[..., -1:]
+    tail = (total - sigma.square().sum(-1)).clamp_min(0)[..., None]
+    powers = torch.arange(1, rest + 1, dtype=sigma.dtype, device=sigma.device)
+
+    def held(ratio: torch.Tensor) -> torch.Tensor:  # Σ_j (σ̂_k r^j)², increasing in r
+        return (last.square() * ratio[..., None].pow(2 * powers)).sum(-1, keepdim=True).squeeze(-1)
+
+    low, high = torch.zeros_like(last[..., 0]), torch.ones_like(last[..., 0])
+    for _ in range(40):  # bisection for held(r) = tail energy
+        middle = (low + high) / 2
+        below = held(middle) < tail[..., 0]
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    ratio = (low + high) / 2
+    return torch.cat([sigma, last * ratio[..., None].pow(powers)], dim=-1)
 
 
 # ---- the premise: how much of the output a rank-n map recovers ------------------------------------------
