@@ -904,11 +904,30 @@ def _configure_intervene(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         dest="step_range",
-        required=True,
+        default=None,
         metavar="A:B",
         help="replace at evaluations A..B−1 (from 0); the sampler's own step count is --sampler-steps",
     )
     parser.add_argument("--layers", type=int, nargs="+", required=True, help="replace in these layers")
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="one intervention per (window of --windows, layer of --layers), each in one layer; with --table, rank "
+        "the table's measures by their Spearman correlation with the damage",
+    )
+    parser.add_argument(
+        "--windows",
+        nargs="+",
+        default=None,
+        metavar="K | A:B",
+        help="with --grid: the evaluations cut into K near-equal windows, or the windows A:B themselves",
+    )
+    parser.add_argument(
+        "--table",
+        default=None,
+        help="with --grid: a redundancy table of this checkpoint and sampler (`attnmed record`) whose measures "
+        "are correlated with the damage",
+    )
     parser.add_argument("--heads", type=int, nargs="+", default=None, help="only these heads (default: all)")
     # The sampler's settings as `attnmed sample` takes them, its step count named --sampler-steps (--steps is the
     # evaluation range here).
@@ -924,9 +943,43 @@ def _configure_intervene(parser: argparse.ArgumentParser) -> None:
     _configure_intervene,
 )
 def run_intervene(args: argparse.Namespace) -> int:
-    from analysis.intervene import InterventionConfig, Replacement, format_report, parse_step_range, run_intervention
+    from analysis.intervene import (
+        GridConfig,
+        InterventionConfig,
+        Replacement,
+        format_grid_report,
+        format_report,
+        parse_step_range,
+        run_intervention,
+        run_intervention_grid,
+    )
+    from mediator_models.storage.errors import SettingError
 
     Replacement.parse(args.replace)  # refuse a bad --replace or --steps before loading anything
+    if args.grid:
+        if args.step_range is not None:
+            raise SettingError("step_range", "is one intervention's range; a --grid takes its windows from --windows")
+        if args.windows is None:
+            raise SettingError("windows", "is required with --grid: a count K, or windows A:B")
+        grid = GridConfig(
+            replace=args.replace,
+            windows=tuple(args.windows),
+            layers=tuple(args.layers),
+            heads=None if args.heads is None else tuple(args.heads),
+            samples=args.samples,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            classes=tuple(args.classes) if args.classes is not None else None,
+        )
+        loaded, sampler = _load_from_args(args)
+        print(format_grid_report(run_intervention_grid(loaded, sampler, grid, args.out, args.table)))
+        print(f"wrote {args.out}/report.json")
+        return 0
+    for setting, value in (("windows", args.windows), ("table", args.table)):
+        if value is not None:
+            raise SettingError(setting, "belongs to a grid of interventions: add --grid, or drop it")
+    if args.step_range is None:
+        raise SettingError("step_range", "is required: give the evaluations A:B to replace at (or use --grid)")
     job = InterventionConfig(
         replace=args.replace,
         steps=parse_step_range(args.step_range),

@@ -19,6 +19,10 @@ q, k, v from the module's input and returns the module's output with the chosen 
 it leaves the output alone. The hooks come off on exit, errors included. The evaluation index comes from the
 sampler's step callback, as the recorder's does. Sample i starts from the noise and label `attnmed sample`
 and `attnmed record` give it (`start_batch`), and is drawn twice: unmodified and with the replacement.
+
+A grid of interventions (`run_intervention_grid`, `attnmed intervene --grid`) replaces one layer over one window
+of evaluations per cell, and ranks the measures of a redundancy table of the same model by how well they
+predict each cell's damage (Spearman's ρ over the cells, with a bootstrap interval).
 """
 
 from __future__ import annotations
@@ -385,32 +389,42 @@ def run_intervention(loaded, sampler: SamplerConfig, job: InterventionConfig, ou
 
 def _paired_samples(loaded, sampler, job: InterventionConfig, progress: bool):
     """(reference, intervened) final samples (S, C, H, W) and the unmodified run's GMACs per image."""
-    model, config = loaded.model, loaded.model.config
-    device = next(model.parameters()).device
-    classes = list(job.classes) if job.classes else None
     bar = None
     if progress:
         from mediator_models.progress import progress_bar
 
-        bar = progress_bar(job.samples, f"intervene {job.replace} {sampler.describe()}")
-    references, intervened, costs = [], [], []
+        bar = progress_bar(2 * job.samples, f"intervene {job.replace} {sampler.describe()} (samples drawn twice)")
+    try:
+        reference, gmacs = _samples(loaded, sampler, job, replaced=False, bar=bar)
+        intervened, _ = _samples(loaded, sampler, job, replaced=True, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return reference, intervened, gmacs
+
+
+def _samples(loaded, sampler, job: InterventionConfig, *, replaced: bool, bar=None) -> tuple[torch.Tensor, float]:
+    """Final samples 0..job.samples−1 (S, C, H, W), drawn as `attnmed sample` draws them (`replaced` False) or
+    with job's replacement, and the run's GMACs per image. `bar` advances by one per sample drawn."""
+    model, config = loaded.model, loaded.model.config
+    device = next(model.parameters()).device
+    classes = list(job.classes) if job.classes else None
+    finals, costs = [], []
     for first in range(0, job.samples, job.batch_size):
         indices = list(range(first, min(first + job.batch_size, job.samples)))
         x_T, y, noise = start_batch(indices, job.seed, config, classes, device)
-        plain, caller = generate(model, loaded.process, sampler, x_T, y, noise_fn=noise)  # as `attnmed sample`
-        x_T, y, noise = start_batch(indices, job.seed, config, classes, device)
-        with AttentionIntervention(model, job.replacement, job.steps, job.layers, job.heads) as intervention:
-            changed, _ = generate(
-                model, loaded.process, sampler, x_T, y, callback=intervention.callback, noise_fn=noise
-            )
-        references.append(plain.cpu())
-        intervened.append(changed.cpu())
+        if replaced:
+            with AttentionIntervention(model, job.replacement, job.steps, job.layers, job.heads) as intervention:
+                final, caller = generate(
+                    model, loaded.process, sampler, x_T, y, callback=intervention.callback, noise_fn=noise
+                )
+        else:
+            final, caller = generate(model, loaded.process, sampler, x_T, y, noise_fn=noise)
+        finals.append(final.cpu())
         costs.append(caller.gflops.cpu())
         if bar is not None:
             bar.update(len(indices))
-    if bar is not None:
-        bar.close()
-    return torch.cat(references), torch.cat(intervened), float(torch.cat(costs).mean())
+    return torch.cat(finals), float(torch.cat(costs).mean())
 
 
 def _report(identity, job, config, reference, intervened, total_gmacs, evaluations, guided) -> dict[str, Any]:
@@ -486,4 +500,298 @@ def format_report(report: dict[str, Any]) -> str:
         f"GFLOPs per image: replaced attention {g['attention_full']:.4g} -> {g['attention_replaced']:.4g}, "
         f"saved {g['saved']:.4g}{share}"
     )
+    return "\n".join(lines)
+
+
+# ---- a grid of interventions: which recorded measure predicts the damage -----------------------------------
+#
+# Each cell of the grid replaces one layer over one window of evaluations, and its damage is the mean relative
+# error of the final samples against the unmodified run (drawn once for the whole grid). Each measure of a
+# redundancy table of the same model and sampler is read per cell as its head-average (head −1) at that layer,
+# averaged over the window's steps; the Spearman rank correlation between measure and damage over the cells says
+# how well the measure orders the computations by what removing them costs, whatever its scale or sign.
+#
+# The interval is a percentile bootstrap over cells rather than Fisher's z: z's variance for Spearman's ρ
+# (about 1.06/(n − 3)) assumes a bivariate-normal-like pair and is poor for a few dozen cells and for ρ near ±1,
+# where the damage of a grid often puts it; resampling cells assumes nothing about the pair's distribution. It
+# treats the cells as exchangeable draws, which neighbouring windows and layers are only roughly, and it holds
+# each cell's damage fixed, so the sampling noise of the damage (its own t-interval, per cell) is not in it.
+
+BOOTSTRAP_REPLICATES = 2000
+MIN_CELLS_FOR_CORRELATION = 3
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """A grid of interventions: `replace` in one layer of `layers` at a time, over one window of `windows` at a
+    time. A window is 'A:B' (evaluations A..B−1), or the grid takes one count 'K': the evaluations cut into K
+    contiguous windows of near-equal length."""
+
+    replace: str
+    windows: tuple[str, ...]
+    layers: tuple[int, ...]
+    heads: tuple[int, ...] | None = None
+    samples: int = 16
+    batch_size: int = 8
+    seed: int = 0
+    classes: tuple[int, ...] | None = None
+
+    def step_windows(self, evaluations: int) -> list[tuple[int, int]]:
+        """The windows as (A, B) pairs for a sampler making `evaluations` evaluations (setting `windows`)."""
+        if not self.windows:
+            raise SettingError("windows", "names none; give a count K or windows A:B")
+        if len(self.windows) == 1 and self.windows[0].strip().isdigit():
+            count = int(self.windows[0])
+            if not 1 <= count <= evaluations:
+                raise SettingError(
+                    "windows", f"{count}: the sampler makes {evaluations} evaluations; give a count in 1..{evaluations}"
+                )
+            edges = [round(i * evaluations / count) for i in range(count + 1)]
+            return list(zip(edges[:-1], edges[1:]))
+        windows = []
+        for text in self.windows:
+            try:
+                windows.append(parse_step_range(text))
+            except SettingError as error:
+                raise SettingError("windows", f"{error.reason} (one count K, or windows A:B)") from None
+        if len(set(windows)) != len(windows):
+            raise SettingError("windows", f"repeats a window: {list(self.windows)}")
+        return windows
+
+    def cell_job(self, window: tuple[int, int], layer: int) -> InterventionConfig:
+        return InterventionConfig(
+            self.replace, window, (layer,), self.heads, self.samples, self.batch_size, self.seed, self.classes
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def check_grid(model_config: ModelConfig, process, sampler: SamplerConfig, grid: GridConfig):
+    """Refuse, before any work, a grid with a cell that cannot be intervened on (naming the setting; a window's
+    fault names `windows`). Returns (evaluations, windows)."""
+    evaluations = len(evaluation_levels(process, sampler)) if not sampler.adaptive else 0
+    windows = grid.step_windows(evaluations) if evaluations else [(0, 1)]  # dopri5 is refused just below
+    _check_indices("layers", grid.layers, model_config.depth, "layers")
+    for window in windows:
+        try:
+            check_intervention(model_config, process, sampler, grid.cell_job(window, grid.layers[0]))
+        except SettingError as error:
+            if error.setting != "step_range":
+                raise
+            named = f"{window[0]}:{window[1]}"
+            reason = error.reason if error.reason.startswith(named) else f"{named} {error.reason}"
+            raise SettingError("windows", reason) from None
+    return evaluations, windows
+
+
+def read_grid_table(path: str | Path, model_config: ModelConfig, evaluations: int):
+    """The redundancy table at `path` if it was recorded from this model (its sidecar's "model") over as many
+    evaluations as this sampler makes; otherwise refuses in one line (setting `table`)."""
+    from analysis.collect import read_table, table_model
+
+    table = read_table(path)
+    recorded = table_model(path)
+    if recorded != model_config:
+        theirs, ours = recorded.to_dict(), model_config.to_dict()
+        differ = [
+            f"{k} {theirs.get(k)!r} ≠ {ours.get(k)!r}"
+            for k in dict.fromkeys([*theirs, *ours])
+            if theirs.get(k) != ours.get(k)
+        ]
+        raise SettingError(
+            "table",
+            f"{path} was recorded from {recorded.label}, not this checkpoint's {model_config.label} (its sidecar's "
+            f"model differs: {', '.join(differ)}); record a table of this checkpoint with `attnmed record`",
+        )
+    networks = sorted(set(table["network"]))
+    if len(networks) != 1:
+        raise SettingError("table", f"{path} holds the networks {networks}; give a table of this one model")
+    steps = int(table["step"].max()) + 1 if len(table) else 0
+    if steps != evaluations:
+        raise SettingError(
+            "table",
+            f"{path} covers {steps} evaluations, this sampler makes {evaluations}: record it with the same sampler "
+            "and --sampler-steps",
+        )
+    return table
+
+
+def cell_measures(table, windows, layers) -> dict[str, dict[tuple[int, int, int], float]]:
+    """{measure: {(A, B, layer): value}}: each metric of the table (named 'metric (branch)' off branch "all"),
+    its head average (head −1) at the layer, averaged over the steps A..B−1 the table has. Cells the table does
+    not cover are left out."""
+    rows = table[table["head"] == -1]
+    measures: dict[str, dict[tuple[int, int, int], float]] = {}
+    for (metric, branch), part in rows.groupby(["metric", "branch"], sort=True):
+        name = metric if branch == "all" else f"{metric} ({branch})"
+        values = {}
+        for start, stop in windows:
+            inside = part[(part["step"] >= start) & (part["step"] < stop)]
+            by_layer = inside.groupby("layer")["mean"].mean()
+            for layer in layers:
+                value = by_layer.get(layer)
+                if value is not None and math.isfinite(value):
+                    values[(start, stop, layer)] = float(value)
+        measures[name] = values
+    return measures
+
+
+def spearman(x, y) -> float:
+    """Spearman's ρ: the Pearson correlation of the ranks (ties take their average rank); nan where either
+    side is constant. x, y (..., n) -> (...)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(np.asarray(x, float), axis=-1), rankdata(np.asarray(y, float), axis=-1)
+    rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
+    denominator = np.sqrt((rx**2).sum(-1) * (ry**2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (rx * ry).sum(-1) / denominator
+    return np.where(denominator > 0, rho, np.nan) if rho.ndim else (float(rho) if denominator > 0 else math.nan)
+
+
+def measure_damage_correlations(
+    measures: dict[str, dict[tuple[int, int, int], float]],
+    damage: dict[tuple[int, int, int], float],
+    *,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Per measure: Spearman's ρ between it and the damage over the cells both have, with its 95% percentile
+    bootstrap interval over cells, sorted by |ρ| (measures without a ρ last, with the reason)."""
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+    results = []
+    for name, values in measures.items():
+        cells = [cell for cell in damage if cell in values]
+        x = np.array([values[c] for c in cells])
+        y = np.array([damage[c] for c in cells])
+        row: dict[str, Any] = {"measure": name, "cells": len(cells), "rho": None, "low": None, "high": None}
+        if len(cells) < MIN_CELLS_FOR_CORRELATION:
+            row["note"] = f"{len(cells)} cells with values; a rank correlation needs {MIN_CELLS_FOR_CORRELATION}"
+        elif math.isnan(rho := spearman(x, y)):
+            row["note"] = "constant over the cells (or the damage is): no ranking"
+        else:
+            picks = generator.integers(0, len(cells), size=(replicates, len(cells)))
+            resampled = spearman(x[picks], y[picks])
+            resampled = resampled[~np.isnan(resampled)]  # a resample of tied cells ranks nothing
+            low, high = np.quantile(resampled, [0.025, 0.975]) if len(resampled) else (math.nan, math.nan)
+            row.update(rho=float(rho), low=float(low), high=float(high))
+        results.append(row)
+    return sorted(results, key=lambda r: (r["rho"] is None, -abs(r["rho"] or 0.0), r["measure"]))
+
+
+def run_intervention_grid(
+    loaded, sampler: SamplerConfig, grid: GridConfig, out_dir, table_path=None, *, progress: bool = True
+):
+    """Draw samples 0..grid.samples−1 unmodified once and then with the replacement in each (window, layer)
+    cell; with a redundancy table of the same model and sampler, correlate each of its measures with the damage.
+    Writes `report.json` in `out_dir` (locked, one grid configuration per folder) and returns it."""
+    config = loaded.model.config
+    evaluations, windows = check_grid(config, loaded.process, sampler, grid)
+    table = None if table_path is None else read_grid_table(table_path, config, evaluations)
+    out = Path(out_dir)
+    identity = {
+        "checkpoint": loaded.source,
+        "weights": loaded.weights,
+        "model": config.to_dict(),
+        "process": loaded.process.to_dict(),
+        "sampler": sampler.to_dict(),
+        "grid": grid.to_dict(),
+        "table": None if table_path is None else str(table_path),
+    }
+    guided = sampler.cfg_scale != 1.0
+    heads = config.num_heads if grid.heads is None else len(grid.heads)
+    with FolderLock(out, "attnmed intervene --grid"):
+        claim_identity(
+            out / "intervention.json",
+            identity,
+            what="an intervention grid",
+            fix="To rerun it, repeat its settings; for another grid, choose another --out.",
+            ignore=("checkpoint", "table"),
+        )
+        bar = None
+        if progress:
+            from mediator_models.progress import progress_bar
+
+            cells = len(windows) * len(grid.layers)
+            bar = progress_bar(grid.samples * (1 + cells), f"intervene grid {grid.replace} {sampler.describe()}")
+        try:
+            first = grid.cell_job(windows[0], grid.layers[0])
+            reference, total_gmacs = _samples(loaded, sampler, first, replaced=False, bar=bar)
+            ref = reference.double().flatten(1)
+            cells, damage = [], {}
+            for start, stop in windows:
+                for layer in grid.layers:
+                    job = grid.cell_job((start, stop), layer)
+                    new = _samples(loaded, sampler, job, replaced=True, bar=bar)[0].double().flatten(1)
+                    errors = ((new - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)).tolist()
+                    gmacs = intervention_gmacs(config, job.replacement, stop - start, 1, heads, guided)
+                    cells.append(
+                        {
+                            "window": [start, stop],
+                            "layer": layer,
+                            "relative_error": _interval(errors),
+                            "gflops_saved": gmacs["saved"],
+                            "relative_errors": errors,
+                        }
+                    )
+                    damage[(start, stop, layer)] = cells[-1]["relative_error"]["mean"]
+        finally:
+            if bar is not None:
+                bar.close()
+        report = {
+            **identity,
+            "evaluations": evaluations,
+            "gflops_per_image": total_gmacs,
+            "damage": "mean over samples of ‖x − x_ref‖/‖x_ref‖ of the final samples",
+            "cells": cells,
+            "correlations": None,
+        }
+        if table is not None:
+            measures = cell_measures(table, windows, grid.layers)
+            for cell in cells:
+                key = (*cell["window"], cell["layer"])
+                cell["measures"] = {name: values[key] for name, values in measures.items() if key in values}
+            report["correlations"] = measure_damage_correlations(measures, damage)
+            report["interval"] = (
+                f"95% percentile bootstrap over cells ({BOOTSTRAP_REPLICATES} replicates): it assumes nothing about "
+                "how measure and damage are distributed, which Fisher's z would; each cell's damage is held fixed"
+            )
+        atomic_write_json(out / "report.json", report)
+    return report
+
+
+def _interval(values: list[float]) -> dict[str, Any]:
+    from analysis.quality.stats import seed_level_difference
+
+    interval = seed_level_difference(values)
+    return {"mean": interval.point, "low": interval.low, "high": interval.high, "samples": len(values)}
+
+
+def format_grid_report(report: dict[str, Any]) -> str:
+    """The grid as two short tables: the damage per (window, layer) cell, then each measure's rank correlation
+    with the damage, strongest first: which measure to trust for planning."""
+    lines = [f"{'window':>9}  {'layer':>5}  {'rel. error':>10}  {'95% CI':^23}  {'GFLOPs saved':>12}"]
+    for cell in report["cells"]:
+        error = cell["relative_error"]
+        window = f"{cell['window'][0]}:{cell['window'][1]}"
+        interval = f"{error['low']:.4g} … {error['high']:.4g}"
+        lines.append(
+            f"{window:>9}  {cell['layer']:>5}  {error['mean']:>10.4g}  {interval:^23}  {cell['gflops_saved']:>12.4g}"
+        )
+    if report["correlations"] is None:
+        lines.append("the damage only: give --table, a redundancy table of this model, to rank its measures")
+        return "\n".join(lines)
+    lines.append("Spearman ρ of each measure with the damage over the cells (95% interval: bootstrap over cells):")
+    width = max([7, *(len(r["measure"]) for r in report["correlations"])])
+    lines.append(f"{'measure':<{width}}  {'rho':>7}  {'95% CI':>17}  {'cells':>5}")
+    for row in report["correlations"]:
+        if row["rho"] is None:
+            lines.append(f"{row['measure']:<{width}}  {'—':>7}  {'':>17}  {row['cells']:>5}  {row['note']}")
+        else:
+            interval = f"{row['low']:.3f} … {row['high']:.3f}"
+            lines.append(f"{row['measure']:<{width}}  {row['rho']:>7.3f}  {interval:>17}  {row['cells']:>5}")
     return "\n".join(lines)

@@ -9,21 +9,26 @@ import torch
 from helpers import tiny_model
 
 from analysis.cli import main
+from analysis.collect import write_table
 from analysis.intervene import (
     AttentionIntervention,
+    GridConfig,
     InterventionConfig,
     Replacement,
     head_attention_macs,
     intervention_gmacs,
+    measure_damage_correlations,
     pooled_mediator_output,
     run_intervention,
+    run_intervention_grid,
+    spearman,
     truncated_rank_output,
     window_mask,
     window_output,
 )
 from analysis.metrics import pooled_recovery_errors
 from mediator_models.network.attention import AttentionMaps, explicit_maps, merge_heads
-from mediator_models.network.config import make_config
+from mediator_models.network.config import ModelConfig, make_config
 from mediator_models.sample import LoadedModel
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, generate
 from mediator_models.sampling.steps import StepInfo, start_batch
@@ -277,3 +282,156 @@ def test_reuse_previous_delivers_the_previous_evaluations_output_throughout_the_
         plain = [module.forward(x) for x in inputs[:2]]
     assert torch.allclose(outputs[2], outputs[1], atol=1e-6) and torch.allclose(outputs[3], outputs[1], atol=1e-6)
     assert torch.equal(outputs[1], plain[1]) and not torch.allclose(outputs[1], outputs[0])
+
+
+# ---- a grid of interventions: which measure predicts the damage ------------------------------------------------
+
+
+def planted_table(path, model_config, cells, evaluations=6, model_dict=None):
+    """A redundancy table in which 'planted' equals each cell's damage at every step of its window (so its
+    window average is the damage), 'negated' its negative, 'constant' one value, and head 0 rows say nothing."""
+    import pandas as pd
+
+    rows = []
+    for cell in cells:
+        (start, stop), layer, damage = cell["window"], cell["layer"], cell["relative_error"]["mean"]
+        for step in range(start, stop):
+            for metric, value in (("planted", damage), ("negated", -damage), ("constant", 0.5)):
+                for head, mean in ((-1, value), (0, 7.0)):
+                    rows.append(
+                        dict(model=model_config.name, attention="full", mediators=0, network=model_config.label,
+                             step=step, noise_level=1.0 - step / evaluations, model_time=0.0, layer=layer,
+                             head=head, branch="all", metric=metric, mean=mean, std=0.0, count=2)
+                    )  # fmt: skip
+    rows[0]["step"] = evaluations - 1  # the table covers the sampler's evaluations exactly
+    return write_table(pd.DataFrame(rows), path, {"model": model_dict or model_config.to_dict()})
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    """One tiny model and its 2-window × 2-layer mediator:4 grid without a table."""
+    model = loaded()
+    grid = GridConfig("mediator:4", ("2",), (0, 2), samples=2, batch_size=2)
+    report = run_intervention_grid(model, SDE, grid, tmp_path_factory.mktemp("grid"), progress=False)
+    return model, grid, report
+
+
+def test_the_grid_has_one_cell_per_window_and_layer_each_the_single_interventions_damage(grid_run, tmp_path):
+    model, grid, report = grid_run
+    assert [(tuple(c["window"]), c["layer"]) for c in report["cells"]] == [
+        ((0, 3), 0),
+        ((0, 3), 2),
+        ((3, 6), 0),
+        ((3, 6), 2),
+    ]
+    assert report["correlations"] is None and report["evaluations"] == 6
+    single = run_intervention(model, SDE, grid.cell_job((3, 6), 2), tmp_path, progress=False)
+    assert report["cells"][3]["relative_errors"] == [row["relative_error"] for row in single["per_sample"]]
+    assert report["cells"][3]["relative_error"] == single["relative_error"]
+    # One layer, 3 evaluations, 4 heads at 16384 − 8704 MACs saved each.
+    assert report["cells"][3]["gflops_saved"] == pytest.approx(3 * 4 * (16384 - 8704) / 1e9)
+
+
+def test_a_measure_equal_to_the_damage_has_rank_correlation_one(grid_run, tmp_path):
+    model, grid, first = grid_run
+    table = planted_table(tmp_path / "t.parquet", model.model.config, first["cells"])
+    report = run_intervention_grid(model, SDE, grid, tmp_path / "out", table, progress=False)
+    assert [c["relative_error"] for c in report["cells"]] == [c["relative_error"] for c in first["cells"]]
+    by_name = {row["measure"]: row for row in report["correlations"]}
+    assert by_name["planted"] == {"measure": "planted", "cells": 4, "rho": 1.0, "low": 1.0, "high": 1.0}
+    assert by_name["negated"]["rho"] == -1.0 and by_name["negated"]["high"] == -1.0
+    assert by_name["constant"]["rho"] is None and "constant" in by_name["constant"]["note"]
+    assert report["correlations"][-1]["measure"] == "constant"  # sorted by |rho|, measures without one last
+    assert report["cells"][0]["measures"]["planted"] == report["cells"][0]["relative_error"]["mean"]
+    assert "bootstrap over cells" in report["interval"]
+
+
+def test_spearman_and_its_bootstrap_interval_on_known_rankings():
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(1 - 6 * 2 / (4 * 15))  # one swap: 0.8
+    assert spearman([1, 1, 2], [3, 2, 1]) == pytest.approx(-0.8660254)  # ties take their average rank
+    damage = {(0, 1, layer): float(layer) for layer in range(8)}
+    noisy = {cell: value + (0.5 if cell[2] % 2 else -0.5) * 3 for cell, value in damage.items()}
+    (row,) = measure_damage_correlations({"noisy": noisy}, damage)
+    assert row["low"] < row["rho"] < row["high"] <= 1 and row["cells"] == 8
+    (few,) = measure_damage_correlations({"few": {(0, 1, 0): 1.0, (0, 1, 1): 2.0}}, damage)
+    assert few["rho"] is None and "needs 3" in few["note"]
+
+
+def grid_cli(checkpoint, out, *extra):
+    return cli(checkpoint, out, "--replace", "mediator:4", "--grid", "--layers", "0", "1", *extra)
+
+
+def test_the_grid_command_prints_the_measures_strongest_first(tmp_path, capsys):
+    checkpoint = save_checkpoint(grey_model(), tmp_path / "model.pt")
+    assert grid_cli(checkpoint, tmp_path / "g", "--windows", "0:3", "3:6") == 0
+    cells = json.loads((tmp_path / "g" / "report.json").read_text())["cells"]
+    config = ModelConfig.from_dict(torch.load(checkpoint)["model_config"])
+    table = planted_table(tmp_path / "t.parquet", config, cells)
+    capsys.readouterr()
+    assert grid_cli(checkpoint, tmp_path / "g2", "--windows", "0:3", "3:6", "--table", str(table)) == 0
+    printed = capsys.readouterr().out
+    measures = [
+        line.split()[0] for line in printed.splitlines() if line.split()[:1] in (["planted"], ["negated"], ["constant"])
+    ]
+    assert measures[2] == "constant" and set(measures[:2]) == {"planted", "negated"}
+    assert "Spearman ρ" in printed and "GFLOPs saved" in printed
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("other-model", "--table {table} was recorded from SiT-T/2"),
+        ("other-steps", "--table {table} covers 4 evaluations, this sampler makes 6"),
+    ],
+)
+def test_a_table_of_another_model_or_sampler_is_refused_before_sampling(tmp_path, capsys, case, message):
+    model = grey_model()
+    checkpoint = save_checkpoint(model, tmp_path / "model.pt")
+    cells = [{"window": [0, 3], "layer": 0, "relative_error": {"mean": 0.1}}]
+    other = make_config("SiT-T/2", input_size=16, in_channels=1, num_classes=10).to_dict()
+    table = planted_table(
+        tmp_path / "t.parquet",
+        model.config,
+        cells,
+        evaluations=4 if case == "other-steps" else 6,
+        model_dict=other if case == "other-model" else None,
+    )
+    assert grid_cli(checkpoint, tmp_path / "out", "--windows", "2", "--table", str(table)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnmed intervene: error: ") and message.format(table=table) in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--windows", "7"], "--windows 7: the sampler makes 6 evaluations"),
+        (["--windows", "0:2", "2:2"], "--windows 2:2 is empty"),
+        (["--windows", "0:3", "0:3"], "--windows repeats a window"),
+        (["--windows", "2", "--steps", "0:2"], "--steps is one intervention's range"),
+        ([], "--windows is required with --grid"),
+    ],
+)
+def test_refused_grids_name_the_flag_in_one_line(tmp_path, capsys, flags, message):
+    checkpoint = save_checkpoint(grey_model(), tmp_path / "model.pt")
+    assert grid_cli(checkpoint, tmp_path / "out", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnmed intervene: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_reuse_previous_grid_window_at_evaluation_zero_is_refused_naming_the_window(tmp_path, capsys):
+    checkpoint = save_checkpoint(grey_model(), tmp_path / "model.pt")
+    flags = ["--replace", "reuse-previous", "--grid", "--windows", "3", "--layers", "0"]
+    assert cli(checkpoint, tmp_path / "out", *flags) == 2
+    assert "--windows 0:2 starts at 0, where reuse-previous" in capsys.readouterr().err
+    assert (
+        cli(checkpoint, tmp_path / "out", "--replace", "none", "--steps", "0:2", "--layers", "0", "--windows", "2") == 2
+    )
+    assert "--windows belongs to a grid of interventions" in capsys.readouterr().err
+
+
+def test_the_grid_windows_cut_the_evaluations_near_evenly():
+    grid = GridConfig("none", ("4",), (0,))
+    assert grid.step_windows(6) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert GridConfig("none", ("1",), (0,)).step_windows(6) == [(0, 6)]
