@@ -107,11 +107,16 @@ def test_measured_count_on_the_real_forward_pass_agrees_with_the_analytic_count(
     assert measured_macs(model) == sum(analytic.values()) - pooling
 
 
-def test_observing_the_maps_adds_exactly_their_q_k_products():
+def test_observing_the_maps_adds_exactly_their_q_k_products_and_only_when_read():
+    """Full attention hands an observer its queries and keys; the maps cost their q·kᵀ products only when the
+    observer reads them (the recorder reads them a few at a time, within its memory bound)."""
     model = tiny_model("DiT-T/2")  # 4 layers, 16 tokens, width 128
     fused = measured_macs(model)
     for module in model.attention_modules():
         module.map_observer = lambda maps: None
+    assert measured_macs(model) == fused
+    for module in model.attention_modules():
+        module.map_observer = lambda maps: maps.full
     assert measured_macs(model) == fused + 4 * 16 * 16 * 128
 
 
