@@ -85,6 +85,107 @@ def digits(split: str = "train", image_size: int = 16, holdout_fraction: float =
     return TensorSource(images, labels, 10, f"digits[{split}] {image_size}x{image_size}", flippable=False)
 
 
+# ---- native-resolution data: patches of the photographs scikit-image ships ---------------------------------
+
+# Class name -> (file in skimage/data, its sha256 in scikit-image 0.26.0, its licence as skimage's docstring
+# states it). Only photographs released as CC0 or into the public domain are used, and only PNGs (JPEG decoders
+# differ in their last bit between libjpeg builds). Left out: moon and page (no licence stated), coins and ihc
+# ("no known copyright restrictions" is not a licence), rocket, retina and hubble (JPEG), microaneurysms (too
+# small), and the synthetic images.
+TEXTURE_PHOTOGRAPHS = {
+    "brick": ("brick.png", "7966caf324f6ba843118d98f7a07746d22f6a343430add0233eca5f6eaaa8fcf", "CC0 (CC0Textures)"),
+    "grass": ("grass.png", "b6b6022426b38936c43a4ac09635cd78af074e90f42ffa8227ac8b7452d39f89", "CC0 (DeviantArt)"),
+    "gravel": ("gravel.png", "c48615b451bf1e606fbd72c0aa9f8cc0f068ab7111ef7d93bb9b0f2586440c12", "CC0 (CC0Textures)"),
+    "camera": ("camera.png", "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a", "CC0 (L. Varshney)"),
+    "astronaut": ("astronaut.png", "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5", "public domain"),
+    "chelsea": ("chelsea.png", "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb", "CC0"),
+    "coffee": ("coffee.png", "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7", "CC0 (R. Michetti)"),
+    "text": ("text.png", "bd84aa3a6e3c9887850d45d606c96b2e59433fbef50338570b63c319e668e6d1", "public domain"),
+}
+TEXTURE_PATCH = 32  # side of a patch in the photograph's pixels: 32×32 images are native, 16×16 a 2× box filter
+TEXTURE_BLOCK = 64  # photographs are tiled into blocks this side; a patch lies wholly inside one block
+TEXTURE_PATCHES = {"train": 500, "heldout": 125}  # per class: 4000 training and 1000 held-out patches
+
+
+def skimage_data_folder() -> Path:
+    """The folder of sample images inside the installed scikit-image, found without importing it (its import
+    needs dependencies attnmed does not have)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the textures data are patches of scikit-image's sample photographs, but scikit-image is not installed: "
+            "pip install --no-deps scikit-image==0.26.0 (requirements.txt)"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def texture_photograph(name: str) -> np.ndarray:
+    """One of `TEXTURE_PHOTOGRAPHS` as grey uint8 (H, W), refused unless its sha256 is the pinned one (another
+    scikit-image release could change the images, and FIDs against them would not be comparable)."""
+    import hashlib
+
+    from PIL import Image
+
+    file, pinned, _ = TEXTURE_PHOTOGRAPHS[name]
+    path = skimage_data_folder() / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed scikit-image; reinstall scikit-image==0.26.0")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != pinned:
+        raise ValueError(
+            f"{path} has sha256 {digest[:12]}…, not the {pinned[:12]}… of scikit-image 0.26.0: the textures would "
+            "differ from the pinned ones; install scikit-image==0.26.0"
+        )
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"))  # ITU-R 601 luma, exact in integers
+
+
+def texture_blocks(height: int, width: int, split: str) -> list[tuple[int, int]]:
+    """Top-left corners of the blocks of a photograph that belong to `split`: every fifth diagonal of the block
+    grid is held out, so both splits cover the whole picture and no patch of one overlaps a patch of the other."""
+    blocks = [(r, c) for r in range(height // TEXTURE_BLOCK) for c in range(width // TEXTURE_BLOCK)]
+    chosen = [(r, c) for r, c in blocks if ((r - c) % 5 == 0) == (split == "heldout")]
+    return [(r * TEXTURE_BLOCK, c * TEXTURE_BLOCK) for r, c in chosen]
+
+
+def textures(split: str = "train", image_size: int = 16, seed: int = 0) -> TensorSource:
+    """Patches of eight photographs scikit-image ships (brick, grass, gravel, camera, astronaut, chelsea, coffee,
+    text; all CC0 or public domain, see `TEXTURE_PHOTOGRAPHS`); class = source photograph. Seeded random 32×32
+    crops in grey (five of the eight are grey only, so colour would name the class), box-filtered to
+    `image_size` (at most 32) and scaled to [−1, 1]. Unlike the upsampled digits they carry detail at 16×16: the
+    pixel matrix of the 4000 training patches has full rank 256. Held-out patches (1000) come from other
+    blocks of each photograph than training ones (`texture_blocks`). `split`: "train", "heldout" or "all"."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"unknown split {split!r}; choose 'train', 'heldout' or 'all'")
+    if not isinstance(image_size, int) or not 4 <= image_size <= TEXTURE_PATCH:
+        raise SettingError(
+            "image_size",
+            f"{image_size!r}: the textures are {TEXTURE_PATCH}-px patches, so sizes 4 to {TEXTURE_PATCH} work (16 "
+            f"for the 256-token study, {TEXTURE_PATCH} native); larger ones would only upsample them",
+        )
+    splits = ("train", "heldout") if split == "all" else (split,)
+    patches, labels = [], []
+    for label, name in enumerate(TEXTURE_PHOTOGRAPHS):
+        photograph = texture_photograph(name)
+        for part in splits:
+            corners = texture_blocks(*photograph.shape, part)
+            count = TEXTURE_PATCHES[part]
+            rng = np.random.default_rng([seed, label, ("train", "heldout").index(part)])
+            block = rng.integers(len(corners), size=count)
+            offset = rng.integers(TEXTURE_BLOCK - TEXTURE_PATCH + 1, size=(count, 2))
+            for b, (dy, dx) in zip(block, offset):
+                top, left = corners[b][0] + dy, corners[b][1] + dx
+                patches.append(photograph[top : top + TEXTURE_PATCH, left : left + TEXTURE_PATCH])
+            labels += [label] * count
+    images = torch.from_numpy(np.stack(patches)[:, None]).float() / 127.5 - 1.0  # (N, 1, 32, 32)
+    if image_size != TEXTURE_PATCH:
+        images = F.interpolate(images, size=(image_size, image_size), mode="area")  # a box filter
+    description = f"textures[{split}] {image_size}x{image_size}"
+    return TensorSource(images, torch.tensor(labels), len(TEXTURE_PHOTOGRAPHS), description, flippable=False)
+
+
 # ---- ImageFolder trees with ADM's preprocessing ------------------------------------------------------------
 
 
@@ -349,9 +450,12 @@ class LatentPairSource(TensorSource):
 
 
 def open_source(data: str, image_size: int, vae_name: str | None = None):
-    """The training source a `--data` argument names: "digits", a latent cache, or an ImageFolder tree."""
+    """The training source a `--data` argument names: "digits", "textures", a latent cache, or an ImageFolder
+    tree."""
     if data == "digits":
         return digits("train", image_size)
+    if data == "textures":
+        return textures("train", image_size)
     path = Path(data)
     if (path / "meta.json").exists():
         return load_latent_cache(path)

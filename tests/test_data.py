@@ -133,3 +133,77 @@ def test_cache_latents_into_a_file_is_refused_before_the_vae_loads(tmp_path, cap
     assert main([*args, "--image-size", "30", "--out", str(tmp_path / "cache")]) == 2
     assert "--image-size 30 px is not a multiple of 8" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+# ---- the native-resolution textures (patches of scikit-image's photographs) --------------------------------
+
+needs_skimage = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("skimage") is None,
+    reason="scikit-image==0.26.0 (requirements.txt) is not installed: rebuild the environment",
+)
+
+
+@needs_skimage
+def test_textures_are_patches_of_eight_photographs_split_without_overlap():
+    from mediator_models.data import TEXTURE_BLOCK, TEXTURE_PHOTOGRAPHS, texture_blocks, texture_photograph, textures
+
+    train, heldout, everything = textures("train"), textures("heldout"), textures("all")
+    assert train.images.shape == (4000, 1, 16, 16) and heldout.images.shape == (1000, 1, 16, 16)
+    assert len(everything) == 5000 and train.num_classes == 8 == len(TEXTURE_PHOTOGRAPHS)
+    assert train.labels.bincount().tolist() == [500] * 8 and heldout.labels.bincount().tolist() == [125] * 8
+    assert train.images.min() >= -1 and train.images.max() <= 1
+    torch.testing.assert_close(textures("heldout").images, heldout.images)  # the split is fixed
+    for name in TEXTURE_PHOTOGRAPHS:  # the splits' blocks of every photograph are disjoint and both present
+        shape = texture_photograph(name).shape
+        kept, held = set(texture_blocks(*shape, "train")), set(texture_blocks(*shape, "heldout"))
+        assert kept and held and not kept & held
+        assert len(kept | held) == (shape[0] // TEXTURE_BLOCK) * (shape[1] // TEXTURE_BLOCK)
+    native = lambda s: {row.tobytes() for row in s.images.flatten(1).numpy()}  # noqa: E731
+    assert not native(textures("train", 32)) & native(textures("heldout", 32))
+
+
+@needs_skimage
+def test_textures_carry_detail_at_16px_that_the_upsampled_digits_lack():
+    """The 16×16 digits are bilinear upsamplings of 8×8 images (their pixel matrix has rank below 64); the
+    textures' training patches span every direction of the 256-pixel space, and of the 1024 at 32×32."""
+    from mediator_models.data import textures
+
+    def rank(source):
+        return np.linalg.matrix_rank(source.images.flatten(1).double().numpy(), rtol=1e-6)
+
+    ranks = {
+        "digits 16px": rank(digits("all")),
+        "textures 16px": rank(textures()),
+        "textures 32px": rank(textures("train", 32)),
+    }
+    print(f"numerical rank (rtol 1e-6) of the pixel matrix: {ranks}")
+    assert ranks["digits 16px"] <= 64
+    assert ranks["textures 16px"] == 256 and ranks["textures 32px"] > 256
+
+
+@needs_skimage
+def test_textures_refuse_sizes_that_would_upsample_them():
+    from mediator_models.data import textures
+    from mediator_models.storage.errors import SettingError
+
+    with pytest.raises(SettingError, match="32-px patches"):
+        textures("train", 64)
+
+
+@needs_skimage
+def test_textures_refuse_a_photograph_other_than_the_pinned_one(tmp_path, monkeypatch):
+    from mediator_models import data
+
+    for file, _, _ in data.TEXTURE_PHOTOGRAPHS.values():
+        (tmp_path / file).write_bytes((data.skimage_data_folder() / file).read_bytes())
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(tmp_path / "grass.png")
+    monkeypatch.setattr(data, "skimage_data_folder", lambda: tmp_path)
+    with pytest.raises(ValueError, match="grass.png has sha256 .*install scikit-image==0.26.0"):
+        data.textures()
+
+
+@needs_skimage
+def test_open_source_names_the_textures_and_keeps_the_digits():
+    textures = open_source("textures", 16)
+    assert textures.description == "textures[train] 16x16" and len(textures) == 4000
+    assert open_source("digits", 16).description == "digits[train] 16x16"

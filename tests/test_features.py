@@ -81,3 +81,100 @@ def test_fid_rises_monotonically_as_classes_are_dropped(extractor, reference):
         images = ((train.images[keep] + 1) * 127.5).round().to(torch.uint8)
         scores.append(fid(extractor.features_of(images), reference))
     assert all(a < b for a, b in zip(scores, scores[1:])), scores
+
+
+# ---- the pinned textures extractor (native-resolution data; needs scikit-image, requirements.txt) ----------
+
+needs_skimage = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("skimage") is None,
+    reason="scikit-image==0.26.0 (requirements.txt) is not installed: rebuild the environment",
+)
+
+
+@pytest.fixture(scope="module")
+def textures_extractor():
+    from analysis.quality.features import TexturesExtractor
+
+    return TexturesExtractor.pinned()
+
+
+@pytest.fixture(scope="module")
+def textures_reference(textures_extractor):
+    from mediator_models.data import textures
+
+    return Reference.from_features(textures_extractor.features_of(textures("heldout")))
+
+
+@needs_skimage
+def test_the_shipped_textures_classifier_is_as_accurate_on_held_out_patches_as_it_claims(textures_extractor):
+    from analysis.quality.features import MIN_TEXTURES_ACCURACY, PINNED_TEXTURES_SHA256
+    from mediator_models.data import textures
+
+    heldout = textures("heldout")
+    with torch.no_grad():
+        measured = (textures_extractor.net(heldout.images).argmax(1) == heldout.labels).float().mean().item()
+    assert measured == pytest.approx(textures_extractor.accuracy, abs=1e-6) and measured >= MIN_TEXTURES_ACCURACY
+    assert PINNED_TEXTURES_SHA256[:12] in textures_extractor.label
+    assert features_module.PINNED_TEXTURES_WEIGHTS.stat().st_size < 1_000_000
+
+
+def test_textures_weights_that_are_not_the_pinned_ones_are_refused(tmp_path, monkeypatch):
+    from analysis.quality.features import TexturesExtractor
+
+    altered = tmp_path / "textures.pt"
+    altered.write_bytes(features_module.PINNED_TEXTURES_WEIGHTS.read_bytes() + b"\0")
+    monkeypatch.setattr(features_module, "PINNED_TEXTURES_WEIGHTS", altered)
+    with pytest.raises(ValueError, match="not the pinned .*restore the file from git"):
+        TexturesExtractor.pinned()
+
+
+@needs_skimage
+def test_torch_fidelity_scores_the_textures_with_the_pinned_features(textures_extractor, textures_reference):
+    import torch_fidelity
+
+    from analysis.quality.features import FEATURE_NAME, TEXTURES_EXTRACTOR, register_textures_extractor
+    from analysis.quality.images import load_images
+    from mediator_models.data import textures
+
+    register_textures_extractor()
+    train = textures("train")
+    metrics = torch_fidelity.calculate_metrics(
+        input1=load_images(train),
+        input2=load_images(textures("heldout")),
+        fid=True,
+        feature_extractor=TEXTURES_EXTRACTOR,
+        feature_extractor_weights_path=str(textures_extractor.path),
+        feature_layer_fid=FEATURE_NAME,
+        verbose=False,
+        cuda=False,
+    )
+    ours = fid(textures_extractor.features_of(train), textures_reference)
+    assert metrics["frechet_inception_distance"] == pytest.approx(ours, rel=1e-3)
+
+
+@needs_skimage
+@pytest.mark.parametrize("kind,levels", [("blur", (0, 0.6, 1.0, 1.6)), ("noise", (0, 0.1, 0.25, 0.5))])
+def test_textures_fid_rises_monotonically_with_blur_and_noise(textures_extractor, textures_reference, kind, levels):
+    from mediator_models.data import textures
+
+    train = textures("train")
+    scores = []
+    for level in levels:
+        images = ((damaged(train.images, kind, level) + 1) * 127.5).round().to(torch.uint8)
+        scores.append(fid(textures_extractor.features_of(images), textures_reference))
+    print(f"textures FID under {kind} {levels}: {[round(s, 2) for s in scores]}")
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+
+
+@needs_skimage
+def test_textures_fid_rises_monotonically_as_classes_are_dropped(textures_extractor, textures_reference):
+    from mediator_models.data import textures
+
+    train = textures("train")
+    scores = []
+    for dropped in (0, 2, 4, 6):
+        keep = train.labels >= dropped  # drop photographs 0 .. dropped−1
+        images = ((train.images[keep] + 1) * 127.5).round().to(torch.uint8)
+        scores.append(fid(textures_extractor.features_of(images), textures_reference))
+    print(f"textures FID with 0, 2, 4, 6 photographs dropped: {[round(s, 2) for s in scores]}")
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores

@@ -7,6 +7,9 @@
   in the repository (analysis/quality/assets/digits-cnn-16px.pt) and are pinned by their sha256, checked at every
   load, so FIDs are comparable across machines; every number states the extractor's hash and its held-out
   accuracy. `python -m analysis.quality.features` retrains it (deterministically) and prints the hash to pin.
+- "textures": the same network trained to name the source photograph of the native-resolution textures
+  (mediator_models.data.textures), pinned the same way (analysis/quality/assets/textures-cnn-16px.pt);
+  `python -m analysis.quality.features textures` retrains it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ MIN_ACCURACY = 0.95
 ASSETS = Path(__file__).resolve().parent / "assets"
 PINNED_DIGITS_WEIGHTS = ASSETS / "digits-cnn-16px.pt"
 PINNED_DIGITS_SHA256 = "96c0232742c255597029bcaf3e9d74784f8b53f4f78f4203a2194526eacad191"
+TEXTURES_EXTRACTOR = "attnmed-textures"
+MIN_TEXTURES_ACCURACY = 0.75  # flat patches (sky, walls, backgrounds) look alike in the four portraits and scenes
+PINNED_TEXTURES_WEIGHTS = ASSETS / "textures-cnn-16px.pt"
+PINNED_TEXTURES_SHA256 = "66a8b0c5444f8a0afc0f7160b06180312431e65a70f02fe349d088ba6363105f"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF's pt_inception
 
 
@@ -254,6 +261,130 @@ def register_digits_extractor() -> None:
     torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
 
 
+# ---- the textures extractor: the digits' network, naming the source photograph of a patch ----------------
+
+
+class TexturesNet(DigitsNet):
+    """DigitsNet's body (its pooled 128 features are the FID features) with one output per source photograph."""
+
+    def __init__(self, image_size: int = 16, num_classes: int = 8):
+        super().__init__(image_size)
+        self.head = nn.Linear(128, num_classes)
+
+
+def train_textures_classifier(image_size: int = 16, epochs: int = 30, seed: int = 0) -> tuple[TexturesNet, float]:
+    """Train on the textures' training blocks, with fresh crops of them every epoch (the training split drawn
+    with seeds `seed`, `seed` + 1, ...; held-out blocks are never seen), random horizontal flips and a one-cycle
+    learning rate; no shifts, whose wrap-around would add seams no photograph has. Returns the network and its
+    accuracy on the held-out split."""
+    from mediator_models.data import textures
+
+    torch.manual_seed(seed)
+    heldout = textures("heldout", image_size, seed)
+    net = TexturesNet(image_size, heldout.num_classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    batches_per_epoch = (len(textures("train", image_size, seed)) + 63) // 64
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * batches_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        train = textures("train", image_size, seed + epoch)
+        order = torch.randperm(len(train), generator=generator)
+        for start in range(0, len(order), 64):
+            index = order[start : start + 64]
+            flip = torch.rand(len(index), generator=generator) < 0.5
+            images, labels = train.images[index], train.labels[index]
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            loss = F.cross_entropy(net(images), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = (net(heldout.images).argmax(1) == heldout.labels).float().mean().item()
+    return net, accuracy
+
+
+def load_pinned_state(path: Path, pinned_sha256: str, what: str) -> tuple[dict, str]:
+    """The state saved at `path` and its sha256, refused unless the file is there and its hash is the pinned one
+    (FIDs made with other weights would not be comparable)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"the {what} extractor {path} is missing from this checkout; restore it from git")
+    digest = file_sha256(path)
+    if digest != pinned_sha256:
+        raise ValueError(
+            f"{path} has sha256 {digest[:12]}…, not the pinned {pinned_sha256[:12]}…: FIDs would "
+            "not be comparable with the committed ones; restore the file from git"
+        )
+    return torch.load(path, weights_only=False), digest
+
+
+def textures_classifier(image_size: int = 16) -> tuple[TexturesNet, float, Path, str]:
+    """The pinned textures classifier: (network, held-out accuracy, weights path, sha256)."""
+    if image_size != 16:
+        raise ValueError(f"the pinned textures extractor works at 16×16; got --image-size {image_size}")
+    state, digest = load_pinned_state(PINNED_TEXTURES_WEIGHTS, PINNED_TEXTURES_SHA256, "textures")
+    net = TexturesNet(state["image_size"], state["num_classes"])
+    net.load_state_dict(state["weights"])
+    return net.eval(), state["heldout_accuracy"], PINNED_TEXTURES_WEIGHTS, digest
+
+
+@dataclass
+class TexturesExtractor(DigitsExtractor):
+    """The pinned textures classifier as a feature extractor (features_of as the digits one)."""
+
+    @classmethod
+    def pinned(cls, image_size: int = 16) -> "TexturesExtractor":
+        net, accuracy, path, digest = textures_classifier(image_size)
+        return cls(net, accuracy, path, digest)
+
+    @property
+    def label(self) -> str:
+        return f"textures-cnn sha256 {self.sha256[:12]} (held-out accuracy {self.accuracy:.1%})"
+
+
+def register_textures_extractor() -> None:
+    """Make the pinned textures classifier available to torch-fidelity under the name `TEXTURES_EXTRACTOR`
+    (pass feature_layer_fid=FEATURE_NAME and the pinned weights' path, as for the digits)."""
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if TEXTURES_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY:
+        return
+
+    class TexturesFeatureExtractor(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            weights = kwargs.get("feature_extractor_weights_path")
+            if not weights:
+                raise ValueError("the textures extractor needs feature_extractor_weights_path (textures_classifier)")
+            state, _ = load_pinned_state(Path(weights), PINNED_TEXTURES_SHA256, "textures")
+            self.net = TexturesNet(state["image_size"], state["num_classes"])
+            self.net.load_state_dict(state["weights"])
+
+        @staticmethod
+        def get_provided_features_list():
+            return (FEATURE_NAME,)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return FEATURE_NAME
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+        def forward(self, images):
+            return (self.net.features(_uint8_to_model(images, self.net.image_size)),)
+
+    torch_fidelity.register_feature_extractor(TEXTURES_EXTRACTOR, TexturesFeatureExtractor)
+
+
 def _retrain_and_pin() -> None:
     """Retrain the digits extractor into analysis/quality/assets and print the hash to pin in this file."""
     from mediator_models.storage.checkpoints import atomic_save
@@ -270,5 +401,24 @@ def _retrain_and_pin() -> None:
     print(f"held-out accuracy {accuracy:.2%}; PINNED_DIGITS_SHA256 = {file_sha256(PINNED_DIGITS_WEIGHTS)!r}")
 
 
+def _retrain_and_pin_textures() -> None:
+    """Retrain the textures extractor into analysis/quality/assets and print the hash to pin in this file."""
+    from mediator_models.storage.checkpoints import atomic_save
+
+    net, accuracy = train_textures_classifier(16)
+    if accuracy < MIN_TEXTURES_ACCURACY:
+        raise SystemExit(f"held-out accuracy {accuracy:.1%} is below {MIN_TEXTURES_ACCURACY:.0%}; not written")
+    state = {
+        "weights": {k: v.clone() for k, v in net.state_dict().items()},
+        "heldout_accuracy": accuracy,
+        "image_size": 16,
+        "num_classes": net.head.out_features,
+    }
+    atomic_save(state, PINNED_TEXTURES_WEIGHTS)
+    print(f"held-out accuracy {accuracy:.2%}; PINNED_TEXTURES_SHA256 = {file_sha256(PINNED_TEXTURES_WEIGHTS)!r}")
+
+
 if __name__ == "__main__":
-    _retrain_and_pin()
+    import sys
+
+    _retrain_and_pin_textures() if sys.argv[1:] == ["textures"] else _retrain_and_pin()
