@@ -956,21 +956,21 @@ def run_intervene(args: argparse.Namespace) -> int:
     from mediator_models.storage.errors import SettingError
 
     Replacement.parse(args.replace)  # refuse a bad --replace or --steps before loading anything
+    shared = {
+        "replace": args.replace,
+        "layers": tuple(args.layers),
+        "heads": None if args.heads is None else tuple(args.heads),
+        "samples": args.samples,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "classes": tuple(args.classes) if args.classes is not None else None,
+    }
     if args.grid:
         if args.step_range is not None:
             raise SettingError("step_range", "is one intervention's range; a --grid takes its windows from --windows")
         if args.windows is None:
             raise SettingError("windows", "is required with --grid: a count K, or windows A:B")
-        grid = GridConfig(
-            replace=args.replace,
-            windows=tuple(args.windows),
-            layers=tuple(args.layers),
-            heads=None if args.heads is None else tuple(args.heads),
-            samples=args.samples,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            classes=tuple(args.classes) if args.classes is not None else None,
-        )
+        grid = GridConfig(windows=tuple(args.windows), **shared)
         loaded, sampler = _load_from_args(args)
         print(format_grid_report(run_intervention_grid(loaded, sampler, grid, args.out, args.table)))
         print(f"wrote {args.out}/report.json")
@@ -980,16 +980,7 @@ def run_intervene(args: argparse.Namespace) -> int:
             raise SettingError(setting, "belongs to a grid of interventions: add --grid, or drop it")
     if args.step_range is None:
         raise SettingError("step_range", "is required: give the evaluations A:B to replace at (or use --grid)")
-    job = InterventionConfig(
-        replace=args.replace,
-        steps=parse_step_range(args.step_range),
-        layers=tuple(args.layers),
-        heads=None if args.heads is None else tuple(args.heads),
-        samples=args.samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        classes=tuple(args.classes) if args.classes is not None else None,
-    )
+    job = InterventionConfig(steps=parse_step_range(args.step_range), **shared)
     loaded, sampler = _load_from_args(args)
     report = run_intervention(loaded, sampler, job, args.out)
     print(format_report(report))

@@ -358,6 +358,18 @@ def _check_indices(setting: str, values, count: int, what: str) -> None:
         raise SettingError(setting, f"repeats an index: {list(values)}")
 
 
+def _identity(loaded, sampler: SamplerConfig, **job) -> dict[str, Any]:
+    """What fixes an intervention folder's contents: the weights, the model, its process, the sampler, the job."""
+    return {
+        "checkpoint": loaded.source,
+        "weights": loaded.weights,
+        "model": loaded.model.config.to_dict(),
+        "process": loaded.process.to_dict(),
+        "sampler": sampler.to_dict(),
+        **job,
+    }
+
+
 def run_intervention(loaded, sampler: SamplerConfig, job: InterventionConfig, out_dir, *, progress: bool = True):
     """Draw samples 0..job.samples−1 unmodified and with the replacement, write `report.json` in `out_dir` and
     return it. The folder is locked while the job runs and belongs to one configuration (`intervention.json`):
@@ -365,14 +377,7 @@ def run_intervention(loaded, sampler: SamplerConfig, job: InterventionConfig, ou
     config = loaded.model.config
     evaluations = check_intervention(config, loaded.process, sampler, job)
     out = Path(out_dir)
-    identity = {
-        "checkpoint": loaded.source,
-        "weights": loaded.weights,
-        "model": config.to_dict(),
-        "process": loaded.process.to_dict(),
-        "sampler": sampler.to_dict(),
-        "intervention": job.to_dict(),
-    }
+    identity = _identity(loaded, sampler, intervention=job.to_dict())
     with FolderLock(out, "attnmed intervene"):
         claim_identity(
             out / "intervention.json",
@@ -693,15 +698,7 @@ def run_intervention_grid(
     evaluations, windows = check_grid(config, loaded.process, sampler, grid)
     table = None if table_path is None else read_grid_table(table_path, config, evaluations)
     out = Path(out_dir)
-    identity = {
-        "checkpoint": loaded.source,
-        "weights": loaded.weights,
-        "model": config.to_dict(),
-        "process": loaded.process.to_dict(),
-        "sampler": sampler.to_dict(),
-        "grid": grid.to_dict(),
-        "table": None if table_path is None else str(table_path),
-    }
+    identity = _identity(loaded, sampler, grid=grid.to_dict(), table=None if table_path is None else str(table_path))
     guided = sampler.cfg_scale != 1.0
     heads = config.num_heads if grid.heads is None else len(grid.heads)
     with FolderLock(out, "attnmed intervene --grid"):

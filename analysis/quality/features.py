@@ -19,6 +19,7 @@ import io
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -222,22 +223,33 @@ def check_inception_weights(path: str | Path) -> Path:
 
 def register_digits_extractor() -> None:
     """Make the pinned digits classifier available to torch-fidelity under the name `DIGITS_EXTRACTOR`."""
+
+    def load(weights: Path) -> DigitsNet:
+        state = torch.load(weights, weights_only=False)
+        net = DigitsNet(state["image_size"])
+        net.load_state_dict(state["weights"])
+        return net
+
+    _register_pinned_cnn(DIGITS_EXTRACTOR, "digits", load)
+
+
+def _register_pinned_cnn(name: str, what: str, load: Callable[[Path], DigitsNet]) -> None:
+    """Register with torch-fidelity a feature extractor whose network `load` builds from the weights' path (the
+    pinned CNNs: their pooled 128 features, under FEATURE_NAME)."""
     import torch_fidelity
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    if DIGITS_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY:
+    if name in FEATURE_EXTRACTORS_REGISTRY:
         return
 
-    class DigitsFeatureExtractor(FeatureExtractorBase):
+    class PinnedCNNFeatureExtractor(FeatureExtractorBase):
         def __init__(self, name, features_list, **kwargs):
             super().__init__(name, features_list)
             weights = kwargs.get("feature_extractor_weights_path")
             if not weights:
-                raise ValueError("the digits extractor needs feature_extractor_weights_path (see digits_classifier)")
-            state = torch.load(weights, weights_only=False)
-            self.net = DigitsNet(state["image_size"])
-            self.net.load_state_dict(state["weights"])
+                raise ValueError(f"the {what} extractor needs feature_extractor_weights_path (its pinned weights)")
+            self.net = load(Path(weights))
 
         @staticmethod
         def get_provided_features_list():
@@ -258,7 +270,7 @@ def register_digits_extractor() -> None:
         def forward(self, images):
             return (self.net.features(_uint8_to_model(images, self.net.image_size)),)
 
-    torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
+    torch_fidelity.register_feature_extractor(name, PinnedCNNFeatureExtractor)
 
 
 # ---- the textures extractor: the digits' network, naming the source photograph of a patch ----------------
@@ -345,44 +357,16 @@ class TexturesExtractor(DigitsExtractor):
 
 def register_textures_extractor() -> None:
     """Make the pinned textures classifier available to torch-fidelity under the name `TEXTURES_EXTRACTOR`
-    (pass feature_layer_fid=FEATURE_NAME and the pinned weights' path, as for the digits)."""
-    import torch_fidelity
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    (pass feature_layer_fid=FEATURE_NAME and the pinned weights' path, as for the digits); its hash is checked
+    again when torch-fidelity loads it."""
 
-    if TEXTURES_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY:
-        return
+    def load(weights: Path) -> DigitsNet:
+        state, _ = load_pinned_state(weights, PINNED_TEXTURES_SHA256, "textures")
+        net = TexturesNet(state["image_size"], state["num_classes"])
+        net.load_state_dict(state["weights"])
+        return net
 
-    class TexturesFeatureExtractor(FeatureExtractorBase):
-        def __init__(self, name, features_list, **kwargs):
-            super().__init__(name, features_list)
-            weights = kwargs.get("feature_extractor_weights_path")
-            if not weights:
-                raise ValueError("the textures extractor needs feature_extractor_weights_path (textures_classifier)")
-            state, _ = load_pinned_state(Path(weights), PINNED_TEXTURES_SHA256, "textures")
-            self.net = TexturesNet(state["image_size"], state["num_classes"])
-            self.net.load_state_dict(state["weights"])
-
-        @staticmethod
-        def get_provided_features_list():
-            return (FEATURE_NAME,)
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return FEATURE_NAME
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
-
-        def forward(self, images):
-            return (self.net.features(_uint8_to_model(images, self.net.image_size)),)
-
-    torch_fidelity.register_feature_extractor(TEXTURES_EXTRACTOR, TexturesFeatureExtractor)
+    _register_pinned_cnn(TEXTURES_EXTRACTOR, "textures", load)
 
 
 def _retrain_and_pin() -> None:
