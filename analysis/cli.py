@@ -775,11 +775,19 @@ def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference",
         default="digits-heldout",
-        help="'digits-heldout', an image folder, an .npz of images, or an ADM reference .npz (mu/sigma)",
+        help="'digits-heldout', 'textures-heldout', an image folder, an .npz of images, or an ADM reference .npz "
+        "(mu/sigma)",
     )
-    parser.add_argument("--extractor", choices=("digits", "inception"), default="digits")
+    parser.add_argument(
+        "--extractor",
+        choices=("digits", "textures", "inception"),
+        default="digits",
+        help="the pinned digits or textures CNN, or torch-fidelity's Inception",
+    )
     parser.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception .pth")
-    parser.add_argument("--image-size", type=int, default=16, help="digits only: the size the classifier works at")
+    parser.add_argument(
+        "--image-size", type=int, default=16, help="digits and textures: the size the classifier works at"
+    )
     parser.add_argument(
         "--adm",
         action="store_true",
@@ -804,16 +812,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         images = load_images(args.samples).images.permute(0, 2, 3, 1).numpy()
         metrics = adm_metrics(images, args.reference, inception)
     else:
-        extractor = (
-            Extractor.digits(args.image_size)
-            if args.extractor == "digits"
-            else Extractor.inception(args.inception_weights)
-        )
+        extractor = {
+            "digits": lambda: Extractor.digits(args.image_size),
+            "textures": lambda: Extractor.textures(args.image_size),
+            "inception": lambda: Extractor.inception(args.inception_weights),
+        }[args.extractor]()
         reference = args.reference
-        if reference == "digits-heldout":
-            from mediator_models.data import digits
+        if reference in ("digits-heldout", "textures-heldout"):
+            from mediator_models import data
 
-            reference = digits("heldout", args.image_size)
+            reference = getattr(data, reference.removesuffix("-heldout"))("heldout", args.image_size)
         metrics = compute_metrics(args.samples, reference, extractor)
     print(json.dumps(metrics, indent=2))
     by_reason: dict[str, list[str]] = {}

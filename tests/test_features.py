@@ -178,3 +178,23 @@ def test_textures_fid_rises_monotonically_as_classes_are_dropped(textures_extrac
         scores.append(fid(textures_extractor.features_of(images), textures_reference))
     print(f"textures FID with 0, 2, 4, 6 photographs dropped: {[round(s, 2) for s in scores]}")
     assert all(a < b for a, b in zip(scores, scores[1:])), scores
+
+
+@needs_skimage
+def test_evaluate_scores_textures_with_their_own_pinned_features(tmp_path, capsys):
+    """`attnmed evaluate --extractor textures --reference textures-heldout`: real training patches score a small
+    FID against the held-out ones, through the pinned textures CNN (named in the output)."""
+    import json
+
+    from analysis.cli import main
+    from mediator_models.data import textures
+    from mediator_models.sample import to_uint8
+
+    images, _ = textures("train").batch(list(range(0, 4000, 8)))  # 500 patches of every photograph
+    np.savez(tmp_path / "real.npz", arr_0=to_uint8(images))
+    assert (
+        main(["evaluate", str(tmp_path / "real.npz"), "--extractor", "textures", "--reference", "textures-heldout"])
+        == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)
+    assert "textures-cnn sha256 66a8b0c5444f" in json.dumps(metrics) and 0 < metrics["fid"] < 40

@@ -20,9 +20,12 @@ from analysis.quality.features import (
     DIGITS_EXTRACTOR,
     FEATURE_NAME,
     INCEPTION_WEIGHTS_FILE,
+    TEXTURES_EXTRACTOR,
     DigitsExtractor,
+    TexturesExtractor,
     check_inception_weights,
     register_digits_extractor,
+    register_textures_extractor,
 )
 from analysis.quality.images import load_images
 from analysis.quality.scores import precision_recall_shortfall, statistics_size
@@ -50,6 +53,18 @@ class Extractor:
         register_digits_extractor()
         pinned = DigitsExtractor.pinned(image_size)
         return cls(DIGITS_EXTRACTOR, str(pinned.path), pinned.label, pinned.accuracy, pinned.net.head.in_features)
+
+    @classmethod
+    def textures(cls, image_size: int = 16) -> "Extractor":
+        """The pinned textures classifier (mediator_models.data.textures; its sha256 checked at load)."""
+        register_textures_extractor()
+        pinned = TexturesExtractor.pinned(image_size)
+        return cls(TEXTURES_EXTRACTOR, str(pinned.path), pinned.label, pinned.accuracy, pinned.net.head.in_features)
+
+    @property
+    def is_pinned_cnn(self) -> bool:
+        """One of attnmed's pinned CNNs, whose FID features are FEATURE_NAME (Inception's are its 2048)."""
+        return self.name in (DIGITS_EXTRACTOR, TEXTURES_EXTRACTOR)
 
     @classmethod
     def inception(cls, weights_path: str | None = None) -> "Extractor":
@@ -98,7 +113,7 @@ def compute_metrics(
     if shortfall is not None:
         prc = False
         skipped = {"precision": shortfall, "recall": shortfall}
-    feature = FEATURE_NAME if extractor.name == DIGITS_EXTRACTOR else None
+    feature = FEATURE_NAME if extractor.is_pinned_cnn else None
     layers = {f"feature_layer_{m}": feature for m in ("fid", "kid", "prc")} if feature else {}
     metrics = torch_fidelity.calculate_metrics(
         input1=sample_set,
@@ -160,7 +175,7 @@ def _fid_against_statistics(sample_set, mu, sigma, extractor: Extractor, batch_s
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-    layer = FEATURE_NAME if extractor.name == DIGITS_EXTRACTOR else "2048"
+    layer = FEATURE_NAME if extractor.is_pinned_cnn else "2048"
     fe = create_feature_extractor(
         extractor.name,
         [layer],
