@@ -235,6 +235,8 @@ def derive_layer_recovery_schedule(
             f"the table holds the recovery measure for layers {layers}, but the model has {depth} (0 to "
             f"{depth - 1}); a per-layer schedule needs every layer: record without --layers"
         )
+    # A guided table holds both branches: a layer's count must keep the worse of the two within ε.
+    curve = curve.groupby(["step", "noise_level", "layer", "mediators"])["error"].max().reset_index()
     chosen: dict[tuple[float, int], int | None] = {}
     for (step, level, layer), part in curve.groupby(["step", "noise_level", "layer"]):
         chosen[(level, int(layer))] = _fewest_within(part.set_index("mediators")["error"], counts, available, epsilon)

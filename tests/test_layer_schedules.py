@@ -238,3 +238,16 @@ def test_schedule_command_derives_a_per_layer_schedule_and_its_cost(tmp_path, ca
     assert "layer 0: full" in printed
     assert main(["schedule", str(table), "--counts", "4", "full", "--per-layer", "--out", str(out)]) == 2
     assert "attnmed schedule: error: --per-layer works with the recovery rule only" in capsys.readouterr().err
+
+
+def test_a_guided_table_gives_each_layer_the_count_its_worse_branch_needs():
+    """A guided recording holds a cond and an uncond row per (step, layer, count): a layer's count must keep both
+    within ε (the whole-network rule takes the worst layer and branch likewise)."""
+    table = layer_recovery_table(LAYER_TABLE)
+    cond, uncond = table.assign(branch="cond"), table.assign(branch="uncond")
+    worse = uncond["metric"].eq("recovery_rank_4") & uncond["layer"].eq(2)
+    uncond.loc[worse, "mean"] = 0.5  # layer 2's unconditional half needs more than 4 mediators everywhere
+    schedule = derive_layer_recovery_schedule(pd.concat([cond, uncond]), [4, 16, 64, None], 0.1, depth=4)
+    assert all(dict(i.layers).get(2, i.mediators) not in (4,) for i in schedule.intervals)
+    plain = derive_layer_recovery_schedule(pd.concat([cond, cond.assign(branch="uncond")]), [4, 16, 64, None], 0.1)
+    assert plain == derive_layer_recovery_schedule(table, [4, 16, 64, None], 0.1)  # equal branches: as unguided
