@@ -348,3 +348,13 @@ def test_the_decision_figures_draw_every_claim_and_number_every_run(published):
     key = figure.axes[1].texts[0].get_text().splitlines()
     runs = results[results["train_seed"].astype(str) == "all"]
     assert len(key) == len(runs) and all(line.strip().split()[0] == str(i) for i, line in enumerate(key, 1))
+
+
+def test_the_premise_section_says_which_counts_tell_nothing_about_the_output():
+    """At d = 32 (SiT-T/1: width 128, 4 heads) the n = 64 premise rows cannot speak to A·V, which has rank ≤ 32."""
+    from analysis.study.report import premise_lines
+
+    table = pd.read_parquet(Path(__file__).resolve().parents[1] / "figures/paper-grid/data/redundancy.parquet")
+    text = "\n".join(premise_lines(table, {}, {}, head_dim=32))
+    assert "Rows with n ≥ 32 (the head dimension: n = 64) say nothing about the output" in text
+    assert "say nothing" not in "\n".join(premise_lines(table, {}, {}, head_dim=128))

@@ -401,8 +401,10 @@ def _switch_spread(switches: pd.DataFrame) -> float | None:
     return float(max(widths)) if widths else None
 
 
-def premise_lines(table: pd.DataFrame, derived: dict, expected: dict) -> list[str]:
-    """The premise measure: how much of A·V maps of rank n keep, early against late in denoising."""
+def premise_lines(table: pd.DataFrame, derived: dict, expected: dict, head_dim: int | None = None) -> list[str]:
+    """The premise measure: how much of A·V maps of rank n keep, early against late in denoising. With the
+    model's `head_dim` d, counts n ≥ d are named as saying nothing about the output: A·V (N×d) has rank ≤ d, so
+    some map of rank n reproduces it exactly (`recovery_bound_N` is 0 there)."""
     if not has_premise(table):
         return []
     premise = premise_by_layer(table)
@@ -429,6 +431,16 @@ def premise_lines(table: pd.DataFrame, derived: dict, expected: dict) -> list[st
             for layer in layers
         ]
         lines.append(f"| {kind} n = {n} | " + " | ".join(cells) + " |")
+    uninformative = sorted(n for n in premise["mediators"].unique() if head_dim is not None and n >= head_dim)
+    if uninformative:
+        lines += [
+            "",
+            f"Rows with n ≥ {head_dim} (the head dimension: n = {', '.join(map(str, uninformative))}) say nothing about "
+            f"the output: A·V is N×{head_dim}, of rank at most {head_dim}, so some map of rank n reproduces it "
+            "exactly (the tight bound `recovery_bound_N`, the least error any rank-n map can reach on A·V, is 0 "
+            "there). The rank row's error at such n measures how well the truncated SVD of A, the best for A, "
+            "suits A·V, not what n mediators could carry.",
+        ]
     recovery = {name: s for name, s in derived.items() if name.startswith("derived-recovery")}
     if recovery:
         lines += [
@@ -443,6 +455,10 @@ def premise_lines(table: pd.DataFrame, derived: dict, expected: dict) -> list[st
             for name, schedule in recovery.items()
         ]
     return lines
+
+
+def _head_dim(model: dict) -> int:
+    return model["hidden_size"] // model["num_heads"]
 
 
 def render_report(study: StudyResults, training: list[dict], diagnostics: dict[str, pd.DataFrame]) -> str:
@@ -461,7 +477,7 @@ def render_report(study: StudyResults, training: list[dict], diagnostics: dict[s
             *derived_lines(study.derived, study.expected_gflops),
             *ablation_lines(study.differences, summary),
             *adaptive_lines(study, summary, diagnostics),
-            *premise_lines(study.table, study.derived, study.expected_gflops),
+            *premise_lines(study.table, study.derived, study.expected_gflops, _head_dim(study.full_model)),
             *training_lines(training),
             *savings_lines(),
             *figure_lines(study, diagnostics),
