@@ -86,26 +86,36 @@ def train_digits_classifier(image_size: int = 16, epochs: int = 40, seed: int = 
     torch.manual_seed(seed)
     train, heldout = digits("train", image_size), digits("heldout", image_size)
     net = DigitsNet(image_size)
+
+    def shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.roll(images, shifts=torch.randint(-1, 2, (2,), generator=generator).tolist(), dims=(-2, -1))
+
+    return net, _fit_classifier(net, lambda epoch: train, heldout, epochs, seed, shift)
+
+
+def _fit_classifier(net: nn.Module, epoch_data: Callable, heldout, epochs: int, seed: int, augment: Callable) -> float:
+    """Train `net` with AdamW and a one-cycle learning rate, batches of 64 in a seeded order, `augment`ing each
+    batch (images, generator) -> images; `epoch_data(epoch)` is the training set of each epoch (the same one, or
+    fresh crops). Returns the accuracy on `heldout`. Deterministic for a seed (the pinned weights are retrained
+    bit for bit)."""
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    batches_per_epoch = (len(train) + 63) // 64
+    first = epoch_data(0)
+    batches_per_epoch = (len(first) + 63) // 64
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * batches_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        train = first if epoch == 0 else epoch_data(epoch)
         order = torch.randperm(len(train), generator=generator)
         for start in range(0, len(order), 64):
             index = order[start : start + 64]
-            x = train.images[index]
-            shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
-            x = torch.roll(x, shifts=shift, dims=(-2, -1))
-            loss = F.cross_entropy(net(x), train.labels[index])
+            loss = F.cross_entropy(net(augment(train.images[index], generator)), train.labels[index])
             opt.zero_grad()
             loss.backward()
             opt.step()
             schedule.step()
     net.eval()
     with torch.no_grad():
-        accuracy = (net(heldout.images).argmax(1) == heldout.labels).float().mean().item()
-    return net, accuracy
+        return (net(heldout.images).argmax(1) == heldout.labels).float().mean().item()
 
 
 def file_sha256(path: Path) -> str:
@@ -117,19 +127,10 @@ def digits_classifier(image_size: int = 16) -> tuple[DigitsNet, float, Path, str
     Refuses weights whose hash is not the pinned one (FIDs would not be comparable)."""
     if image_size != 16:
         raise ValueError(f"the pinned digits extractor works at 16×16; got --image-size {image_size}")
-    path = PINNED_DIGITS_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"the digits extractor {path} is missing from this checkout; restore it from git")
-    digest = file_sha256(path)
-    if digest != PINNED_DIGITS_SHA256:
-        raise ValueError(
-            f"{path} has sha256 {digest[:12]}…, not the pinned {PINNED_DIGITS_SHA256[:12]}…: FIDs would "
-            "not be comparable with the committed ones; restore the file from git"
-        )
-    state = torch.load(path, weights_only=False)
+    state, digest = load_pinned_state(PINNED_DIGITS_WEIGHTS, PINNED_DIGITS_SHA256, "digits")
     net = DigitsNet(state["image_size"])
     net.load_state_dict(state["weights"])
-    return net.eval(), state["heldout_accuracy"], path, digest
+    return net.eval(), state["heldout_accuracy"], PINNED_DIGITS_WEIGHTS, digest
 
 
 @dataclass
@@ -294,27 +295,15 @@ def train_textures_classifier(image_size: int = 16, epochs: int = 30, seed: int 
     torch.manual_seed(seed)
     heldout = textures("heldout", image_size, seed)
     net = TexturesNet(image_size, heldout.num_classes)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    batches_per_epoch = (len(textures("train", image_size, seed)) + 63) // 64
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * batches_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        train = textures("train", image_size, seed + epoch)
-        order = torch.randperm(len(train), generator=generator)
-        for start in range(0, len(order), 64):
-            index = order[start : start + 64]
-            flip = torch.rand(len(index), generator=generator) < 0.5
-            images, labels = train.images[index], train.labels[index]
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            loss = F.cross_entropy(net(images), labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-    net.eval()
-    with torch.no_grad():
-        accuracy = (net(heldout.images).argmax(1) == heldout.labels).float().mean().item()
-    return net, accuracy
+
+    def flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mirrored = torch.rand(len(images), generator=generator) < 0.5
+        return torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+
+    def fresh_crops(epoch: int):
+        return textures("train", image_size, seed + epoch)
+
+    return net, _fit_classifier(net, fresh_crops, heldout, epochs, seed, flip)
 
 
 def load_pinned_state(path: Path, pinned_sha256: str, what: str) -> tuple[dict, str]:
@@ -369,40 +358,34 @@ def register_textures_extractor() -> None:
     _register_pinned_cnn(TEXTURES_EXTRACTOR, "textures", load)
 
 
-def _retrain_and_pin() -> None:
-    """Retrain the digits extractor into analysis/quality/assets and print the hash to pin in this file."""
+def _retrain_and_pin(kind: str) -> None:
+    """Retrain the digits or textures extractor into analysis/quality/assets and print the hash to pin here."""
     from mediator_models.storage.checkpoints import atomic_save
 
-    net, accuracy = train_digits_classifier(16)
-    if accuracy < MIN_ACCURACY:
-        raise SystemExit(f"held-out accuracy {accuracy:.1%} is below {MIN_ACCURACY:.0%}; not written")
+    train, minimum, path, constant = {
+        "digits": (train_digits_classifier, MIN_ACCURACY, PINNED_DIGITS_WEIGHTS, "PINNED_DIGITS_SHA256"),
+        "textures": (
+            train_textures_classifier,
+            MIN_TEXTURES_ACCURACY,
+            PINNED_TEXTURES_WEIGHTS,
+            "PINNED_TEXTURES_SHA256",
+        ),
+    }[kind]
+    net, accuracy = train(16)
+    if accuracy < minimum:
+        raise SystemExit(f"held-out accuracy {accuracy:.1%} is below {minimum:.0%}; not written")
     state = {
         "weights": {k: v.clone() for k, v in net.state_dict().items()},
         "heldout_accuracy": accuracy,
         "image_size": 16,
     }
-    atomic_save(state, PINNED_DIGITS_WEIGHTS)
-    print(f"held-out accuracy {accuracy:.2%}; PINNED_DIGITS_SHA256 = {file_sha256(PINNED_DIGITS_WEIGHTS)!r}")
-
-
-def _retrain_and_pin_textures() -> None:
-    """Retrain the textures extractor into analysis/quality/assets and print the hash to pin in this file."""
-    from mediator_models.storage.checkpoints import atomic_save
-
-    net, accuracy = train_textures_classifier(16)
-    if accuracy < MIN_TEXTURES_ACCURACY:
-        raise SystemExit(f"held-out accuracy {accuracy:.1%} is below {MIN_TEXTURES_ACCURACY:.0%}; not written")
-    state = {
-        "weights": {k: v.clone() for k, v in net.state_dict().items()},
-        "heldout_accuracy": accuracy,
-        "image_size": 16,
-        "num_classes": net.head.out_features,
-    }
-    atomic_save(state, PINNED_TEXTURES_WEIGHTS)
-    print(f"held-out accuracy {accuracy:.2%}; PINNED_TEXTURES_SHA256 = {file_sha256(PINNED_TEXTURES_WEIGHTS)!r}")
+    if kind == "textures":  # the digits' file predates it and keeps its pinned bytes
+        state["num_classes"] = net.head.out_features
+    atomic_save(state, path)
+    print(f"held-out accuracy {accuracy:.2%}; {constant} = {file_sha256(path)!r}")
 
 
 if __name__ == "__main__":
     import sys
 
-    _retrain_and_pin_textures() if sys.argv[1:] == ["textures"] else _retrain_and_pin()
+    _retrain_and_pin("textures" if sys.argv[1:] == ["textures"] else "digits")
