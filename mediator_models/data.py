@@ -449,13 +449,15 @@ class LatentPairSource(TensorSource):
         return self.pairs[index, which], self.labels[index]
 
 
+# The datasets that ship with attnmed's requirements, by their `--data` name: (split, image_size) -> TensorSource.
+EMBEDDED = {"digits": digits, "textures": textures}
+
+
 def open_source(data: str, image_size: int, vae_name: str | None = None):
     """The training source a `--data` argument names: "digits", "textures", a latent cache, or an ImageFolder
     tree."""
-    if data == "digits":
-        return digits("train", image_size)
-    if data == "textures":
-        return textures("train", image_size)
+    if data in EMBEDDED:
+        return EMBEDDED[data]("train", image_size)
     path = Path(data)
     if (path / "meta.json").exists():
         return load_latent_cache(path)

@@ -344,6 +344,10 @@ class TexturesExtractor(DigitsExtractor):
         return f"textures-cnn sha256 {self.sha256[:12]} (held-out accuracy {self.accuracy:.1%})"
 
 
+# The pinned extractor of each embedded dataset (mediator_models.data.EMBEDDED), by its name.
+PINNED_EXTRACTORS = {"digits": DigitsExtractor, "textures": TexturesExtractor}
+
+
 def register_textures_extractor() -> None:
     """Make the pinned textures classifier available to torch-fidelity under the name `TEXTURES_EXTRACTOR`
     (pass feature_layer_fid=FEATURE_NAME and the pinned weights' path, as for the digits); its hash is checked

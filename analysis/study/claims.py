@@ -60,7 +60,8 @@ def runs_of(results: pd.DataFrame) -> list[Run]:
     for row in results.drop_duplicates("run").itertuples():
         kind = RunKind(row.kind)
         control_of = row.run.removeprefix("control-") if kind is RunKind.CONTROL else None
-        runs.append(Run(row.run, kind, row.schedule, control_of=control_of))
+        exploratory = str(getattr(row, "exploratory", False)) == "True"  # absent from tables made before it existed
+        runs.append(Run(row.run, kind, row.schedule, control_of=control_of, exploratory=exploratory))
     return runs
 
 
@@ -132,8 +133,13 @@ def comparisons(runs: list[Run], cells: pd.DataFrame, full: str) -> list[tuple[s
 def decide(cells: pd.DataFrame, runs: list[Run], full: str) -> pd.DataFrame:
     """One row per comparison and metric: the seed-level difference, its 95% t-interval, p-values (raw and
     Holm-adjusted over the report's family: every distinct comparison on FID, precision and recall), the
-    minimum detectable difference at 80% power, and the verdict. KID rows carry numbers but no verdict."""
+    minimum detectable difference at 80% power, and the verdict. KID rows carry numbers but no verdict.
+
+    A comparison is paired over the cells its runs share. One that involves an exploratory run (sampled at fewer
+    training seeds, outside the claims family) carries its numbers but takes no part in the family or the
+    verdicts."""
     duplicate_of = aliases(cells, runs)
+    exploratory = {run.name for run in runs if run.exploratory}
     values = {
         metric: {
             run: {(int(r.train_seed), int(r.sample_seed)): float(getattr(r, metric)) for r in group.itertuples()}
@@ -152,10 +158,15 @@ def decide(cells: pd.DataFrame, runs: list[Run], full: str) -> pd.DataFrame:
         )
         repeated = canonical in seen
         seen.add(canonical)
+        shared = set.intersection(*(set(values["fid"][run]) for run in (name, *weights)))
+        outside = any(run in exploratory for run in (name, *weights))
         for metric in METRICS:
-            baseline = [(w, values[metric][b]) for b, w in weights.items()]
-            difference = seed_level_difference(list(per_seed_differences(values[metric][name], baseline).values()))
-            tested = metric in VERDICT_METRICS and not repeated and not same_images
+            own = {cell: v for cell, v in values[metric][name].items() if cell in shared}
+            baseline = [
+                (w, {cell: v for cell, v in values[metric][b].items() if cell in shared}) for b, w in weights.items()
+            ]
+            difference = seed_level_difference(list(per_seed_differences(own, baseline).values()))
+            tested = metric in VERDICT_METRICS and not repeated and not same_images and not outside
             rows.append(
                 {
                     "run": name,
@@ -170,7 +181,9 @@ def decide(cells: pd.DataFrame, runs: list[Run], full: str) -> pd.DataFrame:
                     "per_seed": " ".join(f"{v:+.4g}" for v in difference.per_seed),
                     "detectable": difference.detectable,
                     "note": (
-                        "same images as its baseline (one schedule)"
+                        "exploratory: outside the claims family, fewer training seeds, no verdict"
+                        if outside
+                        else "same images as its baseline (one schedule)"
                         if same_images
                         else "tested once under its first name"
                         if repeated
@@ -209,6 +222,7 @@ def run_summaries(cells: pd.DataFrame, runs: list[Run]) -> pd.DataFrame:
             "run": run.name,
             "schedule": run.schedule,
             "kind": run.kind.value,
+            "exploratory": run.exploratory,
             "train_seed": "all",
             "sample_seed": "all",
             "gflops_per_image": own["gflops_per_image"].mean(),
@@ -265,7 +279,7 @@ def method_paragraph(decisions: pd.DataFrame, floor: tuple[float, float, int] | 
     if floor is not None:
         mean, sd, count = floor
         text += (
-            f" **Real-data floor:** real training digits against the same reference score FID {mean:.2f} ± {sd:.2f} "
+            f" **Real-data floor:** real training images against the same reference score FID {mean:.2f} ± {sd:.2f} "
             f"at {count} images (20 draws): that much of every FID below is finite-sample bias, not model error."
         )
     return text

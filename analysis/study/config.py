@@ -43,6 +43,16 @@ class StudyConfig:
     premise: bool = False  # record how much of A·V rank-n and pooled mediator maps recover (full attention)
     recovery_thresholds: tuple[float, ...] = ()  # schedules from the premise: largest relative error allowed
     budget_of: tuple[int, ...] = ()  # schedules from the rank rule within the GFLOPs of these static counts
+    # The design that can decide the quality claim (issue 18): seeds before variants, data with detail at the grid,
+    # and FID along training.
+    data: str = "digits"  # "digits" or "textures" (mediator_models.data), scored by its own pinned extractor
+    # The claims family: the counts trained and sampled at every training seed with full attention and (when the
+    # study has the ablation) full-conv. Empty: every count. Everything else is exploratory: it runs at the first
+    # `exploratory_seeds` training seeds only (0: at all of them) and is decided by no verdict.
+    family_counts: tuple[int, ...] = ()
+    exploratory_seeds: int = 0
+    along_training: tuple[float, ...] = ()  # fractions of training at which the claims family is sampled again
+    along_samples: int = 500  # images per cell at those points (FID and its bias-free FID∞)
 
     def __post_init__(self) -> None:
         networks = len(self.adaptive_counts) or len(self.mediator_counts) + 1
@@ -59,6 +69,18 @@ class StudyConfig:
             raise ValueError("time-matched controls copy adaptive runs: give adaptive_ratios too")
         if self.recovery_thresholds and not self.premise:
             raise ValueError("schedules from the premise (recovery_thresholds) need premise=True to record it")
+        if self.data not in ("digits", "textures"):
+            raise ValueError(f"unknown study data {self.data!r}; choose 'digits' or 'textures'")
+        if set(self.family_counts) - set(self.mediator_counts):
+            raise ValueError(f"family_counts {self.family_counts} must be among mediator_counts {self.mediator_counts}")
+        if not 0 <= self.exploratory_seeds <= len(self.train_seeds):
+            raise ValueError(f"exploratory_seeds must be 0 to {len(self.train_seeds)}, got {self.exploratory_seeds}")
+        for fraction in self.along_training:
+            if not 0 < fraction < 1 or abs(fraction * self.train_steps - round(fraction * self.train_steps)) > 1e-9:
+                raise ValueError(
+                    f"along_training fraction {fraction} must lie in (0, 1) and fall on a whole step of "
+                    f"{self.train_steps}"
+                )
 
     def key(self) -> str:
         data = dataclasses.asdict(self)
@@ -75,6 +97,23 @@ class StudyConfig:
         """(training seed, sampling seed) pairs: the replicates every comparison is paired over."""
         return [(t, r) for t in self.train_seeds for r in self.sample_seeds]
 
+    @property
+    def exploratory_train_seeds(self) -> tuple[int, ...]:
+        """The training seeds of runs outside the claims family."""
+        return self.train_seeds[: self.exploratory_seeds] if self.exploratory_seeds else self.train_seeds
+
+    @property
+    def along_steps(self) -> tuple[int, ...]:
+        """The training steps at which the claims family is sampled again (the final step not among them)."""
+        return tuple(round(fraction * self.train_steps) for fraction in self.along_training)
+
+    @property
+    def checkpoint_every(self) -> int:
+        """The period of training checkpoints: every point along training falls on one."""
+        import math
+
+        return math.gcd(self.train_steps, *self.along_steps) if self.along_steps else max(50, self.train_steps // 4)
+
 
 _ADDED_LATER = (
     "ablations",
@@ -84,6 +123,11 @@ _ADDED_LATER = (
     "premise",
     "recovery_thresholds",
     "budget_of",
+    "data",
+    "family_counts",
+    "exploratory_seeds",
+    "along_training",
+    "along_samples",
 )
 _UNSET = {field.name: field.default for field in dataclasses.fields(StudyConfig) if field.name in _ADDED_LATER}
 
@@ -120,29 +164,45 @@ PRESETS = {
         bootstrap_replicates=50,
         kid_subset_size=32,
     ),
-    # The demo: three training seeds × two sampling seeds, sized to finish in about 40 minutes on 2 CPU cores.
-    "default": StudyConfig(),
-    # The paper's token grid: 16×16 = 256 tokens (patch 1 on the 16-px digits), the paper's counts 4/16/64 and its
-    # adaptive trio, the ablations, time-matched controls, the rule on the drift, and schedules from the premise
-    # measure and from a FLOPs budget (no JSD quantiles: they cut any series into thirds). Two training seeds ×
-    # one sampling seed, 25 SDE steps, sized for about 90 minutes on 2 CPU cores.
-    "paper-grid": StudyConfig(
-        model="SiT-T/1",
-        mediator_counts=(4, 16, 64),
-        train_steps=500,
+    # The demo: full attention, n = 4 and 16, and full attention with the mediators' conv (the conv-matched control of
+    # the quality claim), three training seeds each, one sampling seed of 500 images per cell, 25 SDE steps; sized
+    # for under 30 minutes on 2 CPU cores.
+    "default": StudyConfig(
+        train_steps=320,
         sampler_steps=25,
-        record_samples=16,
-        fid_samples=200,
-        train_seeds=(0, 1),
+        fid_samples=500,
         sample_seeds=(0,),
-        adaptive_ratios=((1.0, 0.9), (0.9, 0.8), (0.8, 0.6)),
+        ablations=("full-conv",),
+    ),
+    # The paper's token grid: 16×16 = 256 tokens (patch 1) on the native-resolution textures, the paper's counts
+    # 4/16/64. Seeds before variants: the claims family (full, full-conv, n = 16 and 64) at 5 training seeds with
+    # 1000 images per cell, sampled again from the checkpoints at 25/50/75% of training (500 images); n = 4, the
+    # ablations, the adaptive trio, time-matched controls, the rule on the drift and the derived schedules at 2
+    # seeds, exploratory. What was shrunk to fit about 90 minutes on 2 CPU cores: the width (SiT-XT, 64 wide,
+    # half of SiT-T), the training (280 steps at batch 32, about 2 epochs) and the sampler (10 SDE steps).
+    "paper-grid": StudyConfig(
+        model="SiT-XT/1",
+        data="textures",
+        mediator_counts=(4, 16, 64),
+        family_counts=(16, 64),
+        exploratory_seeds=2,
+        train_steps=280,
+        ema_decay=0.95,  # 280 steps: at 0.99 the first checkpoint (70 steps) would still hold half its initial weights
+        sampler_steps=10,
+        record_samples=16,
+        fid_samples=1000,
+        along_training=(0.25, 0.5, 0.75),
+        along_samples=500,
+        train_seeds=(0, 1, 2, 3, 4),
+        sample_seeds=(0,),
+        adaptive_ratios=((1.0, 0.9), (0.9, 0.8)),
         jsd_quantiles=(),
         ablations=("noconv", "full-conv", "conv"),
         adaptive_counts=(4, 16, 64),
         adaptive_drift_ratios=((0.9, 0.8),),
         time_matched_controls=True,
         premise=True,
-        recovery_thresholds=(0.1, 0.2),
+        recovery_thresholds=(0.1,),
         budget_of=(16,),
     ),
 }

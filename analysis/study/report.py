@@ -10,7 +10,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.collect import write_table
-from analysis.quality.features import DigitsExtractor
+from analysis.quality.features import PINNED_EXTRACTORS
 from analysis.quality.scores import Reference, real_data_floor
 from analysis.schedule import recovery_curve
 from analysis.study.claims import PAPER_FID, cell_rows, rewrite_report
@@ -24,7 +24,7 @@ from analysis.study.rundata import (
     switch_table,
     training_summary,
 )
-from mediator_models.data import digits
+from mediator_models.data import EMBEDDED
 from mediator_models.network.config import ModelConfig, make_config
 from mediator_models.network.flops import model_gmacs
 from mediator_models.sampling.switching import count_label
@@ -167,18 +167,27 @@ def write_figures_and_report(study: StudyResults) -> Path:
     # The verdict-bearing sections come from the claims module, the same code that re-decides a published run.
     cells = cell_rows(results)
     summary = results[results["train_seed"].astype(str) == "all"]
-    floor = real_floor(study.config.image_size, cells)
+    floor = real_floor(study.config.data, study.config.image_size, cells)
     text = rewrite_report(text, study.differences, summary, cells, study.runs, floor)
     return atomic_write_text(fig_dir / "REPORT.md", text)
 
 
-def real_floor(image_size: int, cells: pd.DataFrame) -> tuple[float, float, int]:
-    """The FID of real training digits against the held-out reference at the study's image count."""
-    count = int(cells["num_samples"].iloc[0])
-    extractor = DigitsExtractor.pinned(image_size)
-    reference = Reference.from_features(extractor.features_of(digits("heldout", image_size)))
-    mean, sd = real_data_floor(extractor.features_of(digits("train", image_size)), reference, count)
+def real_floor(data: str, image_size: int, cells: pd.DataFrame) -> tuple[float, float, int]:
+    """The FID of real training images against the held-out reference at the study's image count."""
+    count = int(cells["num_samples"].max())
+    extractor = PINNED_EXTRACTORS[data].pinned(image_size)
+    reference = Reference.from_features(extractor.features_of(EMBEDDED[data]("heldout", image_size)))
+    mean, sd = real_data_floor(extractor.features_of(EMBEDDED[data]("train", image_size)), reference, count)
     return mean, sd, count
+
+
+def pixel_rank(data: str, image_size: int) -> tuple[int, int]:
+    """(numerical rank at rtol 1e-6, pixels) of the training images' pixel matrix: how many dimensions of
+    signal the token grid sees (the upsampled 8×8 digits have 61 of 256 at 16×16)."""
+    import torch
+
+    images = EMBEDDED[data]("train", image_size).images.flatten(1).double()
+    return int(torch.linalg.matrix_rank(images, rtol=1e-6)), images.shape[1]
 
 
 def has_premise(table: pd.DataFrame) -> bool:
@@ -467,7 +476,7 @@ def render_report(study: StudyResults, training: list[dict], diagnostics: dict[s
     summary = study.results[study.results["train_seed"].astype(str) == "all"].set_index("run")
     # Facts of the data and the network, read from them rather than written into the text.
     model = make_config(study.config.model, input_size=study.config.image_size)
-    training_images = len(digits("train", study.config.image_size))
+    training_images = len(EMBEDDED[study.config.data]("train", study.config.image_size))
     return "\n".join(
         [
             *header_lines(study, model, training_images),
@@ -494,18 +503,21 @@ def header_lines(study: StudyResults, model: ModelConfig, training_images: int) 
     reference_images = int(results["num_reference"].iloc[0])
     extractor = results["extractor"].iloc[0]
     cells = len(cfg.cells)
+    rank, pixels = pixel_rank(cfg.data, cfg.image_size)
     return [
         "# attnmed reproduction report" + ("" if study.preset == "default" else f" — preset {study.preset}"),
         "",
-        f"Preset: {cfg.model} on the embedded digits ({cfg.image_size}×{cfg.image_size}, {training_images} training images; a "
-        f"{grid}×{grid} grid of {tokens} tokens), "
+        f"Preset: {cfg.model} on the embedded {cfg.data} ({cfg.image_size}×{cfg.image_size}, {training_images} training "
+        f"images whose pixel matrix has numerical rank {rank} of {pixels} at rtol 1e-6; a {grid}×{grid} grid of "
+        f"{tokens} tokens), "
         f"{cfg.train_steps} training steps per model at batch {cfg.batch_size}, trained with {len(cfg.train_seeds)} "
         f"training seeds {list(cfg.train_seeds)}; each model sampled with {len(cfg.sample_seeds)} sampling seeds "
         f"{list(cfg.sample_seeds)} ({cells} cells), {cfg.fid_samples} samples per cell, SDE sampler with "
         f"{cfg.sampler_steps} steps; {cfg.record_samples} samples for redundancy (training seed {cfg.train_seeds[0]}). "
         f"Run folder `{study.run_dir}`, {seconds / 60:.1f} minutes of stage time on this machine (2 CPU cores).",
         "",
-        f"Quality uses {extractor} against the {reference_images} held-out digits (the extractor's weights ship with attnmed, "
+        f"Quality uses {extractor} against the {reference_images} held-out {cfg.data} (the extractor's weights ship with "
+        "attnmed, "
         "pinned by that hash). It ranks models on this data; it is not comparable to ImageNet FIDs.",
         "",
         "## The paper's claims beside this run",
@@ -742,8 +754,8 @@ def limit_lines(study: StudyResults, model: ModelConfig, training_images: int) -
                 "be a difference in how fast a variant learns rather than in what it can represent."
             ]
         ),
-        f"- A {shape} model trained for minutes on {training_images} digits is far from SiT-S/2 trained 400K steps on "
-        "ImageNet; FID here uses a digits classifier's features and ranks runs only within this study.",
+        f"- A {shape} model trained for minutes on {training_images} {cfg.data} images is far from SiT-S/2 trained 400K "
+        f"steps on ImageNet; FID here uses a {cfg.data} classifier's features and ranks runs only within this study.",
         f"- The adaptive rule's thresholds ρ are not public (the public code makes them required arguments and shows "
         f"only placeholders); the ρ tried here, {', '.join('/'.join(f'{r:g}' for r in rs) for rs in cfg.adaptive_ratios)}, "
         "are a grid chosen here."

@@ -13,6 +13,7 @@ study's configuration, and skipped when its outputs exist (so an interrupted run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -26,8 +27,9 @@ import torch
 
 from analysis.collect import CollectionConfig, collect_redundancy, read_table, write_table
 from analysis.metrics import ALL_METRICS, recovery_metrics
-from analysis.quality.features import DigitsExtractor
+from analysis.quality.features import PINNED_EXTRACTORS, DigitsExtractor
 from analysis.quality.scores import Reference, all_metrics, fid_infinity
+from analysis.quality.stats import per_seed_differences, seed_level_difference
 from analysis.schedule import (
     Rule,
     derive_recovery_schedule,
@@ -37,10 +39,10 @@ from analysis.schedule import (
     schedule_within_budget,
 )
 from analysis.study import rundata
-from analysis.study.claims import cell_rows, decide, run_summaries, with_run_summaries
+from analysis.study.claims import CLAIM_ORDER, cell_rows, decide, run_summaries, with_run_summaries
 from analysis.study.config import ABLATIONS, PRESETS, StudyConfig, ablation_model
 from analysis.study.results import Run, RunKind, Sidecars, StudyResults
-from mediator_models.data import digits
+from mediator_models.data import EMBEDDED
 from mediator_models.sample import LoadedModel, load_for_sampling, sample_to_folder
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig
 from mediator_models.sampling.switching import AdaptiveSwitch, MediatorSchedule, count_label, evaluation_levels
@@ -106,6 +108,22 @@ class Study:
         return [*self.variants, *self.ablations]
 
     @property
+    def family(self) -> set[str]:
+        """The trained variants of the claims family, trained and sampled at every training seed: the family's
+        counts, full attention, and full attention with the conv where the study has it."""
+        counts = self.config.family_counts or self.config.mediator_counts
+        names = {self.variant_name(c) for c in counts} | {self.variant_name(None)}
+        return names | ({"full-conv"} if "full-conv" in self.config.ablations else set())
+
+    def seeds_of(self, variant: int | None | str) -> tuple[int, ...]:
+        """The training seeds a variant is trained at: all for the claims family, the exploratory ones otherwise."""
+        return self.config.train_seeds if self.variant_name(variant) in self.family else self.exploratory_seeds
+
+    @property
+    def exploratory_seeds(self) -> tuple[int, ...]:
+        return self.config.exploratory_train_seeds
+
+    @property
     def adaptive_order(self) -> list[int | None]:
         """The adaptive rule's networks, fewest mediators first: the paper's trio where set."""
         return list(self.config.adaptive_counts) or self.variants
@@ -136,6 +154,8 @@ class Study:
         for seed in self.config.train_seeds:
             paths[seed] = {}
             for count in self.trained:
+                if seed not in self.seeds_of(count):
+                    continue
                 out = rundata.train_folder(self.run_dir, seed, self.variant_name(count))
                 final = rundata.final_checkpoint(self.run_dir, seed, self.variant_name(count), self.config.train_steps)
                 if isinstance(count, str):
@@ -149,7 +169,7 @@ class Study:
                         attention=attention,
                         mediators=mediators,
                         depthwise_conv=conv,
-                        data="digits",
+                        data=self.config.data,
                         image_size=self.config.image_size,
                         global_batch_size=self.config.batch_size,
                         steps=self.config.train_steps,
@@ -157,7 +177,9 @@ class Study:
                         ema_decay=self.config.ema_decay,
                         seed=seed,
                         log_every=50,
-                        ckpt_every=max(50, self.config.train_steps // 4),
+                        ckpt_every=self.config.checkpoint_every,
+                        # the points along training are sampled from their checkpoints: keep every one
+                        keep_checkpoints=None if self.config.along_training else 2,
                         out=str(out),
                     )
                     train(cfg, resume=bool(checkpoint_paths(out)))
@@ -253,7 +275,21 @@ class Study:
 
     # ---- stage 4: sample --------------------------------------------------------------------------------------
     def runs(self, derived: dict[str, MediatorSchedule]) -> list[Run]:
-        """Every sampling run of the study, in the order they are sampled and reported."""
+        """Every sampling run of the study, in the order they are sampled and reported; those outside the claims
+        family marked exploratory."""
+        return [dataclasses.replace(run, exploratory=self.is_exploratory(run)) for run in self._runs(derived)]
+
+    def is_exploratory(self, run: Run) -> bool:
+        """Whether a run lies outside the claims family: a static or ablation run of a variant outside it, or any
+        schedule, in a study that runs those at fewer seeds."""
+        if not self.config.exploratory_seeds:
+            return False
+        return run.kind not in (RunKind.STATIC, RunKind.ABLATION) or self.variant_name(run.base) not in self.family
+
+    def seeds_of_run(self, run: Run) -> tuple[int, ...]:
+        return self.exploratory_seeds if run.exploratory else self.config.train_seeds
+
+    def _runs(self, derived: dict[str, MediatorSchedule]) -> list[Run]:
         runs = [
             Run(self.variant_name(c), RunKind.STATIC, MediatorSchedule.constant(c).name, base=c) for c in self.variants
         ]
@@ -307,6 +343,8 @@ class Study:
         for cell in self.config.cells:
             train_seed, sample_seed = cell
             for run in runs:
+                if train_seed not in self.seeds_of_run(run):
+                    continue
                 out = rundata.sample_folder(self.run_dir, cell, run.name)
                 if not rundata.sidecar_path(out).exists():
                     callback, schedule = self.sampling_of(run, models[train_seed], derived, sidecars, cell)
@@ -327,9 +365,51 @@ class Study:
                 sidecars[(train_seed, sample_seed, run.name)] = rundata.read_sidecar(out)
         return sidecars
 
+    def along_runs(self, runs: list[Run]) -> list[Run]:
+        """The claims family's single-network runs, sampled again from their checkpoints along training."""
+        return [
+            r for r in runs if r.kind in (RunKind.STATIC, RunKind.ABLATION) and self.variant_name(r.base) in self.family
+        ]
+
+    def sample_along(self, runs: list[Run]) -> None:
+        """The claims family at every point along training: `along_samples` images per cell from the EMA weights
+        of the checkpoint at that step, with the noise of the final runs' first images."""
+        for step in self.config.along_steps:
+            for cell in self.config.cells:
+                for run in self.along_runs(runs):
+                    out = rundata.along_folder(self.run_dir, cell, run.name, step)
+                    if rundata.sidecar_path(out).exists():
+                        continue
+                    name = self.variant_name(run.base)
+                    loaded = load_for_sampling(rundata.final_checkpoint(self.run_dir, cell[0], name, step))
+                    self.say(
+                        f"sample {self.config.along_samples} images: {name} at step {step} (training seed {cell[0]}, "
+                        f"sampling seed {cell[1]})"
+                    )
+                    sample_to_folder(
+                        loaded,
+                        out,
+                        num_samples=self.config.along_samples,
+                        sampler=self.sampler,
+                        batch_size=125,
+                        seed=cell[1],
+                        schedule={"name": run.schedule, "train_step": step},
+                    )
+
     # ---- stage 5: evaluate ------------------------------------------------------------------------------------
+    @functools.cached_property
+    def extractor(self) -> DigitsExtractor:
+        """The pinned extractor of the study's data (its sha256 checked at load)."""
+        return PINNED_EXTRACTORS[self.config.data].pinned(self.config.image_size)
+
+    @functools.cached_property
+    def reference(self) -> Reference:
+        """The held-out images of the study's data, as the extractor sees them."""
+        heldout = EMBEDDED[self.config.data]("heldout", self.config.image_size)
+        return Reference.from_features(self.extractor.features_of(heldout))
+
     def features(self, folder: Path, extractor: DigitsExtractor) -> np.ndarray:
-        """The digits extractor's features of a sample folder, cached beside it under the extractor's hash."""
+        """The pinned extractor's features of a sample folder, cached beside it under the extractor's hash."""
         path = rundata.features_path(folder, extractor.sha256)
         if not path.exists():
             features = extractor.features_of(folder / "samples.npz")
@@ -347,11 +427,12 @@ class Study:
                 atomic_write(results_path, lambda handle: results.to_csv(handle, index=False), binary=False)
                 atomic_write(differences_path, lambda handle: differences.to_csv(handle, index=False), binary=False)
             return results, differences
-        extractor = DigitsExtractor.pinned()
-        reference = Reference.from_features(extractor.features_of(digits("heldout", self.config.image_size)))
+        extractor, reference = self.extractor, self.reference
         rows = []
         for cell in self.config.cells:
             for run in runs:
+                if cell[0] not in self.seeds_of_run(run):
+                    continue
                 self.say(f"evaluate {run.name} (training seed {cell[0]}, sampling seed {cell[1]})")
                 own = self.features(rundata.sample_folder(self.run_dir, cell, run.name), extractor)
                 sidecar = sidecars[(*cell, run.name)]
@@ -360,6 +441,7 @@ class Study:
                         "run": run.name,
                         "schedule": run.schedule,
                         "kind": run.kind.value,
+                        "exploratory": run.exploratory,
                         "train_seed": cell[0],
                         "sample_seed": cell[1],
                         **all_metrics(own, reference, self.config.kid_subset_size),
@@ -385,6 +467,89 @@ class Study:
         atomic_write(results_path, lambda handle: results.to_csv(handle, index=False), binary=False)
         atomic_write(differences_path, lambda handle: differences.to_csv(handle, index=False), binary=False)
         return results, differences
+
+    def evaluate_along(self, runs: list[Run], results: pd.DataFrame) -> pd.DataFrame:
+        """The claims family's paired differences at every point along training, the final step included (FID and
+        the bias-free FID∞; the points before the last score `along_samples` images, the last `fid_samples`).
+        Descriptive: no verdicts, no multiplicity adjustment (along_training.csv)."""
+        path = rundata.along_path(self.run_dir)
+        if not self.config.along_training:
+            return pd.DataFrame()
+        if path.exists():
+            return pd.read_csv(path)
+        family = self.along_runs(runs)
+        rows = []
+        for step in self.config.along_steps:
+            for cell in self.config.cells:
+                for run in family:
+                    self.say(f"evaluate {run.name} at step {step} (training seed {cell[0]}, sampling seed {cell[1]})")
+                    own = self.features(rundata.along_folder(self.run_dir, cell, run.name, step), self.extractor)
+                    rows.append(
+                        {
+                            "run": run.name,
+                            "train_seed": cell[0],
+                            "sample_seed": cell[1],
+                            "step": step,
+                            "fid": all_metrics(own, self.reference, self.config.kid_subset_size)["fid"],
+                            "fid_infinity": fid_infinity(own, self.reference),
+                            "num_samples": len(own),
+                        }
+                    )
+        final = cell_rows(results)
+        final = final[final["run"].isin([r.name for r in family])]
+        cells = pd.concat(
+            [
+                pd.DataFrame(rows),
+                final[["run", "train_seed", "sample_seed", "fid", "fid_infinity", "num_samples"]].assign(
+                    step=self.config.train_steps
+                ),
+            ],
+            ignore_index=True,
+        )
+        along = along_differences(cells, decide(cell_rows(results), runs, self.variant_name(None)))
+        atomic_write(path, lambda handle: along.to_csv(handle, index=False), binary=False)
+        return along
+
+
+# The claims whose differences are followed along training: those between the claims family's single networks.
+ALONG_CLAIMS = CLAIM_ORDER[:3]
+
+
+def along_differences(cells: pd.DataFrame, differences: pd.DataFrame) -> pd.DataFrame:
+    """For every comparison of `ALONG_CLAIMS` in `differences` (one network against one), its paired seed-level
+    difference at each training step of `cells` (run, train_seed, sample_seed, step, fid, fid_infinity,
+    num_samples), on FID and FID∞."""
+    pairs = differences[differences["claim"].isin(ALONG_CLAIMS) & (differences["metric"] == "fid")]
+    rows = []
+    for pair in pairs.itertuples():
+        for step, at in cells.groupby("step"):
+            for metric in ("fid", "fid_infinity"):
+                values = {
+                    run: {
+                        (int(r.train_seed), int(r.sample_seed)): float(getattr(r, metric)) for r in group.itertuples()
+                    }
+                    for run, group in at.groupby("run")
+                }
+                if pair.run not in values or pair.baseline not in values:
+                    continue
+                per_seed = per_seed_differences(values[pair.run], [(1.0, values[pair.baseline])])
+                difference = seed_level_difference(list(per_seed.values()))
+                rows.append(
+                    {
+                        "claim": pair.claim,
+                        "run": pair.run,
+                        "baseline": pair.baseline,
+                        "step": int(step),
+                        "metric": metric,
+                        "difference": difference.point,
+                        "low": difference.low,
+                        "high": difference.high,
+                        "seeds": difference.seeds,
+                        "per_seed": " ".join(f"{v:+.4g}" for v in difference.per_seed),
+                        "num_samples": int(at[at["run"] == pair.run]["num_samples"].iloc[0]),
+                    }
+                )
+    return pd.DataFrame(rows)
 
 
 def time_matched_schedule(sidecar: dict, order: list[int | None], levels: list[float], name: str) -> MediatorSchedule:
@@ -439,7 +604,9 @@ def _run_study_locked(preset: str, config: StudyConfig, run_dir: Path, figures_d
     derived = study.schedules(table, configs)
     runs = study.runs(derived)
     sidecars = study.timed("sample", study.sample_all, models, runs, derived)
+    study.timed("sample along training", study.sample_along, runs)
     results, differences = study.timed("evaluate", study.evaluate_all, runs, sidecars)
+    along = study.timed("evaluate along training", study.evaluate_along, runs, results)
     expected = {name: schedule_gflops(s, study.levels, configs) for name, s in derived.items()}
     bundle = StudyResults(
         config=config,
@@ -458,6 +625,7 @@ def _run_study_locked(preset: str, config: StudyConfig, run_dir: Path, figures_d
         results=results,
         differences=differences,
         seconds=study.total_seconds(),
+        along=along,
     )
     report = write_figures_and_report(bundle)
     study.say(f"report: {report}")

@@ -7,6 +7,7 @@ selects runs by what they are (their kind), never by how their names happen to b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -50,6 +51,8 @@ class Run:
     base: int | str | None = None  # a mediator count, None for full attention, or an ablation's name
     ratios: tuple[float, ...] = ()
     control_of: str | None = None  # the adaptive run a time-matched control copies the switch steps of
+    # Outside the claims family: sampled at the study's exploratory training seeds only, decided by no verdict.
+    exploratory: bool = False
 
 
 # (training seed, sampling seed, run name) -> the sample folder's samples.json
@@ -76,6 +79,8 @@ class StudyResults:
     results: pd.DataFrame  # per-cell rows and per-run summaries (results.csv)
     differences: pd.DataFrame  # the paired comparisons with their verdicts (differences.csv)
     seconds: float  # stage time of the whole study on this machine
+    # The claims family's paired differences at each point along training (along_training.csv; empty without)
+    along: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     def runs_of_kind(self, *kinds: RunKind) -> list[Run]:
         """The runs of these kinds, in the study's order."""

@@ -67,6 +67,16 @@ def sample_folder(run_dir: Path, cell: tuple[int, int], run: str) -> Path:
     return Path(run_dir) / "samples" / f"train{cell[0]}-sample{cell[1]}" / run
 
 
+def along_folder(run_dir: Path, cell: tuple[int, int], run: str, step: int) -> Path:
+    """Samples of a run from its checkpoint at `step` along training (the claims family only)."""
+    return Path(run_dir) / "samples" / f"train{cell[0]}-sample{cell[1]}" / f"step{step:07d}" / run
+
+
+def along_path(run_dir: Path) -> Path:
+    """The claims family's paired differences at each point along training."""
+    return Path(run_dir) / "along_training.csv"
+
+
 def sidecar_path(folder: Path) -> Path:
     """A sample folder's record of how its samples were made (mediator_models.sample writes it last)."""
     return Path(folder) / "samples.json"

@@ -17,8 +17,11 @@ FAMILIES = ("DiT", "SiT")
 ATTENTION_KINDS = ("full", "mediator", "conv")  # conv: the ablation with the depthwise conv alone
 
 # size -> (depth, hidden_size, num_heads). S/B/L/XL are the papers' sizes; T is a small CPU config (about
-# 0.2 s per training step at batch 32 on 64 tokens, see docs/design.md) that learns the embedded digits in minutes.
+# 0.2 s per training step at batch 32 on 64 tokens, see docs/design.md) that learns the embedded digits in minutes;
+# XT is T at half the width with the same head dimension (32), about half T's cost per step at 256 tokens: the
+# paper-grid study trains 5 seeds of it.
 SIZES: dict[str, tuple[int, int, int]] = {
+    "XT": (4, 64, 2),
     "T": (4, 128, 4),
     "S": (12, 384, 6),
     "B": (12, 768, 12),
@@ -28,7 +31,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
 PATCH_SIZES = (1, 2, 4, 8)
 PAPER_PATCH_SIZES = (2, 4, 8)
 
-_NAME = re.compile(r"^(DiT|SiT)-(T|S|B|L|XL)/(\d+)$")
+_NAME = re.compile(r"^(DiT|SiT)-(XT|T|S|B|L|XL)/(\d+)$")
 
 
 @dataclass(frozen=True)
