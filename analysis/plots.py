@@ -314,6 +314,32 @@ def claims_forest(differences: pd.DataFrame, metric: str = "fid", path=None, tit
     return fig
 
 
+def along_training(along: pd.DataFrame, metric: str = "fid_infinity", path=None, title: str = ""):
+    """Each claim's paired difference against the training step (rows of along_training.csv): one panel per
+    comparison, the point estimate with its seed-level 95% interval and each training seed's own difference."""
+    rows = along[along["metric"] == metric]
+    pairs = list(rows.groupby(["claim", "run", "baseline"], sort=False))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(2.7 * len(pairs) + 0.6, 3.0), sharey=True, squeeze=False)
+    for ax, ((claim, run, baseline), group) in zip(axes[0], pairs):
+        group = group.sort_values("step")
+        ax.axhline(0, color="0.3", lw=0.8, ls="--")
+        ax.fill_between(group["step"], group["low"], group["high"], color="tab:blue", alpha=0.18, lw=0)
+        ax.plot(group["step"], group["difference"], color="tab:blue", marker="o", ms=4)
+        for step, seeds in zip(group["step"], group["per_seed"]):
+            values = _seed_values(seeds)
+            ax.scatter([step] * len(values), values, color="0.35", s=8, marker="_", zorder=3)
+        ax.set_title(f"{run} − {baseline}", fontsize=8)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel(f"paired difference in {'FID∞' if metric == 'fid_infinity' else metric.upper()}", fontsize=8)
+    fig.suptitle(
+        title or "the claims along training: point, 95% seed-level interval (band), training seeds (ticks)", fontsize=9
+    )
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
 def sample_grid(images: np.ndarray, columns: int = 8, path=None, title: str = ""):
     """uint8 images (N, H, W, 3) in a grid."""
     n = len(images)

@@ -80,7 +80,7 @@ def test_the_default_study_keeps_its_run_folder_name_and_bad_paper_grid_options_
 
     # Options added for the paper-grid study leave the key of a study that does not use them unchanged, so the
     # committed reference run (figures/, made before they existed) still names its folder.
-    assert PRESETS["default"].key() == "65a1e1df79"
+    assert StudyConfig().key() == "65a1e1df79"
     assert (
         PRESETS["paper-grid"].key()
         != StudyConfig(**{**PRESETS["paper-grid"].to_dict(), "premise": False, "recovery_thresholds": ()}).key()
@@ -158,12 +158,17 @@ def test_a_paper_grid_study_in_miniature_reports_ablations_adaptive_diagnostics_
 
     config = StudyConfig(
         model="SiT-T/2",
+        data="textures",
         mediator_counts=(4, 16),
+        family_counts=(16,),
+        exploratory_seeds=1,
+        along_training=(0.5,),
+        along_samples=20,
         train_steps=10,
         batch_size=8,
         sampler_steps=8,
         record_samples=2,
-        fid_samples=16,
+        fid_samples=20,
         train_seeds=(0, 1),
         sample_seeds=(0,),
         adaptive_ratios=((1.0,),),
@@ -200,7 +205,32 @@ def test_a_paper_grid_study_in_miniature_reports_ablations_adaptive_diagnostics_
     switches = pd.read_csv(report.parent / "data" / "switches.csv")
     distances = pd.read_csv(report.parent / "data" / "distances.csv")
     assert set(switches["run"]) == set(distances["run"]) == {"adaptive-1", "adaptive-drift-0.9"}
-    assert (distances["noise"] > 0).all() and len(distances) == 2 * 2 * 16 * (8 - 2)  # runs × cells × samples × steps
+    # the adaptive runs are exploratory: sampled at the first training seed only
+    assert (distances["noise"] > 0).all() and len(distances) == 2 * 1 * 20 * (8 - 2)  # runs × cells × samples × steps
+    # Seeds before variants: the claims family at both training seeds, everything else at the first only.
+    cells = pd.read_csv(run_dir / "results.csv").query("train_seed != 'all'")
+    seeds = cells.groupby("run")["train_seed"].apply(lambda s: sorted(set(s.astype(int))))
+    assert {run for run, s in seeds.items() if s == [0, 1]} == {"med16", "full", "full-conv"}
+    assert {run for run, s in seeds.items() if s == [0]} == set(seeds.index) - {"med16", "full", "full-conv"}
+    assert not (run_dir / "train" / "seed1" / "med4").exists()
+    differences = pd.read_csv(run_dir / "differences.csv")
+    outside = differences["note"].fillna("").str.startswith("exploratory")
+    assert set(differences[outside]["run"]) | set(differences[outside]["baseline"]) >= {"med4", "conv"}
+    assert differences[outside]["p_value"].isna().all() and (differences[outside]["seeds"] == 1).all()
+    # The claims family along training: its differences at step 5 (from the checkpoint) and at the end.
+    along = pd.read_csv(report.parent / "data" / "along_training.csv")
+    assert sorted(along["step"].unique()) == [5, 10] and set(along["metric"]) == {"fid", "fid_infinity"}
+    assert {("med16", "full-conv"), ("med16", "full"), ("full-conv", "full")} == set(
+        zip(along["run"], along["baseline"])
+    )
+    assert not along.duplicated(["run", "baseline", "step", "metric"]).any()
+    final = along[(along["step"] == 10) & (along["metric"] == "fid")].set_index(["run", "baseline"])
+    decided = differences[differences["metric"] == "fid"].set_index(["run", "baseline"])
+    assert final.loc[("med16", "full-conv"), "difference"] == pytest.approx(
+        decided.loc[("med16", "full-conv"), "difference"]
+    )
+    assert "## The claims along training" in text and (report.parent / "along_training.png").exists()
+    assert "pixel matrix has numerical rank 256 of 256" in text  # the textures carry detail at 16×16
     for name in ("switch_steps", "switch_distance", "recovery_rank", "recovery_pooled"):
         assert (report.parent / f"{name}.png").exists()
     # The control switches every sample where the adaptive run's median sample did.
@@ -214,19 +244,16 @@ def test_the_committed_reports_are_what_the_committed_claims_code_makes_of_their
     and its report byte for byte: the committed verdicts are the seed-level method's, nothing else."""
     import shutil
 
-    from analysis.quality.features import DigitsExtractor
-    from analysis.quality.scores import Reference, real_data_floor
-    from analysis.study.claims import redecide
-    from mediator_models.data import digits
+    from analysis.study.claims import cell_rows, redecide
+    from analysis.study.report import real_floor
 
     root = Path(__file__).resolve().parents[1] / published
     copy = tmp_path / "run"
     shutil.copytree(root / "data", copy / "data")
     shutil.copy(root / "REPORT.md", copy / "REPORT.md")
-    extractor = DigitsExtractor.pinned()
-    reference = Reference.from_features(extractor.features_of(digits("heldout")))
-    count = int(pd.read_csv(copy / "data" / "results.csv")["num_samples"].iloc[0])
-    floor = (*real_data_floor(extractor.features_of(digits("train")), reference, count), count)
+    study = json.loads((root / "data" / "redundancy.parquet.json").read_text())["study"]
+    cells = cell_rows(pd.read_csv(copy / "data" / "results.csv"))
+    floor = real_floor(study.get("data", "digits"), study["image_size"], cells)
     redecide(copy / "data", floor)
     for name in ("data/differences.csv", "data/results.csv", "REPORT.md"):
         assert (copy / name).read_text() == (root / name).read_text(), name
@@ -358,3 +385,74 @@ def test_the_premise_section_says_which_counts_tell_nothing_about_the_output():
     text = "\n".join(premise_lines(table, {}, {}, head_dim=32))
     assert "Rows with n ≥ 32 (the head dimension: n = 64) say nothing about the output" in text
     assert "say nothing" not in "\n".join(premise_lines(table, {}, {}, head_dim=128))
+
+
+def test_a_claims_difference_along_training_is_paired_per_seed_and_its_trend_named():
+    from analysis.study.report import along_trend
+    from analysis.study.reproduce import along_differences
+
+    # med16 − full-conv per training seed: step 10 → +1, +3, +2 (mean +2); step 20 → −1, −2, −3 (mean −2).
+    rows = []
+    for step, gaps in ((10, (1.0, 3.0, 2.0)), (20, (-1.0, -2.0, -3.0))):
+        for seed, gap in enumerate(gaps):
+            base = 10.0 + seed + step
+            rows += [
+                {
+                    "run": "full-conv",
+                    "train_seed": seed,
+                    "sample_seed": 0,
+                    "step": step,
+                    "fid": base,
+                    "fid_infinity": base - 1,
+                    "num_samples": 500,
+                },
+                {
+                    "run": "med16",
+                    "train_seed": seed,
+                    "sample_seed": 0,
+                    "step": step,
+                    "fid": base + gap,
+                    "fid_infinity": base - 1 + gap,
+                    "num_samples": 500,
+                },
+            ]
+    differences = pd.DataFrame(
+        [
+            {
+                "claim": "mediators vs full attention with the same conv",
+                "run": "med16",
+                "baseline": "full-conv",
+                "metric": "fid",
+            }
+        ]
+        * 2  # a repeated comparison is followed once
+    )
+    along = along_differences(pd.DataFrame(rows), differences)
+    assert len(along) == 4 and set(along["metric"]) == {"fid", "fid_infinity"}
+    at = along[along["metric"] == "fid_infinity"].set_index("step")
+    assert at.loc[10, "difference"] == pytest.approx(2.0) and at.loc[20, "difference"] == pytest.approx(-2.0)
+    half_width = 4.302652729911275 * 1.0 / np.sqrt(3)  # t(0.975, 2 df) × sd / √n; sd of (1, 3, 2) is 1
+    assert at.loc[10, "high"] - at.loc[10, "difference"] == pytest.approx(half_width)
+    assert at.loc[10, "per_seed"] == "+1 +3 +2"
+    assert along_trend(at.reset_index()) == "changes sign (+2 → -2); every interval includes 0"  # ±2.48 at 3 seeds
+    same_sign = at.reset_index().assign(difference=[1.0, 3.0], low=[-1.0, 0.5], high=[2.0, 5.0])
+    assert along_trend(same_sign) == "grows (+1 → +3); the interval excludes 0 at step 20"
+    assert along_trend(same_sign.assign(difference=[3.0, 1.0])).startswith("shrinks (+3 → +1)")
+
+
+def test_the_study_design_options_are_checked_and_name_their_checkpoints():
+    from analysis.study.config import PRESETS, StudyConfig
+
+    grid = PRESETS["paper-grid"]
+    assert grid.data == "textures" and len(grid.train_seeds) >= 5 and grid.fid_samples >= 1000
+    assert grid.along_steps == (70, 140, 210) and grid.checkpoint_every == 70
+    assert grid.exploratory_train_seeds == (0, 1)
+    assert len(PRESETS["default"].train_seeds) >= 3 and "full-conv" in PRESETS["default"].ablations
+    with pytest.raises(ValueError, match="must be among mediator_counts"):
+        StudyConfig(family_counts=(64,))
+    with pytest.raises(ValueError, match="fall on a whole step"):
+        StudyConfig(train_steps=10, along_training=(0.33,))
+    with pytest.raises(ValueError, match="exploratory_seeds must be"):
+        StudyConfig(exploratory_seeds=4)
+    with pytest.raises(ValueError, match="unknown study data"):
+        StudyConfig(data="cifar")

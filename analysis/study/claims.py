@@ -330,7 +330,8 @@ def results_table(summary: pd.DataFrame) -> list[str]:
             f"{getattr(row, m):.3g} [{_number(getattr(row, m + '_low'), False)}, {_number(getattr(row, m + '_high'), False)}]"
             for m in metrics
         ]
-        lines.append(f"| {row.schedule} | {row.kind} | {row.gflops_per_image:.3g} | {' | '.join(parts)} |")
+        kind = f"{row.kind} (exploratory)" if str(getattr(row, "exploratory", False)) == "True" else row.kind
+        lines.append(f"| {row.schedule} | {kind} | {row.gflops_per_image:.3g} | {' | '.join(parts)} |")
     return lines
 
 

@@ -145,11 +145,12 @@ def write_figures_and_report(study: StudyResults) -> Path:
             data_dir / f"{name}.csv", lambda handle, frame=frame: frame.to_csv(handle, index=False), binary=False
         )
     if not diagnostics["switches"].empty:
+        switch_cells = len(diagnostics["switches"][["train_seed", "sample_seed"]].drop_duplicates())
         plots.switch_histograms(
             diagnostics["switches"],
             study.levels,
             path=fig_dir / "switch_steps",
-            title=f"When each sample switched networks (all {len(study.config.cells)} cells)",
+            title=f"When each sample switched networks (all {switch_cells} cells)",
         )
     if not diagnostics["distances"].empty:  # runs sampled before the traces were kept have none
         first = diagnostics["distances"]
@@ -157,6 +158,11 @@ def write_figures_and_report(study: StudyResults) -> Path:
         plots.distance_traces(
             first, path=fig_dir / "switch_distance", title=f"What d_k is made of ({first['run'].iloc[0]}, SDE sampler)"
         )
+    if not study.along.empty:
+        atomic_write(
+            data_dir / "along_training.csv", lambda handle: study.along.to_csv(handle, index=False), binary=False
+        )
+        plots.along_training(study.along, path=fig_dir / "along_training")
     if has_premise(table):
         for kind in ("rank", "pooled"):
             plots.recovery_curves(
@@ -201,6 +207,8 @@ def adaptive_diagnostics(study: StudyResults) -> dict[str, pd.DataFrame]:
     switches, distances = [], []
     for cell in study.config.cells:
         for run in study.adaptive_runs:
+            if (*cell, run.name) not in study.sidecars:  # an exploratory run, not sampled in this cell
+                continue
             sidecar = study.sidecars[(*cell, run.name)]
             where = {"run": run.name, "train_seed": cell[0], "sample_seed": cell[1]}
             switches.append(switch_table(sidecar, study.levels, moves).assign(**where))
@@ -483,6 +491,7 @@ def render_report(study: StudyResults, training: list[dict], diagnostics: dict[s
             *claim_lines(study, model, summary, training),
             *results_lines(summary),
             *differences_lines(study.differences),
+            *along_lines(study),
             *derived_lines(study.derived, study.expected_gflops),
             *ablation_lines(study.differences, summary),
             *adaptive_lines(study, summary, diagnostics),
@@ -514,7 +523,8 @@ def header_lines(study: StudyResults, model: ModelConfig, training_images: int) 
         f"training seeds {list(cfg.train_seeds)}; each model sampled with {len(cfg.sample_seeds)} sampling seeds "
         f"{list(cfg.sample_seeds)} ({cells} cells), {cfg.fid_samples} samples per cell, SDE sampler with "
         f"{cfg.sampler_steps} steps; {cfg.record_samples} samples for redundancy (training seed {cfg.train_seeds[0]}). "
-        f"Run folder `{study.run_dir}`, {seconds / 60:.1f} minutes of stage time on this machine (2 CPU cores).",
+        f"Run folder `{study.run_dir}`, {seconds / 60:.1f} minutes of stage time on this machine (2 CPU cores)."
+        + exploratory_sentence(study),
         "",
         f"Quality uses {extractor} against the {reference_images} held-out {cfg.data} (the extractor's weights ship with "
         "attnmed, "
@@ -525,6 +535,74 @@ def header_lines(study: StudyResults, model: ModelConfig, training_images: int) 
         "| claim (ECCV 2024, arXiv 2408.05710) | the paper's evidence (source) | this run (difference [95% interval]) | verdict |",
         "|---|---|---|---|",
     ]
+
+
+def exploratory_sentence(study: StudyResults) -> str:
+    """Which runs are the claims family (every training seed) and which are exploratory (fewer, no verdicts)."""
+    cfg = study.config
+    exploratory = [run.name for run in study.runs if run.exploratory]
+    if not exploratory:
+        return ""
+    family = [run.name for run in study.runs if not run.exploratory]
+    seeds = list(cfg.exploratory_train_seeds)
+    return (
+        f" Seeds before variants: the claims family ({', '.join(family)}) runs at all {len(cfg.train_seeds)} training "
+        f"seeds; the {len(exploratory)} other runs ({', '.join(exploratory)}) are exploratory: trained and sampled at "
+        f"training seeds {seeds} only, reported with their numbers and decided by no verdict."
+    )
+
+
+def along_trend(points: pd.DataFrame) -> str:
+    """How a paired difference moves along training (rows of one comparison and metric, by step): whether its
+    point estimate changes sign, grows or shrinks from the first point to the last, and at which steps the 95%
+    interval excludes 0. Descriptive: the points are not adjusted for multiplicity."""
+    points = points.sort_values("step")
+    first, last = points.iloc[0], points.iloc[-1]
+    if np.sign(first["difference"]) != np.sign(last["difference"]):
+        trend = f"changes sign ({first['difference']:+.3g} → {last['difference']:+.3g})"
+    elif abs(last["difference"]) > abs(first["difference"]):
+        trend = f"grows ({first['difference']:+.3g} → {last['difference']:+.3g})"
+    else:
+        trend = f"shrinks ({first['difference']:+.3g} → {last['difference']:+.3g})"
+    resolved = points[(points["low"] > 0) | (points["high"] < 0)]["step"].tolist()
+    where = (
+        f"the interval excludes 0 at step {', '.join(map(str, resolved))}" if resolved else "every interval includes 0"
+    )
+    return f"{trend}; {where}"
+
+
+def along_lines(study: StudyResults) -> list[str]:
+    """The claims family's differences at every point along training, with the trend of each."""
+    along = study.along
+    if along.empty:
+        return []
+    cfg = study.config
+    steps = sorted(along["step"].unique())
+    lines = [
+        "",
+        "## The claims along training",
+        "",
+        f"The claims family sampled again from its checkpoints at steps {', '.join(map(str, steps[:-1]))} "
+        f"({cfg.along_samples} images per cell) and at the end ({cfg.fid_samples}); the same noise at every point. "
+        "FID∞ (extrapolated to infinitely many images) is the comparable measure across points, since the image "
+        "counts differ; plain FID beside it. Each cell: paired difference [95% seed-level t-interval]. These rows are "
+        "descriptive (no multiplicity adjustment, no verdicts); the verdicts are those of the final step above. "
+        "Figure: `along_training.png`; data: `data/along_training.csv`.",
+        "",
+        "| claim | run − baseline | " + " | ".join(f"step {s}" for s in steps) + " | trend of FID∞ |",
+        "|---|---|" + "---|" * len(steps) + "---|",
+    ]
+    for (claim, run, baseline), group in along.groupby(["claim", "run", "baseline"], sort=False):
+        infinity = group[group["metric"] == "fid_infinity"].set_index("step")
+        plain = group[group["metric"] == "fid"].set_index("step")
+        cells = [
+            f"{infinity.loc[s, 'difference']:+.3g} [{infinity.loc[s, 'low']:+.3g}, {infinity.loc[s, 'high']:+.3g}] "
+            f"(FID {plain.loc[s, 'difference']:+.3g})"
+            for s in steps
+        ]
+        trend = along_trend(infinity.reset_index())
+        lines.append(f"| {claim} | {run} − {baseline} | {' | '.join(cells)} | {trend} |")
+    return lines
 
 
 def claim_lines(study: StudyResults, model: ModelConfig, summary: pd.DataFrame, training: list[dict]) -> list[str]:

@@ -475,8 +475,8 @@ class Study:
         path = rundata.along_path(self.run_dir)
         if not self.config.along_training:
             return pd.DataFrame()
-        if path.exists():
-            return pd.read_csv(path)
+        if path.exists():  # tables written before the duplicate full-conv − full rows were dropped keep them
+            return pd.read_csv(path).drop_duplicates(["run", "baseline", "step", "metric"], ignore_index=True)
         family = self.along_runs(runs)
         rows = []
         for step in self.config.along_steps:
@@ -491,7 +491,7 @@ class Study:
                             "sample_seed": cell[1],
                             "step": step,
                             "fid": all_metrics(own, self.reference, self.config.kid_subset_size)["fid"],
-                            "fid_infinity": fid_infinity(own, self.reference),
+                            "fid_infinity": fid_infinity(own, self.reference) if len(own) >= 20 else float("nan"),
                             "num_samples": len(own),
                         }
                     )
@@ -520,6 +520,7 @@ def along_differences(cells: pd.DataFrame, differences: pd.DataFrame) -> pd.Data
     difference at each training step of `cells` (run, train_seed, sample_seed, step, fid, fid_infinity,
     num_samples), on FID and FID∞."""
     pairs = differences[differences["claim"].isin(ALONG_CLAIMS) & (differences["metric"] == "fid")]
+    pairs = pairs.drop_duplicates(["run", "baseline"])  # full-conv − full is both a quality row and the conv's part
     rows = []
     for pair in pairs.itertuples():
         for step, at in cells.groupby("step"):

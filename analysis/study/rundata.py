@@ -130,6 +130,8 @@ def training_summary(run_dir: Path, seeds, variants: list[str]) -> list[dict]:
     for seed in seeds:
         for name in variants:
             records = read_log(log_path(run_dir, seed, name))
+            if not records and not log_path(run_dir, seed, name).exists():
+                continue  # an exploratory variant, not trained at this seed
             rows.append(
                 {
                     "model": name,
