@@ -84,7 +84,7 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
 
     defaults = TrainConfig()
     parser.add_argument("--model", default=defaults.model, help="registry name, e.g. SiT-T/2, SiT-S/2, DiT-XL/2")
-    _add_attention(parser, default="full")
+    _add_attention(parser, default="full", several=True)
     parser.add_argument("--data", default=defaults.data, help="'digits', an ImageFolder tree, or a latent cache folder")
     # Unset flags stay unset (SUPPRESS) so that TrainConfig settles them from the data and the model family.
     parser.add_argument(
@@ -166,7 +166,7 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_attention(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+def _add_attention(parser: argparse.ArgumentParser, default: str | None = None, several: bool = False) -> None:
     parser.add_argument(
         "--attention",
         choices=("full", "mediator", "conv"),
@@ -174,7 +174,17 @@ def _add_attention(parser: argparse.ArgumentParser, default: str | None = None) 
         help="attention kind; conv: the ablation with the depthwise conv alone"
         + ("" if default else " (official files only; default full)"),
     )
-    parser.add_argument("--mediators", type=int, default=None, help="mediator count n (a perfect square)")
+    if several:
+        parser.add_argument(
+            "--mediators",
+            type=_count_or_full,
+            nargs="+",
+            default=None,
+            help="mediator count n (a perfect square); several, e.g. 4 16 64 full, train one network serving "
+            "them all (full: full attention), at a count drawn per step",
+        )
+    else:
+        parser.add_argument("--mediators", type=int, default=None, help="mediator count n (a perfect square)")
     parser.add_argument(
         "--depthwise-conv",
         action=argparse.BooleanOptionalAction,
@@ -185,12 +195,36 @@ def _add_attention(parser: argparse.ArgumentParser, default: str | None = None) 
     )
 
 
+def _count_or_full(text: str) -> int | str:
+    """A mediator count, or 'full' (full attention as one count of a network serving several)."""
+    if text == "full":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes mediator counts (perfect squares) or 'full', got {text!r}") from None
+
+
+def _served_counts(counts: list | None):
+    """--mediators as TrainConfig takes it: one count, or a tuple of several (None: full attention)."""
+    if counts is None:
+        return None
+    if len(counts) == 1:
+        if counts[0] == "full":
+            raise ValueError("--mediators full alone is full attention: use --attention full, or name more counts")
+        return counts[0]
+    return tuple(None if c == "full" else c for c in counts)
+
+
 @command("train", "train a model (single process, or under torchrun with DDP)", _configure_train)
 def run_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from mediator_models.train import TrainConfig, train
 
+    args.mediators = _served_counts(args.mediators)
+    if isinstance(args.mediators, tuple) and args.attention == "full":
+        args.attention = "mediator"  # several counts are one mediator network (full attention one of its counts)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     run_dir = train(config, resume=args.resume)
@@ -318,8 +352,6 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if len(args.ckpt) > 1 and not (args.schedule or args.adaptive):
         raise ValueError("several --ckpt need --schedule FILE or --adaptive to say which network runs each step")
-    if (args.schedule or args.adaptive) and len(args.ckpt) < 2:
-        raise ValueError("--schedule and --adaptive switch between networks: give one --ckpt per mediator count")
     adaptive_only = {"--rho": args.rho, "--warmup": args.warmup, "--distance": args.distance}
     adaptive_only["--statistic"] = args.statistic
     given = [flag for flag, value in adaptive_only.items() if value is not None]
@@ -327,9 +359,16 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to --adaptive; add it or drop them"
         )
+    from mediator_models.sample import serves_several
+
     loaded, sampler = _load_from_args(args, args.ckpt[0])
+    if (args.schedule or args.adaptive) and len(args.ckpt) < 2 and not serves_several(loaded):
+        raise ValueError(
+            "--schedule and --adaptive switch between networks: give one --ckpt per mediator count, or one of a "
+            "network serving several counts"
+        )
     callback, schedule = None, None
-    if len(args.ckpt) > 1:
+    if args.schedule or args.adaptive:
         networks = [loaded] + [_load_from_args(args, c)[0] for c in args.ckpt[1:]]
         if args.schedule:
             switching = switching_by_schedule(networks, MediatorSchedule.load(args.schedule))
@@ -848,7 +887,18 @@ def _configure_graft(parser: argparse.ArgumentParser) -> None:
         help="diffusers DiT folders: compute as the original DiT or exactly as diffusers does",
     )
     parser.add_argument(
-        "--mediators", type=int, nargs="+", required=True, help="mediator counts, one network each (perfect squares)"
+        "--mediators",
+        type=_count_or_full,
+        nargs="+",
+        required=True,
+        help="mediator counts, one network each (perfect squares); with --shared one network serving them all, "
+        "full (full attention) possibly among them",
+    )
+    parser.add_argument(
+        "--shared",
+        action="store_true",
+        help="write one network serving every count (shared.pt: one set of weights, bias tables per count) instead "
+        "of one per count; --distill-steps then fits one count per step",
     )
     _add_sampler_args(parser, steps=50)
     parser.add_argument(
@@ -893,10 +943,11 @@ def run_graft(args: argparse.Namespace) -> int:
         distill_steps=args.distill_steps,
         distill_lr=args.distill_lr,
         device="cuda" if torch.cuda.is_available() else "cpu",
+        shared=args.shared,
     )
     if result.errors:
         print(format_error_table(result.errors))
-    print("wrote " + ", ".join(str(path) for path in result.checkpoints.values()))
+    print("wrote " + ", ".join(str(path) for path in result.paths))
     return 0
 
 

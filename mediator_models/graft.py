@@ -18,6 +18,10 @@ block adds to its residual stream, which no premise measure predicts: proj mixes
 
 `distill_layers` then fits each grafted attention layer (qkv, proj, biases, conv) to its source layer's output on
 the source's activations along sampling trajectories; everything outside attention stays the source's.
+
+`graft_shared` makes one network serving several counts instead (`ModelConfig.mediators` a tuple, full attention
+possibly among them): the source's tensors once, and zero bias tables for each count; its distillation fits one
+count per step, drawn as training draws it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,7 +47,7 @@ from mediator_models.sampling.switching import evaluation_levels
 from mediator_models.storage.checkpoints import atomic_save, checkpoint_checksum, read_checkpoint
 from mediator_models.storage.errors import SettingError
 from mediator_models.storage.runfolder import FolderLock, atomic_write_json, claim_identity, clean_stale_temporaries
-from mediator_models.train import truncate_log
+from mediator_models.train import drawn_count, truncate_log
 
 # What a mediator layer has beyond full attention (names as in MediatorAttention), all set to zero on grafting.
 MEDIATOR_TENSORS = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias", "dwc.weight", "dwc.bias")
@@ -61,13 +66,36 @@ def graft_config(source: ModelConfig, mediators: int) -> ModelConfig:
     return source.replace(attention="mediator", mediators=mediators, depthwise_conv=None)
 
 
+def shared_graft_config(source: ModelConfig, counts) -> ModelConfig:
+    """The variant of `source` serving several counts (None: full attention, which then computes as the source):
+    the mediator block's conv for the mediator counts, and for full attention too where the source had it."""
+    graft_config(source, next(c for c in counts if c is not None))  # refuses a source that is no full attention
+    return source.replace(
+        attention="mediator", mediators=tuple(counts), depthwise_conv=True if source.uses_depthwise_conv else None
+    )
+
+
+# A shared network's per-count tables, e.g. blocks.3.attn.biases.16.an_bias: new, and zero on grafting.
+_COUNT_TABLE = re.compile(r"attn\.biases\.\d+\.[a-z]{2}_bias$")
+
+
 def graft(source: DiffusionTransformer, mediators: int) -> DiffusionTransformer:
     """A mediator network with `source`'s tensors copied exactly and the mediators' own ones zero.
 
     A source with the "full + conv" ablation's conv keeps that conv (a shared tensor). Any tensor of the source
     that has no place in the mediator network, or a shape that disagrees, is refused by name.
     """
-    config = graft_config(source.config, mediators)
+    return _grafted(source, graft_config(source.config, mediators))
+
+
+def graft_shared(source: DiffusionTransformer, counts) -> DiffusionTransformer:
+    """One network serving every count of `counts` (None: full attention), with `source`'s tensors copied exactly
+    (once: qkv, proj, the MLPs and embedders serve every count) and every count's bias tables, and a conv the
+    source lacks, zero. At each count it holds exactly the tensors `graft(source, count)` holds."""
+    return _grafted(source, shared_graft_config(source.config, counts))
+
+
+def _grafted(source: DiffusionTransformer, config: ModelConfig) -> DiffusionTransformer:
     target = DiffusionTransformer(config).to(next(source.parameters()).device)
     own, theirs = target.state_dict(), source.state_dict()
     unplaced = [k for k in theirs if k not in own]
@@ -81,7 +109,7 @@ def graft(source: DiffusionTransformer, mediators: int) -> DiffusionTransformer:
                     f"{key}: the source has {tuple(theirs[key].shape)}, the mediator network {tuple(slot.shape)}"
                 )
             weights[key] = theirs[key].detach().clone()
-        elif key.endswith(tuple("attn." + name for name in MEDIATOR_TENSORS)):
+        elif key.endswith(tuple("attn." + name for name in MEDIATOR_TENSORS)) or _COUNT_TABLE.search(key):
             weights[key] = torch.zeros_like(slot)
         else:
             raise ValueError(f"{key} of {config.label} has no counterpart in {source.config.label}")
@@ -246,20 +274,40 @@ def format_error_table(rows: list[dict[str, Any]]) -> str:
 # ---- the job: graft from a checkpoint into a folder ----------------------------------------------------------
 
 
+SHARED_CHECKPOINT = "shared.pt"
+
+
 @dataclass
 class GraftResult:
-    checkpoints: dict[int, Path]  # mediator count -> DIR/med{n}.pt
+    checkpoints: dict[int, Path]  # mediator count -> DIR/med{n}.pt (empty with shared=True)
     errors: list[dict[str, Any]]  # rows of `training_free_errors` (empty when no samples were measured)
+    shared: Path | None = None  # DIR/shared.pt: the one network serving every count (shared=True)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [*self.checkpoints.values(), *([self.shared] if self.shared else [])]
 
 
-def _check_counts(mediators, num_tokens: int) -> list[int]:
-    counts = list(mediators)
+def _check_counts(mediators, num_tokens: int, shared: bool = False) -> list[int | None]:
+    counts = [None if n == "full" else n for n in mediators]
     if not counts:
         raise SettingError("mediators", "names no count; give one or more perfect squares, e.g. 4 16 64")
-    repeated = sorted({n for n in counts if counts.count(n) > 1})
+    repeated = sorted({"full" if n is None else n for n in counts if counts.count(n) > 1}, key=str)
     if repeated:
         raise SettingError("mediators", f"names {repeated} more than once; name each count once")
+    if None in counts and not shared:
+        raise SettingError(
+            "mediators",
+            "names full attention, which is the source itself: drop 'full', or graft one network serving every count "
+            "with --shared (there full attention is one of its counts)",
+        )
+    if shared and len([n for n in counts if n is not None]) < (1 if None in counts else 2):
+        raise SettingError(
+            "mediators", "names one count: a shared network serves two or more (e.g. 4 16 64 full); drop --shared"
+        )
     for count in counts:
+        if count is None:
+            continue
         try:
             check_mediator_count(count, num_tokens)
         except ValueError as error:
@@ -286,12 +334,14 @@ def graft_to_folder(
     save_every: int = 50,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    shared: bool = False,
 ) -> GraftResult:
     """Graft one mediator network per count from a full-attention checkpoint (ours, an official DiT/SiT file with
     `model_name`, or a diffusers DiT folder, loaded by `load_for_sampling`) into out_dir/med{n}.pt, each loading
     strictly like any mediator checkpoint, and measure their training-free errors on `samples` trajectories of
     `sampler` (a SamplerConfig, or changes to the source family's default sampler, which runs 50 steps here)
-    into out_dir/errors.json.
+    into out_dir/errors.json. With `shared`, one network serving every count (None or "full" among them: full
+    attention) goes to out_dir/shared.pt instead.
 
     The folder is locked while grafting and belongs to one configuration (graft.json): the same command again
     remakes the same files; another source, count list or measurement is refused."""
@@ -312,7 +362,7 @@ def graft_to_folder(
         raise ValueError(
             f"{checkpoint} holds {source.config.label}; grafting needs a full-attention network to start from"
         )
-    counts = _check_counts(mediators, source.config.num_tokens)
+    counts = _check_counts(mediators, source.config.num_tokens, shared)
     wrong = [c for c in classes or () if not 0 <= c < source.config.num_classes]
     if wrong:
         raise SettingError(
@@ -339,18 +389,29 @@ def graft_to_folder(
     }
     if distill_steps:
         identity["distill"] = {"steps": distill_steps, "lr": distill_lr, "batch_size": batch_size}
+    if shared:
+        identity["shared"] = True
     with FolderLock(out, "attnmed graft"):
         fix = "To remake those networks, repeat their settings; to graft this configuration, choose another --out."
         claim_identity(out / "graft.json", identity, what="grafted networks", fix=fix, ignore=("source",))
         clean_stale_temporaries(out)
         grafted, paths = {}, {}
-        for count in counts:
-            grafted[count] = graft(source, count)
-            paths[count] = out / f"med{count}.pt"
-            if distill_steps and paths[count].exists():
+        if shared:
+            network = graft_shared(source, counts)
+            grafted = {c: network.at_count(c) for c in counts if c is not None}  # full attention is the source
+            paths = {tuple(counts): out / SHARED_CHECKPOINT}
+            networks = {tuple(counts): network}
+        else:
+            grafted = {count: graft(source, count) for count in counts}
+            paths = {count: out / f"med{count}.pt" for count in counts}
+            networks = grafted
+        for key, path in paths.items():
+            if distill_steps and path.exists():
                 continue  # a distillation under way: its checkpoint is where it resumes from
-            provenance = {"source": loaded.source, "source_weights": loaded.weights, "mediators": count}
-            atomic_save(grafted_checkpoint(grafted[count], loaded.process, provenance), paths[count])
+            provenance = {"source": loaded.source, "source_weights": loaded.weights, "mediators": key}
+            if shared:
+                provenance["mediators"] = list(key)
+            atomic_save(grafted_checkpoint(networks[key], loaded.process, provenance), path)
         rows = []
         if samples and (out / "errors.json").exists():  # measured by an earlier start of this very configuration
             rows = json.loads((out / "errors.json").read_text())["rows"]
@@ -367,10 +428,10 @@ def graft_to_folder(
                 progress=progress,
             )
             atomic_write_json(out / "errors.json", {**identity, "rows": rows})
-        for count in counts if distill_steps else ():
+        for key in paths if distill_steps else ():
             distill_layers(
                 source,
-                paths[count],
+                paths[key],
                 loaded.process,
                 sampler,
                 steps=distill_steps,
@@ -381,6 +442,8 @@ def graft_to_folder(
                 save_every=save_every,
                 progress=progress,
             )
+    if shared:
+        return GraftResult({}, rows, shared=out / SHARED_CHECKPOINT)
     return GraftResult(paths, rows)
 
 
@@ -449,7 +512,8 @@ def distill_layers(
     `steps` AdamW steps (the rest of the network stays the source's, bit for bit). Step s fits trajectories
     s·batch … (s+1)·batch − 1, drawn from the sampling seed + 1 (not those the errors are measured on), so a run
     resumed from the checkpoint saved every `save_every` steps (and at the end) reaches the same weights as one
-    never stopped."""
+    never stopped. A network serving several counts fits one count per step, drawn from (seed, step) as training
+    draws it (logged as "mediators")."""
     state = read_checkpoint(checkpoint)
     student = DiffusionTransformer(ModelConfig.from_dict(state["model_config"])).to(next(source.parameters()).device)
     student.load_state_dict(state["model"], strict=True)
@@ -472,10 +536,15 @@ def distill_layers(
     try:
         while done < steps:
             indices = list(range(done * batch_size, (done + 1) * batch_size))
+            record = {"step": done + 1}
+            if student.config.serves_several:
+                count = drawn_count(student.config.counts, seed + 1, done)
+                student.use_count(count)
+                record["mediators"] = "full" if count is None else count
             loss = _distill_step(source, student, opt, process, sampler, indices, seed + 1, classes, evaluations)
             done += 1
             with log.open("a") as handle:
-                handle.write(json.dumps({"step": done, "loss": loss}) + "\n")
+                handle.write(json.dumps({**record, "loss": loss}) + "\n")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")

@@ -59,7 +59,9 @@ def load_for_sampling(
     `attention` or `mediators` that disagrees with the checkpoint is refused); official DiT/SiT files (plain
     state dicts) need `model_name` (and the input size, default 32, and attention they were trained with). A
     diffusers DiT folder (a DiTTransformer2DModel, or a pipeline folder holding one) converts onto our DiT and
-    computes as the original DiT, or exactly as diffusers does with `numerics="diffusers"`."""
+    computes as the original DiT, or exactly as diffusers does with `numerics="diffusers"`. A checkpoint of a
+    network serving several counts loads as the network of one of them (`CountView`): `mediators` (or
+    `attention="full"`) picks it, by default its first; `switchable_networks` expands it to all of them."""
     from mediator_models.storage.diffusers_weights import config_from_diffusers, read_diffusers_folder
 
     if Path(checkpoint).is_dir():  # a diffusers DiT (read_diffusers_folder refuses any other folder)
@@ -78,8 +80,11 @@ def load_for_sampling(
             "--numerics applies to diffusers models only; attnmed and official DiT/SiT files compute as DiT"
         )
     state = read_checkpoint(checkpoint)
+    served = None
     if "model_config" in state:
         config = ModelConfig.from_dict(state["model_config"])
+        if config.serves_several:  # the flags pick one of its counts instead of describing the network
+            served, attention, mediators = _count_asked(config, attention, mediators, checkpoint), None, None
         conflicts = _conflicting_flags(config, model_name, input_size, attention, mediators, depthwise_conv)
         if conflicts:
             raise ValueError(
@@ -107,7 +112,37 @@ def load_for_sampling(
     if "model_config" in state:
         weights = extract_state_dict(state, use_ema=use_ema)
     load_checkpoint(model, weights)
-    return LoadedModel(model.to(device).eval(), process, str(checkpoint), weights_digest(weights))
+    model = model.to(device).eval()
+    if model.config.serves_several:
+        model = model.at_count(served)
+    return LoadedModel(model, process, str(checkpoint), weights_digest(weights))
+
+
+def _count_asked(config: ModelConfig, attention: str | None, mediators: int | None, checkpoint) -> int | None:
+    """The count of a network serving several that --mediators / --attention full ask for (default: its first)."""
+    if attention not in (None, "mediator", "full") or (attention == "full" and mediators is not None):
+        raise ValueError(
+            f"{checkpoint} holds {config.label}; pick one of its counts with --mediators N or --attention full"
+        )
+    count = None if attention == "full" else config.counts[0] if mediators is None else mediators
+    if count not in config.counts:
+        served = ", ".join("full (--attention full)" if c is None else str(c) for c in config.counts)
+        raise ValueError(f"{checkpoint} holds {config.label}, which serves {served}; not {mediators}")
+    return count
+
+
+def _each_count(loaded: LoadedModel) -> list[LoadedModel]:
+    """A network serving several counts as the network of each (same file, same weights); others as they are."""
+    if not serves_several(loaded):
+        return [loaded]
+    network = loaded.model.network
+    return [LoadedModel(view, loaded.process, loaded.source, loaded.weights) for view in network.count_views().values()]
+
+
+def serves_several(loaded: LoadedModel) -> bool:
+    """Whether `loaded` is one count of a network serving several (which one --ckpt can switch between)."""
+    network = getattr(loaded.model, "network", None)
+    return network is not None and network.config.serves_several
 
 
 def _data_shape_of(weights, input_size: int | None, num_classes: int) -> dict[str, Any]:
@@ -164,7 +199,9 @@ SWITCHABLE_FIELDS = (
 
 def switchable_networks(loaded: list[LoadedModel]) -> dict[int | None, LoadedModel]:
     """Key loaded models by mediator count (None: full attention), refusing any pair that cannot be switched
-    between within one sampling run (another size, patch, input size, label set or process)."""
+    between within one sampling run (another size, patch, input size, label set or process). A network serving
+    several counts stands for each of them."""
+    loaded = [count for item in loaded for count in _each_count(item)]
     first = loaded[0]
     networks: dict[int | None, LoadedModel] = {}
     for other in loaded:

@@ -3,7 +3,8 @@ Gloo on CPUs), with the papers' recipe by default (AdamW 1e-4, no weight decay, 
 
 Reproducibility by construction: the batch, the noise, the timesteps, the label dropout and the flips of
 step s depend only on (seed, rank, s), so a run killed and resumed from its last checkpoint reaches exactly
-the weights of a run that was never stopped.
+the weights of a run that was never stopped. A network serving several mediator counts (`mediators=(4, 16, 64,
+None)`) trains at one count per step, drawn from (seed, s) alone: the same on every rank and after a resume.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainConfig:
     model: str = "SiT-T/2"
     attention: str = "full"
-    mediators: int | None = None
+    # One count, or a tuple of counts (None: full attention) served by one network, trained at one drawn per step.
+    mediators: int | tuple[int | None, ...] | None = None
     depthwise_conv: bool | None = None  # the ablations: see ModelConfig.depthwise_conv
     data: str = "digits"  # "digits", an ImageFolder tree, or a latent cache from `attnmed cache-latents`
     image_size: int | None = None  # pixels; None: a latent cache's own size, else DEFAULT_IMAGE_SIZE
@@ -98,6 +100,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.mediators, list):  # read back from config.json
+            object.__setattr__(self, "mediators", tuple(self.mediators))
+        if isinstance(self.mediators, tuple):  # "full" as the command line spells full attention
+            object.__setattr__(self, "mediators", tuple(None if c == "full" else c for c in self.mediators))
         self.validate()
         if self.family == "SiT":
             for name, default in SIT_DEFAULTS.items():
@@ -176,6 +182,17 @@ class TrainConfig:
 def step_seed(seed: int, rank: int, step: int) -> int:
     """A seed for everything random in step `step` of rank `rank`."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+# The stream the per-step mediator count is drawn from, apart from the batch order's and each step's own seeds.
+COUNT_STREAM = 0x6D656469
+
+
+def drawn_count(counts: tuple[int | None, ...], seed: int, step: int) -> int | None:
+    """The count step `step` of a network serving several counts trains at: uniform over `counts`, from (seed,
+    step) alone, so every rank trains the same count (under DDP they share one set of parameters) and a resumed run
+    draws what the uninterrupted one drew. Nothing else random in the step is affected."""
+    return counts[int(np.random.default_rng([seed, COUNT_STREAM, step]).integers(len(counts)))]
 
 
 def batch_indices(num_items: int, global_batch: int, step: int, rank: int, world: int, seed: int) -> np.ndarray:
@@ -445,7 +462,10 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
         start, loss_floor = checkpoint["step"], checkpoint.get("loss_floor")
     vae = load_vae(cfg.vae, env.device) if cfg.vae else None
     process = cfg.process_config().build()
-    net = nn.parallel.DistributedDataParallel(model) if env.world_size > 1 else model
+    # A network serving several counts leaves the other counts' bias tables (and, at full attention, the conv) out
+    # of each step's graph; DDP must look for the unused parameters then.
+    unused = model_config.serves_several
+    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if env.world_size > 1 else model
     log = None
     if env.is_main:
         truncate_log(run_dir / "log.jsonl", start)
@@ -462,7 +482,7 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
 
         bar = progress_bar(cfg.steps, f"train {model_config.label}", initial=start)
     model.train()
-    step, window_start, window_losses = start, time.perf_counter(), []
+    step, window_start, window_losses, window_counts = start, time.perf_counter(), [], {}
     unproven = False  # the newest checkpoint has not yet shown a loss in the normal range
     save = lambda: save_training_checkpoint(run_dir, step, model, ema, opt, cfg, model_config, loss_floor)  # noqa: E731
     try:
@@ -475,6 +495,11 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
                 x, y = x.to(env.device), y.to(env.device)
                 if vae is not None:
                     x = encode(vae, x)
+                if model_config.serves_several:
+                    count = drawn_count(model_config.counts, cfg.seed, step)
+                    model.use_count(count)
+                    label = "full" if count is None else str(count)
+                    window_counts[label] = window_counts.get(label, 0) + 1
                 opt.zero_grad(set_to_none=True)
                 loss = backward_on_batch(
                     net, process, x, y, cfg.grad_accum, autocast=cfg.bf16 and env.device.type == "cuda"
@@ -507,13 +532,15 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
                         "lr": opt.param_groups[0]["lr"],
                         "time": time.time(),
                     }
+                    if window_counts:  # a network serving several counts: the steps each count trained
+                        record["counts"] = window_counts
                     loss_floor = min(loss_floor, record["loss"])
                     if log is not None:
                         log.write(json.dumps(record) + "\n")
                         log.flush()
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_sec']:.1f}")
-                    window_start, window_losses = time.perf_counter(), []
+                    window_start, window_losses, window_counts = time.perf_counter(), [], {}
                 periodic = step % cfg.ckpt_every == 0 or step == cfg.steps
                 if env.is_main and periodic:
                     save()

@@ -43,7 +43,7 @@ class StudyConfig:
     premise: bool = False  # record how much of A·V rank-n and pooled mediator maps recover (full attention)
     recovery_thresholds: tuple[float, ...] = ()  # schedules from the premise: largest relative error allowed
     budget_of: tuple[int, ...] = ()  # schedules from the rank rule within the GFLOPs of these static counts
-    # The design that can decide the quality claim (issue 18): seeds before variants, data with detail at the grid,
+    # The design that can decide the quality claim: seeds before variants, data with detail at the token grid,
     # and FID along training.
     data: str = "digits"  # "digits" or "textures" (mediator_models.data), scored by its own pinned extractor
     # The claims family: the counts trained and sampled at every training seed with full attention and (when the

@@ -185,15 +185,30 @@ class FullAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (B, N, C) -> (B, N, C)
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out, _ = softmax_attention(q, k, v, None, observe=False)
-        if self.map_observer is not None:  # the maps are computed when (and as far as) the observer reads them
-            self.map_observer(AttentionMaps(kind="full", values=v, queries=q, keys=k))
-        out = merge_heads(out)
-        if self.grid_size is not None:
-            out = out + depthwise_conv_on_values(self.dwc, merge_heads(v), self.grid_size)
-        return self.proj(out)
+        dwc = self.dwc if self.grid_size is not None else None
+        return full_attention(x, self.qkv, self.proj, self.num_heads, dwc, self.grid_size, self.map_observer)
+
+
+def full_attention(
+    x: torch.Tensor,
+    qkv: nn.Linear,
+    proj: nn.Linear,
+    num_heads: int,
+    dwc: nn.Conv2d | None,
+    grid_size: int | None,
+    observer: MapObserver | None,
+) -> torch.Tensor:
+    """proj(softmax(q·kᵀ/√d)·v [+ dwc(v)]) for x (B, N, C): what `FullAttention` computes, and a network serving
+    several counts at full attention (one function, so the two agree bit for bit)."""
+    b, n, c = x.shape
+    q, k, v = qkv(x).reshape(b, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
+    out, _ = softmax_attention(q, k, v, None, observe=False)
+    if observer is not None:  # the maps are computed when (and as far as) the observer reads them
+        observer(AttentionMaps(kind="full", values=v, queries=q, keys=k))
+    out = merge_heads(out)
+    if dwc is not None:
+        out = out + depthwise_conv_on_values(dwc, merge_heads(v), grid_size)
+    return proj(out)
 
 
 class ConvMixing(nn.Module):
@@ -211,31 +226,20 @@ class ConvMixing(nn.Module):
         return self.proj(depthwise_conv_on_values(self.dwc, self.v(x), self.grid_size))
 
 
-class MediatorAttention(nn.Module):
-    """Attention through n mediator tokens (docs/reference.md §6), computing what the public module computes.
+class PositionBiasTables:
+    """The position-bias tables of one mediator count (docs/reference.md §6), and the biases B_tk (n×N) and
+    B_qt (N×n) built from them: a 7×7 table per (head, mediator) resized bilinearly to the grid, plus a per-row
+    and a per-column table. A mixin: `MediatorAttention` holds its tables on itself, as the public checkpoints
+    name them (`attn.an_bias`, ...); a network serving several counts holds one `MediatorBiases` per count."""
 
-    Per head, with T the queries average-pooled to a √n×√n grid and s = head_dim^-1/2:
-        V_m = softmax(s·T·Kᵀ + B_tk)·V            mediators gather from all keys   (n×N map)
-        O   = softmax(s·Q·Tᵀ + B_qt)·V_m          queries read from the mediators  (N×n map)
-        out = proj(O + dwc3×3(V))
-    The position biases B_tk (n×N) and B_qt (N×n) are a 7×7 table per (head, mediator) resized bilinearly to
-    the grid, plus a per-row and a per-column table. Cost per head: 4·n·N·d instead of 2·N²·d.
-    """
+    num_heads: int
+    grid_size: int
+    mediators: int
 
-    def __init__(self, dim: int, num_heads: int, grid_size: int, mediators: int, depthwise_conv: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+    def _make_tables(self, num_heads: int, grid_size: int, mediators: int) -> None:
         check_mediator_count(mediators, grid_size * grid_size)
-        self.num_heads = num_heads
-        self.grid_size = grid_size
-        self.mediators = mediators
+        self.num_heads, self.grid_size, self.mediators = num_heads, grid_size, mediators
         self.pool_size = math.isqrt(mediators)
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-        if depthwise_conv:  # off only in the ablation "mediators without the conv"
-            self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.depthwise_conv = depthwise_conv
         g = grid_size
         # Names and shapes as in the public checkpoints: a = mediator ("agent"), n = token, h/w = row/column.
         self.an_bias = nn.Parameter(torch.zeros(num_heads, mediators, 7, 7))
@@ -244,10 +248,9 @@ class MediatorAttention(nn.Module):
         self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, mediators, 1, g))
         self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, g, 1, mediators))
         self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, g, mediators))
-        for table in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias):
+        for table in self._bias_tables():
             nn.init.trunc_normal_(table, std=0.02)
         self._bias_cache: tuple | None = None
-        self.map_observer: MapObserver | None = None
 
     def _bias_tables(self) -> tuple[torch.Tensor, ...]:
         return (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias)
@@ -280,33 +283,177 @@ class MediatorAttention(nn.Module):
         """Mediators: q (B, N, C) seen as a g×g image, adaptively average-pooled to √n×√n -> (B, n, C)."""
         return pool_tokens(q, self.grid_size, self.pool_size)
 
+
+class MediatorBiases(PositionBiasTables, nn.Module):
+    """The position-bias tables of one count of a network serving several (`MultiCountAttention`)."""
+
+    def __init__(self, num_heads: int, grid_size: int, mediators: int):
+        super().__init__()
+        self._make_tables(num_heads, grid_size, mediators)
+
+
+class MediatorAttention(PositionBiasTables, nn.Module):
+    """Attention through n mediator tokens (docs/reference.md §6), computing what the public module computes.
+
+    Per head, with T the queries average-pooled to a √n×√n grid and s = head_dim^-1/2:
+        V_m = softmax(s·T·Kᵀ + B_tk)·V            mediators gather from all keys   (n×N map)
+        O   = softmax(s·Q·Tᵀ + B_qt)·V_m          queries read from the mediators  (N×n map)
+        out = proj(O + dwc3×3(V))
+    The position biases B_tk (n×N) and B_qt (N×n) are a 7×7 table per (head, mediator) resized bilinearly to
+    the grid, plus a per-row and a per-column table. Cost per head: 4·n·N·d instead of 2·N²·d.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid_size: int, mediators: int, depthwise_conv: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        check_mediator_count(mediators, grid_size * grid_size)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        if depthwise_conv:  # off only in the ablation "mediators without the conv"
+            self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.depthwise_conv = depthwise_conv
+        self._make_tables(num_heads, grid_size, mediators)
+        self.map_observer: MapObserver | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (B, N, C) -> (B, N, C), N = grid_size²
-        b, n_tokens, c = x.shape
-        g = self.grid_size
-        if n_tokens != g * g:
-            raise ValueError(
-                f"this mediator attention was built for a {g}×{g} grid ({g * g} tokens) but got {n_tokens} tokens; "
-                "rebuild the model at the input size you run it at"
-            )
-        q, k, v = self.qkv(x).reshape(b, n_tokens, 3, c).unbind(2)  # each (B, N, C)
-        mediators = self.pool_queries(q)  # (B, n, C)
-        heads = self.num_heads
-        q_h, k_h, v_h, m_h = (split_heads(t, heads) for t in (q, k, v, mediators))
-        gather_bias, read_bias = self.position_biases()
-        observe = self.map_observer is not None
-        mediator_values, gather_weights = softmax_attention(m_h, k_h, v_h, gather_bias, observe)  # (B,h,n,d)
-        out, read_weights = softmax_attention(q_h, m_h, mediator_values, read_bias, observe)  # (B,h,N,d)
-        if observe:
-            self.map_observer(
-                AttentionMaps(
-                    kind="mediator", query_to_mediator=read_weights, mediator_to_key=gather_weights, values=v_h
-                )
-            )
-        out = merge_heads(out)
-        if self.depthwise_conv:
-            out = out + depthwise_conv_on_values(self.dwc, v, g)
-        return self.proj(out)
+        dwc = self.dwc if self.depthwise_conv else None
+        return mediator_attention(x, self.qkv, self.proj, self, dwc, self.map_observer)
+
+
+def mediator_attention(
+    x: torch.Tensor,
+    qkv: nn.Linear,
+    proj: nn.Linear,
+    tables: PositionBiasTables,
+    dwc: nn.Conv2d | None,
+    observer: MapObserver | None,
+) -> torch.Tensor:
+    """proj(softmax(s·Q·Tᵀ + B_qt)·softmax(s·T·Kᵀ + B_tk)·V [+ dwc(V)]) for x (B, N, C), with the count, grid and
+    biases of `tables`: what `MediatorAttention` computes, and a network serving several counts at that count."""
+    b, n_tokens, c = x.shape
+    g = tables.grid_size
+    if n_tokens != g * g:
+        raise ValueError(
+            f"this mediator attention was built for a {g}×{g} grid ({g * g} tokens) but got {n_tokens} tokens; "
+            "rebuild the model at the input size you run it at"
+        )
+    q, k, v = qkv(x).reshape(b, n_tokens, 3, c).unbind(2)  # each (B, N, C)
+    mediators = tables.pool_queries(q)  # (B, n, C)
+    heads = tables.num_heads
+    q_h, k_h, v_h, m_h = (split_heads(t, heads) for t in (q, k, v, mediators))
+    gather_bias, read_bias = tables.position_biases()
+    observe = observer is not None
+    mediator_values, gather_weights = softmax_attention(m_h, k_h, v_h, gather_bias, observe)  # (B,h,n,d)
+    out, read_weights = softmax_attention(q_h, m_h, mediator_values, read_bias, observe)  # (B,h,N,d)
+    if observe:
+        observer(
+            AttentionMaps(kind="mediator", query_to_mediator=read_weights, mediator_to_key=gather_weights, values=v_h)
+        )
+    out = merge_heads(out)
+    if dwc is not None:
+        out = out + depthwise_conv_on_values(dwc, v, g)
+    return proj(out)
+
+
+class MultiCountAttention(nn.Module):
+    """One attention layer serving several mediator counts (and, with None among them, full attention) from one
+    qkv, one proj and one depthwise conv; each count has its own position-bias tables (`biases["16"]`: the
+    tables of 16 mediators, named and shaped as a single-count layer's). `active` is the count it runs at.
+
+    The conv is shared, not one per count: it is the block's local term on V (a 3×3 neighbourhood, whatever the
+    count), like qkv and proj a property of the tokens and not of the mediators, and one conv trained under every
+    count is what lets a count the network was not sampled at much keep the local detail the others learned.
+    Full attention runs it only when `full_uses_conv` (a source that had it, `depthwise_conv=True`).
+
+    At count n it computes what `MediatorAttention` with the same tensors computes, at full attention what
+    `FullAttention` computes, bit for bit (the same functions run). Observers: `map_observer` sees every count;
+    `count_observers[n]`, set through `for_count(n).map_observer`, only count n (and takes precedence), which lets
+    the recorder name each count's maps under its own network.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid_size: int,
+        counts: tuple[int | None, ...],
+        mediator_conv: bool = True,
+        full_uses_conv: bool = False,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.grid_size = grid_size
+        self.counts = tuple(counts)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.mediator_conv = mediator_conv
+        self.full_uses_conv = full_uses_conv and None in self.counts
+        if mediator_conv or self.full_uses_conv:
+            self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.biases = nn.ModuleDict(
+            {str(n): MediatorBiases(num_heads, grid_size, n) for n in self.counts if n is not None}
+        )
+        self.active: int | None = self.counts[0]
+        self.map_observer: MapObserver | None = None
+        self.count_observers: dict[int | None, MapObserver] = {}
+
+    def _check_served(self, count: int | None) -> None:
+        if count not in self.counts:
+            served = ", ".join("full" if c is None else str(c) for c in self.counts)
+            raise ValueError(f"this layer serves the counts {served}, not {'full' if count is None else count}")
+
+    def use_count(self, count: int | None) -> None:
+        self._check_served(count)
+        self.active = count
+
+    def for_count(self, count: int | None) -> "CountAttention":
+        """This layer as the network of `count` sees it (its own observer slot; calls run at that count)."""
+        self._check_served(count)
+        return CountAttention(self, count)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, N, C) -> (B, N, C), at the active count
+        count = self.active
+        observer = self.count_observers.get(count, self.map_observer)
+        if count is None:
+            dwc = self.dwc if self.full_uses_conv else None
+            return full_attention(x, self.qkv, self.proj, self.num_heads, dwc, self.grid_size, observer)
+        dwc = self.dwc if self.mediator_conv else None
+        return mediator_attention(x, self.qkv, self.proj, self.biases[str(count)], dwc, observer)
+
+
+class CountAttention:
+    """One count of a `MultiCountAttention` layer, as the attention module of that count's network: what the
+    recorder attaches to (`map_observer` is that count's observer slot) and what a caller may run (at that
+    count, the layer's own count restored afterwards). It holds no tensors; `proj` and `qkv` are the layer's."""
+
+    def __init__(self, layer: MultiCountAttention, count: int | None):
+        self.layer, self.count = layer, count
+        self.num_heads = layer.num_heads
+        self.qkv, self.proj = layer.qkv, layer.proj
+
+    @property
+    def map_observer(self) -> MapObserver | None:
+        return self.layer.count_observers.get(self.count)
+
+    @map_observer.setter
+    def map_observer(self, observer: MapObserver | None) -> None:
+        if observer is None:
+            self.layer.count_observers.pop(self.count, None)
+        else:
+            self.layer.count_observers[self.count] = observer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        own = self.layer.active
+        self.layer.active = self.count
+        try:
+            return self.layer(x)
+        finally:
+            self.layer.active = own
 
 
 @functools.lru_cache(maxsize=64)

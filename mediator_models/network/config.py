@@ -2,7 +2,9 @@
 
 DiT and SiT share their networks (docs/reference.md §1); the family only decides whether the forward pass returns the
 learned-variance channels (DiT) or drops them (SiT). A config also carries its attention kind, so one name
-plus `attention="mediator", mediators=n` gives the mediator variant of any model.
+plus `attention="mediator", mediators=n` gives the mediator variant of any model, and `mediators=(4, 16, 64, None)`
+one network that serves several counts (None: full attention) from one set of weights (`at_count` gives the config
+of the network each count is).
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     mlp_ratio: float = 4.0
     attention: str = "full"
-    mediators: int | None = None
+    # One count n, or a tuple of the counts one network serves (None in it: full attention), e.g. (4, 16, 64, None):
+    # they share every tensor but their position-bias tables; the first is the count it runs at unless told otherwise.
+    mediators: int | tuple[int | None, ...] | None = None
     # How the network computes, where ports of DiT differ from the original: diffusers' DiTTransformer2DModel
     # divides its timestep frequencies by half − 1 (downscale_freq_shift=1) and normalises before the MLP with
     # its norm_eps (1e-5 by default). The original DiT: 0 and 1e-6. `numerics="diffusers"` on loading sets both.
@@ -62,6 +66,8 @@ class ModelConfig:
     depthwise_conv: bool | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.mediators, list):  # a config read back from JSON: its tuple of counts became a list
+            object.__setattr__(self, "mediators", tuple(self.mediators))
         self.validate()
 
     # ---- derived quantities -------------------------------------------------------------------------
@@ -91,9 +97,42 @@ class ModelConfig:
     def uses_depthwise_conv(self) -> bool:
         return self.attention != "full" if self.depthwise_conv is None else self.depthwise_conv
 
+    # ---- networks that serve several counts ----------------------------------------------------------
+    @property
+    def serves_several(self) -> bool:
+        """Whether the network serves several counts from one set of weights (`mediators` is a tuple)."""
+        return isinstance(self.mediators, tuple)
+
+    @property
+    def counts(self) -> tuple[int | None, ...]:
+        """The counts the network serves (None: full attention), its default first; one for other networks."""
+        if self.serves_several:
+            return self.mediators
+        return (self.mediators,) if self.attention == "mediator" else (None,)
+
+    def at_count(self, count: int | None) -> "ModelConfig":
+        """The single-count config of the network that a network serving several counts is at `count`: its
+        FLOPs, its label and the layout its tensors take in a checkpoint of that count alone. Full attention
+        keeps the conv only where `depthwise_conv=True` says every count has it (None: as each kind has it)."""
+        if count not in self.counts:
+            raise ValueError(
+                f"{self.label} does not serve {_count_text(count)}; it serves {', '.join(map(_count_text, self.counts))}"
+            )
+        if not self.serves_several:
+            return self
+        if count is None:
+            return self.replace(attention="full", mediators=None)
+        return self.replace(mediators=count)
+
     @property
     def attention_label(self) -> str:
-        """`full`, `mediator n=16`, and for the ablations `full + conv`, `mediator n=16, no conv`, `conv only`."""
+        """`full`, `mediator n=16`, and for the ablations `full + conv`, `mediator n=16, no conv`, `conv only`;
+        a network serving several counts: `mediator n=4/16/64/full`."""
+        if self.serves_several:
+            counts = "/".join("full" if c is None else str(c) for c in self.mediators)
+            conv = ", no conv" if not self.uses_depthwise_conv else ""
+            conv += ", conv in full" if self.depthwise_conv and None in self.mediators else ""
+            return f"mediator n={counts}{conv}"
         if self.attention == "conv":
             return "conv only"
         if self.attention == "full":
@@ -148,7 +187,10 @@ class ModelConfig:
         if self.attention == "mediator":
             if self.mediators is None:
                 raise ValueError("attention='mediator' needs a mediator count, e.g. mediators=16")
-            check_mediator_count(self.mediators, self.num_tokens)
+            if self.serves_several:
+                check_served_counts(self.mediators, self.num_tokens)
+            else:
+                check_mediator_count(self.mediators, self.num_tokens)
         elif self.mediators is not None:
             raise ValueError(
                 f"mediators={self.mediators} was given with attention={self.attention!r}; "
@@ -177,6 +219,28 @@ def check_mediator_count(mediators: int, num_tokens: int) -> None:
         )
 
 
+def _count_text(count: int | None) -> str:
+    return "full attention" if count is None else f"{count} mediators"
+
+
+def check_served_counts(counts: tuple, num_tokens: int) -> None:
+    """The counts of a network serving several: each a valid mediator count or None (full attention), each once,
+    at least two of them and one a mediator count."""
+    if len(counts) < 2:
+        raise ValueError(
+            f"mediators={counts!r} names one count; a network serving several counts needs two or more "
+            "(e.g. (4, 16, 64, None)); for one count give the number itself, mediators=16"
+        )
+    repeated = sorted({"full" if c is None else c for c in counts if counts.count(c) > 1}, key=str)
+    if repeated:
+        raise ValueError(f"mediators={counts!r} names {repeated} more than once; name each count once")
+    if all(c is None for c in counts):
+        raise ValueError("a network serving several counts needs at least one mediator count besides full attention")
+    for count in counts:
+        if count is not None:
+            check_mediator_count(count, num_tokens)
+
+
 def parse_name(name: str) -> tuple[str, str, int]:
     """`"SiT-XL/2"` -> `("SiT", "XL", 2)`, with a message listing the registry on a typo."""
     match = _NAME.match(name)
@@ -202,7 +266,7 @@ def make_config(
     learn_sigma: bool = True,
     class_dropout_prob: float = 0.1,
     attention: str = "full",
-    mediators: int | None = None,
+    mediators: int | tuple[int | None, ...] | None = None,
     depthwise_conv: bool | None = None,
 ) -> ModelConfig:
     """The config behind a registry name, with the caller's data shape and attention choice."""

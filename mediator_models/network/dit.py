@@ -5,10 +5,19 @@ Reads top to bottom like the public DiT `models.py`: block, model, guidance, ini
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
 import torch
 from torch import nn
 
-from mediator_models.network.attention import ConvMixing, FullAttention, MediatorAttention
+from mediator_models.network.attention import (
+    ConvMixing,
+    CountAttention,
+    FullAttention,
+    MediatorAttention,
+    MultiCountAttention,
+)
 from mediator_models.network.config import ModelConfig, make_config
 from mediator_models.network.layers import (
     FinalLayer,
@@ -29,7 +38,18 @@ class DiTBlock(nn.Module):
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         conv = config.uses_depthwise_conv
-        if config.attention == "mediator":
+        if config.serves_several:
+            # depthwise_conv: None gives each kind its own default (mediators the conv, full attention none);
+            # True gives every count the conv, False none (see ModelConfig.at_count).
+            self.attn = MultiCountAttention(
+                d,
+                config.num_heads,
+                config.grid_size,
+                config.mediators,
+                mediator_conv=conv,
+                full_uses_conv=bool(config.depthwise_conv),
+            )
+        elif config.attention == "mediator":
             self.attn = MediatorAttention(d, config.num_heads, config.grid_size, config.mediators, depthwise_conv=conv)
         elif config.attention == "conv":
             self.attn = ConvMixing(d, config.grid_size)
@@ -150,6 +170,81 @@ class DiffusionTransformer(nn.Module):
         """The attention module of each block, in depth order (where the recorder attaches)."""
         return [block.attn for block in self.blocks]
 
+    # ---- a network serving several counts -----------------------------------------------------------------
+    def _layer_counts(self, counts: int | None | Sequence[int | None]) -> tuple[int | None, ...]:
+        """One count for every layer, or one per layer, checked against the counts the network serves."""
+        depth = self.config.depth
+        layer_counts = tuple(counts) if isinstance(counts, (tuple, list)) else (counts,) * depth
+        if len(layer_counts) != depth:
+            raise ValueError(f"{len(layer_counts)} per-layer counts given for {depth} layers; give one per layer")
+        for count in set(layer_counts):
+            self.config.at_count(count)  # refuses a count not served, naming those that are
+        return layer_counts
+
+    def active_counts(self) -> tuple[int | None, ...]:
+        """The count each layer runs at (None: full attention)."""
+        if not self.config.serves_several:
+            return (self.config.counts[0],) * self.config.depth
+        return tuple(block.attn.active for block in self.blocks)
+
+    def use_count(self, counts: int | None | Sequence[int | None]) -> "DiffusionTransformer":
+        """Run every layer at `counts` from now on (one count, or one per layer; None: full attention)."""
+        layer_counts = self._layer_counts(counts)
+        if self.config.serves_several:
+            for block, count in zip(self.blocks, layer_counts):
+                block.attn.use_count(count)
+        return self
+
+    @contextmanager
+    def counting(self, counts: int | None | Sequence[int | None]) -> Iterator["DiffusionTransformer"]:
+        """Run at `counts` inside the block; the counts in force before are restored afterwards, whatever happens."""
+        before = self.active_counts()
+        self.use_count(counts)
+        try:
+            yield self
+        finally:
+            self.use_count(before)
+
+    def at_count(self, counts: int | None | Sequence[int | None]) -> nn.Module:
+        """The network of `counts` (one count, or one per layer): a `CountView` of a network serving several,
+        or this network itself for the one count it is."""
+        layer_counts = self._layer_counts(counts)
+        if not self.config.serves_several:
+            return self
+        return CountView(self, layer_counts)
+
+    def count_views(self) -> dict[int | None, nn.Module]:
+        """{count: the network of that count} for every count served, in the config's order."""
+        return {count: self.at_count(count) for count in self.config.counts}
+
+
+class CountView(nn.Module):
+    """A network serving several counts, seen as the network of some counts (one for every layer, or one per
+    layer). Each call runs the shared network at those counts and restores the counts it had; it holds no tensors
+    of its own. For one count its `config` is that count's single-count config, so its FLOPs and label, and the
+    recorder's name for its maps, are those of that count's network; `attention_modules` are that count's
+    observer slots of the shared layers."""
+
+    def __init__(self, network: DiffusionTransformer, layer_counts: Sequence[int | None]):
+        super().__init__()
+        self.network = network
+        self.layer_counts = tuple(layer_counts)
+        uniform = len(set(self.layer_counts)) == 1
+        self.count = self.layer_counts[0] if uniform else None
+        self.config = network.config.at_count(self.count) if uniform else network.config
+        self.uniform = uniform
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.network.counting(self.layer_counts):
+            return self.network(x, t, y)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = None) -> torch.Tensor:
+        with self.network.counting(self.layer_counts):
+            return self.network.forward_with_cfg(x, t, y, cfg_scale, guided_channels)
+
+    def attention_modules(self) -> list[CountAttention]:
+        return [block.attn.for_count(c) for block, c in zip(self.network.blocks, self.layer_counts)]
+
 
 def build_model(
     name: str,
@@ -160,7 +255,7 @@ def build_model(
     learn_sigma: bool = True,
     class_dropout_prob: float = 0.1,
     attention: str = "full",
-    mediators: int | None = None,
+    mediators: int | tuple[int | None, ...] | None = None,
     depthwise_conv: bool | None = None,
 ) -> DiffusionTransformer:
     """Build a registry model, e.g. `build_model("SiT-S/2", attention="mediator", mediators=16)`.

@@ -14,6 +14,7 @@ norms, activations, softmax and modulation are elementwise and not counted (as i
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +26,11 @@ FREQUENCY_EMBEDDING_SIZE = 256
 
 def macs_breakdown(config: ModelConfig) -> "OrderedDict[str, int]":
     """MACs of one forward pass at batch 1, by part; the values sum to the model's total."""
+    if config.serves_several:
+        raise ValueError(
+            f"{config.label} serves several counts and costs what the count it runs at costs: count one with "
+            "config.at_count(n), or a running network's active counts with network_gmacs(model)"
+        )
     n_tok, d, p = config.num_tokens, config.hidden_size, config.patch_size
     mlp_hidden = int(d * config.mlp_ratio)
     projections = 1 if config.attention == "conv" else 3  # conv only: v alone; else the packed qkv
@@ -52,6 +58,30 @@ def macs_breakdown(config: ModelConfig) -> "OrderedDict[str, int]":
 def config_gmacs(config: ModelConfig) -> float:
     """Total GMACs ("GFLOPs" in the papers' tables) of one forward pass at batch 1."""
     return sum(macs_breakdown(config).values()) / 1e9
+
+
+def layered_gmacs(configs: Mapping[int | None, ModelConfig], counts: Sequence[int | None]) -> float:
+    """GMACs of one forward pass whose layer l is a block of the network of `counts[l]` (configs: count ->
+    ModelConfig): the embedders and final layer once (the networks share them), then each block at its own cost."""
+    breakdowns = {c: macs_breakdown(configs[c]) for c in set(counts)}
+    outside = sum(macs for part, macs in breakdowns[counts[0]].items() if not part.startswith("blocks."))
+    per_block = {
+        c: sum(macs for part, macs in parts.items() if part.startswith("blocks.")) // configs[c].depth
+        for c, parts in breakdowns.items()
+    }
+    return (outside + sum(per_block[c] for c in counts)) / 1e9
+
+
+def network_gmacs(model: nn.Module) -> float:
+    """GMACs of one forward pass of `model` as it runs now: for a network serving several counts, at the count
+    each layer is set to (`use_count`), each layer costing what it costs in its count's own network."""
+    config = model.config
+    if not config.serves_several:
+        return config_gmacs(config)
+    counts = model.active_counts()
+    if len(set(counts)) == 1:
+        return config_gmacs(config.at_count(counts[0]))
+    return layered_gmacs({c: config.at_count(c) for c in set(counts)}, counts)
 
 
 def model_gmacs(

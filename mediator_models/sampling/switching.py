@@ -10,7 +10,9 @@ Two kinds, both used as the sampler's step callback:
   d_k < ρ_i·μ, one way only. Decisions are per sample (the public code decides per batch, so it needs batch
   size 1 for per-sample decisions); a batch gets exactly the switches its samples would get one by one.
 
-Networks are keyed by mediator count, with `None` (or the string "full") for full attention.
+Networks are keyed by mediator count, with `None` (or the string "full") for full attention. A network serving
+several counts from one set of weights (`ModelConfig.mediators` a tuple) may stand for all of them: both take it in
+place of the networks, switch counts inside it, and cost each step what its count costs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from typing import Mapping, Sequence
 import torch
 
 from mediator_models.network.config import ModelConfig
-from mediator_models.network.flops import config_gmacs, macs_breakdown
+from mediator_models.network.dit import CountView
+from mediator_models.network.flops import config_gmacs
+from mediator_models.network.flops import layered_gmacs as layer_gmacs
 from mediator_models.sampling.steps import StepInfo
 from mediator_models.storage.runfolder import atomic_write_json
 
@@ -201,24 +205,37 @@ class MediatorSchedule:
         """The count at `level` of every layer its interval does not name."""
         return self.interval_at(level).mediators
 
-    def callback(self, networks: Mapping[int | None, torch.nn.Module], names: Mapping[int | None, str] | None = None):
+    def callback(
+        self,
+        networks: Mapping[int | None, torch.nn.Module] | torch.nn.Module,
+        names: Mapping[int | None, str] | None = None,
+    ):
         """A step callback that hands each step to the network its noise level calls for: one of `networks`, or
         for a per-layer interval a `LayerMixedNetwork` of them. Per-layer intervals are refused unless the
-        networks they mix share every tensor outside attention; `names` (e.g. their files) name them in errors."""
+        networks they mix share every tensor outside attention; `names` (e.g. their files) name them in errors.
+        `networks` may be one network serving several counts (or its `count_views()`): each step then runs it at
+        the count (or per-layer counts) of its interval."""
+        networks = as_count_networks(networks)
+        shared = shared_network_of(networks)
         depth = next((n.config.depth for n in networks.values() if hasattr(n, "config")), None)
         self.validate(list(networks), depth)
         mixed = [i for i in self.intervals if i.per_layer]
-        if mixed:
+        if mixed and shared is None:
             used = sorted({c for i in mixed for c in i.counts_used}, key=lambda c: math.inf if c is None else c)
             check_shared_outside_attention({c: networks[c] for c in used}, names)
-        evaluated = {
-            i: LayerMixedNetwork(networks, i.layer_counts(depth), i.mediators) if i.per_layer else networks[i.mediators]
-            for i in self.intervals
-        }
+
+        def evaluated_by(interval: Interval):
+            if not interval.per_layer:
+                return networks[interval.mediators]
+            if shared is not None:  # one network: its layers switch counts, nothing is borrowed
+                return SharedLayerView(shared, interval.layer_counts(depth))
+            return LayerMixedNetwork(networks, interval.layer_counts(depth), interval.mediators)
+
+        evaluated = {i: evaluated_by(i) for i in self.intervals}
 
         def choose(info: StepInfo):
             network = evaluated[self.interval_at(info.noise_level)]
-            if isinstance(network, LayerMixedNetwork):
+            if isinstance(network, (LayerMixedNetwork, SharedLayerView)):
                 network.batch = len(info.x)
             return network
 
@@ -304,16 +321,36 @@ class MediatorSchedule:
         return isinstance(other, MediatorSchedule) and self.to_dict() == other.to_dict()
 
 
-def layer_gmacs(configs: Mapping[int | None, ModelConfig], counts: Sequence[int | None]) -> float:
-    """GMACs of one forward pass whose layer l is a block of the network of `counts[l]` (configs: count ->
-    ModelConfig): the embedders and final layer once (the networks share them), then each block at its own cost."""
-    breakdowns = {c: macs_breakdown(configs[c]) for c in set(counts)}
-    outside = sum(macs for part, macs in breakdowns[counts[0]].items() if not part.startswith("blocks."))
-    per_block = {
-        c: sum(macs for part, macs in parts.items() if part.startswith("blocks.")) // configs[c].depth
-        for c, parts in breakdowns.items()
-    }
-    return (outside + sum(per_block[c] for c in counts)) / 1e9
+def count_configs(network: torch.nn.Module) -> dict[int | None, ModelConfig]:
+    """{count: the config of that count's network} of a network serving several counts (for `expected_gflops`)."""
+    return {count: network.config.at_count(count) for count in network.config.counts}
+
+
+def as_count_networks(networks) -> dict[int | None, torch.nn.Module]:
+    """`networks` keyed by count: a mapping as given, or a network serving several counts as its count views."""
+    if isinstance(networks, torch.nn.Module):
+        config = getattr(networks, "config", None)
+        if config is None or not config.serves_several:
+            label = getattr(config, "label", type(networks).__name__)
+            raise ValueError(
+                f"{label} serves one count; give the networks to switch between keyed by count, e.g. "
+                "{4: net4, 16: net16}, or one network serving several counts"
+            )
+        return networks.count_views()
+    return dict(networks)
+
+
+def shared_network_of(networks: Mapping[int | None, torch.nn.Module]):
+    """The one network serving several counts that every network of `networks` is a view of, else None."""
+    owners = {id(n.network): n.network for n in networks.values() if isinstance(n, CountView)}
+    if len(owners) == 1 and all(isinstance(n, CountView) for n in networks.values()):
+        return next(iter(owners.values()))
+    return None
+
+
+def ordered_counts(counts) -> list[int | None]:
+    """Counts in the order the adaptive rule uses them: fewest mediators first, full attention last."""
+    return sorted(c for c in counts if c is not None) + ([None] if None in counts else [])
 
 
 _ATTENTION_KEY = re.compile(r"blocks\.\d+\.attn\.")
@@ -395,6 +432,20 @@ class LayerMixedNetwork:
         return torch.full((self.batch,), self.gmacs, dtype=torch.float64)
 
 
+class SharedLayerView(CountView):
+    """A network serving several counts run with one count per layer (a per-layer interval of a schedule), costing
+    each layer what it costs in its count's network. `batch` is set by the schedule's callback, as for
+    `LayerMixedNetwork`."""
+
+    def __init__(self, network: torch.nn.Module, layer_counts: Sequence[int | None]):
+        super().__init__(network, layer_counts)
+        self.gmacs = layer_gmacs({c: network.config.at_count(c) for c in set(self.layer_counts)}, self.layer_counts)
+        self.batch = 1
+
+    def gmacs_per_sample(self) -> torch.Tensor:
+        return torch.full((self.batch,), self.gmacs, dtype=torch.float64)
+
+
 class RoutedNetwork(torch.nn.Module):
     """Evaluates each sample of a batch with the network assigned to it (per-sample switching)."""
 
@@ -441,7 +492,8 @@ STATISTICS = ("state", "drift")
 class AdaptiveSwitch:
     """The paper's step-wise switching between networks of increasing mediator count (docs/reference.md §7).
 
-    `networks` are ordered as they are used (fewest mediators first, as the paper: 4, 16, 64); `ratios` are
+    `networks` are ordered as they are used (fewest mediators first, as the paper: 4, 16, 64), or are one network
+    serving several counts (its counts are then used fewest first, full attention last); `ratios` are
     ρ_1 … ρ_{m−1}. Following the public code, the first difference d_1 = |x_1 − x_0| is not used, μ averages
     d_2 … d_{K+1}, and from k = K+2 on the network moves from i to i+1 when d_k < ρ_i·μ (several moves may
     happen at one step). Works with samplers that evaluate the network once per step (SDE Euler–Maruyama,
@@ -462,6 +514,9 @@ class AdaptiveSwitch:
         distance: str = "l1",
         statistic: str = "state",
     ):
+        if isinstance(networks, torch.nn.Module):
+            views = as_count_networks(networks)
+            networks = [views[c] for c in ordered_counts(views)]
         if len(ratios) != len(networks) - 1:
             raise ValueError(f"{len(networks)} networks need {len(networks) - 1} ratios ρ_i, got {len(ratios)}")
         if distance not in ("l1", "l2"):
