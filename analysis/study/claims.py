@@ -386,16 +386,23 @@ def _claim_rows(old_rows: list[str], decisions: pd.DataFrame) -> list[str]:
         else:
             continue  # quality claims are rendered from the decisions below
         out.append("| " + " | ".join(cells) + " |")
-    rendered = []
+    # The claims family's order: the networks' quality claims (conv-matched first), then the FLOPs and premise rows,
+    # then the dynamic schedules' claims. Exploratory and repeated rows are in the paired-differences table only.
+    networks, schedules = [], []
     for claim, group in quality.groupby("claim", sort=False):
         for row in group.itertuples():
             if row.note:
                 continue
-            rendered.append(
+            line = (
                 f"| {claim}: {row.run} − {row.baseline} | {_paper_evidence(row.run, row.baseline, claim)} | FID {interval_text(row)} "
                 f"(per seed {row.per_seed}; Holm p {row.p_holm:.2g}) | {row.verdict} |"
             )
-    return out[:1] + rendered + out[1:]
+            (networks if _NETWORK_RUN.fullmatch(row.run) else schedules).append(line)
+    return out[:1] + networks + out[1:] + schedules
+
+
+# Runs of one trained network at every step (the counts, full attention and the ablations), not schedules.
+_NETWORK_RUN = re.compile(r"med\d+(-noconv)?|full(-conv)?|conv")
 
 
 def _paper_evidence(run: str, baseline: str, claim: str) -> str:
