@@ -34,7 +34,8 @@ bench: venv
 figures: venv
 	.venv/bin/attnmed reproduce --figures figures
 
-# The study on the paper's 16×16 token grid (about 90 minutes on 2 cores); figures/paper-grid holds its reference run.
+# The study on the paper's 16×16 token grid on the textures (5 training seeds of the claims family, about 80 minutes on
+# 2 idle cores; well under the 150-minute budget); figures/paper-grid holds its reference run.
 paper-grid: venv
 	.venv/bin/attnmed reproduce --preset paper-grid
 
