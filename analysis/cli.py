@@ -320,6 +320,11 @@ def _configure_sample(parser: argparse.ArgumentParser) -> None:
         "--schedule", default=None, help="schedule JSON (from `attnmed schedule`): the network of each step"
     )
     switching.add_argument(
+        "--plan",
+        default=None,
+        help="plan JSON (from `attnmed plan`): the attention computation of each (window of evaluations, layer)",
+    )
+    switching.add_argument(
         "--adaptive",
         action="store_true",
         help="the paper's rule: move to the next network (fewest mediators first) when the step "
@@ -362,6 +367,8 @@ def run_sample(args: argparse.Namespace) -> int:
     from mediator_models.sample import serves_several
 
     loaded, sampler = _load_from_args(args, args.ckpt[0])
+    if args.plan:
+        return _sample_plan(args, loaded, sampler)
     if (args.schedule or args.adaptive) and len(args.ckpt) < 2 and not serves_several(loaded):
         raise ValueError(
             "--schedule and --adaptive switch between networks: give one --ckpt per mediator count, or one of a "
@@ -402,6 +409,44 @@ def run_sample(args: argparse.Namespace) -> int:
     )
     if sidecar:
         print(f"wrote {args.num_samples} samples to {args.out} ({sidecar['gflops_per_image']:.3g} GFLOPs per image)")
+    return 0
+
+
+def _sample_plan(args: argparse.Namespace, loaded, sampler) -> int:
+    """`attnmed sample --plan`: sample one full-attention network with each cell's attention computation replaced as
+    the plan says; samples.json counts the GFLOPs per image of what ran."""
+    from analysis.intervene import check_plan, load_plan, plan_description, plan_intervention
+    from mediator_models.sample import sample_to_folder
+
+    if len(args.ckpt) > 1:
+        raise ValueError("--plan runs one full-attention network: give one --ckpt")
+    plan = load_plan(args.plan)
+    check_plan(plan, loaded.model.config, loaded.process, sampler)
+    vae = None
+    vae_folder = args.vae or _pipeline_vae(args.ckpt[0])
+    if vae_folder:
+        from mediator_models.data import load_vae
+
+        vae = load_vae(vae_folder, next(loaded.model.parameters()).device)
+    with plan_intervention(loaded.model, plan) as intervention:
+        sidecar = sample_to_folder(
+            loaded,
+            args.out,
+            num_samples=args.num_samples,
+            sampler=sampler,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            classes=args.classes,
+            vae=vae,
+            callback=intervention,
+            schedule=plan_description(plan),
+        )
+    if sidecar:
+        expected = plan["gflops_per_image"]["expected"]
+        print(
+            f"wrote {args.num_samples} samples to {args.out} ({sidecar['gflops_per_image']:.6g} GFLOPs per image; the "
+            f"plan expected {expected:.6g})"
+        )
     return 0
 
 
@@ -1044,6 +1089,69 @@ def run_intervene(args: argparse.Namespace) -> int:
     report = run_intervention(loaded, sampler, job, args.out)
     print(format_report(report))
     print(f"wrote {args.out}/report.json")
+    return 0
+
+
+def _configure_plan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        help="a redundancy table of a full-attention model (`attnmed record`; its sidecar names the sampler) and/or "
+        "intervention grid reports (`attnmed intervene --grid`, report.json) of that model and sampler; a grid's "
+        "measured damage predicts the cells it covers, the table the others",
+    )
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--budget-error",
+        type=float,
+        default=None,
+        help="greedy (DiTFastAttn): per cell the cheapest method whose predicted error is at most this",
+    )
+    budget.add_argument(
+        "--budget-gflops",
+        type=float,
+        default=None,
+        help="exact (an integer program): the least summed predicted error with at most these GFLOPs per image",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="the methods to choose among besides full attention: mediator:N, reuse-previous, share-cfg, window:R "
+        "(default: every one the sources predict)",
+    )
+    parser.add_argument(
+        "--windows",
+        nargs="+",
+        default=None,
+        metavar="K | A:B",
+        help="a table's evaluations cut into K near-equal windows, or the windows A:B (default: one per evaluation); "
+        "grids bring their own",
+    )
+    parser.add_argument("--name", default=None, help="the plan's name (default: describes the budget)")
+    parser.add_argument("--out", required=True, help="plan JSON to write (for `attnmed sample --plan`)")
+
+
+@command(
+    "plan",
+    "choose per (window of evaluations, layer) the attention computation within an error or GFLOPs budget",
+    _configure_plan,
+)
+def run_plan(args: argparse.Namespace) -> int:
+    from analysis.intervene import check_plan_target, format_plan, make_plan, write_plan
+
+    check_plan_target(args.out, args.sources)
+    plan = make_plan(
+        args.sources,
+        budget_error=args.budget_error,
+        budget_gflops=args.budget_gflops,
+        methods=args.methods,
+        windows=args.windows,
+        name=args.name,
+    )
+    write_plan(plan, args.out, args.sources)
+    print(format_plan(plan))
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -132,14 +132,21 @@ def window_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radius: int
 
 
 class AttentionIntervention:
-    """Replaces the chosen heads' output of the chosen full-attention layers at evaluations start..stop−1.
+    """Replaces the chosen heads' output of the chosen full-attention layers at evaluations start..stop−1, or, built
+    `from_cells`, each (evaluation, layer) of a plan with its own replacement.
 
     Use as a context manager around sampling, with `callback` as (or called from) the sampler's step callback:
 
         with AttentionIntervention(model, Replacement.parse("rank:4"), (10, 20), [3]) as intervention:
             generate(model, process, sampler, x_T, y, callback=intervention.callback, noise_fn=noise)
 
-    `replaced` counts the (evaluation, layer) pairs replaced so far.
+    The intervention is itself callable as that callback. `replaced` counts the (evaluation, layer) pairs replaced
+    so far; `saved_gmacs_per_image`, the attention GMACs per image the replacements saved in the current sampling
+    run, counted as they ran (`head_attention_macs` per head and batch row; share-cfg saves the unconditional rows).
+
+    reuse-previous delivers what the layer delivered at the previous evaluation: the exact output when that
+    evaluation was not replaced, else its replacement; over a run of reuse-previous evaluations, the output of the
+    evaluation before the first.
     """
 
     def __init__(
@@ -150,20 +157,50 @@ class AttentionIntervention:
         layers,
         heads=None,
     ):
-        self.model, self.replacement = model, replacement
-        self.start, self.stop = steps
-        self.layers = list(layers)
+        start, stop = steps
+        cells = {(index, layer): replacement for index in range(start, stop) for layer in layers}
+        self._setup(model, cells, heads)
+
+    @classmethod
+    def from_cells(cls, model, cells, heads=None) -> "AttentionIntervention":
+        """{(evaluation, layer): Replacement} -> one intervention replacing each cell its own way (a plan)."""
+        intervention = cls.__new__(cls)
+        intervention._setup(model, dict(cells), heads)
+        return intervention
+
+    def _setup(self, model, cells: dict[tuple[int, int], Replacement], heads) -> None:
+        self.model = model
+        self.cells = {key: r for key, r in cells.items() if r.kind != "none"}
+        self.layers = sorted({layer for _, layer in self.cells})
         self.heads = list(range(model.config.num_heads)) if heads is None else list(heads)
+        # The evaluations whose delivered output a reuse-previous evaluation right after them takes.
+        self._cached_at = {
+            (index - 1, layer)
+            for (index, layer), r in self.cells.items()
+            if r.kind == "reuse-previous" and self._kind_at(index - 1, layer) != "reuse-previous"
+        }
+        self._full_head = head_attention_macs(Replacement("none"), model.config)
+        self._head_macs = {r: head_attention_macs(r, model.config) for r in set(self.cells.values())}
         self.index: int | None = None
+        self.images = 1
         self.replaced = 0
+        self.saved_gmacs_per_image = 0.0
         self._previous: dict[int, torch.Tensor] = {}
         self._handles: list = []
+
+    def _kind_at(self, index: int, layer: int) -> str:
+        replacement = self.cells.get((index, layer))
+        return "none" if replacement is None else replacement.kind
 
     def callback(self, info: StepInfo) -> None:
         """The sampler's step callback: learns the evaluation index (it never switches networks)."""
         if info.index == 0:  # a new sampling run: nothing delivered before it may be reused
             self._previous.clear()
+            self.saved_gmacs_per_image = 0.0
         self.index = info.index
+        self.images = len(info.x)
+
+    __call__ = callback
 
     def __enter__(self) -> "AttentionIntervention":
         modules = self.model.attention_modules()
@@ -183,24 +220,25 @@ class AttentionIntervention:
 
     def _hook(self, layer: int):
         def hook(module: FullAttention, inputs, output):
-            if self.replacement.kind == "none":
-                return None
             if self.index is None:
                 raise RuntimeError("the intervention does not know the step: pass intervention.callback to the sampler")
-            replacing = self.start <= self.index < self.stop
-            caching = self.replacement.kind == "reuse-previous" and self.index == self.start - 1
-            if not (replacing or caching):
+            replacement = self.cells.get((self.index, layer))
+            caching = (self.index, layer) in self._cached_at
+            if replacement is None and not caching:
                 return None
             (x,) = inputs
             b, n, c = x.shape
             q, k, v = module.qkv(x).reshape(b, n, 3, module.num_heads, c // module.num_heads).permute(2, 0, 3, 1, 4)
             heads_out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d), as the module computes it
+            if replacement is not None:
+                chosen = [t[:, self.heads] for t in (q, k, v, heads_out)]
+                heads_out[:, self.heads] = self._replaced(layer, replacement, *chosen)
+                self.replaced += 1
+                self._count_saving(replacement, rows=b)
             if caching:
                 self._previous[layer] = heads_out[:, self.heads].clone()
-                return None
-            chosen = [t[:, self.heads] for t in (q, k, v, heads_out)]
-            heads_out[:, self.heads] = self._replaced(layer, *chosen)
-            self.replaced += 1
+            if replacement is None:
+                return None  # the module's own output, bit for bit
             out = merge_heads(heads_out)
             if module.grid_size is not None:
                 out = out + depthwise_conv_on_values(module.dwc, merge_heads(v), module.grid_size)
@@ -208,8 +246,15 @@ class AttentionIntervention:
 
         return hook
 
-    def _replaced(self, layer: int, q, k, v, exact) -> torch.Tensor:
-        kind, size = self.replacement.kind, self.replacement.size
+    def _count_saving(self, replacement: Replacement, rows: int) -> None:
+        if replacement.kind == "share-cfg":  # the unconditional half of the rows is not computed
+            saved = (rows // 2) * self._full_head
+        else:
+            saved = rows * (self._full_head - self._head_macs[replacement])
+        self.saved_gmacs_per_image += saved * len(self.heads) / self.images / 1e9
+
+    def _replaced(self, layer: int, replacement: Replacement, q, k, v, exact) -> torch.Tensor:
+        kind, size = replacement.kind, replacement.size
         if kind == "rank":
             return truncated_rank_output(q, k, v, size)
         if kind == "mediator":
@@ -526,6 +571,30 @@ BOOTSTRAP_REPLICATES = 2000
 MIN_CELLS_FOR_CORRELATION = 3
 
 
+def step_windows(windows: tuple[str, ...], evaluations: int) -> list[tuple[int, int]]:
+    """Windows of evaluations as (A, B) pairs: ('K',) cuts `evaluations` into K contiguous windows of near-equal
+    length; otherwise each text is 'A:B' (evaluations A..B−1). Refusals name the setting `windows`."""
+    if not windows:
+        raise SettingError("windows", "names none; give a count K or windows A:B")
+    if len(windows) == 1 and windows[0].strip().isdigit():
+        count = int(windows[0])
+        if not 1 <= count <= evaluations:
+            raise SettingError(
+                "windows", f"{count}: the sampler makes {evaluations} evaluations; give a count in 1..{evaluations}"
+            )
+        edges = [round(i * evaluations / count) for i in range(count + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+    parsed = []
+    for text in windows:
+        try:
+            parsed.append(parse_step_range(text))
+        except SettingError as error:
+            raise SettingError("windows", f"{error.reason} (one count K, or windows A:B)") from None
+    if len(set(parsed)) != len(parsed):
+        raise SettingError("windows", f"repeats a window: {list(windows)}")
+    return parsed
+
+
 @dataclass(frozen=True)
 class GridConfig:
     """A grid of interventions: `replace` in one layer of `layers` at a time, over one window of `windows` at a
@@ -543,25 +612,7 @@ class GridConfig:
 
     def step_windows(self, evaluations: int) -> list[tuple[int, int]]:
         """The windows as (A, B) pairs for a sampler making `evaluations` evaluations (setting `windows`)."""
-        if not self.windows:
-            raise SettingError("windows", "names none; give a count K or windows A:B")
-        if len(self.windows) == 1 and self.windows[0].strip().isdigit():
-            count = int(self.windows[0])
-            if not 1 <= count <= evaluations:
-                raise SettingError(
-                    "windows", f"{count}: the sampler makes {evaluations} evaluations; give a count in 1..{evaluations}"
-                )
-            edges = [round(i * evaluations / count) for i in range(count + 1)]
-            return list(zip(edges[:-1], edges[1:]))
-        windows = []
-        for text in self.windows:
-            try:
-                windows.append(parse_step_range(text))
-            except SettingError as error:
-                raise SettingError("windows", f"{error.reason} (one count K, or windows A:B)") from None
-        if len(set(windows)) != len(windows):
-            raise SettingError("windows", f"repeats a window: {list(self.windows)}")
-        return windows
+        return step_windows(self.windows, evaluations)
 
     def cell_job(self, window: tuple[int, int], layer: int) -> InterventionConfig:
         return InterventionConfig(
@@ -791,4 +842,598 @@ def format_grid_report(report: dict[str, Any]) -> str:
         else:
             interval = f"{row['low']:.3f} … {row['high']:.3f}"
             lines.append(f"{row['measure']:<{width}}  {row['rho']:>7.3f}  {interval:>17}  {row['cells']:>5}")
+    return "\n".join(lines)
+
+
+# ---- plans: which computation each (window of evaluations, layer) runs ----------------------------------------
+#
+# A plan chooses, per cell (a window of evaluations A..B−1 and one layer, all its heads), one method among full
+# attention and the replacements that save work: mediator:N, reuse-previous, share-cfg and window:R (rank:R is an
+# oracle: finding the rank-R map costs an SVD). Each option has a predicted error and the attention GMACs per image
+# it saves (`intervention_gmacs`, the count interventions use). Predictions come from an intervention grid's
+# measured damage where one covers the cell and method (the better predictor: it is what removing the computation
+# did), else from a redundancy table of the same model and sampler, head average (head −1) at the layer, averaged
+# over the window's steps and over the guidance branches:
+#     mediator:N      recovery_pooled_N        ‖Â·V − A·V‖_F / ‖A·V‖_F of the pooled mediator form
+#     reuse-previous  step_output_rel_l1       relative L1 of the output to the previous evaluation's; over a window
+#                                              the error at evaluation k is bounded by the sum from A to k (the
+#                                              output of A−1 is delivered throughout), averaged over k
+#     share-cfg       branch_output_rel_l1     relative L1 between the conditional and unconditional outputs
+#     window:R        1 − local_mass_rR        the mass outside the window
+# The two kinds of prediction are on different scales (damage: the final samples' relative error; the table: one
+# layer's attention output), so a budget mixing them mixes scales; each cell says what predicted it.
+#
+# Every prediction assumes the cell's inputs are exact, as the table measured them; a plan's errors are summed, not
+# compounded. reuse-previous in two adjacent windows of one layer would deliver an output reused twice, whose error
+# nothing predicts, so no plan holds that: the window before a reuse computes its output.
+#
+# Two solvers. `greedy_plan` (DiTFastAttn's): per cell, from the cheapest method up, the first whose predicted
+# error is within the budget E. `milp_plan`: the least summed predicted error with the run's GFLOPs per image within
+# the budget G, exactly, as an integer program (scipy.optimize.milp, HiGHS): one binary per (cell, option), one
+# option per cell, with the options another beats in both error and saving left out first.
+
+FULL_METHOD = "full"
+PLAN_FORMAT = 1
+MILP_TIME_LIMIT_S = 120.0
+
+
+@dataclass(frozen=True)
+class PlanOption:
+    """One method for one cell: its predicted error, the attention GMACs per image it saves, and what predicted it."""
+
+    method: str
+    error: float
+    saved: float
+    predicted_by: str
+
+
+@dataclass(frozen=True)
+class PlanCell:
+    """Evaluations window[0]..window[1]−1 of one layer, and the options it may run (full attention first)."""
+
+    window: tuple[int, int]
+    layer: int
+    options: tuple[PlanOption, ...]
+
+
+def plan_replacement(method: str) -> Replacement:
+    """'full' -> Replacement('none'); a replacement a plan may choose otherwise (setting `methods`)."""
+    if method == FULL_METHOD:
+        return Replacement("none")
+    try:
+        replacement = Replacement.parse(method)
+    except SettingError:
+        replacement = None
+    if replacement is None or replacement.kind in ("none", "rank"):
+        raise SettingError(
+            "methods",
+            f"takes full, mediator:N, reuse-previous, share-cfg or window:R; got {method!r}"
+            + (" (rank:R needs the SVD of A, an oracle's cost: it saves nothing)" if method.startswith("rank") else ""),
+        )
+    return replacement
+
+
+def _previous_cells(cells: list[PlanCell]) -> list[int | None]:
+    """For each cell, the index of the cell of its layer whose window ends where its own starts, if any."""
+    ending = {(cell.layer, cell.window[1]): i for i, cell in enumerate(cells)}
+    return [ending.get((cell.layer, cell.window[0])) for cell in cells]
+
+
+def greedy_plan(cells: list[PlanCell], budget_error: float) -> list[PlanOption]:
+    """Per cell, in order of evaluations, the cheapest option (most GMACs saved; ties: the smaller error) whose
+    predicted error is at most `budget_error`; reuse-previous is skipped right after a cell that reuses."""
+    order = sorted(range(len(cells)), key=lambda i: (cells[i].window, cells[i].layer))
+    previous = _previous_cells(cells)
+    chosen: dict[int, PlanOption] = {}
+    for i in order:
+        before = chosen.get(previous[i]) if previous[i] is not None else None
+        for option in sorted(cells[i].options, key=lambda o: (-o.saved, o.error)):
+            if option.method == "reuse-previous" and before is not None and before.method == "reuse-previous":
+                continue
+            if option.error <= budget_error:
+                chosen[i] = option
+                break
+        else:
+            raise AssertionError("full attention (error 0) is always within a budget ≥ 0")
+    return [chosen[i] for i in range(len(cells))]
+
+
+def _undominated(options: tuple[PlanOption, ...]) -> list[PlanOption]:
+    """The options no other option of the cell beats (error no larger, saving no smaller, one of them strictly, or
+    both equal and listed earlier). Dropping the others leaves a plan's optimum as it is: swapping a beaten option
+    for what beats it keeps the budget and the error; only an option that is not reuse-previous may beat another
+    that is not, since a reuse in its place could break the rule on adjacent reuses."""
+
+    def beats(a: PlanOption, b: PlanOption, a_first: bool) -> bool:
+        if b.method != "reuse-previous" and a.method == "reuse-previous":
+            return False
+        no_worse = a.error <= b.error and a.saved >= b.saved
+        return no_worse and (a.error < b.error or a.saved > b.saved or a_first)
+
+    return [b for k, b in enumerate(options) if not any(beats(a, b, m < k) for m, a in enumerate(options) if m != k)]
+
+
+def milp_plan(
+    cells: list[PlanCell], full_gflops: float, budget_gflops: float, *, time_limit: float = MILP_TIME_LIMIT_S
+) -> tuple[list[PlanOption], str]:
+    """The options of least summed predicted error whose run costs at most `budget_gflops` per image (a run of
+    full attention everywhere costs `full_gflops`), no layer reusing in adjacent windows. Within a cell, ties in
+    error go to the option saving more. Returns the options and the solver's status (HiGHS proves optimality to a
+    relative gap of 1e-4; past `time_limit` seconds it returns its best plan so far and says so). Refuses a budget
+    below the cheapest plan (setting `budget_gflops`)."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    kept = [_undominated(cell.options) for cell in cells]
+    variables = [(i, option) for i, options in enumerate(kept) for option in options]
+    errors = np.array([option.error for _, option in variables])
+    saved = np.array([option.saved for _, option in variables])
+    count = len(variables)
+    one_hot = coo_matrix((np.ones(count), ([i for i, _ in variables], range(count))), shape=(len(cells), count))
+    constraints = [LinearConstraint(one_hot, 1, 1)]
+    reuse = {i: c for c, (i, option) in enumerate(variables) if option.method == "reuse-previous"}
+    pairs = [
+        (reuse[i], reuse[before]) for i, before in enumerate(_previous_cells(cells)) if i in reuse and before in reuse
+    ]
+    if pairs:
+        at = ([k for k in range(len(pairs)) for _ in range(2)], [c for pair in pairs for c in pair])
+        adjacent = coo_matrix((np.ones(2 * len(pairs)), at), shape=(len(pairs), count))
+        constraints.append(LinearConstraint(adjacent, -np.inf, 1))
+    integrality, bounds, options = np.ones(count), Bounds(0, 1), {"time_limit": time_limit}
+    # The run costs full − Σ saved·x ≤ G, i.e. Σ saved·x ≥ full − G.
+    budget = LinearConstraint(saved[None, :], full_gflops - budget_gflops, np.inf)
+    solution = milp(errors, integrality=integrality, bounds=bounds, constraints=[*constraints, budget], options=options)
+    if solution.x is None:
+        cheapest = milp(-saved, integrality=integrality, bounds=bounds, constraints=constraints, options=options)
+        least = full_gflops + float(cheapest.fun) if cheapest.x is not None else math.nan
+        raise SettingError(
+            "budget_gflops",
+            f"is {budget_gflops:.6g} GFLOPs per image, below the cheapest plan the options allow ({least:.6g}; full "
+            f"attention everywhere costs {full_gflops:.6g}): raise it, or allow cheaper methods",
+        )
+    chosen = [option for (_, option), on in zip(variables, np.round(solution.x).astype(bool)) if on]
+    gap = getattr(solution, "mip_gap", None)
+    gap_text = "" if gap is None else f", relative gap {gap:.1e}"
+    status = f"optimal{gap_text}" if solution.status == 0 else f"not proven optimal: {solution.message}{gap_text}"
+    return chosen, status
+
+
+# ---- predictions from a table and from grids ---------------------------------------------------------------------
+
+_PREDICTOR = {"mediator": "recovery_pooled_{}", "window": "local_mass_r{}"}
+STEP_RELATION, BRANCH_RELATION = "step_output_rel_l1", "branch_output_rel_l1"
+
+
+def _metric_of(replacement: Replacement) -> str:
+    if replacement.kind in _PREDICTOR:
+        return _PREDICTOR[replacement.kind].format(replacement.size)
+    return STEP_RELATION if replacement.kind == "reuse-previous" else BRANCH_RELATION
+
+
+def table_methods(table) -> list[str]:
+    """The plan methods a redundancy table predicts: mediator:N per recovery_pooled_N and window:R per local_mass_rR
+    it holds (smallest first), then reuse-previous and share-cfg where it holds the step and branch relations."""
+    metrics = set(table["metric"])
+
+    def sizes(pattern: str) -> list[int]:
+        return sorted(int(m.group(1)) for m in map(re.compile(pattern).fullmatch, metrics) if m is not None)
+
+    methods = [f"mediator:{n}" for n in sizes(r"recovery_pooled_([0-9]+)")]
+    methods += [f"window:{r}" for r in sizes(r"local_mass_r([0-9]+)")]
+    relations = (("reuse-previous", STEP_RELATION), ("share-cfg", BRANCH_RELATION))
+    return methods + [method for method, metric in relations if metric in metrics]
+
+
+def table_predictions(table, windows, layers, methods) -> dict[tuple[int, int, int, str], tuple[float, str]]:
+    """{(A, B, layer, method): (predicted error, what predicted it)} from a redundancy table (see above); cells
+    where the table lacks a step of the window are left out."""
+    rows = table[table["head"] == -1]
+    predictions = {}
+    for method in methods:
+        replacement = plan_replacement(method)
+        metric = _metric_of(replacement)
+        part = rows[rows["metric"] == metric]
+        part = (
+            part[part["branch"] == "cond-uncond"]
+            if replacement.kind == "share-cfg"
+            else part[part["branch"] != "cond-uncond"]
+        )
+        values = part.groupby(["layer", "step"])["mean"].mean().to_dict()  # averaged over the guidance branches
+        for start, stop in windows:
+            for layer in layers:
+                steps = [values.get((layer, step), math.nan) for step in range(start, stop)]
+                if not steps or not all(math.isfinite(v) for v in steps):
+                    continue
+                if replacement.kind == "reuse-previous":  # evaluation A−1's output delivered at A..k: Σ bound
+                    running, bounds = 0.0, []
+                    for value in steps:
+                        running += value
+                        bounds.append(running)
+                    error = sum(bounds) / len(bounds)
+                elif replacement.kind == "window":
+                    error = 1.0 - sum(steps) / len(steps)
+                else:
+                    error = sum(steps) / len(steps)
+                by = f"table {'1 − ' if replacement.kind == 'window' else ''}{metric}"
+                predictions[(start, stop, layer, method)] = (max(error, 0.0), by)
+    return predictions
+
+
+def grid_predictions(report: dict[str, Any], where: str) -> dict[tuple[int, int, int, str], tuple[float, str]]:
+    """{(A, B, layer, method): (measured damage, what measured it)} of an intervention grid's report."""
+    method = report["grid"]["replace"]
+    plan_replacement(method)
+    return {
+        (*cell["window"], cell["layer"], method): (float(cell["relative_error"]["mean"]), f"grid damage {where}")
+        for cell in report["cells"]
+    }
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _differing(theirs: dict, ours: dict) -> str:
+    return ", ".join(
+        f"{k} {theirs.get(k)!r} ≠ {ours.get(k)!r}"
+        for k in dict.fromkeys([*theirs, *ours])
+        if theirs.get(k) != ours.get(k)
+    )
+
+
+@dataclass
+class _Source:
+    path: Path
+    kind: str  # table | grid
+    model: ModelConfig
+    process: Any
+    sampler: SamplerConfig
+    weights: str | None
+    content: Any  # the table, or the grid's report
+
+
+def _read_source(path: str | Path) -> _Source:
+    """A redundancy table (with the sidecar `attnmed record` writes) or an intervention grid's report.json."""
+    import json
+
+    from analysis.collect import read_table, table_model
+    from mediator_models.sampling.generation import ProcessConfig
+
+    path = Path(path)
+    if path.suffix in (".parquet", ".csv"):
+        table = read_table(path)
+        sidecar = json.loads(Path(str(path) + ".json").read_text()) if Path(str(path) + ".json").exists() else {}
+        model = table_model(path)
+        if "sampler" not in sidecar:
+            raise ValueError(
+                f"{path}: its sidecar names no sampler, and a plan is made for one; record the table with `attnmed "
+                "record`, whose sidecar names it",
+            )
+        process = ProcessConfig(**sidecar.get("process", {"family": model.family}))
+        return _Source(
+            path, "table", model, process, SamplerConfig(**sidecar["sampler"]), sidecar.get("weights"), table
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"no table or grid report at {path}")
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        report, reason = None, str(error)
+    else:
+        reason = "it holds no grid's 'cells'"
+    if not isinstance(report, dict) or "cells" not in report or "grid" not in report:
+        raise ValueError(
+            f"{path} is neither a redundancy table (.parquet, .csv) nor an intervention grid's report.json "
+            f"(`attnmed intervene --grid`): {reason}",
+        )
+    if report["grid"].get("heads") is not None:
+        raise ValueError(
+            f"{path} replaced heads {report['grid']['heads']} only; a plan replaces every head of a layer: run the "
+            "grid without --heads",
+        )
+    model = ModelConfig.from_dict(report["model"])
+    process = ProcessConfig(**report["process"])
+    return _Source(path, "grid", model, process, SamplerConfig(**report["sampler"]), report.get("weights"), report)
+
+
+def make_plan(
+    sources,
+    *,
+    budget_error: float | None = None,
+    budget_gflops: float | None = None,
+    methods=None,
+    windows=None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """A plan (a JSON-ready dict) from redundancy tables and/or intervention grids of one model and sampler, within
+    an error budget (greedy) or a GFLOPs budget (exact). Each refusal names its setting."""
+    from mediator_models.network.flops import config_gmacs
+
+    if (budget_error is None) == (budget_gflops is None):
+        raise SettingError("budget_error", "or --budget-gflops: give exactly one budget")
+    if budget_error is not None and not (math.isfinite(budget_error) and budget_error >= 0):
+        raise SettingError("budget_error", f"must be a finite error ≥ 0, got {budget_error!r}")
+    if budget_gflops is not None and not (math.isfinite(budget_gflops) and budget_gflops > 0):
+        raise SettingError("budget_gflops", f"must be a positive number of GFLOPs per image, got {budget_gflops!r}")
+    if not sources:
+        raise ValueError("a plan needs a source: give a redundancy table or intervention grid reports")
+    read = [_read_source(path) for path in sources]
+    first = read[0]
+    for other in read[1:]:
+        for what, theirs, ours in (
+            ("model", other.model.to_dict(), first.model.to_dict()),
+            ("process", other.process.to_dict(), first.process.to_dict()),
+            ("sampler", other.sampler.to_dict(), first.sampler.to_dict()),
+        ):
+            if theirs != ours:
+                raise ValueError(
+                    f"{other.path} and {first.path} are of another {what} ({_differing(theirs, ours)}); a plan is made "
+                    "for one model and sampler",
+                )
+    tables = [s for s in read if s.kind == "table"]
+    grids = [s for s in read if s.kind == "grid"]
+    if len(tables) > 1:
+        raise ValueError(f"{len(tables)} tables given; give one (and any intervention grids)")
+    config, process, sampler = first.model, first.process, first.sampler
+    if config.attention != "full":
+        raise ValueError(f"{first.path} is of {config.label}; plans replace full attention")
+    if sampler.adaptive:
+        raise ValueError(f"{first.path} was made with dopri5, whose evaluations vary: plans need fixed steps")
+    levels = evaluation_levels(process, sampler)
+    evaluations = len(levels)
+    if tables:
+        read_grid_table(tables[0].path, config, evaluations)  # refuses a table of other networks or step counts
+    if grids:
+        if windows is not None:
+            raise SettingError("windows", "comes from the grids' windows when grids are given: drop it")
+        cut = sorted({tuple(cell["window"]) for cell in grids[0].content["cells"]})
+        for grid in grids[1:]:
+            theirs = sorted({tuple(cell["window"]) for cell in grid.content["cells"]})
+            if theirs != cut:
+                raise ValueError(f"{grid.path} has the windows {theirs}, {grids[0].path} {cut}: give grids of one cut")
+    else:
+        cut = step_windows(tuple(windows) if windows else (str(evaluations),), evaluations)
+        for a, b in cut:
+            if b > evaluations:
+                raise SettingError("windows", f"{a}:{b} lies outside this sampler's evaluations 0..{evaluations - 1}")
+    cut = sorted(cut)
+    for (a, b), (c, d) in zip(cut, cut[1:]):
+        if c < b:
+            raise SettingError("windows", f"{a}:{b} and {c}:{d} overlap; a plan's windows must not")
+    layers = list(range(config.depth))
+    predictions = table_predictions(tables[0].content, cut, layers, table_methods(tables[0].content)) if tables else {}
+    grid_methods = []
+    for grid in grids:
+        predictions.update(grid_predictions(grid.content, str(grid.path)))  # measured damage where there is some
+        grid_methods.append(grid.content["grid"]["replace"])
+    available = list(dict.fromkeys([*(table_methods(tables[0].content) if tables else []), *grid_methods]))
+    guided = sampler.cfg_scale != 1.0
+    if methods is None:
+        methods = [m for m in available if guided or m != "share-cfg"]
+    methods = [m for m in dict.fromkeys(methods) if m != FULL_METHOD]
+    for method in methods:
+        replacement = plan_replacement(method)
+        if method not in available:
+            fix = f"record {_metric_of(replacement)} in the table" + (
+                " (--metrics changes)" if replacement.kind in ("reuse-previous", "share-cfg") else ""
+            )
+            raise SettingError(
+                "methods",
+                f"{method}: no source predicts it; {fix}, or run `attnmed intervene --grid --replace {method}`",
+            )
+        if replacement.kind == "share-cfg" and not guided:
+            raise SettingError(
+                "methods", "share-cfg shares between guidance branches, but the sampler is unguided (cfg scale 1)"
+            )
+        if replacement.kind == "mediator":
+            side = math.isqrt(replacement.size)
+            if side * side != replacement.size or replacement.size > config.num_tokens:
+                raise SettingError("methods", f"{method} needs a perfect square count of at most {config.num_tokens}")
+    full_gflops = config_gmacs(config) * evaluations * (2 if guided else 1)
+    cells = []
+    for start, stop in cut:
+        for layer in layers:
+            options = [PlanOption(FULL_METHOD, 0.0, 0.0, "exact")]
+            for method in methods:
+                key = (start, stop, layer, method)
+                if key not in predictions or (method == "reuse-previous" and start == 0):
+                    continue
+                error, by = predictions[key]
+                saved = intervention_gmacs(config, plan_replacement(method), stop - start, 1, config.num_heads, guided)
+                options.append(PlanOption(method, error, saved["saved"], by))
+            cells.append(PlanCell((start, stop), layer, tuple(options)))
+    if budget_error is not None:
+        chosen, status = greedy_plan(cells, budget_error), "greedy"
+        solver = "greedy (DiTFastAttn): per cell, the cheapest method whose predicted error is within the budget"
+    else:
+        chosen, status = milp_plan(cells, full_gflops, budget_gflops)
+        solver = "milp (scipy.optimize.milp, HiGHS): the least summed predicted error within the GFLOPs budget"
+    saved_total = sum(option.saved for option in chosen)
+    used: dict[str, int] = {}
+    for option in chosen:
+        used[option.method] = used.get(option.method, 0) + 1
+    budget = {"error": budget_error} if budget_error is not None else {"gflops": budget_gflops}
+    return {
+        "plan": "attnmed plan",
+        "format": PLAN_FORMAT,
+        "name": name
+        or ("plan error ≤ " + f"{budget_error:g}" if budget_error is not None else f"plan ≤ {budget_gflops:g} GFLOPs"),
+        "sources": [
+            {
+                "path": str(s.path),
+                "sha256": _sha256(s.path),
+                "kind": s.kind,
+                **({"replace": s.content["grid"]["replace"]} if s.kind == "grid" else {}),
+            }
+            for s in read
+        ],
+        "budget": budget,
+        "solver": solver,
+        "solver_status": status,
+        "model": config.to_dict(),
+        "process": process.to_dict(),
+        "sampler": sampler.to_dict(),
+        "weights": first.weights,
+        "evaluations": evaluations,
+        "methods": [FULL_METHOD, *methods],
+        "cells": [
+            {
+                "steps": list(cell.window),
+                "noise_levels": [levels[cell.window[0]], levels[cell.window[1] - 1]],
+                "layer": cell.layer,
+                "method": option.method,
+                "predicted_error": option.error,
+                "predicted_by": option.predicted_by,
+                "gflops_saved": option.saved,
+            }
+            for cell, option in zip(cells, chosen)
+        ],
+        "methods_used": used,
+        "predicted_error": {"sum": sum(o.error for o in chosen), "max": max((o.error for o in chosen), default=0.0)},
+        "gflops_per_image": {"full": full_gflops, "expected": full_gflops - saved_total, "saved": saved_total},
+        "gflops_note": "per image, guidance's two rows counted; attention matrix products as `attnmed flops` counts them",
+    }
+
+
+def check_plan_target(out: str | Path, sources=()) -> None:
+    """Refuse, before any work, a plan file that is a folder or one of the plan's sources (setting `out`)."""
+    out = Path(out)
+    if out.is_dir():
+        raise SettingError("out", f"{out} is a folder; name the plan file, e.g. {out / 'plan.json'}")
+    if out.exists() and out.resolve() in {Path(s).resolve() for s in sources}:
+        raise SettingError("out", f"{out} is one of the plan's sources; name another file")
+
+
+def write_plan(plan: dict[str, Any], out: str | Path, sources=()) -> Path:
+    """Write `plan` to `out` atomically (`check_plan_target` first)."""
+    check_plan_target(out, sources)
+    return atomic_write_json(out, plan)
+
+
+def load_plan(path: str | Path) -> dict[str, Any]:
+    """A plan written by `attnmed plan`, its cells checked (setting `plan`)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise SettingError("plan", f"{path}: no plan file there; make one with `attnmed plan`")
+    try:
+        plan = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SettingError("plan", f"{path} is not a plan JSON (from `attnmed plan`): {error}") from None
+    if not isinstance(plan, dict) or plan.get("plan") != "attnmed plan" or not isinstance(plan.get("cells"), list):
+        raise SettingError("plan", f"{path} is not a plan JSON (from `attnmed plan`)")
+    if plan.get("format") != PLAN_FORMAT:
+        raise SettingError("plan", f"{path} has plan format {plan.get('format')!r}; this attnmed reads {PLAN_FORMAT}")
+    try:
+        for cell in plan["cells"]:
+            start, stop = (int(v) for v in cell["steps"])
+            plan_replacement(cell["method"])
+            int(cell["layer"])
+            if not 0 <= start < stop:
+                raise ValueError(f"steps {start}:{stop}")
+    except SettingError as error:
+        raise SettingError("plan", f"{path} has a cell method that {error.reason}") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise SettingError("plan", f"{path} has a malformed cell ({error}); remake it with `attnmed plan`") from None
+    plan["source"] = str(path)
+    return plan
+
+
+def check_plan(plan: dict[str, Any], config: ModelConfig, process, sampler: SamplerConfig) -> int:
+    """Refuse a plan made for another model config, process or sampler (setting `plan`); returns its evaluations."""
+    where = plan.get("source", "the plan")
+    theirs, ours = plan["model"], config.to_dict()
+    if theirs != ours:
+        raise SettingError(
+            "plan",
+            f"{where} was made for {ModelConfig.from_dict(theirs).label}, not this checkpoint's {config.label} "
+            f"({_differing(theirs, ours)}); make a plan from a table or grid of this checkpoint",
+        )
+    if plan["process"] != process.to_dict():
+        raise SettingError(
+            "plan", f"{where} was made for another process ({_differing(plan['process'], process.to_dict())})"
+        )
+    made = SamplerConfig(**plan["sampler"])
+    fields = ("kind", "method", "steps")
+    if any(getattr(made, f) != getattr(sampler, f) for f in fields) or (made.cfg_scale != 1.0) != (
+        sampler.cfg_scale != 1.0
+    ):
+        raise SettingError(
+            "plan",
+            f"{where} was made for the sampler {made.describe()}, this run samples {sampler.describe()}: its cells "
+            "are evaluations of that sampler; sample with the plan's sampler settings, or make a plan for this one",
+        )
+    evaluations = len(evaluation_levels(process, sampler))
+    if evaluations != plan["evaluations"]:
+        raise SettingError(
+            "plan", f"{where} covers {plan['evaluations']} evaluations, this sampler makes {evaluations}"
+        )
+    seen = set()
+    for cell in plan["cells"]:
+        start, stop = cell["steps"]
+        if stop > evaluations or not 0 <= cell["layer"] < config.depth:
+            raise SettingError(
+                "plan", f"{where} has a cell {start}:{stop} of layer {cell['layer']} outside this model and sampler"
+            )
+        keys = {(i, cell["layer"]) for i in range(start, stop)}
+        if keys & seen:
+            raise SettingError("plan", f"{where} gives layer {cell['layer']} two methods at evaluations {start}:{stop}")
+        seen |= keys
+        if cell["method"] == "reuse-previous" and start == 0:
+            raise SettingError("plan", f"{where} reuses at evaluation 0, where nothing came before")
+        if cell["method"] == "share-cfg" and sampler.cfg_scale == 1.0:
+            raise SettingError("plan", f"{where} shares between guidance branches, but this run is unguided")
+    return evaluations
+
+
+def plan_intervention(model, plan: dict[str, Any]) -> AttentionIntervention:
+    """The hooks that execute `plan` on `model` (its cells other than full attention)."""
+    cells = {}
+    for cell in plan["cells"]:
+        replacement = plan_replacement(cell["method"])
+        for index in range(*cell["steps"]):
+            cells[(index, cell["layer"])] = replacement
+    return AttentionIntervention.from_cells(model, cells)
+
+
+def plan_description(plan: dict[str, Any]) -> dict[str, Any]:
+    """What samples.json records of the plan that made its samples."""
+    source = plan.get("source")
+    return {
+        "name": plan["name"],
+        "plan": source,
+        "plan_sha256": _sha256(Path(source)) if source else None,
+        "budget": plan["budget"],
+        "methods_used": plan["methods_used"],
+        "expected_gflops_per_image": plan["gflops_per_image"]["expected"],
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan in a few lines: what it uses, its predicted error and its cost; the cells as a table when small."""
+    g = plan["gflops_per_image"]
+    lines = [
+        f"{plan['name']}: {plan['solver']} ({plan['solver_status']})",
+        "methods used (cells): " + ", ".join(f"{m} {n}" for m, n in sorted(plan["methods_used"].items())),
+        f"predicted error: sum {plan['predicted_error']['sum']:.4g}, largest {plan['predicted_error']['max']:.4g}",
+        f"expected GFLOPs per image {g['expected']:.6g} (full attention {g['full']:.6g}, saved {g['saved']:.4g})",
+    ]
+    windows = sorted({tuple(cell["steps"]) for cell in plan["cells"]})
+    if len(windows) <= 32:
+        by_cell = {(tuple(cell["steps"]), cell["layer"]): cell["method"] for cell in plan["cells"]}
+        layers = sorted({cell["layer"] for cell in plan["cells"]})
+        width = max([len(m) for m in by_cell.values()] + [5])
+        lines.append(f"{'window':>9}  " + "  ".join(f"{'L' + str(layer):<{width}}" for layer in layers))
+        for window in windows:
+            label = f"{window[0]}:{window[1]}"
+            methods = "  ".join(f"{by_cell.get((window, layer), '-'):<{width}}" for layer in layers)
+            lines.append(f"{label:>9}  {methods}")
     return "\n".join(lines)

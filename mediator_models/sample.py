@@ -383,7 +383,8 @@ def sample_to_folder(
     the same configuration resumes (more samples may be asked for), anything else is refused naming the
     setting that differs, and a second concurrent run into the folder is refused by its lock.
     `callback` is the sampler's step callback (a mediator schedule or the adaptive rule, which may hand
-    steps to other networks); `schedule` describes it in the sidecar. Costs are counted per sample."""
+    steps to other networks, or replace attention computations, saying in `saved_gmacs_per_image` what that saved
+    in the run just drawn); `schedule` describes it in the sidecar. Costs are counted per sample."""
     config = loaded.model.config
     check_sampling_request(config, sampler, num_samples, batch_size, classes, vae)  # before any work or folder
     env = init_distributed()
@@ -465,8 +466,12 @@ def _sample_missing(loaded, out, env, num_samples, sampler, batch_size, seed, cl
             images = decode(vae, images)
         seconds = (time.perf_counter() - began) / len(indices)  # wall-clock per image on this machine
         switching = _switching_records(callback, caller, len(indices))
+        spent = caller.gflops
+        saved = getattr(callback, "saved_gmacs_per_image", None)
+        if saved is not None:  # a callback that replaced attention computations itself (a plan) counted what it saved
+            spent = spent - saved
         with costs_path.open("a") as handle:  # costs first: an image is never left without its cost record
-            for i, gflops, did in zip(indices, caller.gflops.tolist(), switching):
+            for i, gflops, did in zip(indices, spent.tolist(), switching):
                 record = {"index": i, "nfe": caller.nfe, "gflops": gflops, "seconds": seconds, **did}
                 handle.write(json.dumps(record) + "\n")
             handle.flush()
