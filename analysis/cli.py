@@ -788,23 +788,68 @@ def _positive_count(text: str) -> int:
     return value
 
 
+# The figure options of `attnmed plot`, as analysis.plots names them (AXES, VIEWS; tests check they agree): spelt
+# out here so that building the parser does not import matplotlib.
+PLOT_AXES = ("step", "noise", "logsnr", "t")
+PLOT_VIEWS = ("paper", "heads", "ranks", "spectra")
+
+
 def _configure_plot(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("table", help="redundancy table (.parquet or .csv) from `attnmed record` or a reproduction")
+    parser.add_argument(
+        "tables",
+        nargs="+",
+        metavar="table",
+        help="redundancy tables (.parquet or .csv) from `attnmed record` or a reproduction; several are drawn "
+        "together, each figure holding all of them, labelled by table and network",
+    )
     parser.add_argument("--metric", default="jsd", help="the score of the heat maps and curves")
+    parser.add_argument(
+        "--axis",
+        choices=PLOT_AXES,
+        default=None,
+        help="where the steps go: step, noise (σ/(α+σ)), logsnr (log α²/σ², to compare processes) or t (the "
+        "process's own model time; refused for tables of different processes). Default: heat maps by step, "
+        "curves by noise level",
+    )
+    parser.add_argument(
+        "--views",
+        nargs="+",
+        choices=PLOT_VIEWS,
+        default=["paper"],
+        help="paper: heat maps, curves per layer, measures; heads: a heat map per head; ranks: the rank measures "
+        "per head; spectra: singular values of the maps kept by `record --keep-maps` (read from <table>-maps)",
+    )
+    parser.add_argument("--labels", nargs="+", default=None, help="a name per table (default: their file names)")
     parser.add_argument("--out", required=True, help="folder for the figures (PNG and PDF)")
 
 
-@command("plot", "draw the paper-style redundancy figures of any recorded table", _configure_plot)
+def _kept_maps_beside(table: str):
+    """Where `attnmed record` keeps a table's maps (its keep_dir): `<table stem>-maps` beside the table."""
+    from pathlib import Path
+
+    return Path(table).with_suffix("").with_name(Path(table).stem + "-maps")
+
+
+@command("plot", "draw the paper-style redundancy figures of one or several recorded tables", _configure_plot)
 def run_plot(args: argparse.Namespace) -> int:
     from analysis import plots
-    from analysis.collect import read_table
     from mediator_models.storage.runfolder import check_creatable
 
-    table = read_table(args.table)
-    if args.metric not in set(table["metric"]):
-        raise ValueError(f"{args.table} has no {args.metric!r} rows; it holds {sorted(set(table['metric']))}")
+    table = plots.read_tables(args.tables, args.labels)  # each table's reading errors name its file
+    for path, (_, part) in zip(args.tables, table.groupby("source", sort=False)):
+        if args.metric not in set(part["metric"]):
+            raise ValueError(f"{path} has no {args.metric!r} rows; it holds {sorted(set(part['metric']))}")
+    if args.axis is not None:
+        plots.check_shared_axis(table, args.axis)
+    maps = None
+    if "spectra" in args.views:  # the maps of several tables are told apart by their table's label
+        several = len(args.tables) > 1
+        maps = []
+        for path, label in zip(args.tables, plots.sources(table)):
+            kept = plots.read_kept_maps(_kept_maps_beside(path))
+            maps += [{**payload, "source": label} if several else payload for payload in kept]
     check_creatable(args.out)  # nothing made yet: a table that cannot be drawn leaves no empty folder
-    for path in plots.redundancy_figures(table, args.out, args.metric):
+    for path in plots.redundancy_figures(table, args.out, args.metric, args.axis, args.views, maps):
         print(path)
     return 0
 
@@ -917,6 +962,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _configure_graft(parser: argparse.ArgumentParser) -> None:
+    from mediator_models.graft import DEFAULT_DISTILL_LR
+    from mediator_models.progress import LOG_INTERVAL_S
+
     parser.add_argument(
         "--ckpt",
         required=True,
@@ -957,8 +1005,58 @@ def _configure_graft(parser: argparse.ArgumentParser) -> None:
         help="then fit each mediator layer to its full-attention layer's output on the source's trajectories, "
         "for this many AdamW steps of --batch-size trajectories (resumable: run the same command again)",
     )
-    parser.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of the distillation")
-    parser.add_argument("--out", required=True, help="folder for med{n}.pt, errors.json and graft.json")
+    parser.add_argument(
+        "--distill-lr", type=float, default=DEFAULT_DISTILL_LR, help="learning rate of the layer-wise distillation"
+    )
+    parser.add_argument(
+        "--end-to-end-steps",
+        type=int,
+        default=0,
+        help="then train the whole network for this many steps of --batch-size images on the diffusion loss plus "
+        "--teacher-weight times its squared error against the source's prediction, with `attnmed train`'s loop "
+        "(exact resume, DDP under torchrun) into OUT/end_to_end/med{n}/",
+    )
+    parser.add_argument(
+        "--teacher-weight",
+        type=float,
+        default=10.0,
+        help="end to end: weight λ of ‖student − source‖² beside the diffusion loss (0: the diffusion loss alone)",
+    )
+    parser.add_argument("--end-to-end-lr", type=float, default=1e-4, help="end to end: AdamW learning rate")
+    parser.add_argument(
+        "--end-to-end-ema-decay",
+        type=float,
+        default=None,
+        help="end to end: EMA decay per step (default: 1 − 10/steps, at most 0.9999: an average over a tenth of the "
+        "run)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="end to end: the training data, as `attnmed train --data` takes it (default: what the source's "
+        "checkpoint records it was trained on)",
+    )
+    parser.add_argument(
+        "--data-free",
+        action="store_true",
+        help="end to end: train on --teacher-samples samples the source draws with the sampler (OUT/teacher_samples/) "
+        "instead of a data set",
+    )
+    parser.add_argument(
+        "--teacher-samples", type=int, default=1024, help="with --data-free: how many samples the source draws"
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=50, help="steps between the distillations' checkpoints (what a kill loses)"
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"progress bars (where the output is not a terminal: a line every {LOG_INTERVAL_S:g} s)",
+    )
+    parser.add_argument(
+        "--out", required=True, help="folder for med{n}.pt, errors.json, graft.json (and end_to_end/, stages.json)"
+    )
 
 
 @command(
@@ -968,7 +1066,7 @@ def _configure_graft(parser: argparse.ArgumentParser) -> None:
     _configure_graft,
 )
 def run_graft(args: argparse.Namespace) -> int:
-    from mediator_models.graft import format_error_table, graft_to_folder
+    from mediator_models.graft import format_error_table, format_stage_table, graft_to_folder
 
     changes = {"steps": args.steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels}
     changes.update({"method": args.method, **({"kind": args.sampler} if args.sampler else {})})
@@ -987,11 +1085,22 @@ def run_graft(args: argparse.Namespace) -> int:
         classes=args.classes,
         distill_steps=args.distill_steps,
         distill_lr=args.distill_lr,
+        end_to_end_steps=args.end_to_end_steps,
+        end_to_end_lr=args.end_to_end_lr,
+        end_to_end_ema_decay=args.end_to_end_ema_decay,
+        teacher_weight=args.teacher_weight,
+        data=args.data,
+        data_free=args.data_free,
+        teacher_samples=args.teacher_samples,
+        save_every=args.save_every,
         device="cuda" if torch.cuda.is_available() else "cpu",
+        progress=args.progress,
         shared=args.shared,
     )
     if result.errors:
         print(format_error_table(result.errors))
+    if result.stages:
+        print(format_stage_table(result.stages))
     print("wrote " + ", ".join(str(path) for path in result.paths))
     return 0
 
@@ -1152,6 +1261,41 @@ def run_plan(args: argparse.Namespace) -> int:
     write_plan(plan, args.out, args.sources)
     print(format_plan(plan))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _configure_atlas(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", help="the run folder of a finished `attnmed reproduce` study (runs/reproduce-...)")
+    parser.add_argument("--out", required=True, help="the atlas folder (resumable: rerun the same command)")
+    parser.add_argument("--table-samples", type=int, default=16, help="samples per redundancy table")
+    parser.add_argument("--grid-samples", type=int, default=64, help="samples per intervention grid cell")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="the guided table and the share-cfg grid")
+    parser.add_argument(
+        "--budgets-of",
+        nargs="+",
+        default=["med16", "med64"],
+        help="static runs of the study whose GFLOPs per image the plans are held to",
+    )
+    parser.add_argument("--plan-samples", type=int, default=None, help="images per plan cell (default: the study's)")
+
+
+@command(
+    "atlas",
+    "on a study's full-attention network: which measure predicts each intervention's damage, and plans against "
+    "the trained mediator networks",
+    _configure_atlas,
+)
+def run_atlas(args: argparse.Namespace) -> int:
+    from analysis.study.atlas import Atlas, AtlasConfig
+
+    config = AtlasConfig(
+        table_samples=args.table_samples,
+        grid_samples=args.grid_samples,
+        cfg_scale=args.cfg_scale,
+        budgets_of=tuple(args.budgets_of),
+        plan_samples=args.plan_samples,
+    )
+    Atlas(args.study, args.out, config).run()
     return 0
 
 

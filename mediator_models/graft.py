@@ -17,7 +17,12 @@ each layer's input is handed to the grafted layer, and the two layers' outputs a
 block adds to its residual stream, which no premise measure predicts: proj mixes the heads and adds its bias).
 
 `distill_layers` then fits each grafted attention layer (qkv, proj, biases, conv) to its source layer's output on
-the source's activations along sampling trajectories; everything outside attention stays the source's.
+the source's activations along sampling trajectories; everything outside attention stays the source's. End-to-end
+distillation follows on training's own loop (`mediator_models.train.train`: exact resume, progress, DDP): the
+whole network starts from the layer-distilled one and learns the diffusion loss plus the source's prediction at
+its own inputs (`TeacherTarget`), on the training set or, data-free, on the source's own samples
+(`write_teacher_samples`). `prediction_error` measures what both stages are for: the network's error against its
+source on held-out trajectories.
 
 `graft_shared` makes one network serving several counts instead (`ModelConfig.mediators` a tuple, full attention
 possibly among them): the source's tensors once, and zero bias tables for each count; its distillation fits one
@@ -26,6 +31,7 @@ count per step, drawn as training draws it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,9 +51,10 @@ from mediator_models.sampling.generation import ProcessConfig, SamplerConfig, de
 from mediator_models.sampling.steps import start_batch
 from mediator_models.sampling.switching import evaluation_levels
 from mediator_models.storage.checkpoints import atomic_save, checkpoint_checksum, read_checkpoint
+from mediator_models.storage.distributed import all_ranks_agree, init_distributed, locked_folder
 from mediator_models.storage.errors import SettingError
-from mediator_models.storage.runfolder import FolderLock, atomic_write_json, claim_identity, clean_stale_temporaries
-from mediator_models.train import drawn_count, truncate_log
+from mediator_models.storage.runfolder import atomic_write_json, claim_identity, clean_stale_temporaries
+from mediator_models.train import TrainConfig, checkpoint_paths, drawn_count, train, truncate_log
 
 # What a mediator layer has beyond full attention (names as in MediatorAttention), all set to zero on grafting.
 MEDIATOR_TENSORS = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias", "dwc.weight", "dwc.bias")
@@ -275,6 +282,11 @@ def format_error_table(rows: list[dict[str, Any]]) -> str:
 
 
 SHARED_CHECKPOINT = "shared.pt"
+END_TO_END = "end_to_end"  # DIR/end_to_end/med{n}/ (or shared/): the end-to-end runs, training run folders
+TEACHER_SAMPLES = "teacher_samples"  # DIR/teacher_samples/: the source's own samples, the data-free training set
+DEFAULT_DISTILL_LR = 3e-4  # measured on a small trained SiT: see the README's grafting section
+# The sampling seed's streams: the errors are measured on `seed`, held out from what distillation sees.
+LAYER_STREAM, SAMPLE_STREAM = 1, 2
 
 
 @dataclass
@@ -282,10 +294,15 @@ class GraftResult:
     checkpoints: dict[int, Path]  # mediator count -> DIR/med{n}.pt (empty with shared=True)
     errors: list[dict[str, Any]]  # rows of `training_free_errors` (empty when no samples were measured)
     shared: Path | None = None  # DIR/shared.pt: the one network serving every count (shared=True)
+    # Mediator count (or "shared") -> the end-to-end run's final checkpoint (with end_to_end_steps)
+    end_to_end: dict[int | str, Path] = dataclasses.field(default_factory=dict)
+    # Rows {"mediators", "stage" (grafted | layers | end_to_end), "prediction_error"} of `prediction_error` on the
+    # held-out trajectories, for each stage run (with distillation and samples)
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def paths(self) -> list[Path]:
-        return [*self.checkpoints.values(), *([self.shared] if self.shared else [])]
+        return [*self.checkpoints.values(), *([self.shared] if self.shared else []), *self.end_to_end.values()]
 
 
 def _check_counts(mediators, num_tokens: int, shared: bool = False) -> list[int | None]:
@@ -330,7 +347,14 @@ def graft_to_folder(
     seed: int = 0,
     classes: list[int] | None = None,
     distill_steps: int = 0,
-    distill_lr: float = 1e-4,
+    distill_lr: float = DEFAULT_DISTILL_LR,
+    end_to_end_steps: int = 0,
+    end_to_end_lr: float = 1e-4,
+    end_to_end_ema_decay: float | None = None,
+    teacher_weight: float = 10.0,
+    data: str | None = None,
+    data_free: bool = False,
+    teacher_samples: int = 1024,
     save_every: int = 50,
     device: torch.device | str = "cpu",
     progress: bool = True,
@@ -343,17 +367,47 @@ def graft_to_folder(
     into out_dir/errors.json. With `shared`, one network serving every count (None or "full" among them: full
     attention) goes to out_dir/shared.pt instead.
 
+    Then, with `distill_steps`, each file's attention layers are fitted to the source's layer by layer
+    (`distill_layers`, in place); with `end_to_end_steps`, the whole network is trained from there by `train`
+    into out_dir/end_to_end/med{n}/ on the diffusion loss plus `teacher_weight` times the squared error against
+    the source's prediction, at `end_to_end_lr` and with `batch_size` images per step, on `data` (as `train
+    --data` takes it; default the data the source was trained on, as its checkpoint records) or, `data_free`, on
+    `teacher_samples` samples the source draws with `sampler` (out_dir/teacher_samples/); its EMA decay by default
+    averages over about a tenth of the run (1 − 10/steps, at most 0.9999). With `samples`, the
+    network of each stage run is scored by `prediction_error` on the held-out trajectories (`GraftResult.stages`,
+    out_dir/stages.json). Every stage resumes where a killed run stopped: run the same call again.
+
     The folder is locked while grafting and belongs to one configuration (graft.json): the same command again
-    remakes the same files; another source, count list or measurement is refused."""
+    remakes the same files; another source, count list or measurement is refused. Under torchrun the end-to-end
+    runs are data-parallel; rank 0 does the rest while the other ranks wait."""
     for name, value, least in (
         ("samples", samples, 0),
         ("batch_size", batch_size, 1),
         ("distill_steps", distill_steps, 0),
+        ("end_to_end_steps", end_to_end_steps, 0),
+        ("teacher_samples", teacher_samples, 1),
+        ("save_every", save_every, 1),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise SettingError(name, f"must be a whole number of at least {least}, got {value!r}")
-    if not (math.isfinite(distill_lr) and distill_lr > 0):
-        raise SettingError("distill_lr", f"must be a positive number, got {distill_lr!r}")
+    for name, value in (("distill_lr", distill_lr), ("end_to_end_lr", end_to_end_lr)):
+        if not (math.isfinite(value) and value > 0):
+            raise SettingError(name, f"must be a positive number, got {value!r}")
+    if not (math.isfinite(teacher_weight) and teacher_weight >= 0):
+        raise SettingError("teacher_weight", f"must be 0 or positive, got {teacher_weight!r}")
+    if end_to_end_ema_decay is None:  # an EMA over about a tenth of the run (0.9999, the papers', from 100K steps)
+        end_to_end_ema_decay = min(0.9999, max(0.0, 1 - 10 / max(end_to_end_steps, 1)))
+    if not 0.0 <= end_to_end_ema_decay < 1.0:
+        raise SettingError("end_to_end_ema_decay", f"must lie in [0, 1), got {end_to_end_ema_decay!r}")
+    if data_free and data is not None:
+        raise SettingError("data_free", f"trains on the source's own samples, but data {data!r} is named too: drop one")
+    if not end_to_end_steps and (data_free or data is not None):
+        raise SettingError(
+            "data_free" if data_free else "data", "applies to end-to-end distillation only: add --end-to-end-steps N"
+        )
+    env = init_distributed()
+    if env.world_size > 1:
+        device = env.device
     loaded = load_for_sampling(
         checkpoint, model_name=model_name, input_size=input_size, use_ema=use_ema, device=device, numerics=numerics
     )
@@ -376,6 +430,7 @@ def graft_to_folder(
             "method", "dopri5 picks its steps per batch; measure along a fixed-step sampler (euler, heun)"
         )
     out = Path(out_dir)
+    training_data = _end_to_end_data(checkpoint, source.config, data, data_free, out) if end_to_end_steps else None
     identity = {
         "source": loaded.source,
         "source_weights": loaded.weights,
@@ -389,62 +444,362 @@ def graft_to_folder(
     }
     if distill_steps:
         identity["distill"] = {"steps": distill_steps, "lr": distill_lr, "batch_size": batch_size}
+    if end_to_end_steps:
+        identity["end_to_end"] = {
+            "steps": end_to_end_steps,
+            "lr": end_to_end_lr,
+            "ema_decay": end_to_end_ema_decay,
+            "teacher_weight": teacher_weight,
+            "batch_size": batch_size,
+            "data": "data-free" if data_free else training_data["data"],
+            **({"teacher_samples": teacher_samples} if data_free else {}),
+        }
     if shared:
         identity["shared"] = True
-    with FolderLock(out, "attnmed graft"):
-        fix = "To remake those networks, repeat their settings; to graft this configuration, choose another --out."
-        claim_identity(out / "graft.json", identity, what="grafted networks", fix=fix, ignore=("source",))
-        clean_stale_temporaries(out)
-        grafted, paths = {}, {}
-        if shared:
-            network = graft_shared(source, counts)
-            grafted = {c: network.at_count(c) for c in counts if c is not None}  # full attention is the source
-            paths = {tuple(counts): out / SHARED_CHECKPOINT}
-            networks = {tuple(counts): network}
-        else:
-            grafted = {count: graft(source, count) for count in counts}
-            paths = {count: out / f"med{count}.pt" for count in counts}
-            networks = grafted
-        for key, path in paths.items():
-            if distill_steps and path.exists():
-                continue  # a distillation under way: its checkpoint is where it resumes from
-            provenance = {"source": loaded.source, "source_weights": loaded.weights, "mediators": key}
-            if shared:
-                provenance["mediators"] = list(key)
-            atomic_save(grafted_checkpoint(networks[key], loaded.process, provenance), path)
-        rows = []
-        if samples and (out / "errors.json").exists():  # measured by an earlier start of this very configuration
-            rows = json.loads((out / "errors.json").read_text())["rows"]
-        elif samples:
-            rows = training_free_errors(
-                source,
-                grafted,
-                loaded.process,
-                sampler,
-                samples=samples,
-                batch_size=batch_size,
-                seed=seed,
-                classes=classes,
-                progress=progress,
-            )
-            atomic_write_json(out / "errors.json", {**identity, "rows": rows})
-        for key in paths if distill_steps else ():
-            distill_layers(
-                source,
-                paths[key],
-                loaded.process,
-                sampler,
-                steps=distill_steps,
-                lr=distill_lr,
-                batch_size=batch_size,
-                seed=seed,
-                classes=classes,
-                save_every=save_every,
-                progress=progress,
-            )
     if shared:
-        return GraftResult({}, rows, shared=out / SHARED_CHECKPOINT)
-    return GraftResult(paths, rows)
+        paths = {tuple(counts): out / SHARED_CHECKPOINT}
+    else:
+        paths = {count: out / f"med{count}.pt" for count in counts}
+    runs = {key: out / END_TO_END / _run_name(key) for key in paths}
+    with locked_folder(out, "attnmed graft", env):
+        failure, rows, grafted = None, [], {}
+        if env.is_main:
+            try:
+                rows, grafted = _graft_and_distill_layers(
+                    source,
+                    loaded,
+                    out,
+                    identity,
+                    paths,
+                    counts,
+                    shared,
+                    sampler,
+                    samples,
+                    batch_size,
+                    seed,
+                    classes,
+                    distill_steps,
+                    distill_lr,
+                    save_every,
+                    progress,
+                    runs,
+                )
+                if data_free:
+                    write_teacher_samples(
+                        source,
+                        loaded.process,
+                        sampler,
+                        out / TEACHER_SAMPLES,
+                        count=teacher_samples,
+                        batch_size=batch_size,
+                        seed=seed + SAMPLE_STREAM,
+                        classes=classes,
+                        progress=progress,
+                    )
+            except BaseException as error:  # tell the other ranks before raising
+                failure = error
+        if not all_ranks_agree(failure is None):
+            raise failure if failure is not None else RuntimeError("rank 0 could not graft; see its message")
+        finals = {}
+        for key, path in paths.items() if end_to_end_steps else ():
+            network = shared_graft_config(source.config, key) if shared else graft_config(source.config, key)
+            config = TrainConfig(
+                model=network.name,
+                attention=network.attention,
+                mediators=network.mediators,
+                depthwise_conv=network.depthwise_conv,
+                **(
+                    {}
+                    if loaded.process.family == "DiT"
+                    else {"interpolant": loaded.process.interpolant, "prediction": loaded.process.prediction}
+                ),
+                **training_data["train"],
+                global_batch_size=batch_size,
+                steps=end_to_end_steps,
+                lr=end_to_end_lr,
+                ema_decay=end_to_end_ema_decay,
+                class_dropout_prob=network.class_dropout_prob,
+                seed=seed,
+                log_every=min(50, end_to_end_steps),
+                ckpt_every=save_every,
+                out=str(runs[key]),
+                progress=progress,
+                init=str(path),
+                teacher={
+                    "checkpoint": str(checkpoint),
+                    "model_name": model_name,
+                    "input_size": input_size,
+                    "use_ema": use_ema,
+                    "numerics": numerics,
+                },
+                teacher_weight=teacher_weight,
+            )
+            train(config, resume=bool(checkpoint_paths(runs[key])))
+            finals[key] = checkpoint_paths(runs[key])[-1]
+        stages = []
+        if env.is_main and samples and (distill_steps or end_to_end_steps):
+            stages = _score_stages(
+                source,
+                loaded.process,
+                sampler,
+                out,
+                grafted,
+                paths,
+                finals,
+                distill_steps,
+                samples,
+                batch_size,
+                seed,
+                classes,
+                device,
+            )
+    end_to_end = {("shared" if shared else key): path for key, path in finals.items()}
+    if shared:
+        return GraftResult({}, rows, shared=paths[tuple(counts)], end_to_end=end_to_end, stages=stages)
+    return GraftResult(paths, rows, end_to_end=end_to_end, stages=stages)
+
+
+def _run_name(key) -> str:
+    return "shared" if isinstance(key, tuple) else f"med{key}"
+
+
+def _graft_and_distill_layers(
+    source,
+    loaded,
+    out,
+    identity,
+    paths,
+    counts,
+    shared,
+    sampler,
+    samples,
+    batch_size,
+    seed,
+    classes,
+    distill_steps,
+    distill_lr,
+    save_every,
+    progress,
+    runs,
+) -> tuple[list[dict[str, Any]], dict]:
+    """The grafted files (kept while a distillation of them is under way), their training-free errors and their
+    layer-wise distillation; returns the error rows and the grafted networks by key."""
+    fix = "To remake those networks, repeat their settings; to graft this configuration, choose another --out."
+    claim_identity(out / "graft.json", identity, what="grafted networks", fix=fix, ignore=("source",))
+    clean_stale_temporaries(out)
+    if shared:
+        network = graft_shared(source, counts)
+        grafted = {c: network.at_count(c) for c in counts if c is not None}  # full attention is the source
+        networks = {tuple(counts): network}
+    else:
+        grafted = {count: graft(source, count) for count in counts}
+        networks = grafted
+    for key, path in paths.items():
+        if (distill_steps or key in runs and checkpoint_paths(runs[key])) and path.exists():
+            continue  # a distillation under way: its checkpoint is where it resumes from
+        provenance = {"source": loaded.source, "source_weights": loaded.weights, "mediators": key}
+        if shared:
+            provenance["mediators"] = list(key)
+        atomic_save(grafted_checkpoint(networks[key], loaded.process, provenance), path)
+    rows = []
+    if samples and (out / "errors.json").exists():  # measured by an earlier start of this very configuration
+        rows = json.loads((out / "errors.json").read_text())["rows"]
+    elif samples:
+        rows = training_free_errors(
+            source,
+            grafted,
+            loaded.process,
+            sampler,
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            classes=classes,
+            progress=progress,
+        )
+        atomic_write_json(out / "errors.json", {**identity, "rows": rows})
+    for key in paths if distill_steps else ():
+        distill_layers(
+            source,
+            paths[key],
+            loaded.process,
+            sampler,
+            steps=distill_steps,
+            lr=distill_lr,
+            batch_size=batch_size,
+            seed=seed,
+            classes=classes,
+            save_every=save_every,
+            progress=progress,
+        )
+    return rows, networks
+
+
+def _end_to_end_data(checkpoint, config: ModelConfig, data: str | None, data_free: bool, out: Path) -> dict:
+    """What end-to-end training reads: {"data": a name for graft.json, "train": the TrainConfig fields}."""
+    if data_free:
+        return {"data": "data-free", "train": {"data": str(out / TEACHER_SAMPLES), "flip": False}}
+    if data is None:
+        recorded = {}
+        if Path(checkpoint).is_file():
+            recorded = read_checkpoint(checkpoint).get("args") or {}
+        if not recorded.get("data"):
+            raise SettingError(
+                "data",
+                f"is needed: {checkpoint} does not record the data it was trained on. Name it (what `attnmed train "
+                "--data` takes: digits, an ImageFolder tree or a latent cache), or distil on the source's own "
+                "samples with --data-free",
+            )
+        fields = {"data": recorded["data"], "image_size": recorded.get("image_size"), "vae": recorded.get("vae")}
+        return {"data": recorded["data"], "train": fields}
+    if (Path(data) / "meta.json").exists():  # a latent cache knows its own image size
+        return {"data": data, "train": {"data": data}}
+    if config.in_channels == 4:
+        raise SettingError(
+            "data",
+            f"names images, but {config.label} works on SD-VAE latents: cache them first (`attnmed cache-latents`) "
+            "and name the cache",
+        )
+    return {"data": data, "train": {"data": data, "image_size": config.input_size}}
+
+
+@torch.no_grad()
+def write_teacher_samples(
+    source: DiffusionTransformer,
+    process: ProcessConfig,
+    sampler: SamplerConfig,
+    out_dir: Path,
+    *,
+    count: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    classes: list[int] | None = None,
+    progress: bool = False,
+) -> Path:
+    """`count` samples of `source` (sample i with its label drawn as `attnmed sample` draws sample i of `seed`),
+    stored as a latent cache (`mediator_models.data.load_latent_cache` reads it, so `train --data` does): chunks
+    written as they are made, finished by meta.json, so a killed run makes only the missing ones. Each sample's
+    "mirrored twin" is the sample itself: a flip never makes a latent the source did not draw."""
+    if (out_dir / "meta.json").exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out_dir)
+    device = next(source.parameters()).device
+    done = sum(torch.load(c)["labels"].numel() for c in sorted(out_dir.glob("chunk-*.pt")))
+    bar = None
+    if progress and done < count:
+        from mediator_models.progress import progress_bar
+
+        bar = progress_bar(count, f"teacher samples {source.config.label}", initial=done)
+    try:
+        for start in range(done, count, batch_size):
+            indices = list(range(start, min(start + batch_size, count)))
+            x_T, y, noise = start_batch(indices, seed, source.config, classes, device)
+            images, _ = generate(source, process, sampler, x_T, y, noise_fn=noise)
+            chunk = {"latents": torch.stack([images, images], dim=1).cpu(), "labels": y.cpu()}
+            atomic_save(chunk, out_dir / f"chunk-{start:09d}.pt")
+            if bar is not None:
+                bar.update(len(indices))
+    finally:
+        if bar is not None:
+            bar.close()
+    config = source.config
+    latent = config.in_channels == 4  # SD-VAE latents: the images they encode are 8× their side
+    meta = {
+        "num_images": count,
+        "num_classes": config.num_classes,
+        "classes": None,
+        "image_size": config.input_size * (8 if latent else 1),
+        "scale": None,
+        "description": f"{count} samples of {config.label} ({sampler.describe()}, seed {seed})",
+    }
+    atomic_write_json(out_dir / "meta.json", meta)
+    return out_dir
+
+
+@torch.no_grad()
+def prediction_error(
+    student: torch.nn.Module,
+    teacher: DiffusionTransformer,
+    process: ProcessConfig,
+    sampler: SamplerConfig,
+    *,
+    samples: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    classes: list[int] | None = None,
+) -> float:
+    """The student's relative error ‖student(x, t, y) − teacher(x, t, y)‖ / ‖teacher(x, t, y)‖ against the
+    teacher, at every evaluation of the teacher's sampling trajectories of samples 0 … samples − 1 of `seed`
+    (held out from distillation, which draws from other streams), averaged over samples and evaluations."""
+    device = next(teacher.parameters()).device
+    errors = []
+
+    def compare(_, args, output):
+        x, t, y = args
+        difference = (student(x, t, y) - output).double().flatten(1).norm(dim=1)
+        errors.append(difference / output.double().flatten(1).norm(dim=1).clamp_min(_TINY))
+
+    handle = teacher.register_forward_hook(compare)
+    try:
+        for start in range(0, samples, batch_size):
+            indices = list(range(start, min(start + batch_size, samples)))
+            x_T, y, noise = start_batch(indices, seed, teacher.config, classes, device)
+            generate(teacher, process, sampler, x_T, y, noise_fn=noise)
+    finally:
+        handle.remove()
+    return float(torch.cat(errors).mean())
+
+
+def _score_stages(
+    source, process, sampler, out, grafted, paths, finals, distill_steps, samples, batch_size, seed, classes, device
+) -> list[dict[str, Any]]:
+    """`prediction_error` of each stage's network(s) on the held-out trajectories, into out/stages.json."""
+    if (out / "stages.json").exists():
+        return json.loads((out / "stages.json").read_text())["rows"]
+    stages = {key: {"grafted": network} for key, network in grafted.items()}
+    for key, path in paths.items():
+        if distill_steps:
+            stages[key]["layers"] = _sampled_network(path, device)
+        if key in finals:
+            stages[key]["end_to_end"] = _sampled_network(finals[key], device)
+    rows = []
+    for key, networks in stages.items():
+        for count in key if isinstance(key, tuple) else (key,):
+            if count is None:
+                continue  # a shared network's full attention: the source's own tensors only before end to end
+            for stage, network in networks.items():
+                student = network.at_count(count) if network.config.serves_several else network
+                error = prediction_error(
+                    student,
+                    source,
+                    process,
+                    sampler,
+                    samples=samples,
+                    batch_size=batch_size,
+                    seed=seed,
+                    classes=classes,
+                )
+                rows.append({"mediators": count, "stage": stage, "prediction_error": error})
+    atomic_write_json(out / "stages.json", {"rows": rows})
+    return rows
+
+
+def _sampled_network(path: Path, device) -> DiffusionTransformer:
+    """The network a checkpoint samples with (its EMA weights), whole: a shared network with all of its counts."""
+    state = read_checkpoint(path)
+    network = DiffusionTransformer(ModelConfig.from_dict(state["model_config"]))
+    network.load_state_dict(state["ema"], strict=True)
+    return network.to(device).eval()
+
+
+def format_stage_table(rows: list[dict[str, Any]]) -> str:
+    """Per mediator count, the held-out prediction error of each stage (grafted, layer-wise, end to end)."""
+    names = {"grafted": "training-free", "layers": "layer-wise", "end_to_end": "end to end"}
+    lines = ["relative error of the prediction against the source on held-out trajectories"]
+    for count in dict.fromkeys(r["mediators"] for r in rows):
+        cells = [f"{names[r['stage']]} {r['prediction_error']:.4f}" for r in rows if r["mediators"] == count]
+        lines.append(f"{count:>9} mediators: " + ", ".join(cells))
+    return "\n".join(lines)
 
 
 # ---- layer-wise distillation ---------------------------------------------------------------------------------
@@ -501,7 +856,7 @@ def distill_layers(
     sampler: SamplerConfig,
     *,
     steps: int,
-    lr: float = 1e-4,
+    lr: float = DEFAULT_DISTILL_LR,
     batch_size: int = 8,
     seed: int = 0,
     classes: list[int] | None = None,
@@ -538,10 +893,12 @@ def distill_layers(
             indices = list(range(done * batch_size, (done + 1) * batch_size))
             record = {"step": done + 1}
             if student.config.serves_several:
-                count = drawn_count(student.config.counts, seed + 1, done)
+                count = drawn_count(student.config.counts, seed + LAYER_STREAM, done)
                 student.use_count(count)
                 record["mediators"] = "full" if count is None else count
-            loss = _distill_step(source, student, opt, process, sampler, indices, seed + 1, classes, evaluations)
+            loss = _distill_step(
+                source, student, opt, process, sampler, indices, seed + LAYER_STREAM, classes, evaluations
+            )
             done += 1
             with log.open("a") as handle:
                 handle.write(json.dumps({**record, "loss": loss}) + "\n")

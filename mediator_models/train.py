@@ -5,6 +5,10 @@ Reproducibility by construction: the batch, the noise, the timesteps, the label 
 step s depend only on (seed, rank, s), so a run killed and resumed from its last checkpoint reaches exactly
 the weights of a run that was never stopped. A network serving several mediator counts (`mediators=(4, 16, 64,
 None)`) trains at one count per step, drawn from (seed, s) alone: the same on every rank and after a resume.
+
+The same loop distils end to end (`attnmed graft --end-to-end-steps`): a run may start from another checkpoint's
+network (`init`) and add a teacher's prediction at the student's inputs as a second target (`teacher`,
+`TeacherTarget`): loss = diffusion loss + teacher_weight · ‖student(x_t, t, y) − teacher(x_t, t, y)‖².
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from mediator_models.storage.runfolder import (
 # Fields that may change between a run and its resumption: bookkeeping, and the learning rate (the way out
 # of a divergence: resume the last good checkpoint with a lower --lr). Changes are recorded in log.jsonl and
 # in config.json's history.
-RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "keep_checkpoints", "progress", "out", "lr"}
+# `init` is read only when a run starts, so where that file lies later does not matter.
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "keep_checkpoints", "progress", "out", "lr", "init"}
 
 # What the SiT-only fields are when not given. A DiT model's process is fixed (DDPM, predicting the noise and its
 # variance), so for DiT they stay None: config.json records only what the run uses.
@@ -98,6 +103,13 @@ class TrainConfig:
     keep_checkpoints: int | None = 2  # keep the newest k periodic checkpoints (None: keep all)
     out: str = "runs/train"
     progress: bool = True
+    # End-to-end distillation. `init`: an attnmed checkpoint whose network (its model config and EMA weights) the
+    # run starts from instead of a fresh one. `teacher`: the arguments of `load_for_sampling` ("checkpoint", and for
+    # official files "model_name", "input_size"; "use_ema", "numerics") naming the network whose prediction at the
+    # student's inputs is a second target, weighted by `teacher_weight` (see `TeacherTarget`).
+    init: str | None = None
+    teacher: dict[str, Any] | None = None
+    teacher_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.mediators, list):  # read back from config.json
@@ -143,6 +155,12 @@ class TrainConfig:
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise SettingError(
                 "class_dropout_prob", f"must lie in [0, 1) (the papers use 0.1), got {self.class_dropout_prob!r}"
+            )
+        if not (math.isfinite(self.teacher_weight) and self.teacher_weight >= 0):
+            raise SettingError("teacher_weight", f"must be 0 or positive, got {self.teacher_weight!r}")
+        if self.teacher is not None and not self.teacher.get("checkpoint"):
+            raise SettingError(
+                "teacher", f"names no checkpoint: give {{'checkpoint': PATH, ...}}, got {self.teacher!r}"
             )
         if self.vae is not None and self.data == "digits":
             raise SettingError(
@@ -223,9 +241,11 @@ def backward_on_batch(
     autocast: bool = False,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    teacher: "TeacherTarget | None" = None,
 ) -> torch.Tensor:
     """Mean loss over the batch and its gradients, in `grad_accum` micro-batches (under DDP, gradients are
-    synchronised only on the last one). `t` and `noise` may be given to make the step deterministic."""
+    synchronised only on the last one). `t` and `noise` may be given to make the step deterministic. With a
+    `teacher`, its weighted distillation term is part of the loss (and the teacher keeps its share for the log)."""
     if len(x) % grad_accum:
         raise ValueError(f"the per-rank batch of {len(x)} does not split into {grad_accum} accumulation steps")
     micro = len(x) // grad_accum
@@ -237,12 +257,124 @@ def backward_on_batch(
         cast = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with sync, cast:
             terms = process.training_loss(
-                model, x[part], y[part], t=None if t is None else t[part], noise=None if noise is None else noise[part]
+                model if teacher is None else teacher.paired(model),
+                x[part],
+                y[part],
+                t=None if t is None else t[part],
+                noise=None if noise is None else noise[part],
             )
-            loss = terms["loss"].float().mean() / grad_accum
+            loss = terms["loss"].float().mean()
+            if teacher is not None:
+                loss = loss + teacher.weight * teacher.take_term(grad_accum)
+            loss = loss / grad_accum
         loss.backward()
         total += loss.detach()
     return total
+
+
+class TeacherTarget:
+    """End-to-end distillation's second target: the teacher's prediction at exactly the student's inputs.
+
+    `paired(student)` is the network a process's `training_loss` calls: it runs the student, then (without
+    gradients) the teacher on the same x_t, t and labels, and keeps the term mean over pixels of (student −
+    teacher)² per sample, averaged over the batch (all output channels, a DiT's variance channels too). The
+    labels the student drops to the null class (classifier-free guidance's training) are drawn here, as
+    `LabelEmbedder.token_drop` draws them (one `torch.rand` per forward, so the step consumes the random stream as
+    a plain one does), and both networks are made to drop those same labels."""
+
+    def __init__(self, teacher: nn.Module, weight: float, student: nn.Module):
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.weight = weight
+        self.dropout_prob = student.config.class_dropout_prob
+        self.student = student
+        self.logged = torch.zeros(())  # this step's term, summed over its micro-batches (for the log)
+        self._term: torch.Tensor | None = None
+        self._dropped: torch.Tensor | None = None
+        # LabelEmbedder.forward(labels, train, force_drop_ids): force the drops drawn in `paired`, on both networks.
+        for network in (student, teacher):
+            network.y_embedder.register_forward_pre_hook(self._force_drops)
+
+    def _force_drops(self, module, args):
+        if self._dropped is None:
+            return None
+        return (args[0], False, self._dropped)
+
+    def paired(self, student_call):
+        """The function (x_t, t, y) -> student prediction that also computes the distillation term."""
+
+        def call(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if self.student.training and self.dropout_prob > 0:
+                self._dropped = (torch.rand(y.shape[0], device=y.device) < self.dropout_prob).long()
+            try:
+                prediction = student_call(x_t, t, y)
+                with torch.no_grad():
+                    target = self.teacher(x_t, t, y)
+            finally:
+                self._dropped = None
+            dims = tuple(range(1, prediction.dim()))
+            self._term = (prediction.float() - target.float()).square().mean(dim=dims).mean()
+            return prediction
+
+        return call
+
+    def take_term(self, grad_accum: int = 1) -> torch.Tensor:
+        """The term of the last `paired` call (once), noting its share of the step for the log."""
+        term, self._term = self._term, None
+        self.logged = self.logged.to(term.device) + term.detach() / grad_accum
+        return term
+
+    def take_logged(self) -> torch.Tensor:
+        """This step's distillation term (summed over micro-batches), and start the next step's."""
+        value, self.logged = self.logged, torch.zeros((), device=self.logged.device)
+        return value
+
+
+def load_teacher(cfg: TrainConfig, student: nn.Module, device: torch.device) -> TeacherTarget:
+    """The teacher `cfg.teacher` names, checked to predict the same quantity the student does, for the same data."""
+    from mediator_models.sample import load_for_sampling
+
+    loaded = load_for_sampling(**{**cfg.teacher, "device": device})
+    ours, theirs = student.config, loaded.model.config
+    process = cfg.process_config()
+    differences = [
+        f"{name}: the student's is {getattr(ours, name)!r}, the teacher's {getattr(theirs, name)!r}"
+        for name in ("family", "input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob")
+        if getattr(ours, name) != getattr(theirs, name)
+    ]
+    differences += [
+        f"{name}: the run's is {getattr(process, name)!r}, the teacher's {getattr(loaded.process, name)!r}"
+        for name in ("family", "interpolant", "prediction")
+        if process.family == "SiT" and getattr(process, name) != getattr(loaded.process, name)
+    ]
+    if differences:
+        raise SettingError(
+            "teacher",
+            f"{cfg.teacher['checkpoint']} predicts something else than the student: "
+            + "; ".join(differences)
+            + ". Distil from the network the student was grafted from",
+        )
+    return TeacherTarget(loaded.model, cfg.teacher_weight, student)
+
+
+def _initial_network(
+    state: dict[str, Any], cfg: TrainConfig, expected: ModelConfig
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and EMA weights of `state` (`cfg.init`'s checkpoint), refused where its network is not the
+    one the run describes (`expected`, from the run's model name, attention and data)."""
+    if "model_config" not in state:
+        raise SettingError("init", f"{cfg.init} is no attnmed checkpoint (it holds no model_config)")
+    config = ModelConfig.from_dict(state["model_config"])
+    fields = ("name", "input_size", "in_channels", "num_classes", "attention", "mediators", "depthwise_conv")
+    differences = [
+        f"{name}: {cfg.init} has {getattr(config, name)!r}, the run {getattr(expected, name)!r}"
+        for name in (*fields, "class_dropout_prob")
+        if getattr(config, name) != getattr(expected, name)
+    ]
+    if differences:
+        raise SettingError(
+            "init", "holds another network than the run trains: " + "; ".join(differences) + ". Describe its network"
+        )
+    return config, state.get("ema", state["model"])
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -446,13 +578,18 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
         mediators=cfg.mediators,
         depthwise_conv=cfg.depthwise_conv,
     )
+    checkpoint = read_checkpoint(existing[-1]) if existing else None
+    initial = None
+    if cfg.init is not None:  # the network is the init's (a resumed run's own checkpoint holds it by then)
+        model_config, initial = _initial_network(checkpoint or read_checkpoint(cfg.init), cfg, model_config)
     torch.manual_seed(cfg.seed)
     model = DiffusionTransformer(model_config).to(env.device)
+    if initial is not None and not existing:
+        model.load_state_dict(initial, strict=True)
     ema = deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, loss_floor, changed = 0, None, {}
     if existing:
-        checkpoint = read_checkpoint(existing[-1])
         changed = {k: {"from": a, "to": b} for k, (a, b) in check_resume_config(checkpoint["args"], cfg).items()}
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
@@ -462,6 +599,7 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
         start, loss_floor = checkpoint["step"], checkpoint.get("loss_floor")
     vae = load_vae(cfg.vae, env.device) if cfg.vae else None
     process = cfg.process_config().build()
+    teacher = load_teacher(cfg, model, env.device) if cfg.teacher is not None else None
     # A network serving several counts leaves the other counts' bias tables (and, at full attention, the conv) out
     # of each step's graph; DDP must look for the unused parameters then.
     unused = model_config.serves_several
@@ -483,6 +621,7 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
         bar = progress_bar(cfg.steps, f"train {model_config.label}", initial=start)
     model.train()
     step, window_start, window_losses, window_counts = start, time.perf_counter(), [], {}
+    window_teacher: list[float] = []  # with a teacher: each step's distillation term (before its weight)
     unproven = False  # the newest checkpoint has not yet shown a loss in the normal range
     save = lambda: save_training_checkpoint(run_dir, step, model, ema, opt, cfg, model_config, loss_floor)  # noqa: E731
     try:
@@ -502,11 +641,17 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
                     window_counts[label] = window_counts.get(label, 0) + 1
                 opt.zero_grad(set_to_none=True)
                 loss = backward_on_batch(
-                    net, process, x, y, cfg.grad_accum, autocast=cfg.bf16 and env.device.type == "cuda"
+                    net, process, x, y, cfg.grad_accum, autocast=cfg.bf16 and env.device.type == "cuda", teacher=teacher
                 )
                 if env.world_size > 1:
                     dist.all_reduce(loss)
                     loss /= env.world_size
+                if teacher is not None:
+                    term = teacher.take_logged()
+                    if env.world_size > 1:
+                        dist.all_reduce(term)
+                        term /= env.world_size
+                    window_teacher.append(float(term))
                 loss_value = float(loss)
                 if not math.isfinite(loss_value) or (
                     loss_floor is not None and loss_value > DIVERGENCE_FACTOR * loss_floor
@@ -534,6 +679,8 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
                     }
                     if window_counts:  # a network serving several counts: the steps each count trained
                         record["counts"] = window_counts
+                    if window_teacher:  # part of "loss": the distillation term, before its weight
+                        record["teacher_loss"] = float(np.mean(window_teacher))
                     loss_floor = min(loss_floor, record["loss"])
                     if log is not None:
                         log.write(json.dumps(record) + "\n")
@@ -541,6 +688,7 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, run_dir: Path, resume: bool) -
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_sec']:.1f}")
                     window_start, window_losses, window_counts = time.perf_counter(), [], {}
+                    window_teacher = []
                 periodic = step % cfg.ckpt_every == 0 or step == cfg.steps
                 if env.is_main and periodic:
                     save()

@@ -153,6 +153,22 @@ def test_graft_command_writes_one_network_per_count_prints_the_table_and_keeps_i
         (["--mediators", "4", "--classes", "10"], "attnmed graft: error: --classes [10] out of range"),
         (["--mediators", "4", "--distill-steps", "-2"], "attnmed graft: error: --distill-steps must be a whole number"),
         (["--mediators", "4", "--distill-lr", "0"], "attnmed graft: error: --distill-lr must be a positive number"),
+        (
+            ["--mediators", "4", "--data-free"],
+            "attnmed graft: error: --data-free applies to end-to-end distillation only: add --end-to-end-steps N",
+        ),
+        (
+            ["--mediators", "4", "--end-to-end-steps", "2", "--teacher-weight", "-1"],
+            "attnmed graft: error: --teacher-weight must be 0 or positive",
+        ),
+        (
+            ["--mediators", "4", "--end-to-end-steps", "2", "--data-free", "--data", "digits"],
+            "attnmed graft: error: --data-free trains on the source's own samples, but data 'digits' is named too",
+        ),
+        (
+            ["--mediators", "4", "--end-to-end-steps", "2", "--end-to-end-ema-decay", "1"],
+            "attnmed graft: error: --end-to-end-ema-decay must lie in [0, 1)",
+        ),
     ],
 )
 def test_bad_graft_settings_are_one_line_naming_the_flag_and_leave_no_folder(tmp_path, trained, capsys, flags, message):
