@@ -432,7 +432,9 @@ def run_intervention(loaded, sampler: SamplerConfig, job: InterventionConfig, ou
             ignore=("checkpoint",),
         )
         reference, intervened, gflops = _paired_samples(loaded, sampler, job, progress)
-        report = _report(identity, job, config, reference, intervened, gflops, evaluations, sampler.cfg_scale != 1.0)
+        report = _report(
+            identity, job, config, reference, intervened, gflops, evaluations, sampler.cfg_scale != 1.0, loaded.data
+        )
         atomic_write_json(out / "report.json", report)
     return report
 
@@ -477,12 +479,14 @@ def _samples(loaded, sampler, job: InterventionConfig, *, replaced: bool, bar=No
     return torch.cat(finals), float(torch.cat(costs).mean())
 
 
-def _report(identity, job, config, reference, intervened, total_gmacs, evaluations, guided) -> dict[str, Any]:
+def _report(
+    identity, job, config, reference, intervened, total_gmacs, evaluations, guided, data=None
+) -> dict[str, Any]:
     from analysis.quality.stats import seed_level_difference
 
     ref, new = reference.double().flatten(1), intervened.double().flatten(1)
     errors = ((new - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)).tolist()
-    distances, extractor = _feature_distances(config, reference, intervened)
+    distances, extractor = _feature_distances(config, reference, intervened, data)
     per_sample = [{"index": i, "relative_error": e} for i, e in enumerate(errors)]
     if distances is not None:
         for row, distance in zip(per_sample, distances):
@@ -508,18 +512,22 @@ def _report(identity, job, config, reference, intervened, total_gmacs, evaluatio
     }
 
 
-def _feature_distances(config: ModelConfig, reference, intervened) -> tuple[list[float] | None, str]:
-    """Per sample ‖f(x) − f(x_ref)‖ in the pinned digits extractor's 128 features, for models drawing grey images
-    (the digits); otherwise (None, why)."""
+def _feature_distances(config: ModelConfig, reference, intervened, data: str | None = None):
+    """Per sample ‖f(x) − f(x_ref)‖ in the features of the pinned extractor of the data the model was trained on
+    (`data`, from its checkpoint: the digits or the textures; a grey model that does not say is read as the
+    digits), and the extractor's label; otherwise (None, why)."""
+    from analysis.quality.features import PINNED_EXTRACTORS
+    from mediator_models.sample import to_uint8
+
     if config.in_channels != 1:
         return None, (
             f"no perceptual distance: the model draws {config.in_channels}-channel outputs, and the pinned "
-            "extractor reads grey digits"
+            "extractors read grey images"
         )
-    from analysis.quality.features import DigitsExtractor
-    from mediator_models.sample import to_uint8
-
-    extractor = DigitsExtractor.pinned()
+    data = data or "digits"
+    if data not in PINNED_EXTRACTORS:
+        return None, f"no perceptual distance: the model was trained on {data}, which no pinned extractor reads"
+    extractor = PINNED_EXTRACTORS[data].pinned()  # at its own 16×16: features_of resizes what it reads
     images = torch.from_numpy(to_uint8(torch.cat([reference, intervened])))  # (2S, H, W, 3), ≥ 2 images
     features = torch.from_numpy(extractor.features_of(images))
     ref, new = features.chunk(2)

@@ -40,6 +40,7 @@ class LoadedModel:
     process: ProcessConfig
     source: str
     weights: str = ""  # digest of the weights sampled from: what a sample folder's identity names
+    data: str | None = None  # what an attnmed checkpoint was trained on (its "args"), e.g. "digits"; else None
 
 
 def load_for_sampling(
@@ -115,7 +116,8 @@ def load_for_sampling(
     model = model.to(device).eval()
     if model.config.serves_several:
         model = model.at_count(served)
-    return LoadedModel(model, process, str(checkpoint), weights_digest(weights))
+    data = state.get("args", {}).get("data") if isinstance(state.get("args"), dict) else None
+    return LoadedModel(model, process, str(checkpoint), weights_digest(weights), data)
 
 
 def _count_asked(config: ModelConfig, attention: str | None, mediators: int | None, checkpoint) -> int | None:
@@ -136,7 +138,10 @@ def _each_count(loaded: LoadedModel) -> list[LoadedModel]:
     if not serves_several(loaded):
         return [loaded]
     network = loaded.model.network
-    return [LoadedModel(view, loaded.process, loaded.source, loaded.weights) for view in network.count_views().values()]
+    return [
+        LoadedModel(view, loaded.process, loaded.source, loaded.weights, loaded.data)
+        for view in network.count_views().values()
+    ]
 
 
 def serves_several(loaded: LoadedModel) -> bool:

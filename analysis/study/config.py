@@ -92,6 +92,20 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StudyConfig":
+        """The configuration a run folder's study.json holds (JSON lists back to tuples; options added since
+        it was written take their defaults, which leave its key as it was)."""
+
+        def frozen(value):
+            return tuple(frozen(v) for v in value) if isinstance(value, list) else value
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"study.json names settings this attnmed does not know: {unknown}; update attnmed")
+        return cls(**{name: frozen(value) for name, value in data.items()})
+
     @property
     def cells(self) -> list[tuple[int, int]]:
         """(training seed, sampling seed) pairs: the replicates every comparison is paired over."""
