@@ -429,7 +429,8 @@ def rewrite_report(text: str, decisions, summary, cells, runs, floor) -> str:
     decisions = decisions.assign(note=decisions["note"].fillna(""))
     sections = text.split("\n## ")
     head, rest = sections[0], ["## " + s for s in sections[1:]]
-    paragraphs = head.split("\n\n")
+    # Paragraphs without their surrounding newlines, so a fresh report and a re-decided one join alike.
+    paragraphs = [p.strip("\n") for p in head.split("\n\n") if p.strip("\n")]
     paragraphs = [p for p in paragraphs if not p.startswith("**Statistics.**")]
     quality = next(i for i, p in enumerate(paragraphs) if p.startswith("Quality uses"))
     paragraphs[quality] = paragraphs[quality].split(" Intervals are ")[0]
