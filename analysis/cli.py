@@ -352,7 +352,7 @@ def _configure_sample(parser: argparse.ArgumentParser) -> None:
     _configure_sample,
 )
 def run_sample(args: argparse.Namespace) -> int:
-    from mediator_models.sample import adaptive_switching, sample_to_folder, switching_by_schedule
+    from mediator_models.sample import adaptive_switching, switching_by_schedule
     from mediator_models.sampling.switching import MediatorSchedule
 
     if len(args.ckpt) > 1 and not (args.schedule or args.adaptive):
@@ -389,13 +389,23 @@ def run_sample(args: argparse.Namespace) -> int:
                 statistic=args.statistic or "state",
             )
         loaded, callback, schedule = switching.base, switching.callback, switching.description
+    sidecar = _sample_into_folder(args, loaded, sampler, callback, schedule)
+    if sidecar:
+        print(f"wrote {args.num_samples} samples to {args.out} ({sidecar['gflops_per_image']:.3g} GFLOPs per image)")
+    return 0
+
+
+def _sample_into_folder(args: argparse.Namespace, loaded, sampler, callback, schedule):
+    """`sample_to_folder` with the command's settings, decoding through the VAE of --vae or of a pipeline folder."""
+    from mediator_models.sample import sample_to_folder
+
     vae = None
     vae_folder = args.vae or _pipeline_vae(args.ckpt[0])
     if vae_folder:
         from mediator_models.data import load_vae
 
         vae = load_vae(vae_folder, next(loaded.model.parameters()).device)
-    sidecar = sample_to_folder(
+    return sample_to_folder(
         loaded,
         args.out,
         num_samples=args.num_samples,
@@ -407,40 +417,19 @@ def run_sample(args: argparse.Namespace) -> int:
         callback=callback,
         schedule=schedule,
     )
-    if sidecar:
-        print(f"wrote {args.num_samples} samples to {args.out} ({sidecar['gflops_per_image']:.3g} GFLOPs per image)")
-    return 0
 
 
 def _sample_plan(args: argparse.Namespace, loaded, sampler) -> int:
     """`attnmed sample --plan`: sample one full-attention network with each cell's attention computation replaced as
     the plan says; samples.json counts the GFLOPs per image of what ran."""
     from analysis.intervene import check_plan, load_plan, plan_description, plan_intervention
-    from mediator_models.sample import sample_to_folder
 
     if len(args.ckpt) > 1:
         raise ValueError("--plan runs one full-attention network: give one --ckpt")
     plan = load_plan(args.plan)
     check_plan(plan, loaded.model.config, loaded.process, sampler)
-    vae = None
-    vae_folder = args.vae or _pipeline_vae(args.ckpt[0])
-    if vae_folder:
-        from mediator_models.data import load_vae
-
-        vae = load_vae(vae_folder, next(loaded.model.parameters()).device)
     with plan_intervention(loaded.model, plan) as intervention:
-        sidecar = sample_to_folder(
-            loaded,
-            args.out,
-            num_samples=args.num_samples,
-            sampler=sampler,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            classes=args.classes,
-            vae=vae,
-            callback=intervention,
-            schedule=plan_description(plan),
-        )
+        sidecar = _sample_into_folder(args, loaded, sampler, intervention, plan_description(plan))
     if sidecar:
         expected = plan["gflops_per_image"]["expected"]
         print(
