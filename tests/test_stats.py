@@ -157,7 +157,8 @@ def test_the_committed_runs_are_decided_once_per_distinct_schedule_and_never_on_
         assert (decisions["family_size"] == family).all()
         assert (decisions["p_holm"].dropna() >= decisions["p_value"].dropna()).all()
     default = pd.read_csv(COMMITTED["default"])
-    assert aliases(cell_rows(default), runs_of(default)) == {"derived-rank0.9": "med16"}
+    # both rank rules pick n = 16 at every step of the demo (its largest count): samples identical to med16's
+    assert aliases(cell_rows(default), runs_of(default)) == {"derived-rank0.9": "med16", "derived-rank0.99": "med16"}
 
 
 def test_the_real_data_floor_and_fid_infinity_remove_the_small_sample_bias():
