@@ -1319,6 +1319,37 @@ def run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_graft_study(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        choices=("quick", "paper-grid"),
+        default="paper-grid",
+        help="quick: every stage at toy budgets (a smoke test); paper-grid: the paper-grid study's models, data and "
+        "sampler at 5 training seeds (about an hour on 2 cores)",
+    )
+    parser.add_argument("--runs", default="runs", help="folder for the run (resumable: rerun to continue)")
+    parser.add_argument(
+        "--figures",
+        default=None,
+        help="publish the figures, tables and REPORT.md into this folder instead of the "
+        "run folder's report/ (e.g. figures/graft to remake the committed run)",
+    )
+
+
+@command(
+    "graft-study",
+    "mediators grafted onto trained full-attention networks (training-free and distilled) against mediators and a "
+    "shared network trained from scratch, and a derived per-layer schedule against the adaptive rule",
+    _configure_graft_study,
+)
+def run_graft_study_command(args: argparse.Namespace) -> int:
+    from analysis.study.grafting import run_graft_study
+
+    report = run_graft_study(args.preset, args.runs, args.figures)
+    print(f"done: {report}")
+    return 0
+
+
 def _run_and_leave_the_process_group(args: argparse.Namespace) -> int:
     from mediator_models.storage.distributed import finish_distributed
 
