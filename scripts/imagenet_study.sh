@@ -14,6 +14,13 @@
 #   a grid choice: the paper's values are unpublished)
 #   NPROC 1 (GPUs per node, for torchrun)   LATENTS $OUT/latents (an existing cache skips the encoding)
 #   CKPT_FULL, CKPT_4, CKPT_16, ... : existing checkpoints to use instead of training (e.g. CKPT_FULL=SiT-S-2.pt)
+#   GRAFT_FROM: a trained full-attention network to graft the mediators onto instead of training them: an attnmed
+#     checkpoint, a diffusers DiT folder, or an official DiT/SiT file with SOURCE_ARGS="--model DiT-XL/2
+#     --input-size 32". One network serving the COUNTS is grafted from it and distilled for GRAFT_LAYER_STEPS
+#     layer-wise steps (default 500, on source trajectories of GRAFT_TRAJECTORY_STEPS, default 50) and GRAFT_STEPS
+#     end-to-end steps on the latents (default 8000, 2% of 400K; GRAFT_BATCH images each, default BATCH); that one
+#     file then serves every count, the derived schedules (over the COUNTS) and the adaptive rule (the COUNTS trio,
+#     RHO as above). The source itself is the full-attention run.
 set -euo pipefail
 : "${DATA:?set DATA to an ImageFolder tree (or LATENTS to a finished latent cache)}" "${VAE:?set VAE}"
 : "${REF:?set REF to an ADM reference batch .npz}" "${INCEPTION:?set INCEPTION to the local Inception .pth}"
@@ -21,6 +28,8 @@ OUT=${OUT:-runs/imagenet-study}; MODEL=${MODEL:-SiT-S/2}; IMAGE_SIZE=${IMAGE_SIZ
 TRAIN_STEPS=${TRAIN_STEPS:-400000}; BATCH=${BATCH:-256}; RECORD_SAMPLES=${RECORD_SAMPLES:-32}; STEPS=${STEPS:-250}
 CFG=${CFG:-1.5}; FID_SAMPLES=${FID_SAMPLES:-50000}; SAMPLE_BATCH=${SAMPLE_BATCH:-125}; RHO=${RHO:-"0.9 0.8"}
 NPROC=${NPROC:-1}; LATENTS=${LATENTS:-$OUT/latents}
+GRAFT_FROM=${GRAFT_FROM:-}; GRAFT_LAYER_STEPS=${GRAFT_LAYER_STEPS:-500}; GRAFT_STEPS=${GRAFT_STEPS:-8000}
+GRAFT_BATCH=${GRAFT_BATCH:-$BATCH}; GRAFT_TRAJECTORY_STEPS=${GRAFT_TRAJECTORY_STEPS:-50}; read -r -a source_args <<< "${SOURCE_ARGS:-}"
 attnmed=${ATTNMED:-attnmed}
 python=${PYTHON:-$(dirname "$(command -v "$attnmed")")/python}
 if [ "$NPROC" -gt 1 ]; then launch=(torchrun --nproc_per_node "$NPROC" -m analysis.cli); else launch=("$attnmed"); fi
@@ -43,20 +52,38 @@ checkpoint() {  # the final checkpoint of one variant: given, or trained here (r
   fi
   echo "$final"
 }
-declare -A ckpt
-ckpt[full]=$(checkpoint full)
-for n in $COUNTS; do ckpt[$n]=$(checkpoint "$n" --attention mediator --mediators "$n"); done
-all_ckpts=(--ckpt "${ckpt[full]}"); for n in $COUNTS; do all_ckpts+=(--ckpt "${ckpt[$n]}"); done
-adaptive_ckpts=(); for n in $COUNTS; do adaptive_ckpts+=(--ckpt "${ckpt[$n]}"); done  # the paper's trio
+declare -A ckpt count_args
+if [ -n "$GRAFT_FROM" ]; then  # one grafted network serves every count: pick each with --mediators
+  shared="$OUT/graft/end_to_end/shared/checkpoints/$(printf %07d "$GRAFT_STEPS").pt"
+  if [ ! -f "$shared" ]; then
+    say "graft mediators $COUNTS onto $GRAFT_FROM and distill"
+    # shellcheck disable=SC2086
+    "${launch[@]}" graft --ckpt "$GRAFT_FROM" "${source_args[@]}" --mediators $COUNTS --shared \
+      --distill-steps "$GRAFT_LAYER_STEPS" --end-to-end-steps "$GRAFT_STEPS" --batch-size "$GRAFT_BATCH" \
+      --data "$LATENTS" --steps "$GRAFT_TRAJECTORY_STEPS" --no-progress --out "$OUT/graft" >&2
+  fi
+  ckpt[full]=$GRAFT_FROM; count_args[full]="${source_args[*]}"
+  for n in $COUNTS; do ckpt[$n]=$shared; count_args[$n]="--mediators $n"; done
+  all_ckpts=(--ckpt "$shared"); adaptive_ckpts=(--ckpt "$shared"); schedule_counts="$COUNTS"
+else
+  ckpt[full]=$(checkpoint full)
+  for n in $COUNTS; do ckpt[$n]=$(checkpoint "$n" --attention mediator --mediators "$n"); done
+  all_ckpts=(--ckpt "${ckpt[full]}"); for n in $COUNTS; do all_ckpts+=(--ckpt "${ckpt[$n]}"); done
+  adaptive_ckpts=(); for n in $COUNTS; do adaptive_ckpts+=(--ckpt "${ckpt[$n]}"); done  # the paper's trio
+  schedule_counts="$COUNTS full"
+fi
 
 if [ ! -f "$OUT/redundancy.parquet" ]; then
   say "record redundancy of full attention"
-  "${launch[@]}" record --ckpt "${ckpt[full]}" --steps "$STEPS" --cfg-scale "$CFG" --samples "$RECORD_SAMPLES" \
+  # shellcheck disable=SC2086
+  "${launch[@]}" record --ckpt "${ckpt[full]}" ${count_args[full]:-} --steps "$STEPS" --cfg-scale "$CFG" --samples "$RECORD_SAMPLES" \
     --metrics all --out "$OUT/redundancy.parquet"
 fi
 "$attnmed" plot "$OUT/redundancy.parquet" --out "$OUT/figures" >/dev/null
-"$attnmed" schedule "$OUT/redundancy.parquet" --counts $COUNTS full --tau 0.9 --out "$OUT/schedule-rank0.9.json"
-"$attnmed" schedule "$OUT/redundancy.parquet" --counts $COUNTS full --tau 0.99 --out "$OUT/schedule-rank0.99.json"
+# shellcheck disable=SC2086
+for tau in 0.9 0.99; do
+  "$attnmed" schedule "$OUT/redundancy.parquet" --counts $schedule_counts --tau "$tau" --out "$OUT/schedule-rank$tau.json"
+done
 
 sample() {  # name, then the checkpoint and switching arguments
   local name=$1; shift
@@ -70,8 +97,10 @@ sample() {  # name, then the checkpoint and switching arguments
     mv "$scores.tmp" "$scores"
   fi
 }
-sample full --ckpt "${ckpt[full]}"
-for n in $COUNTS; do sample "med$n" --ckpt "${ckpt[$n]}"; done
+# shellcheck disable=SC2086
+sample full --ckpt "${ckpt[full]}" ${count_args[full]:-}
+# shellcheck disable=SC2086
+for n in $COUNTS; do sample "med$n" --ckpt "${ckpt[$n]}" ${count_args[$n]:-}; done
 for tau in 0.9 0.99; do sample "derived-rank$tau" "${all_ckpts[@]}" --schedule "$OUT/schedule-rank$tau.json"; done
 sample adaptive "${adaptive_ckpts[@]}" --adaptive --rho $RHO
 

@@ -3,6 +3,7 @@ tiny VAE, a randomly initialised Inception and a made-up reference batch, with e
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,32 @@ def test_the_imagenet_recipe_runs_every_stage_on_stand_ins(tmp_path, tiny_vae_pa
         ["bash", str(ROOT / "scripts" / "imagenet_study.sh")], env=env, capture_output=True, text=True, timeout=600
     )
     assert again.returncode == 0 and "train " not in again.stderr
+
+    # GRAFT_FROM: the mediators grafted onto the trained full network and distilled, one file for every count.
+    source = tmp_path / "study" / "train" / "full" / "checkpoints" / "0000002.pt"
+    grafted_env = {
+        **env,
+        "OUT": str(tmp_path / "grafted"),
+        "LATENTS": str(tmp_path / "study" / "latents"),
+        "GRAFT_FROM": str(source),
+        "GRAFT_LAYER_STEPS": "1",
+        "GRAFT_STEPS": "2",
+        "GRAFT_TRAJECTORY_STEPS": "4",
+    }
+    grafted = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "imagenet_study.sh")],
+        env=grafted_env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert grafted.returncode == 0, grafted.stderr[-3000:]
+    assert "train " not in grafted.stderr and "graft mediators 1 4" in grafted.stderr
+    table = (tmp_path / "grafted" / "RESULTS.md").read_text().splitlines()
+    assert {line.split("|")[1].strip() for line in table[2:]} == runs
+    shared = tmp_path / "grafted" / "graft" / "end_to_end" / "shared" / "checkpoints" / "0000002.pt"
+    for run in ("med1", "med4", "adaptive", "derived-rank0.9"):
+        sidecar = json.loads((tmp_path / "grafted" / "samples" / run / "samples.json").read_text())
+        assert Path(sidecar["checkpoint"] if "checkpoint" in sidecar else sidecar["checkpoints"][0]) == shared
+    full = json.loads((tmp_path / "grafted" / "samples" / "full" / "samples.json").read_text())
+    assert Path(full["checkpoint"]) == source
