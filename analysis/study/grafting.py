@@ -41,7 +41,7 @@ from analysis.quality.stats import holm, per_seed_differences, seed_level_differ
 from analysis.schedule import derive_layer_recovery_schedule, schedule_gflops
 from analysis.study import rundata
 from mediator_models.data import EMBEDDED
-from mediator_models.graft import graft_to_folder
+from mediator_models.graft import SHARED_CHECKPOINT, graft_to_folder
 from mediator_models.sample import load_for_sampling, sample_to_folder
 from mediator_models.sampling.generation import ProcessConfig, SamplerConfig
 from mediator_models.sampling.switching import (
@@ -271,6 +271,13 @@ class GraftStudy:
                 "end_to_end_lr": self.config.distill_lr,
                 "teacher_weight": self.config.teacher_weight,
             }
+        if fraction is None:
+            made, measured = out / SHARED_CHECKPOINT, not self.config.error_samples or (out / "errors.json").exists()
+        else:
+            made = out / "end_to_end" / "shared" / "checkpoints" / f"{self.config.end_to_end_steps(fraction):07d}.pt"
+            measured = True
+        if made.exists() and measured:  # done by an earlier start (graft_to_folder would remake the same file)
+            return made
         self.say(f"graft {name} from the source (seed {seed})")
         result = graft_to_folder(
             source,
