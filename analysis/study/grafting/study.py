@@ -37,9 +37,10 @@ import torch
 from analysis.collect import CollectionConfig, collect_redundancy, read_table, write_table
 from analysis.quality.features import PINNED_EXTRACTORS
 from analysis.quality.scores import Reference, all_metrics, fid_infinity
-from analysis.quality.stats import holm, per_seed_differences, seed_level_difference, seed_verdict
 from analysis.schedule import derive_layer_recovery_schedule, schedule_gflops
 from analysis.study import rundata
+from analysis.study.grafting.report import write_report
+from analysis.study.grafting.tables import Comparison
 from mediator_models.data import EMBEDDED
 from mediator_models.graft import SHARED_CHECKPOINT, graft_to_folder
 from mediator_models.sample import load_for_sampling, sample_to_folder
@@ -136,15 +137,6 @@ GRAFT_PRESETS = {
         kid_subset_size=8,
     ),
 }
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One paired difference of the study: run − baseline over training seeds, and what it isolates."""
-
-    run: str
-    baseline: str
-    question: str
 
 
 class GraftStudy:
@@ -453,81 +445,6 @@ class GraftStudy:
         return cells
 
 
-def summarize(cells: pd.DataFrame, runs: dict[str, str]) -> pd.DataFrame:
-    """Per run: the mean over training seeds of FID, FID∞ and GFLOPs per image, with the FID's 95% t-interval."""
-    rows = []
-    for run, schedule in runs.items():
-        part = cells[cells["run"] == run]
-        fid = seed_level_difference(part["fid"].tolist())
-        rows.append(
-            {
-                "run": run,
-                "schedule": schedule,
-                "kind": _kind(run),
-                "train_seed": "all",
-                "fid": fid.point,
-                "fid_low": fid.low,
-                "fid_high": fid.high,
-                "fid_infinity": float(part["fid_infinity"].mean()),
-                "gflops_per_image": float(part["gflops_per_image"].mean()),
-                "gflops_sd": float(part["gflops_per_image"].std(ddof=1)) if len(part) > 1 else 0.0,
-                "num_samples": int(part["num_samples"].iloc[0]),
-                "seeds": len(part),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def _kind(run: str) -> str:
-    if run.endswith(("-adaptive", "-derived")):
-        return "schedule"
-    if run in ("full", "shared-full"):
-        return "full attention"
-    return "static" if not run.startswith(("grafted", "distill")) else "grafted"
-
-
-def differences(cells: pd.DataFrame, comparisons: list[Comparison]) -> pd.DataFrame:
-    """Each comparison's paired seed-level difference on FID, FID∞ and GFLOPs, with Holm-adjusted verdicts on
-    FID over the study's family of comparisons."""
-    rows = []
-    for comparison in comparisons:
-        for metric in ("fid", "fid_infinity", "gflops_per_image"):
-            values = {
-                run: {
-                    (int(r.train_seed), int(r.sample_seed)): float(getattr(r, metric))
-                    for r in cells[cells["run"] == run].itertuples()
-                }
-                for run in (comparison.run, comparison.baseline)
-            }
-            per_seed = per_seed_differences(values[comparison.run], [(1.0, values[comparison.baseline])])
-            difference = seed_level_difference(list(per_seed.values()))
-            rows.append(
-                {
-                    "claim": comparison.question,
-                    "run": comparison.run,
-                    "baseline": comparison.baseline,
-                    "metric": metric,
-                    "difference": difference.point,
-                    "low": difference.low,
-                    "high": difference.high,
-                    "p_value": difference.p_value,
-                    "detectable": difference.detectable,
-                    "seeds": difference.seeds,
-                    "per_seed": " ".join(f"{v:+.4g}" for v in difference.per_seed),
-                    "_difference": difference,
-                }
-            )
-    table = pd.DataFrame(rows)
-    fid = table["metric"] == "fid"
-    table["p_holm"] = np.nan
-    table.loc[fid, "p_holm"] = holm(table.loc[fid, "p_value"].tolist())
-    table["verdict"] = [
-        seed_verdict(row["_difference"], row["p_holm"], "fid") if row["metric"] == "fid" else "–"
-        for _, row in table.iterrows()
-    ]
-    return table.drop(columns="_difference")
-
-
 def run_graft_study(
     preset: str = "paper-grid",
     run_root: str | Path = "runs",
@@ -550,8 +467,6 @@ def run_graft_study(
         torch.manual_seed(0)
         sidecars = {seed: study.seed_runs(seed) for seed in config.train_seeds}
         cells = study.timed("evaluate", study.evaluate, sidecars)
-        from analysis.study.grafting_report import write_report
-
         report = write_report(study, cells, Path(figures_dir) if figures_dir else run_dir / "report")
     study.say(f"report: {report}")
     return report

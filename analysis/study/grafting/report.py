@@ -1,4 +1,4 @@
-"""The grafting study's figures and REPORT.md (analysis.study.grafting), from its run folder's tables."""
+"""The grafting study's figures and REPORT.md (analysis.study.grafting.study), from its run folder's tables."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.collect import read_table
+from analysis.study.grafting.tables import differences, summarize
 from analysis.study.report import real_floor
 from mediator_models.storage.runfolder import atomic_write, atomic_write_json
 
@@ -71,8 +72,6 @@ def cost_rows(study) -> pd.DataFrame:
 
 
 def write_report(study, cells: pd.DataFrame, figures_dir: Path) -> Path:
-    from analysis.study.grafting import differences, summarize
-
     figures_dir.mkdir(parents=True, exist_ok=True)
     data = figures_dir / "data"
     data.mkdir(exist_ok=True)
