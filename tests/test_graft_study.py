@@ -73,3 +73,28 @@ def test_a_grafting_study_refuses_settings_it_cannot_compare():
         GraftStudyConfig(adaptive_ratios=(1.0,))
     with pytest.raises(ValueError, match="at least two training seeds"):
         GraftStudyConfig(train_seeds=(0,))
+
+
+def test_the_committed_grafting_study_is_what_the_tables_code_makes_of_its_cells():
+    """The committed summary and paired differences (figures/graft) are recomputed from its per-cell rows: the
+    published intervals and Holm verdicts are the seed-level method's, nothing else."""
+    from pathlib import Path
+
+    from analysis.study.grafting.tables import Comparison, differences, summarize
+
+    data = Path(__file__).resolve().parents[1] / "figures" / "graft" / "data"
+    cells = pd.read_csv(data / "cells.csv")
+    summary = pd.read_csv(data / "summary.csv")
+    published = pd.read_csv(data / "differences.csv")
+    runs = dict(zip(summary["run"], summary["schedule"]))
+    comparisons = [
+        Comparison(row.run, row.baseline, row.claim)
+        for row in published.drop_duplicates(["run", "baseline"]).itertuples()
+    ]
+    remade = differences(cells, comparisons)
+    pd.testing.assert_frame_equal(summarize(cells, runs), summary, check_dtype=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(
+        remade.drop(columns="per_seed"), published.drop(columns="per_seed"), check_dtype=False, rtol=1e-12
+    )
+    assert (remade["per_seed"] == published["per_seed"]).all()
+    assert len(set(cells["train_seed"])) == 5 and (cells["num_samples"] == 1000).all()
