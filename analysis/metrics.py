@@ -47,8 +47,9 @@ _TINY = 1e-30
 
 
 def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy in nats, with 0·log 0 = 0."""
-    return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(dim)
+    """Shannon entropy in nats, with 0·log 0 = 0 (the logs computed in place: one temporary, not three)."""
+    terms = p.clamp_min(torch.finfo(p.dtype).tiny).log_().mul_(p)
+    return -terms.sum(dim)
 
 
 @functools.lru_cache(maxsize=32)
@@ -139,15 +140,20 @@ def _sampled_jsd(
         first, second = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
     else:
         first, second = _pairs(n, pairs, torch.Generator().manual_seed(seed), groups)
-    first, second = first.to(p.device), second.to(p.device)
-    rows = torch.arange(groups, device=p.device)[:, None]
-    total = torch.zeros(groups, dtype=torch.float64, device=p.device)
-    chunk = max(1, chunk_elements // max(1, groups * m))
-    for start in range(0, pairs, chunk):
-        i, j = first[:, start : start + chunk], second[:, start : start + chunk]
-        pair_sum = flat[rows, i] + flat[rows, j]  # (groups, chunk, M)
-        jsd = 0.5 * (_entropy(pair_sum) - entropy[rows, i] - entropy[rows, j]) + math.log(2.0)
-        total += jsd.clamp_min(0).double().sum(-1)
+    # Rows of all maps stacked (groups·N, M), a pair's two rows picked by index_select (three times faster on this
+    # CPU than advanced indexing), `chunk_elements` / 4 values at a time (the gathered rows stay in cache); the pairs'
+    # H(p_i + p_j) land in one buffer, group after group.
+    offsets = (torch.arange(groups) * n)[:, None]
+    first, second = (first + offsets).reshape(-1).to(p.device), (second + offsets).reshape(-1).to(p.device)
+    stacked, entropy = flat.reshape(groups * n, m), entropy.reshape(-1)
+    summed = torch.empty(len(first), dtype=p.dtype, device=p.device)
+    chunk = max(1, chunk_elements // 4 // m)
+    for start in range(0, len(first), chunk):
+        i, j = first[start : start + chunk], second[start : start + chunk]
+        summed[start : start + chunk] = _entropy(stacked.index_select(0, i).add_(stacked.index_select(0, j)))
+    # With s = p_i + p_j (which sums to 2): H(s/2) = H(s)/2 + log 2.
+    jsd = 0.5 * (summed - entropy.index_select(0, first) - entropy.index_select(0, second)) + math.log(2.0)
+    total = jsd.view(groups, pairs).clamp_min(0).double().sum(-1)
     return (total / pairs / math.log(2.0)).reshape(lead)
 
 
@@ -453,15 +459,18 @@ def check_maps(maps: torch.Tensor) -> None:
     or rows that do not sum to 1. Every measure here assumes row-stochastic maps."""
     if maps.dim() < 2 or maps.shape[-1] < 1 or maps.shape[-2] < 1:
         raise ValueError(f"attention maps have shape (..., queries, keys); got {tuple(maps.shape)}")
-    if not torch.isfinite(maps).all():
+    # One pass for the row sums (NaN and infinities reach them) and one for the minimum, read back in one transfer.
+    rows = maps.sum(-1).double()  # in the maps' precision: a float64 sum would first copy every map
+    finite, least, worst = torch.stack(
+        [torch.isfinite(rows).all().double(), maps.amin().double(), (rows - 1).abs().max()]
+    ).tolist()
+    if not finite:
         bad = (~torch.isfinite(maps)).sum().item()
         raise ValueError(
             f"attention maps hold {bad} NaN or infinite entries (did the model diverge?); refusing to "
             "average them into the statistics"
         )
-    rows = maps.double().sum(-1)
-    if (maps < 0).any() or not torch.allclose(rows, torch.ones_like(rows), atol=1e-3):
-        worst = float((rows - 1).abs().max())
+    if least < 0 or worst > 1e-3:
         raise ValueError(
             f"attention maps must be row-stochastic (non-negative rows summing to 1; the worst row is "
             f"off by {worst:.3g}): pass post-softmax maps"
