@@ -549,9 +549,30 @@ def _atlas_measures(maps: torch.Tensor, names: list[str], jsd_pairs: int | None)
 
 RECORDING_JSD_PAIRS = 2048
 
+# Above this many query rows the measures that average over queries (ROW_METRICS) are estimated from
+# RECORDING_QUERY_ROWS rows drawn for each map (only those rows of the map are computed); at or below it they read
+# every row, as before. Errors on maps of a trained model at 4096 tokens: benchmarks/RESULTS.md (row_accuracy).
+SAMPLE_ROWS_ABOVE_TOKENS = 2048
+RECORDING_QUERY_ROWS = 512
+ROW_METRICS = CHEAP_METRICS
+
+
+def sampled_query_rows(maps, rows: int) -> torch.Tensor:
+    """(B, heads, R) query positions, `rows` distinct ones drawn uniformly for each map of an `AttentionMaps`,
+    seeded by each map's own queries (or rows), so a map's draw never depends on the maps reduced beside it."""
+    source = maps.row_source()
+    batch, heads, n = source.shape[:3]
+    seeds = _content_seeds(source.reshape(batch * heads, n, -1))
+    index = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))[:rows] for s in seeds])
+    return index.sort(-1).values.reshape(batch, heads, -1).to(source.device)
+
 
 def metric_reducer(
-    metrics: tuple[str, ...] = CHEAP_METRICS, *, jsd_pairs: int | None = RECORDING_JSD_PAIRS, **options
+    metrics: tuple[str, ...] = CHEAP_METRICS,
+    *,
+    jsd_pairs: int | None = RECORDING_JSD_PAIRS,
+    query_rows: int | None = RECORDING_QUERY_ROWS,
+    **options,
 ) -> Callable:
     """A reducer for the recorder: `AttentionMaps` -> {metric: (B, heads)}, on the effective N×N map
     (full attention's map, or the mediator product softmax(q·Tᵀ)·softmax(T·kᵀ)).
@@ -562,6 +583,11 @@ def metric_reducer(
     one; single maps within 2.5% at the 95th percentile (7.7% at worst, on maps of JSD below 0.1 bit). On 32
     synthetic maps of 256 tokens (local windows, blocks, random; tests/test_metrics.py) the mean is within 0.2%.
     Pass `jsd_pairs=None` for the exact mean at any size.
+
+    Above `SAMPLE_ROWS_ABOVE_TOKENS` (2048) query rows, JSD, entropy and cosine come from `query_rows` (512) rows
+    drawn for each map, and only those rows are computed: each is an unbiased estimate of the all-rows value
+    (a mean over rows, or over pairs of rows, of a uniform random subset), its error on a trained model's maps in
+    benchmarks/RESULTS.md (row_accuracy). `query_rows=None` reads every row.
     """
 
     check_metric_names(metrics)
@@ -580,7 +606,15 @@ def metric_reducer(
             _, sigma, wh = torch.linalg.svd(maps.effective.double(), full_matrices=False)
             decomposition = (sigma, wh)
         spectra = {"sigma": decomposition[0]} if decomposition is not None else {}
-        out = measure(maps.effective, on_maps, jsd_pairs=jsd_pairs, **options, **spectra) if on_maps else {}
+        by_rows = [m for m in on_maps if m in ROW_METRICS]
+        if by_rows and query_rows is not None and maps.shape[-2] > max(SAMPLE_ROWS_ABOVE_TOKENS, query_rows):
+            rows = maps.effective_rows(sampled_query_rows(maps, query_rows))
+            out = measure(rows, tuple(by_rows), jsd_pairs=jsd_pairs, **options)
+            rest = tuple(m for m in on_maps if m not in ROW_METRICS)
+        else:
+            out, rest = {}, on_maps
+        if rest:
+            out.update(measure(maps.effective, rest, jsd_pairs=jsd_pairs, **options, **spectra))
         if recovery and maps.values is None:
             raise ValueError(
                 "the recovery measures need the layer's values; this attention module does not hand them over"

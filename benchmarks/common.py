@@ -77,9 +77,23 @@ def trained_map_payloads(steps: int, samples: int, folder: Path) -> list[dict]:
     (step, layer): "effective" (samples, heads, 256, 256), "step", "layer", "noise_level"."""
     from analysis.metrics import metric_reducer
     from mediator_models.recording.recorder import record_attention
-    from mediator_models.sample import load_for_sampling
     from mediator_models.sampling.generation import SamplerConfig, generate
     from mediator_models.sampling.steps import start_batch
+
+    loaded = trained_model(steps, folder)
+    keep = [(step, layer) for step in (0, 6, 12, 19) for layer in range(loaded.model.config.depth)]
+    x_T, y, noise = start_batch(list(range(samples)), 0, loaded.model.config, None, "cpu")
+    with record_attention(
+        loaded.model, metric_reducer(("entropy",)), keep_maps=keep, keep_dir=folder / "maps"
+    ) as recorder:
+        sampler = SamplerConfig(kind="sde", steps=20)
+        generate(loaded.model, loaded.process, sampler, x_T, y, callback=recorder.callback, noise_fn=noise)
+    return [torch.load(path, weights_only=False) for path in sorted((folder / "maps").glob("*.pt"))]
+
+
+def trained_model(steps: int, folder: Path):
+    """SiT-T/1 trained `steps` steps on the digits at 16×16 with patch 1 (256 tokens), loaded to sample."""
+    from mediator_models.sample import load_for_sampling
     from mediator_models.train import TrainConfig, train
 
     torch.manual_seed(0)
@@ -95,12 +109,4 @@ def trained_map_payloads(steps: int, samples: int, folder: Path) -> list[dict]:
             progress=False,
         )
     )
-    loaded = load_for_sampling(run / "checkpoints" / f"{steps:07d}.pt")
-    keep = [(step, layer) for step in (0, 6, 12, 19) for layer in range(loaded.model.config.depth)]
-    x_T, y, noise = start_batch(list(range(samples)), 0, loaded.model.config, None, "cpu")
-    with record_attention(
-        loaded.model, metric_reducer(("entropy",)), keep_maps=keep, keep_dir=folder / "maps"
-    ) as recorder:
-        sampler = SamplerConfig(kind="sde", steps=20)
-        generate(loaded.model, loaded.process, sampler, x_T, y, callback=recorder.callback, noise_fn=noise)
-    return [torch.load(path, weights_only=False) for path in sorted((folder / "maps").glob("*.pt"))]
+    return load_for_sampling(run / "checkpoints" / f"{steps:07d}.pt")

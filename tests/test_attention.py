@@ -242,3 +242,13 @@ def test_a_conv_only_block_without_its_conv_and_recording_it_are_refused():
     with pytest.raises(ValueError, match="no attention maps to record"):
         with record_attention(build_model("SiT-T/2", input_size=8, attention="conv"), metric_reducer()):
             pass
+
+
+@pytest.mark.parametrize("grid, side", [(8, 2), (16, 4), (10, 4), (7, 3), (14, 8)])
+def test_pooling_queries_is_adaptive_average_pooling_on_even_and_uneven_grids(grid, side):
+    from mediator_models.network.attention import pool_tokens
+
+    tokens = torch.randn(2, 3, grid * grid, 5)  # (batch, heads, N, d), as the premise measures pool them
+    image = tokens.reshape(6, grid, grid, 5).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.adaptive_avg_pool2d(image, side).flatten(2).transpose(1, 2).reshape(2, 3, -1, 5)
+    torch.testing.assert_close(pool_tokens(tokens, grid, side), expected, rtol=1e-6, atol=1e-6)

@@ -75,6 +75,25 @@ class AttentionMaps:
             return (*self.queries.shape[:-1], self.keys.shape[-2])
         return (*self.query_to_mediator.shape[:-1], self.mediator_to_key.shape[-1])
 
+    def effective_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Some query rows of the effective map, (B, heads, R, M) for index (B, heads, R) of query positions, each
+        map its own rows. From the queries and keys (or the query-to-mediator rows) when the N×N map is not held,
+        so only R·M entries are computed: how measures that average over queries sample them at large N."""
+        if self.kind == "full" and self._full is None and self.queries is not None and self.keys is not None:
+            picked = self.queries.gather(2, index[..., None].expand(-1, -1, -1, self.queries.shape[-1]))
+            return explicit_maps(picked, self.keys, None)
+        if self.kind == "full":
+            return self.full.gather(2, index[..., None].expand(-1, -1, -1, self.full.shape[-1]))
+        reads = self.query_to_mediator
+        return reads.gather(2, index[..., None].expand(-1, -1, -1, reads.shape[-1])) @ self.mediator_to_key
+
+    def row_source(self) -> torch.Tensor:
+        """The tensor whose rows make the effective map's rows (queries, query-to-mediator maps, or the map): what
+        seeds a reproducible draw of query rows without computing the map."""
+        if self.kind == "full":
+            return self.queries if self.queries is not None else self.full  # the same rows, map computed or not
+        return self.query_to_mediator
+
     def output(self) -> torch.Tensor:
         """What the maps deliver, per head: A·V (B, heads, N, d), through the fused kernel for full attention
         handed its queries and keys (no N×N map), through the n×N maps for mediators (before conv and proj)."""
@@ -153,16 +172,19 @@ def depthwise_conv_on_values(dwc: nn.Conv2d, v: torch.Tensor, grid_size: int) ->
 
 def pool_tokens(tokens: torch.Tensor, grid_size: int, side: int) -> torch.Tensor:
     """Tokens (..., N, C) seen as a g×g image, adaptively average-pooled to side×side -> (..., side², C): how
-    mediators are made from queries."""
-    *lead, _, c = tokens.shape
-    flat = tokens.reshape(-1, grid_size * grid_size, c)
-    b, g = len(flat), grid_size
-    if g % side == 0:  # equal windows: a reshaped mean, without transposing the tokens into an image
-        cell = g // side
-        pooled = flat.reshape(b, side, cell, side, cell, c).mean(dim=(2, 4)).reshape(b, side * side, c)
-    else:
-        pooled = F.adaptive_avg_pool2d(flat.transpose(1, 2).reshape(b, c, g, g), side).flatten(2).transpose(1, 2)
-    return pooled.reshape(*lead, side * side, c)
+    mediators are made from queries. One matmul with the pooling matrix (adaptive_avg_pool2d's windows): on this
+    CPU 2-6× faster than a reshaped mean over a strided q, the same averages to float rounding."""
+    return pooling_matrix(grid_size, side, tokens.device, tokens.dtype) @ tokens
+
+
+@functools.lru_cache(maxsize=64)
+def pooling_matrix(grid_size: int, side: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """P (side², g²) with P·tokens = adaptive_avg_pool2d of the g×g token image to side×side (row-major cells)."""
+    windows = torch.zeros(side, grid_size, dtype=torch.float64)
+    for cell in range(side):  # adaptive pooling's windows: [⌊i·g/s⌋, ⌈(i+1)·g/s⌉)
+        start, end = (cell * grid_size) // side, -(-(cell + 1) * grid_size // side)
+        windows[cell, start:end] = 1 / (end - start)
+    return torch.kron(windows, windows).to(device=device, dtype=dtype)
 
 
 class FullAttention(nn.Module):
