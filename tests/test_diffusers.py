@@ -368,11 +368,15 @@ def test_a_pipeline_records_the_same_table_with_the_diffusers_dit_or_its_weights
     ours = load_for_sampling(dit_pipeline_folder, numerics="diffusers").model
     twin = DiTPipeline(transformer=AsDiffusersTransformer(ours), vae=pipeline.vae, scheduler=pipeline.scheduler)
     twin.set_progress_bar_config(disable=True)
-    collection = CollectionConfig(samples=2, batch_size=2, metrics=("jsd", "entropy", "cosine"), classes=(4, 9))
+    # Beside the one-map measures, those that read the layer's values (across steps, across guidance branches) and
+    # its queries and keys (the premise's pooled mediators): the processors hand them over as attnmed's layers do.
+    metrics = ("jsd", "entropy", "cosine", "step_output_rel_l1", "branch_output_cosine", "recovery_pooled_4")
+    collection = CollectionConfig(samples=2, batch_size=2, metrics=metrics, classes=(4, 9))
     tables = [
         collect_redundancy_diffusers(p, collection, steps=4, guidance_scale=1.5, progress=False)
         for p in (pipeline, twin)
     ]
+    assert set(tables[0]["metric"]) == set(metrics)
     keys = ["step", "layer", "head", "branch", "metric"]
     merged = tables[0].merge(tables[1], on=keys, suffixes=("_diffusers", "_attnmed"))
     assert len(merged) == len(tables[0]) == len(tables[1])

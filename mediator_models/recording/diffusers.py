@@ -144,10 +144,37 @@ class RecordingProcessor:
             if self.kind.startswith("flux"):
                 rotary = args[0] if args else kwargs.get("image_rotary_emb")
                 maps = self.flux_maps(attn, hidden_states, encoder_hidden_states, rotary)
+                self.observer(AttentionMaps("full", full=maps))
+            elif self.kind == "self" or encoder_hidden_states is None:
+                self.observer(self.self_attention_maps(attn, hidden_states))
             else:
-                maps = self.maps(attn, hidden_states, encoder_hidden_states)
-            self.observer(AttentionMaps("full", full=maps))
+                self.observer(AttentionMaps("full", full=self.maps(attn, hidden_states, encoder_hidden_states)))
         return output
+
+    def self_attention_maps(self, attn, hidden_states: torch.Tensor) -> AttentionMaps:
+        """Self-attention among image tokens (DiT, PixArt): the map, and the values it mixes (what the measures of
+        the output, across steps, guidance branches and the premise read). Where the layer's scale is 1/√head_dim
+        the queries and keys go instead of the map, which the recorder then computes a few maps at a time within
+        its memory bound (and only sampled rows of, where that suffices), and the premise's pooled mediators are
+        the ones this layer would make."""
+        query, key, scale = self.queries_and_keys(attn, hidden_states)
+        values = _heads(attn.to_v(hidden_states), attn.heads).float()
+        if scale is not None and scale != query.shape[-1] ** -0.5:
+            return AttentionMaps("full", full=_scores(query, key, scale).softmax(-1), values=values)
+        return AttentionMaps("full", values=values, queries=query.float(), keys=key.float())
+
+    def queries_and_keys(self, attn, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """(queries, keys) (B, heads, N, d) as the layer's processor forms them, and the scale it applies (None:
+        scaled_dot_product_attention's default)."""
+        from diffusers.models.attention_processor import AttnProcessor
+
+        plain = type(self.original) is AttnProcessor  # attn.scale, and no query or key norms
+        query, key = _heads(attn.to_q(hidden_states), attn.heads), _heads(attn.to_k(hidden_states), attn.heads)
+        if attn.norm_q is not None and not plain:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None and not plain:
+            key = attn.norm_k(key)
+        return query, key, attn.scale if plain else None
 
     def flux_maps(self, attn, hidden_states, encoder_hidden_states, rotary) -> torch.Tensor:
         """Queries and keys exactly as FluxAttnProcessor forms them (projections, RMS norms, text first, rotary
@@ -176,15 +203,8 @@ class RecordingProcessor:
 
     def maps(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
         """Queries and keys as the layer's processor forms them; see the module docstring for each processor."""
-        from diffusers.models.attention_processor import AttnProcessor
-
-        plain = type(self.original) is AttnProcessor  # attn.scale, and no query or key norms
-        query, key = _heads(attn.to_q(hidden_states), attn.heads), _heads(attn.to_k(hidden_states), attn.heads)
-        if attn.norm_q is not None and not plain:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None and not plain:
-            key = attn.norm_k(key)
-        scores = _scores(query, key, attn.scale if plain else None)
+        query, key, scale = self.queries_and_keys(attn, hidden_states)
+        scores = _scores(query, key, scale)
         if self.kind == "self" or encoder_hidden_states is None:
             return scores.softmax(-1)
         text_key = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
