@@ -14,9 +14,10 @@ def test_gpu_check_plumbing_runs_tiny(tmp_path):
     from benchmarks.gpu_check import run
 
     rows = run(tiny=True, folder=tmp_path)
-    assert [row[0].split()[0] for row in rows] == ["record", "sample"]
-    assert all(float(row[3]) > 0 for row in rows)
-    assert (tmp_path / "samples" / "samples.npz").exists() and (tmp_path / "table.parquet").exists()
+    assert [row[0].split()[0] for row in rows] == ["record", "record", "sample"]
+    assert "PixArt" in rows[1][0] and all(float(row[3]) > 0 for row in rows)
+    assert (tmp_path / "samples" / "samples.npz").exists()
+    assert (tmp_path / "table.parquet").exists() and (tmp_path / "large.parquet").exists()
 
 
 @pytest.mark.slow
