@@ -46,6 +46,11 @@ CLAIM_ORDER = (
 )
 
 
+def cell_values(rows: pd.DataFrame, metric: str) -> dict[tuple[int, int], float]:
+    """{(training seed, sampling seed): value} of one run's per-cell rows: what paired differences pair."""
+    return {(int(r.train_seed), int(r.sample_seed)): float(getattr(r, metric)) for r in rows.itertuples()}
+
+
 def cell_rows(results: pd.DataFrame) -> pd.DataFrame:
     """The per-cell rows of a results table (summary rows have train_seed "all")."""
     cells = results[results["train_seed"].astype(str) != "all"].copy()
@@ -140,13 +145,7 @@ def decide(cells: pd.DataFrame, runs: list[Run], full: str) -> pd.DataFrame:
     verdicts."""
     duplicate_of = aliases(cells, runs)
     exploratory = {run.name for run in runs if run.exploratory}
-    values = {
-        metric: {
-            run: {(int(r.train_seed), int(r.sample_seed)): float(getattr(r, metric)) for r in group.itertuples()}
-            for run, group in cells.groupby("run")
-        }
-        for metric in METRICS
-    }
+    values = {metric: {run: cell_values(group, metric) for run, group in cells.groupby("run")} for metric in METRICS}
     rows, seen = [], set()
     for name, weights, label, claim in comparisons(runs, cells, full):
         canonical = (

@@ -39,7 +39,7 @@ from analysis.schedule import (
     schedule_within_budget,
 )
 from analysis.study import rundata
-from analysis.study.claims import CLAIM_ORDER, cell_rows, decide, run_summaries, with_run_summaries
+from analysis.study.claims import CLAIM_ORDER, cell_rows, cell_values, decide, run_summaries, with_run_summaries
 from analysis.study.config import ABLATIONS, PRESETS, StudyConfig, ablation_model
 from analysis.study.results import Run, RunKind, Sidecars, StudyResults
 from mediator_models.data import EMBEDDED
@@ -53,7 +53,6 @@ from mediator_models.storage.runfolder import (
     check_creatable,
     clean_stale_temporaries,
 )
-from mediator_models.train import TrainConfig, checkpoint_paths, train
 
 __all__ = ["ABLATIONS", "PRESETS", "Study", "StudyConfig", "ablation_model", "run_study", "time_matched_schedule"]
 
@@ -164,25 +163,17 @@ class Study:
                     attention, mediators, conv = ("full" if count is None else "mediator"), count, None
                 if not final.exists():
                     self.say(f"train {self.variant_name(count)} (seed {seed}) for {self.config.train_steps} steps")
-                    cfg = TrainConfig(
-                        model=self.config.model,
+                    rundata.train_variant(
+                        self.config,
+                        seed,
+                        out,
                         attention=attention,
                         mediators=mediators,
                         depthwise_conv=conv,
-                        data=self.config.data,
-                        image_size=self.config.image_size,
-                        global_batch_size=self.config.batch_size,
-                        steps=self.config.train_steps,
-                        lr=self.config.lr,
-                        ema_decay=self.config.ema_decay,
-                        seed=seed,
-                        log_every=50,
                         ckpt_every=self.config.checkpoint_every,
                         # the points along training are sampled from their checkpoints: keep every one
                         keep_checkpoints=None if self.config.along_training else 2,
-                        out=str(out),
                     )
-                    train(cfg, resume=bool(checkpoint_paths(out)))
                 paths[seed][count] = final
         return paths
 
@@ -525,12 +516,7 @@ def along_differences(cells: pd.DataFrame, differences: pd.DataFrame) -> pd.Data
     for pair in pairs.itertuples():
         for step, at in cells.groupby("step"):
             for metric in ("fid", "fid_infinity"):
-                values = {
-                    run: {
-                        (int(r.train_seed), int(r.sample_seed)): float(getattr(r, metric)) for r in group.itertuples()
-                    }
-                    for run, group in at.groupby("run")
-                }
+                values = {run: cell_values(group, metric) for run, group in at.groupby("run")}
                 if pair.run not in values or pair.baseline not in values:
                     continue
                 per_seed = per_seed_differences(values[pair.run], [(1.0, values[pair.baseline])])

@@ -42,6 +42,30 @@ def final_checkpoint(run_dir: Path, seed: int, variant: str, steps: int) -> Path
     return train_folder(run_dir, seed, variant) / "checkpoints" / f"{steps:07d}.pt"
 
 
+def train_variant(config, seed: int, out: Path, *, attention: str, mediators, **settings) -> None:
+    """Train one network of a study into `out` (resuming where a killed run stopped) on the study's one recipe:
+    its model, data, image size, batch, steps, learning rate and EMA, logged every 50 steps. `settings`: the rest
+    of TrainConfig (checkpoint cadence, the conv of an ablation, ...)."""
+    from mediator_models.train import TrainConfig, checkpoint_paths, train
+
+    cfg = TrainConfig(
+        model=config.model,
+        attention=attention,
+        mediators=mediators,
+        data=config.data,
+        image_size=config.image_size,
+        global_batch_size=config.batch_size,
+        steps=config.train_steps,
+        lr=config.lr,
+        ema_decay=config.ema_decay,
+        seed=seed,
+        log_every=50,
+        out=str(out),
+        **settings,
+    )
+    train(cfg, resume=bool(checkpoint_paths(out)))
+
+
 def log_path(run_dir: Path, seed: int, variant: str) -> Path:
     """A trained variant's loss and speed log (JSON lines)."""
     return train_folder(run_dir, seed, variant) / "log.jsonl"

@@ -53,7 +53,6 @@ from mediator_models.sampling.switching import (
     evaluation_levels,
 )
 from mediator_models.storage.runfolder import FolderLock, atomic_write, atomic_write_json, check_creatable
-from mediator_models.train import TrainConfig, checkpoint_paths, train
 
 
 @dataclass(frozen=True)
@@ -229,24 +228,16 @@ class GraftStudy:
         final = rundata.final_checkpoint(self.run_dir, seed, name, self.config.train_steps)
         if not final.exists():
             self.say(f"train {name} (seed {seed}) for {self.config.train_steps} steps")
-            cfg = TrainConfig(
-                model=self.config.model,
+            rundata.train_variant(
+                self.config,
+                seed,
+                out,
                 attention=attention,
                 mediators=mediators,
-                data=self.config.data,
-                image_size=self.config.image_size,
-                global_batch_size=self.config.batch_size,
-                steps=self.config.train_steps,
-                lr=self.config.lr,
-                ema_decay=self.config.ema_decay,
-                seed=seed,
-                log_every=50,
                 ckpt_every=max(1, self.config.train_steps // 4),
                 keep_checkpoints=2,
-                out=str(out),
                 progress=False,
             )
-            train(cfg, resume=bool(checkpoint_paths(out)))
         return final
 
     # ---- stage 2: graft and distill ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.quality.stats import holm, per_seed_differences, seed_level_difference, seed_verdict
+from analysis.study.claims import cell_values
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,7 @@ def differences(cells: pd.DataFrame, comparisons: list[Comparison]) -> pd.DataFr
     for comparison in comparisons:
         for metric in ("fid", "fid_infinity", "gflops_per_image"):
             values = {
-                run: {
-                    (int(r.train_seed), int(r.sample_seed)): float(getattr(r, metric))
-                    for r in cells[cells["run"] == run].itertuples()
-                }
-                for run in (comparison.run, comparison.baseline)
+                run: cell_values(cells[cells["run"] == run], metric) for run in (comparison.run, comparison.baseline)
             }
             per_seed = per_seed_differences(values[comparison.run], [(1.0, values[comparison.baseline])])
             difference = seed_level_difference(list(per_seed.values()))
