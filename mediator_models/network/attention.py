@@ -79,13 +79,15 @@ class AttentionMaps:
         """Some query rows of the effective map, (B, heads, R, M) for index (B, heads, R) of query positions, each
         map its own rows. From the queries and keys (or the query-to-mediator rows) when the N×N map is not held,
         so only R·M entries are computed: how measures that average over queries sample them at large N."""
+
+        def rows_of(tensor: torch.Tensor) -> torch.Tensor:  # (B, heads, N, X) -> (B, heads, R, X)
+            return tensor.gather(2, index[..., None].expand(-1, -1, -1, tensor.shape[-1]))
+
         if self.kind == "full" and self._full is None and self.queries is not None and self.keys is not None:
-            picked = self.queries.gather(2, index[..., None].expand(-1, -1, -1, self.queries.shape[-1]))
-            return explicit_maps(picked, self.keys, None)
+            return explicit_maps(rows_of(self.queries), self.keys, None)
         if self.kind == "full":
-            return self.full.gather(2, index[..., None].expand(-1, -1, -1, self.full.shape[-1]))
-        reads = self.query_to_mediator
-        return reads.gather(2, index[..., None].expand(-1, -1, -1, reads.shape[-1])) @ self.mediator_to_key
+            return rows_of(self.full)
+        return rows_of(self.query_to_mediator) @ self.mediator_to_key
 
     def row_source(self) -> torch.Tensor:
         """The tensor whose rows make the effective map's rows (queries, query-to-mediator maps, or the map): what

@@ -148,7 +148,7 @@ class RecordingProcessor:
             elif self.kind == "self" or encoder_hidden_states is None:
                 self.observer(self.self_attention_maps(attn, hidden_states))
             else:
-                self.observer(AttentionMaps("full", full=self.maps(attn, hidden_states, encoder_hidden_states)))
+                self.observer(AttentionMaps("full", full=self.joint_maps(attn, hidden_states, encoder_hidden_states)))
         return output
 
     def self_attention_maps(self, attn, hidden_states: torch.Tensor) -> AttentionMaps:
@@ -201,12 +201,11 @@ class RecordingProcessor:
         joint = _scores(query.transpose(1, 2), key.transpose(1, 2)).softmax(-1)  # (B, heads, text + image, same)
         return _image_block(joint, slice(text, None), slice(text, None))
 
-    def maps(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
-        """Queries and keys as the layer's processor forms them; see the module docstring for each processor."""
+    def joint_maps(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """A joint layer (SD3) given the text: the image→image block of the softmax over image and text keys, the
+        queries and keys as the layer's processor forms them (see the module docstring)."""
         query, key, scale = self.queries_and_keys(attn, hidden_states)
         scores = _scores(query, key, scale)
-        if self.kind == "self" or encoder_hidden_states is None:
-            return scores.softmax(-1)
         text_key = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
         if getattr(attn, "norm_added_k", None) is not None:
             text_key = attn.norm_added_k(text_key)
