@@ -191,10 +191,29 @@ def mean_cosine(maps: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values(maps: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """σ in descending order, computed in float32 or float64 (half precision is refused)."""
+    """σ in descending order, computed in float32 or float64 (half precision is refused).
+
+    In float64 they are the square roots of the eigenvalues of the smaller Gram matrix (A·Aᵀ or Aᵀ·A): 1.6× faster
+    than the SVD on this CPU, and as good for every spectral measure. Squaring costs precision only below
+    √(N·ε₆₄)·σ₁ (2.4·10⁻⁷ σ₁ at 256 tokens), far under the numerical rank's 10⁻³ σ₁ and too small to move the
+    effective rank (errors against the SVD on a trained model's maps: benchmarks/RESULTS.md, sketch_accuracy).
+    In float32 that floor would be 10⁻³ σ₁ itself, so float32 takes the SVD."""
     if dtype not in (torch.float32, torch.float64):
         raise ValueError("singular values are computed in float32 or float64, never in half precision")
-    return torch.linalg.svdvals(maps.to(dtype))
+    if dtype == torch.float32:
+        return torch.linalg.svdvals(maps.to(dtype))
+    return gram_singular_values(maps)
+
+
+def gram_singular_values(maps: torch.Tensor) -> torch.Tensor:
+    """σ in descending order from the float64 eigenvalues of the smaller Gram matrix (see singular_values)."""
+    a = maps.double()
+    gram = a @ a.transpose(-2, -1) if a.shape[-2] <= a.shape[-1] else a.transpose(-2, -1) @ a
+    eigenvalues = torch.linalg.eigvalsh(gram).flip(-1)
+    # Below n·ε·λ₁ an eigenvalue is rounding noise around its true value (zero for a map of lower rank): read
+    # as 0, not as a σ of about √(n·ε)·σ₁, which would give an exactly low-rank map a tail.
+    floor = eigenvalues[..., :1] * (gram.shape[-1] * torch.finfo(torch.float64).eps)
+    return torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues)).sqrt()
 
 
 def effective_rank(sigma: torch.Tensor) -> torch.Tensor:

@@ -319,7 +319,8 @@ def test_one_decomposition_serves_the_spectral_measures_and_the_premise(monkeypa
     values = torch.randn(1, 3, 64, 8, generator=torch.Generator().manual_seed(4))
     shared = metric_reducer((*SPECTRAL_METRICS, "recovery_rank_4", "recovery_bound_4"))
     separate = {
-        **measure(maps, SPECTRAL_METRICS),
+        # The shared decomposition is the SVD (its vectors serve the premise), so its spectra are the SVD's.
+        **measure(maps, SPECTRAL_METRICS, sigma=torch.linalg.svdvals(maps.double())),
         **metric_reducer(("recovery_rank_4",))(AttentionMaps("full", full=maps, values=values)),
     }
     out = shared(AttentionMaps("full", full=maps, values=values))
@@ -549,3 +550,23 @@ def test_sampled_rows_of_a_mediator_layer_are_rows_of_its_product_map():
     torch.testing.assert_close(
         maps.effective_rows(index), maps.effective.gather(2, index[..., None].expand(-1, -1, -1, 64))
     )
+
+
+def test_singular_values_from_the_gram_matrix_equal_the_svds_and_keep_a_low_rank_map_exact():
+    """float64 singular_values take the Gram route: equal to the SVD to about √(N·ε)·σ₁, square or rectangular
+    (sampled rows), and an exactly rank-5 map keeps its 59 zero values (rounding noise below n·ε·λ₁ is read as 0)."""
+    from analysis.metrics import gram_singular_values
+
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 256, 256, generator=generator, dtype=torch.float64)
+    for maps in ((scores * 3).softmax(-1).float(), (scores * 0.3).softmax(-1), (scores[..., :40, :] * 8).softmax(-1)):
+        exact = torch.linalg.svdvals(maps.double())
+        route = singular_values(maps)
+        assert route.shape == exact.shape and route.dtype == torch.float64
+        assert float((route - exact).abs().max()) < 1e-6 * float(exact[..., 0].min())
+        assert (route[..., :-1] >= route[..., 1:]).all()  # descending, as the SVD's
+    low = maps_of_rank(5)
+    sigma = gram_singular_values(low)
+    torch.testing.assert_close(sigma[..., :5], torch.linalg.svdvals(low)[..., :5], rtol=1e-9, atol=1e-12)
+    assert (sigma[..., 5:] == 0).all()
+    assert (numerical_rank(sigma) == 5).all()
