@@ -598,8 +598,8 @@ def metric_reducer(
 
     The JSD score is the exact all-pairs mean up to 2048 pairs (every map of N ≤ 64 tokens, the embedded
     study). Above, it is estimated from 2048 pairs drawn independently for each map. On the maps of a SiT trained at
-    256 tokens (benchmarks/RESULTS.md, jsd_accuracy) the mean over a table row's maps is within 1% of the exact
-    one; single maps within 2.5% at the 95th percentile (7.7% at worst, on maps of JSD below 0.1 bit). On 32
+    256 tokens (benchmarks/RESULTS.md, jsd_accuracy) the mean over a table row's maps is within 1.1% of the exact
+    one; single maps within 2.7% at the 95th percentile (7.4% at worst, on maps of JSD below 0.1 bit). On 32
     synthetic maps of 256 tokens (local windows, blocks, random; tests/test_metrics.py) the mean is within 0.2%.
     Pass `jsd_pairs=None` for the exact mean at any size.
 

@@ -21,14 +21,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.metrics import RECORDING_JSD_PAIRS, jsd_redundancy  # noqa: E402
 from benchmarks.common import markdown_table, trained_map_payloads, write_section  # noqa: E402
 
+# Fewer pairs than the recorder's default, for `attnmed record --jsd-pairs N`: the error each count costs.
+FEWER_PAIRS = (512, 1024)
+
 
 def main(steps: int = 300, samples: int = 8) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         payloads = trained_map_payloads(steps, samples, Path(tmp))
         rows, per_map = [], []
+        by_count = {count: ([], []) for count in (*FEWER_PAIRS, RECORDING_JSD_PAIRS)}  # per-map, row-mean errors
         for payload in payloads:
             maps = payload["effective"].double()  # (samples, heads, 256, 256)
             exact = jsd_redundancy(maps, max_pairs=None)
+            for count, (maps_errors, mean_errors) in by_count.items():
+                fewer = jsd_redundancy(maps, max_pairs=count)
+                maps_errors.append(((fewer - exact).abs() / exact).flatten())
+                mean_errors.append(abs(float(fewer.mean() / exact.mean()) - 1))
             estimate = jsd_redundancy(maps, max_pairs=RECORDING_JSD_PAIRS)
             relative = ((estimate - exact).abs() / exact).flatten()
             per_map.append(relative)
@@ -53,9 +61,26 @@ def main(steps: int = 300, samples: int = 8) -> None:
         ["step", "layer", "noise", "exact JSD", f"{RECORDING_JSD_PAIRS}-pair JSD", "error of the mean", "worst map"],
         rows,
     )
+    counts = []
+    for count, (maps_errors, mean_errors) in by_count.items():
+        pooled = torch.cat(maps_errors).numpy()
+        counts.append(
+            [
+                count,
+                f"{np.median(pooled):.2%}",
+                f"{np.percentile(pooled, 95):.2%}",
+                f"{pooled.max():.2%}",
+                f"{max(mean_errors):.3%}",
+            ]
+        )
+    count_table = markdown_table(
+        ["pairs per map", "median error", "95th pct", "max", "error of a row's mean (worst)"], counts
+    )
     body = (
         f"SiT-T/1 trained {steps} steps on the digits at 16×16 (256 tokens), SDE 20 steps, {samples} samples; "
-        f"maps kept at four steps in every layer. {summary}\n\n{table}"
+        f"maps kept at four steps in every layer. {summary}\n\n{table}\n\n"
+        f"With fewer pairs per map (`attnmed record --jsd-pairs N`; {RECORDING_JSD_PAIRS} is the default), on the "
+        f"same maps (each count's pairs drawn per map from its contents):\n\n{count_table}"
     )
     print(body)
     write_section("jsd_accuracy", body)
