@@ -319,21 +319,20 @@ def test_one_decomposition_serves_the_spectral_measures_and_the_premise(monkeypa
     values = torch.randn(1, 3, 64, 8, generator=torch.Generator().manual_seed(4))
     shared = metric_reducer((*SPECTRAL_METRICS, "recovery_rank_4", "recovery_bound_4"))
     separate = {
-        # The shared decomposition is the SVD (its vectors serve the premise), so its spectra are the SVD's.
-        **measure(maps, SPECTRAL_METRICS, sigma=torch.linalg.svdvals(maps.double())),
+        **measure(maps, SPECTRAL_METRICS),
         **metric_reducer(("recovery_rank_4",))(AttentionMaps("full", full=maps, values=values)),
     }
     out = shared(AttentionMaps("full", full=maps, values=values))
     for name, value in separate.items():
         torch.testing.assert_close(out[name], value, rtol=1e-9, atol=1e-9)
     calls = []
-    for name in ("svd", "svdvals"):
+    for name in ("eigh", "svdvals"):
         real = getattr(torch.linalg, name)
         monkeypatch.setattr(
             torch.linalg, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
         )
     shared(AttentionMaps("full", full=maps, values=values))
-    assert calls == ["svd", "svdvals"]  # the map's SVD once; the bound decomposes the small N×d output
+    assert calls == ["eigh", "svdvals"]  # the map's Gram matrix once; the bound decomposes the small N×d output
 
 
 # ---- what kind of redundancy: locality, sinks, null baselines ------------------------------------------
@@ -570,3 +569,17 @@ def test_singular_values_from_the_gram_matrix_equal_the_svds_and_keep_a_low_rank
     torch.testing.assert_close(sigma[..., :5], torch.linalg.svdvals(low)[..., :5], rtol=1e-9, atol=1e-12)
     assert (sigma[..., 5:] == 0).all()
     assert (numerical_rank(sigma) == 5).all()
+
+
+def test_the_gram_decomposition_gives_the_svds_recovery_errors_on_softmax_maps():
+    from analysis.metrics import gram_decomposition
+
+    generator = torch.Generator().manual_seed(5)
+    queries, keys, values = (torch.randn(2, 3, 256, 32, generator=generator) for _ in range(3))
+    for temperature in (0.3, 3.0, 10.0):  # diffuse to peaked
+        maps = (queries @ keys.transpose(-2, -1) * temperature / 32**0.5).softmax(-1)
+        by_svd = rank_recovery_errors(maps, values, (1, 4, 16, 64, 256))
+        by_gram = rank_recovery_errors(maps, values, (1, 4, 16, 64, 256), gram_decomposition(maps))
+        for n, error in by_svd.items():
+            torch.testing.assert_close(by_gram[n], error, rtol=0, atol=1e-12)
+        assert float(by_gram[64].min()) > 0.01 and float(by_gram[256].max()) == 0
