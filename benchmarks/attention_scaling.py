@@ -89,7 +89,21 @@ def run(tokens_list: list[int], rounds: int, device: torch.device) -> str:
         "share of the FLOP ratio, fwd",
         "fwd+bwd",
     ]
-    return markdown_table(header, rows)
+    return markdown_table(header, rows) + "\n\n" + goal_summary(rows)
+
+
+def goal_summary(rows: list[list]) -> str:
+    """Which mediator layers at 1024 tokens and above reach 90% of their FLOP ratio in this run, by pass."""
+    judged = [r for r in rows if r[0] >= 1024 and str(r[1]).startswith("mediator")]
+    parts = []
+    for column, label in ((7, "forward"), (8, "forward+backward")):
+        met = [f"{r[0]} tokens {r[1].removeprefix('mediator ')}" for r in judged if float(r[column].rstrip("%")) >= 90]
+        shares = [float(r[column].rstrip("%")) for r in judged]
+        parts.append(
+            f"{label}: {min(shares):.0f}–{max(shares):.0f}% of the FLOP ratio, the goal met at "
+            + (", ".join(met) if met else "none")
+        )
+    return "In this run, at 1024 tokens and above, " + "; ".join(parts) + "."
 
 
 def main() -> None:
