@@ -357,7 +357,8 @@ def sketched_spectrum(
     # The last projection in float64 on the re-orthonormalised basis: what the top values leave of ‖A‖_F² is a small
     # difference of large numbers, and float32's basis would move it by more than the tail itself on a spread map.
     exact = a.double()
-    basis = torch.linalg.qr(basis.double()).Q
+    if work != torch.float64:
+        basis = torch.linalg.qr(basis.double()).Q
     sigma = torch.linalg.svdvals(basis.transpose(-2, -1) @ exact)[..., :rank]
     return sigma, exact.square().sum((-2, -1))
 
@@ -641,12 +642,12 @@ def metric_reducer(
     bounds = tuple(sorted({int(n) for kind, n in recovery if kind == "bound"}))
     # One float64 decomposition per map (the Gram matrix's eigenvectors) serves the premise's rank measure and every
     # spectral measure.
-    shared_svd = bool(ranks) and any(m in SPECTRAL_METRICS for m in on_maps)
-    shared_svd = shared_svd and options.get("svd_dtype", torch.float64) == torch.float64
+    shared_decomposition = bool(ranks) and any(m in SPECTRAL_METRICS for m in on_maps)
+    shared_decomposition = shared_decomposition and options.get("svd_dtype", torch.float64) == torch.float64
 
     def reduce(maps) -> dict[str, torch.Tensor]:
         decomposition = None
-        if shared_svd:
+        if shared_decomposition:
             decomposition = gram_decomposition(maps.effective)
         spectra = {"sigma": decomposition[0]} if decomposition is not None else {}
         by_rows = [m for m in on_maps if m in ROW_METRICS]

@@ -33,11 +33,11 @@ def main(steps: int = 300, samples: int = 8) -> None:
         for payload in payloads:
             maps = payload["effective"].double()  # (samples, heads, 256, 256)
             exact = jsd_redundancy(maps, max_pairs=None)
+            estimates = {count: jsd_redundancy(maps, max_pairs=count) for count in by_count}
             for count, (maps_errors, mean_errors) in by_count.items():
-                fewer = jsd_redundancy(maps, max_pairs=count)
-                maps_errors.append(((fewer - exact).abs() / exact).flatten())
-                mean_errors.append(abs(float(fewer.mean() / exact.mean()) - 1))
-            estimate = jsd_redundancy(maps, max_pairs=RECORDING_JSD_PAIRS)
+                maps_errors.append(((estimates[count] - exact).abs() / exact).flatten())
+                mean_errors.append(abs(float(estimates[count].mean() / exact.mean()) - 1))
+            estimate = estimates[RECORDING_JSD_PAIRS]
             relative = ((estimate - exact).abs() / exact).flatten()
             per_map.append(relative)
             rows.append(

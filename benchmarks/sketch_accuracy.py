@@ -53,7 +53,8 @@ def main() -> None:
     svd_seconds = time.perf_counter() - started
     routes = {"Gram (float64, all values)": lambda: gram_singular_values(maps)}
     # The sketches from float32 maps, as the recorder's maps are (the range finder runs in their precision).
-    routes.update({rank: lambda rank=rank: completed_spectrum(maps.float(), rank) for rank in RANKS})
+    recorded = maps.float()
+    routes.update({rank: lambda rank=rank: completed_spectrum(recorded, rank) for rank in RANKS})
     rows = []
     for rank, spectrum in routes.items():
         started = time.perf_counter()
